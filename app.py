@@ -1,0 +1,12 @@
+"""Joule Planner: the Streamlit entry point. Navigation only; each page lives in pages/."""
+
+import streamlit as st
+
+st.set_page_config(page_title="Joule Planner", page_icon=":material/bolt:", layout="wide")
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
+]
+
+st.navigation(PAGES).run()

@@ -1,0 +1,69 @@
+"""Exceptions of the engine, each meant to be shown to a person as it is.
+
+Every message says what was wrong and what to do about it. The CLI turns
+:class:`InputError` into exit code 2 (one line per problem) and every other
+:class:`PlannerError` into exit code 1; the app shows them with ``st.error``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlannerError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input.
+
+    ``where`` names the place (a file, ``file:row``, or an option such as
+    ``--accuracy``), ``column`` the field when there is one, ``message`` what is
+    wrong and ``expected`` what would be right.
+    """
+
+    where: str
+    message: str
+    column: str | None = None
+    expected: str | None = None
+
+    def __str__(self) -> str:
+        head = self.where + (f": column {self.column}" if self.column else "")
+        tail = f"; expected {self.expected}" if self.expected else ""
+        return f"{head}: {self.message}{tail}"
+
+
+class InputError(PlannerError):
+    """The user's input is wrong; nothing was changed.
+
+    Carries every problem found, so a file with many bad rows is reported in one go.
+    """
+
+    def __init__(self, problems: list[Problem] | Problem | str):
+        if isinstance(problems, str):
+            problems = [Problem(where="input", message=problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class DatabaseBusyError(PlannerError):
+    """Another process holds the DuckDB file for writing."""
+
+
+class SchemaError(PlannerError):
+    """The database file has a schema this version cannot use."""
+
+
+class ModelLoadError(PlannerError):
+    """A model could not be loaded by its backend."""
+
+
+class DeviceUnavailableError(PlannerError):
+    """The requested device does not exist or cannot be used on this host."""
+
+
+class TokenCountMismatchError(PlannerError):
+    """A backend processed a different number of tokens than was asked for."""

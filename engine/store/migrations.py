@@ -1,0 +1,248 @@
+"""The schema, as an ordered list of migrations.
+
+Each migration runs in one transaction together with the row that records it in
+``schema_version``, so a file is always at exactly one known version. Never edit a
+migration that has shipped: add a new one at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema: ``version`` is its position, counted from 1."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+SCHEMA_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER PRIMARY KEY,
+    description VARCHAR NOT NULL,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+)
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "catalog: settings, models, devices",
+        (
+            """
+            CREATE TABLE settings (
+                key        VARCHAR PRIMARY KEY,
+                value      VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+            )
+            """,
+            """
+            CREATE TABLE models (
+                name              VARCHAR PRIMARY KEY,
+                backend           VARCHAR NOT NULL,   -- transformers | llama.cpp | external
+                path              VARCHAR,            -- local directory/file, 'hub:owner/name', or NULL
+                accuracy          DOUBLE,             -- a fraction in [0, 1]
+                accuracy_source   VARCHAR,            -- where the score came from
+                params_b          DOUBLE,             -- parameters, billions
+                notes             VARCHAR,
+                is_demo           BOOLEAN NOT NULL DEFAULT false,
+                trust_remote_code BOOLEAN NOT NULL DEFAULT false,
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                updated_at        TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                CHECK (accuracy IS NULL OR (accuracy >= 0 AND accuracy <= 1)),
+                CHECK (backend IN ('transformers', 'llama.cpp', 'external'))
+            )
+            """,
+            """
+            CREATE TABLE devices (
+                host          VARCHAR NOT NULL,
+                name          VARCHAR NOT NULL,       -- cpu, cuda:0, ...
+                kind          VARCHAR NOT NULL,       -- cpu | gpu
+                description   VARCHAR,
+                first_seen_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (host, name)
+            )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "profiling: jobs and measurements",
+        (
+            "CREATE SEQUENCE profiling_job_id_seq START 1",
+            """
+            CREATE TABLE profiling_jobs (
+                id          BIGINT PRIMARY KEY DEFAULT nextval('profiling_job_id_seq'),
+                model       VARCHAR NOT NULL,
+                device      VARCHAR NOT NULL,
+                host        VARCHAR NOT NULL,
+                design      JSON NOT NULL,            -- the (input, output) points asked for
+                settings    JSON,                     -- trials, bounds, seed, batch size, ...
+                status      VARCHAR NOT NULL,         -- queued | running | done | failed | cancelled
+                reason      VARCHAR,                  -- why it failed or was cancelled
+                points_total INTEGER,
+                points_done  INTEGER NOT NULL DEFAULT 0,
+                pid         INTEGER,
+                created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                started_at  TIMESTAMPTZ,
+                finished_at TIMESTAMPTZ
+            )
+            """,
+            "CREATE SEQUENCE measurement_id_seq START 1",
+            """
+            CREATE TABLE measurements (
+                id               BIGINT PRIMARY KEY DEFAULT nextval('measurement_id_seq'),
+                job_id           BIGINT,              -- NULL for imported rows
+                origin           VARCHAR NOT NULL,    -- profiled | imported | executed
+                model            VARCHAR NOT NULL,
+                device           VARCHAR NOT NULL,
+                host             VARCHAR,
+                input_tokens     INTEGER NOT NULL,
+                output_tokens    INTEGER NOT NULL,
+                batch_size       INTEGER NOT NULL DEFAULT 1,
+                trial            INTEGER,
+                runtime_s        DOUBLE NOT NULL,
+                energy_j         DOUBLE,              -- NULL when it could not be measured, never 0
+                energy_source    VARCHAR,             -- measured | estimated
+                energy_method    VARCHAR,             -- sensors used, or the estimate's method
+                gpu_energy_j     DOUBLE,
+                cpu_energy_j     DOUBLE,
+                dram_energy_j    DOUBLE,
+                idle_power_w     DOUBLE,
+                warnings         VARCHAR,
+                library_versions JSON,
+                started_at       TIMESTAMPTZ,
+                finished_at      TIMESTAMPTZ,
+                recorded_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                CHECK (input_tokens > 0 AND output_tokens > 0),
+                CHECK (runtime_s >= 0),
+                CHECK (energy_source IS NULL OR energy_source IN ('measured', 'estimated'))
+            )
+            """,
+        ),
+    ),
+    Migration(
+        3,
+        "fits, workloads, plans, executions",
+        (
+            "CREATE SEQUENCE fit_id_seq START 1",
+            """
+            CREATE TABLE fits (
+                id            BIGINT PRIMARY KEY DEFAULT nextval('fit_id_seq'),
+                model         VARCHAR NOT NULL,
+                device        VARCHAR NOT NULL,
+                energy_scope  VARCHAR NOT NULL,       -- total | dynamic
+                target        VARCHAR NOT NULL,       -- energy | runtime
+                form          VARCHAR NOT NULL,
+                coefficients  JSON NOT NULL,
+                r2            DOUBLE,
+                cv_mape       DOUBLE,                 -- a fraction
+                n_points      INTEGER,
+                domain        JSON,
+                source        VARCHAR NOT NULL DEFAULT 'measured',  -- measured | published
+                details       JSON,                   -- software versions, measurement ids, ...
+                created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+            )
+            """,
+            "CREATE SEQUENCE workload_id_seq START 1",
+            """
+            CREATE TABLE workloads (
+                id          BIGINT PRIMARY KEY DEFAULT nextval('workload_id_seq'),
+                name        VARCHAR NOT NULL,
+                source_file VARCHAR,
+                n_queries   INTEGER NOT NULL,
+                created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+            )
+            """,
+            """
+            CREATE TABLE workload_queries (
+                workload_id       BIGINT NOT NULL,
+                query_id          VARCHAR NOT NULL,
+                prompt            VARCHAR,
+                input_tokens      INTEGER,
+                output_tokens     INTEGER,
+                max_output_tokens INTEGER,
+                min_accuracy      DOUBLE,
+                category          VARCHAR,
+                PRIMARY KEY (workload_id, query_id)
+            )
+            """,
+            "CREATE SEQUENCE plan_id_seq START 1",
+            """
+            CREATE TABLE plans (
+                id              BIGINT PRIMARY KEY DEFAULT nextval('plan_id_seq'),
+                workload_id     BIGINT,
+                objective       VARCHAR NOT NULL,     -- energy | zeta
+                energy_scope    VARCHAR NOT NULL,     -- total | dynamic
+                accuracy_target DOUBLE,
+                accuracy_mode   VARCHAR,              -- query | token
+                deadline_s      DOUBLE,
+                zeta            DOUBLE,
+                status          VARCHAR NOT NULL,
+                energy_j        DOUBLE,
+                lower_bound_j   DOUBLE,
+                gap             DOUBLE,
+                solve_s         DOUBLE,
+                accuracy        DOUBLE,
+                params          JSON,
+                baselines       JSON,
+                created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+            )
+            """,
+            """
+            CREATE TABLE plan_assignments (
+                plan_id             BIGINT NOT NULL,
+                query_id            VARCHAR NOT NULL,
+                model               VARCHAR NOT NULL,
+                device              VARCHAR NOT NULL,
+                input_tokens        INTEGER NOT NULL,
+                output_tokens       INTEGER NOT NULL,
+                predicted_energy_j  DOUBLE,
+                predicted_runtime_s DOUBLE,
+                accuracy            DOUBLE,
+                device_start_s      DOUBLE,
+                in_domain           BOOLEAN,
+                PRIMARY KEY (plan_id, query_id)
+            )
+            """,
+            "CREATE SEQUENCE execution_id_seq START 1",
+            """
+            CREATE TABLE executions (
+                id          BIGINT PRIMARY KEY DEFAULT nextval('execution_id_seq'),
+                plan_id     BIGINT,
+                host        VARCHAR,
+                status      VARCHAR NOT NULL,         -- queued | running | done | failed | cancelled
+                reason      VARCHAR,
+                pid         INTEGER,
+                created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                started_at  TIMESTAMPTZ,
+                finished_at TIMESTAMPTZ
+            )
+            """,
+            """
+            CREATE TABLE execution_results (
+                execution_id        BIGINT NOT NULL,
+                query_id            VARCHAR NOT NULL,
+                model               VARCHAR NOT NULL,
+                device              VARCHAR NOT NULL,
+                input_tokens        INTEGER NOT NULL,
+                output_tokens       INTEGER NOT NULL,
+                runtime_s           DOUBLE,
+                energy_j            DOUBLE,           -- NULL when it could not be measured
+                energy_source       VARCHAR,          -- measured | estimated
+                energy_method       VARCHAR,
+                predicted_energy_j  DOUBLE,
+                predicted_runtime_s DOUBLE,
+                started_at          TIMESTAMPTZ,
+                finished_at         TIMESTAMPTZ,
+                PRIMARY KEY (execution_id, query_id)
+            )
+            """,
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,51 @@
+"""What the pages share: the store handle and the way errors are shown.
+
+Not a page itself; app.py lists the pages.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from engine.errors import InputError, PlannerError
+from engine.store import Store
+
+
+@st.cache_resource
+def get_store() -> Store:
+    """The database of this app (``$PLANNER_DB`` or data/planner.duckdb).
+
+    A Store holds a path, not an open connection, so the CLI and workers can write
+    between the app's reads.
+    """
+    return Store()
+
+
+def show_error(exc: Exception) -> None:
+    """One ``st.error`` in words: every problem of an InputError on its own line."""
+    if isinstance(exc, InputError):
+        st.error("Nothing was changed:\n\n" + "\n".join(f"- {p}" for p in exc.problems))
+    elif isinstance(exc, PlannerError):
+        st.error(str(exc))
+    else:
+        st.error(f"Unexpected error ({type(exc).__name__}): {exc}")
+
+
+def format_accuracy(value: float | None) -> str:
+    """An accuracy fraction as a percentage, or 'not set'."""
+    return "not set" if value is None or value != value else f"{value * 100:.1f}%"
+
+
+def flash(message: str, warnings: list[str] | None = None) -> None:
+    """Keep a success message (and warnings) to show after the next rerun."""
+    st.session_state["_flash"] = (message, list(warnings or []))
+
+
+def show_flash() -> None:
+    """Show, once, what :func:`flash` kept."""
+    kept = st.session_state.pop("_flash", None)
+    if kept:
+        message, warnings = kept
+        st.success(message)
+        for warning in warnings:
+            st.warning(warning)

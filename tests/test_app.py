@@ -1,0 +1,71 @@
+"""AppTest runs of every page: they render without exceptions and show the real state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine import catalog
+from engine.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["pages/home.py", "pages/models.py"]
+
+
+def app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+
+
+def all_text(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "title", "subheader", "success", "warning", "info", "error")
+             for e in getattr(at, kind)]
+    for frame in at.dataframe:
+        parts.append(frame.value.to_string())
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_database(page: str):
+    at = app().run()
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+
+
+def test_home_shows_demo_models_and_sensors(store: Store, demo_models):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    at = app().run()
+    assert not at.exception
+    text = all_text(at)
+    for demo in demo_models.values():
+        assert demo.name in text
+    assert "Energy sensors on this host" in text
+    assert "rapl" in text  # the sensor table lists RAPL, found or missing with its reason
+
+
+def test_models_page_adds_a_model(store: Store):
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    at.text_input(key="add_name").input("Mistral 7B")
+    at.radio(key="add_kind").set_value("External (measurements only)")
+    at.text_input(key="add_accuracy").input("60.97%")
+    at.text_input(key="add_source").input("Open LLM Leaderboard")
+    next(b for b in at.button if b.label == "Add model").click().run()
+    assert not at.exception
+    assert catalog.get_model(store, "Mistral 7B").accuracy == pytest.approx(0.6097)
+    assert any("Added Mistral 7B" in s.value for s in at.success)
+
+
+def test_models_page_shows_bad_input_and_changes_nothing(store: Store):
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    at.text_input(key="add_name").input("m")
+    at.radio(key="add_kind").set_value("Local path")
+    at.text_input(key="add_location").input("/no/such/model.gguf")
+    at.text_input(key="add_accuracy").input("1.5")
+    next(b for b in at.button if b.label == "Add model").click().run()
+    assert not at.exception
+    errors = "\n".join(e.value for e in at.error)
+    assert "outside [0, 1]" in errors and "does not exist" in errors
+    assert catalog.list_models(store).empty

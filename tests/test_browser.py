@@ -1,0 +1,117 @@
+"""The app in a real browser: `streamlit run` on a free port, driven by headless Chromium.
+
+Chromium comes from Debian (`apt-get install -y chromium`; .ci/run does it). Without it
+these tests skip with a reason, except under CI (CI=true), where a missing browser fails.
+With SCREENSHOTS=1 (`make screenshots`) the pictures are saved under docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine import catalog
+from engine.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if not CHROMIUM.exists():
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but /usr/bin/chromium is missing: .ci/run must install Debian's chromium", pytrace=False)
+    pytest.skip("no /usr/bin/chromium here (apt-get install -y chromium to run the browser tests)",
+                allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {server.returncode}: {server.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as response:
+                if response.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer /_stcore/health within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory, demo_models):
+    """`streamlit run app.py` on a fresh database holding the demo models."""
+    db = tmp_path_factory.mktemp("browser") / "planner.duckdb"
+    catalog.register_demo_models(Store(db), list(demo_models.values()))
+    port = free_port()
+    env = {**os.environ, "PLANNER_DB": str(db)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def screenshot_path(name: str, tmp_path: Path) -> Path:
+    if os.environ.get("SCREENSHOTS") == "1":
+        folder = ROOT / "docs" / "screenshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+    return tmp_path / name
+
+
+def test_home_shows_demo_models_and_sensors(served_app: str, browser, demo_models, tmp_path: Path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(served_app)
+    expect(page.get_by_text("Energy sensors on this host")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Models in the catalog")).to_be_visible()
+    # The dataframes draw on a canvas; their text is checked through the accessible grid cells.
+    for demo in demo_models.values():
+        expect(page.get_by_role("gridcell", name=demo.name).first).to_be_attached(timeout=30_000)
+    expect(page.get_by_role("gridcell", name="rapl").first).to_be_attached()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(screenshot_path("home.png", tmp_path)), full_page=True)
+    page.close()
+
+
+def test_models_page_in_the_browser(served_app: str, browser, demo_models, tmp_path: Path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(served_app + "/models")
+    expect(page.get_by_role("heading", name="Models")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Demo models have random weights")).to_be_visible()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(screenshot_path("models.png", tmp_path)), full_page=True)
+    page.close()

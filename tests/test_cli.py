@@ -1,0 +1,79 @@
+"""The CLI: exit codes, one line per problem, JSON on stdout only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, db: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args, "--db", str(db)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_models_add_list_and_json(isolated_db: Path):
+    added = run_cli("models", "add", "Mistral 7B", "--accuracy", "60.97%", "--source", "Open LLM Leaderboard",
+                    db=isolated_db)
+    assert added.returncode == 0, added.stderr
+    listed = run_cli("models", "list", "--json", db=isolated_db)
+    assert listed.returncode == 0
+    rows = json.loads(listed.stdout)  # stdout holds the JSON document and nothing else
+    assert [r["name"] for r in rows] == ["Mistral 7B"]
+    assert rows[0]["accuracy"] == pytest.approx(0.6097)
+    assert rows[0]["accuracy_source"] == "Open LLM Leaderboard"
+
+
+def test_bad_input_exits_2_with_one_line_per_problem(isolated_db: Path, tmp_path: Path):
+    bad = tmp_path / "catalog.csv"
+    bad.write_text("model,accuracy\na,1.5\nb,0.5\nc,oops\n")
+    result = run_cli("import-catalog", str(bad), db=isolated_db)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{bad}:2: column accuracy:") and "expected" in lines[0]
+    assert lines[1].startswith(f"{bad}:4: column accuracy:")
+    assert "Traceback" not in result.stderr
+    listed = run_cli("models", "list", "--json", db=isolated_db)
+    assert json.loads(listed.stdout) == []
+
+
+def test_set_accuracy_and_remove_unknown_model(isolated_db: Path, capsys):
+    assert main(["models", "add", "m", "--accuracy", "0.5", "--db", str(isolated_db)]) == 0
+    assert main(["models", "set-accuracy", "m", "0.61", "--source", "eval", "--db", str(isolated_db)]) == 0
+    assert main(["models", "set-accuracy", "m", "2", "--source", "eval", "--db", str(isolated_db)]) == 2
+    assert main(["models", "remove", "ghost", "--db", str(isolated_db)]) == 2
+    err = capsys.readouterr().err
+    assert "no model named 'ghost'" in err
+    assert main(["models", "remove", "m", "--db", str(isolated_db)]) == 0
+
+
+def test_add_with_missing_path_exits_2(isolated_db: Path, tmp_path: Path, capsys):
+    code = main(["models", "add", "m", "--accuracy", "0.5", "--path", str(tmp_path / "nothing.gguf"),
+                 "--db", str(isolated_db)])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sensors_json_reports_every_source(isolated_db: Path):
+    result = run_cli("sensors", "--json", db=isolated_db)
+    assert result.returncode == 0, result.stderr
+    statuses = json.loads(result.stdout)
+    sources = {s["source"] for s in statuses}
+    assert {"nvml", "rapl"} & sources or any(s.startswith(("nvml", "rapl")) for s in sources)
+    assert all(s["status"] in ("measured", "estimated", "missing") for s in statuses)
+    assert all(s["detail"] for s in statuses)
+
+
+def test_status_json(isolated_db: Path):
+    result = run_cli("status", "--json", db=isolated_db)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["measurements"] == 0 and document["latest_plan"] is None
