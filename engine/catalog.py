@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -166,7 +165,8 @@ def inspect_model_location(backend: str | None, path: str | None, where: str) ->
     try:
         info = inspect_gguf(location)
     except PlannerError as exc:
-        raise InputError(Problem(where, str(exc), "path", "a complete GGUF model file")) from None
+        reason = (getattr(exc, "reason", None) or str(exc)).rstrip(".")
+        raise InputError(Problem(where, f"{location}: {reason}", "path", "a complete GGUF model file")) from None
     n_params = getattr(info, "n_params", None)
     return "llama.cpp", path, (n_params / 1e9 if n_params else None), []
 
@@ -208,32 +208,14 @@ def _inspect_hf_directory(location: Path, where: str) -> tuple[float | None, lis
         warnings.append(f"{where}: {location} has no tokenizer files; prompts given as text cannot be counted for this model")
     if config.get("auto_map"):
         warnings.append(f"{where}: this model ships its own code (auto_map); it stays unloaded unless you allow trust_remote_code for it")
-    return _count_safetensors_params(location), warnings
+    if not list(location.glob("*.safetensors")):
+        return None, warnings  # .bin weights: the count is not in a header, so it is left to the user
+    from engine.backends.hf import count_safetensors_params
 
-
-def _count_safetensors_params(location: Path) -> float | None:
-    """Parameter count in billions from the safetensors headers (no weights are read)."""
-    total = 0
-    files = sorted(location.glob("*.safetensors"))
-    if not files:
-        return None
-    for file in files:
-        try:
-            with file.open("rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                if header_len > 100_000_000:
-                    return None
-                header = json.loads(handle.read(header_len))
-        except (OSError, struct.error, ValueError):
-            return None
-        for name, tensor in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in tensor.get("shape", []):
-                count *= int(dim)
-            total += count
-    return total / 1e9 if total else None
+    try:
+        return count_safetensors_params(location) / 1e9, warnings
+    except PlannerError as exc:
+        raise InputError(Problem(where, str(exc), "path", "readable *.safetensors weight files")) from None
 
 
 # -- reading and writing the catalog -----------------------------------------------------

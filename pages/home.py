@@ -31,9 +31,10 @@ if len(measured):
     st.success(f"{len(measured)} energy sensor(s) measure here: " + ", ".join(sorted(set(measured.source))))
 if len(estimated):
     st.warning("No CPU energy sensor here: CPU energy will be **estimated** and labelled so everywhere it appears.")
-st.dataframe(
-    sensors.rename(columns={"source": "Source", "device": "Device", "status": "Status", "detail": "Detail", "fix": "How to fix"}),
-    hide_index=True, width="stretch",
+st.table(
+    sensors.fillna("").rename(columns={"source": "Source", "device": "Device", "status": "Status", "detail": "Detail",
+                                       "fix": "How to fix"}),
+    hide_index=True,
 )
 
 left, right = st.columns(2)
@@ -47,7 +48,7 @@ with left:
             params=view.models.params_b.map(lambda b: "" if b != b or b is None else f"{b * 1e3:.1f} M" if b < 1 else f"{b:.1f} B"),
             kind=view.models.is_demo.map(lambda d: "demo (random weights)" if d else "user"),
         )[["name", "backend", "params", "accuracy", "kind"]]
-        st.dataframe(table, hide_index=True, width="stretch")
+        st.table(table, hide_index=True)
     st.page_link("pages/models.py", label="Manage models", icon=":material/model_training:")
 with right:
     st.subheader("Measurements")

@@ -21,7 +21,7 @@ def app() -> AppTest:
 def all_text(at: AppTest) -> str:
     parts = [e.value for kind in ("markdown", "caption", "title", "subheader", "success", "warning", "info", "error")
              for e in getattr(at, kind)]
-    for frame in at.dataframe:
+    for frame in list(at.dataframe) + list(at.table):
         parts.append(frame.value.to_string())
     return "\n".join(str(p) for p in parts)
 

@@ -98,10 +98,10 @@ def test_home_shows_demo_models_and_sensors(served_app: str, browser, demo_model
     page.goto(served_app)
     expect(page.get_by_text("Energy sensors on this host")).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Models in the catalog")).to_be_visible()
-    # The dataframes draw on a canvas; their text is checked through the accessible grid cells.
     for demo in demo_models.values():
-        expect(page.get_by_role("gridcell", name=demo.name).first).to_be_attached(timeout=30_000)
-    expect(page.get_by_role("gridcell", name="rapl").first).to_be_attached()
+        expect(page.get_by_role("cell", name=demo.name, exact=True)).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("cell", name="rapl", exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="estimated", exact=True)).to_be_visible()
     page.wait_for_timeout(1000)
     page.screenshot(path=str(screenshot_path("home.png", tmp_path)), full_page=True)
     page.close()

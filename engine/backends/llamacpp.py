@@ -1,0 +1,267 @@
+"""llama-cpp-python backend: a ``.gguf`` file on ``cpu``, or offloaded to a GPU.
+
+The file is validated with :func:`~engine.backends.gguf_check.inspect_gguf` first:
+llama.cpp can abort the process on a corrupt file, and a clear sentence is better
+than a dead worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends.base import (
+    FILLER_TEXT,
+    Backend,
+    GenerationResult,
+    parse_device,
+    prompt_ids,
+)
+from engine.backends.gguf_check import GgufInfo, inspect_gguf
+from engine.errors import DeviceUnavailableError, ModelLoadError, TokenCountMismatchError
+
+DEFAULT_MAX_CONTEXT = 4096  # a larger KV cache costs memory the demo design never uses
+DEFAULT_SEED = 1234  # greedy decoding ignores it; fixed anyway so no run draws entropy
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model run by llama-cpp-python.
+
+    Options:
+        n_ctx: context (KV cache) size in tokens; default the smaller of the model's
+            trained context and 4096.
+        n_threads: CPU threads for prefill and decode; default the physical cores.
+        n_batch: prompt tokens per decode call; default 512 (llama-cpp-python's).
+        seed: sampler seed; default 1234.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, device: str = "cpu", **options: Any) -> None:
+        super().__init__(path, device, **options)
+        self._llm: Any = None
+        self.info: GgufInfo | None = None
+        self._filler_ids: list[int] = []
+        self._bos_id: int | None = None
+        self._eog_ids: list[int] = []
+        self._n_ctx = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    def _gpu_settings(self) -> dict[str, Any]:
+        import llama_cpp
+
+        spec = parse_device(self.device)
+        if spec.kind == "cpu":
+            return {"n_gpu_layers": 0}
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise DeviceUnavailableError(
+                f"Device {self.device!r} is not available: this llama-cpp-python build has "
+                "no GPU support. Use 'cpu', or rebuild it with "
+                "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
+                "llama-cpp-python."
+            )
+        n_gpus = _gpu_device_count(llama_cpp)
+        index = spec.index or 0
+        if n_gpus is not None and index >= n_gpus:
+            raise DeviceUnavailableError(
+                f"Device {self.device!r} does not exist: llama.cpp sees {n_gpus} GPU(s)."
+            )
+        # All layers on the one chosen GPU: a profile is per device, not split.
+        return {
+            "n_gpu_layers": -1,
+            "main_gpu": index,
+            "split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+        }
+
+    def load(self) -> None:
+        """Validate the GGUF file, then load it with llama.cpp."""
+        if self._loaded:
+            return
+        if self.path.is_dir():
+            raise ModelLoadError(
+                f"{self.path} is a directory; the llama.cpp backend needs a .gguf file "
+                "(a Hugging Face model directory needs the transformers backend)."
+            )
+        info = inspect_gguf(self.path)
+        gpu = self._gpu_settings()
+        import llama_cpp
+
+        trained = info.context_length or DEFAULT_MAX_CONTEXT
+        n_ctx = int(self.options.get("n_ctx") or min(trained, DEFAULT_MAX_CONTEXT))
+        kwargs: dict[str, Any] = {
+            "model_path": str(self.path),
+            "n_ctx": n_ctx,
+            "n_batch": int(self.options.get("n_batch") or 512),
+            "seed": int(self.options.get("seed", DEFAULT_SEED)),
+            "verbose": False,
+            **gpu,
+        }
+        # Physical cores, as torch uses by default, so both backends use the host alike
+        # (llama-cpp-python's own default, half the logical CPUs, is 1 thread on 2 cores).
+        n_threads = int(self.options.get("n_threads") or _physical_cores())
+        kwargs["n_threads"] = n_threads
+        kwargs["n_threads_batch"] = n_threads
+        try:
+            llm = llama_cpp.Llama(**kwargs)
+        except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError
+            raise ModelLoadError(
+                f"{self.path}: llama.cpp could not load the model ({exc}). The file passed the "
+                "GGUF check, so its architecture or tensor types may be unsupported by "
+                f"llama-cpp-python {llama_cpp.__version__}."
+            ) from exc
+
+        vocab = llm._model.vocab  # no public accessor for the vocab handle
+        n_vocab = llm.n_vocab()
+        # Every end-of-generation token (EOS, EOT, ...), not only EOS: a server stops at
+        # any of them, so a request of exactly τout tokens must never contain one.
+        # (Llama.generate() itself does not stop at EOS; it would emit it and go on.)
+        eog_ids = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        bos = llama_cpp.llama_vocab_bos(vocab)
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        filler = llm.tokenize(FILLER_TEXT.encode("utf-8"), add_bos=False, special=False)
+
+        self._llm = llm
+        self.info = info
+        # llama.cpp pads the context up (to 256) and would accept requests past the
+        # trained context; the limit is what was asked for.
+        self._n_ctx = min(llm.n_ctx(), n_ctx)
+        self._eog_ids = eog_ids
+        # Prompts start with BOS when the model defines one (as llama.cpp itself does
+        # for a model that asks for it); a model without BOS gets filler only.
+        self._bos_id = bos if bos >= 0 and (add_bos or bos not in eog_ids) else None
+        self._filler_ids = list(filler)
+        self._loaded = True
+
+    def close(self) -> None:
+        """Free the llama.cpp model and context."""
+        if self._llm is not None:
+            self._llm.close()
+        self._llm = None
+        super().close()
+
+    # -- queries -------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        self._ensure_loaded()
+        return self._n_ctx
+
+    def count_tokens(self, text: str) -> int:
+        self._ensure_loaded()
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        import llama_cpp
+
+        self._ensure_loaded()
+        return {
+            **super().settings,
+            "n_ctx": self._n_ctx,
+            "n_threads": self._llm.n_threads,
+            "n_batch": self._llm.n_batch,
+            "file_type": self.info.file_type_name if self.info else None,
+            "llama_cpp_python_version": llama_cpp.__version__,
+        }
+
+    # -- requests ------------------------------------------------------------------
+    def generate(self, input_tokens: int, output_tokens: int) -> GenerationResult:
+        """Run one greedy request of exactly ``input_tokens`` in, ``output_tokens`` out."""
+        import llama_cpp
+
+        self._ensure_loaded()
+        self.check_request(input_tokens, output_tokens)
+        input_tokens, output_tokens = int(input_tokens), int(output_tokens)
+        llm = self._llm
+        ids = prompt_ids(self._filler_ids, self._bos_id, input_tokens)
+        eog_ids = np.asarray(self._eog_ids, dtype=np.intp)
+
+        def suppress_eog(_input_ids: Any, scores: Any) -> Any:
+            scores[eog_ids] = -np.inf
+            return scores
+
+        # Forget the previous request: Llama.generate() would otherwise keep the KV
+        # cache of the longest matching prefix (every prompt here starts with the
+        # same filler) and skip most of the prefill, so profiling would under-measure.
+        llm.reset()
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        output_ids: list[int] = []
+        first_token_at: float | None = None
+        started = time.perf_counter()
+        tokens = llm.generate(
+            ids,
+            temp=0.0,  # greedy
+            repeat_penalty=1.0,
+            reset=True,
+            logits_processor=llama_cpp.LogitsProcessorList([suppress_eog]),
+        )
+        try:
+            for token in tokens:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                output_ids.append(int(token))
+                if len(output_ids) >= output_tokens:
+                    break
+        finally:
+            tokens.close()
+        finished = time.perf_counter()
+        self.last_output_ids = output_ids
+        generated = len(output_ids)
+
+        # Read the counts back from llama.cpp itself: the prompt tokens decoded plus the
+        # generated tokens fed back (the last generated token is never decoded).
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        decoded = _decoded_tokens(perf)
+        got_in = decoded - (generated - 1)
+        if llm.n_tokens != decoded:
+            raise TokenCountMismatchError(
+                f"{self.path.name}: llama.cpp holds {llm.n_tokens} tokens in its context but "
+                f"decoded {decoded}: part of the prompt came from a cache."
+            )
+        if got_in != input_tokens or generated != output_tokens:
+            raise TokenCountMismatchError(
+                f"{self.path.name}: asked for {input_tokens} input and {output_tokens} output "
+                f"tokens, llama.cpp processed {got_in} and generated {generated}."
+            )
+        return GenerationResult(
+            input_tokens=got_in,
+            output_tokens=generated,
+            runtime_s=finished - started,
+            time_to_first_token_s=(first_token_at - started) if first_token_at else None,
+        )
+
+
+def _decoded_tokens(perf: Any) -> int:
+    """Tokens decoded since the last perf reset: prompt batches plus single tokens.
+
+    llama.cpp reports each counter as max(1, n) (to spare its printout a division by
+    zero), so a counter whose time is zero is really zero.
+    """
+    prompt = int(perf.n_p_eval) if perf.t_p_eval_ms > 0 else 0
+    single = int(perf.n_eval) if perf.t_eval_ms > 0 else 0
+    return prompt + single
+
+
+def _gpu_device_count(llama_cpp: Any) -> int | None:
+    """GPUs llama.cpp's backends can see, or ``None`` when this build cannot say."""
+    try:
+        count = 0
+        for i in range(llama_cpp.ggml_backend_dev_count()):
+            dev = llama_cpp.ggml_backend_dev_get(i)
+            if llama_cpp.ggml_backend_dev_type(dev) == llama_cpp.GGML_BACKEND_DEVICE_TYPE_GPU:
+                count += 1
+        return count
+    except AttributeError:
+        return None
+
+
+def _physical_cores() -> int:
+    """Physical CPU cores this process may use (at least 1)."""
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    physical = psutil.cpu_count(logical=False) or allowed or 1
+    return max(1, min(physical, allowed or physical))
