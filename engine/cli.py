@@ -145,10 +145,12 @@ def cmd_sensors(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([s.to_dict() for s in statuses])
         return EXIT_OK
+    source_w = max(len(s.source) for s in statuses)
+    device_w = max(len(s.device) for s in statuses)
     for s in statuses:
-        print(f"{s.status:9}  {s.source:13}  {s.device:18}  {s.detail}")
+        print(f"{s.status:9}  {s.source:{source_w}}  {s.device:{device_w}}  {s.detail}")
         if s.fix and s.status != "measured":
-            print(f"{'':9}  {'':13}  {'':18}  fix: {s.fix}")
+            print(f"{'':9}  {'':{source_w}}  {'':{device_w}}  fix: {s.fix}")
     return EXIT_OK
 
 

@@ -129,3 +129,62 @@ def test_this_host(tmp_path: Path):
         assert status.detail
     if not POWERCAP_ROOT.exists():
         assert any(s.source == "estimate" for s in statuses)
+
+
+# -- what the listing says about each kind of host ---------------------------------------------------
+
+def test_amd_host_says_dram_is_not_measured(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    make_zone(tmp_path, "intel-rapl:0:0", "core")
+    statuses = probe_rapl(tmp_path, read_text)
+    by_source = {s.source: s for s in statuses}
+    assert by_source["rapl-package"].status == "measured" and by_source["rapl-package"].device == "cpu:package-0"
+    assert "part of package-0" in by_source["rapl-core"].detail
+    assert by_source["rapl-dram"].status == "missing" and "AMD" in by_source["rapl-dram"].detail
+
+
+def test_mmio_duplicate_is_listed_as_counted_once(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    make_zone(tmp_path, "intel-rapl-mmio:0", "package-0")
+    make_zone(tmp_path, "intel-rapl:0:0", "dram")
+    statuses = probe_rapl(tmp_path, read_text)
+    mmio = next(s for s in statuses if "intel-rapl-mmio:0" in s.detail)
+    assert mmio.device == "intel-rapl-mmio:0" and "counted once" in mmio.detail
+
+
+def test_unreadable_rapl_means_the_cpu_is_estimated(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+
+    def deny(path: Path) -> str:
+        if path.name == "energy_uj":
+            raise PermissionError(13, "Permission denied")
+        return path.read_text()
+
+    statuses = discover_sensors(powercap_root=tmp_path, nvml=None, read_text=deny, env={})
+    estimate = next(s for s in statuses if s.source == "estimate")
+    assert estimate.status == "estimated" and "W per logical CPU" in estimate.detail
+
+
+def test_misconfigured_estimate_is_reported_not_raised(tmp_path: Path):
+    statuses = discover_sensors(powercap_root=tmp_path / "absent", nvml=None, env={"PLANNER_CPU_TDP_W": "lots"})
+    estimate = next(s for s in statuses if s.source == "estimate")
+    assert estimate.status == "missing" and "PLANNER_CPU_TDP_W" in estimate.detail
+
+
+def test_pascal_gpu_is_listed_with_sampled_power_and_cuda_names_follow_the_environment():
+    from tests.test_energy_nvml import FakeNvml as ScriptedNvml, hopper, pascal
+
+    statuses = probe_nvml(ScriptedNvml([pascal(), hopper()]), env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert [(s.source, s.device) for s in statuses] == [("nvml-power", "nvml:0 (hidden by CUDA_VISIBLE_DEVICES)"),
+                                                         ("nvml-counter", "cuda:0")]
+    assert "Pascal" in statuses[0].detail and "sampled every 50 ms" in statuses[0].detail
+    assert "Hopper" in statuses[1].detail
+
+
+def test_gpu_lost_while_probing_is_a_sentence():
+    from tests.test_energy_nvml import FakeNvml as ScriptedNvml, volta
+
+    gone = pynvml.NVMLError_GpuIsLost()
+    gpu = volta(counter_mj=[gone], usage_mw=[gone])
+    (status,) = probe_nvml(ScriptedNvml([gpu]), env={})
+    assert status.status == "missing" and "fallen off the bus" in status.detail and status.fix

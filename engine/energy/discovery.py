@@ -1,26 +1,37 @@
 """What can measure energy on this host, what cannot, and why.
 
 Three kinds of source, in the order they are preferred:
-- NVIDIA GPUs through NVML (``pynvml`` from nvidia-ml-py);
-- CPU packages and DRAM through the Linux powercap (RAPL) tree;
-- an estimate, where no sensor exists, always labelled as such.
+- NVIDIA GPUs through NVML (``pynvml`` from nvidia-ml-py), see :mod:`engine.energy.nvml`;
+- CPU packages and DRAM through the Linux powercap (RAPL) tree, see :mod:`engine.energy.rapl`;
+- an estimate, where no CPU sensor exists, always labelled as such, see
+  :mod:`engine.energy.estimate`.
 
-Every probe takes its environment as a parameter (the powercap root, the NVML module)
-so tests run it against fakes: a powercap tree in a temporary folder, an object that
-raises the real ``pynvml.NVMLError_*`` classes.
+Every probe takes its environment as a parameter (the powercap root, the NVML module,
+the file reader, the environment variables) so tests run it against fakes: a powercap
+tree in a temporary folder, an object that raises the real ``pynvml.NVMLError_*``
+classes, a reader that raises ``PermissionError``.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-POWERCAP_ROOT = Path("/sys/class/powercap")
-RAPL_PREFIXES = ("intel-rapl", "intel-rapl-mmio", "intel-rapl-tpmi", "amd-rapl")
+from engine.energy.errors import SensorUnavailableError
+from engine.energy.estimate import (TDP_ENV, WATTS_PER_CPU_ENV, CpuPowerModel, cpu_model_name, cpu_power_model,
+                                    logical_cpu_count)
+from engine.energy.nvml import (AVERAGE_SAMPLE_INTERVAL_S, INSTANT_SAMPLE_INTERVAL_S, cuda_label_for_nvml_index,
+                                import_pynvml, nvml_error_message, probe_gpu)
+from engine.energy.rapl import (POWERCAP_ROOT, RAPL_INTERFACES, RaplMeter, device_name, find_rapl_zones,
+                                plan_rapl_zones, read_energy_uj, root_only_message)
+from engine.errors import InputError
+
+RAPL_PREFIXES = RAPL_INTERFACES
+
+__all__ = ["POWERCAP_ROOT", "RAPL_PREFIXES", "SensorStatus", "cpu_model_name", "discover_sensors",
+           "logical_cpu_count", "nvml_error_message", "probe_cpu_estimate", "probe_nvml", "probe_rapl"]
 
 
 @dataclass(frozen=True)
@@ -42,54 +53,50 @@ class SensorStatus:
         return asdict(self)
 
 
-def discover_sensors(powercap_root: Path = POWERCAP_ROOT, nvml: ModuleType | None | str = "import",
-                     read_text: Callable[[Path], str] | None = None) -> list[SensorStatus]:
+def discover_sensors(powercap_root: Path = POWERCAP_ROOT, nvml: ModuleType | None | str | Any = "import",
+                     read_text: Callable[[Path], str] | None = None, env: Mapping[str, str] | None = None,
+                     cpu_model: CpuPowerModel | None = None) -> list[SensorStatus]:
     """Every energy source found or missing on this host, with reasons.
 
     ``nvml`` is the pynvml module to use (``"import"`` imports the real one, ``None``
-    means it is not installed); ``read_text`` reads sysfs files (tests inject errors).
+    means it is not installed); ``read_text`` reads sysfs files (tests inject errors);
+    ``env`` holds ``CUDA_VISIBLE_DEVICES`` and the ``PLANNER_CPU_*`` settings.
     """
     read_text = read_text or (lambda p: p.read_text())
-    found = probe_nvml(_import_pynvml() if nvml == "import" else nvml)
+    found = probe_nvml(import_pynvml() if nvml == "import" else nvml, env=env)
     found += probe_rapl(powercap_root, read_text)
-    if not any(s.status == "measured" and s.source.startswith("rapl") for s in found):
-        found.append(SensorStatus(
-            source="estimate", device="cpu", status="estimated",
-            detail=f"CPU energy is estimated from the CPU time of the measured process (CPU: {cpu_model_name()})",
-            fix="Run on a host whose kernel exposes RAPL (/sys/class/powercap/intel-rapl*) for measured CPU energy.",
-        ))
+    if not _rapl_usable(powercap_root, read_text):
+        found.append(probe_cpu_estimate(env=env, cpu_model=cpu_model))
     return found
 
 
-def _import_pynvml() -> ModuleType | None:
+def _rapl_usable(powercap_root: Path, read_text: Callable[[Path], str]) -> bool:
+    """Whether the meter would measure the CPU here (same test as :func:`open_meter`)."""
     try:
-        import pynvml  # provided by nvidia-ml-py
-    except ImportError:
-        return None
-    return pynvml
+        RaplMeter(powercap_root, read_text=read_text)
+    except SensorUnavailableError:
+        return False
+    return True
 
 
-def nvml_error_message(nvml: ModuleType, exc: Exception) -> tuple[str, str | None]:
-    """A sentence for an NVML error and what to do about it."""
-    def is_a(name: str) -> bool:
-        cls = getattr(nvml, name, None)
-        return isinstance(cls, type) and isinstance(exc, cls)
-
-    if is_a("NVMLError_LibraryNotFound"):
-        return ("the NVIDIA driver library (libnvidia-ml.so) is not installed: no NVIDIA GPU driver on this host",
-                "Install the NVIDIA driver if this host has an NVIDIA GPU.")
-    if is_a("NVMLError_DriverNotLoaded"):
-        return ("the NVIDIA driver is installed but not loaded", "Load the driver (e.g. `sudo modprobe nvidia`) or reboot.")
-    if is_a("NVMLError_NoPermission"):
-        return ("NVML refused access (no permission)", "Run as a user allowed to use the GPU (e.g. in the video group).")
-    if is_a("NVMLError_NotSupported"):
-        return ("this GPU or driver does not support the query", None)
-    if is_a("NVMLError_GpuIsLost"):
-        return ("the GPU has fallen off the bus (GPU is lost)", "Check the GPU and reboot the host.")
-    return (f"NVML failed: {exc}", None)
+def probe_cpu_estimate(env: Mapping[str, str] | None = None, cpu_model: CpuPowerModel | None = None) -> SensorStatus:
+    """The CPU estimate that stands in where RAPL cannot be read, with its watts."""
+    try:
+        model = cpu_model or cpu_power_model(env=env)
+    except InputError as exc:
+        return SensorStatus("estimate", "cpu", "missing", f"the CPU estimate is misconfigured: {exc}",
+                            f"Set {WATTS_PER_CPU_ENV} or {TDP_ENV} to a positive number of watts, or unset it.")
+    return SensorStatus(
+        source="estimate", device="cpu", status="estimated",
+        detail=(f"CPU energy is estimated: the measured processes' CPU-seconds × {model.watts_per_cpu:.3g} W per "
+                f"logical CPU ({model.basis}). CPU: {model.cpu_name}. It counts only those processes' own CPU "
+                "work: no idle or static power, no DRAM."),
+        fix=(f"Set {WATTS_PER_CPU_ENV} (watts per logical CPU) or {TDP_ENV} (the package's TDP) for this CPU; "
+             "for measured CPU energy, run on a host whose kernel exposes RAPL "
+             "(/sys/class/powercap/intel-rapl:*) readable by this user."))
 
 
-def probe_nvml(nvml: ModuleType | None) -> list[SensorStatus]:
+def probe_nvml(nvml: ModuleType | Any | None, env: Mapping[str, str] | None = None) -> list[SensorStatus]:
     """NVIDIA GPUs: the cumulative energy counter where supported, else sampled power."""
     if nvml is None:
         return [SensorStatus("nvml", "gpu", "missing", "nvidia-ml-py (pynvml) is not installed",
@@ -103,10 +110,7 @@ def probe_nvml(nvml: ModuleType | None) -> list[SensorStatus]:
         count = nvml.nvmlDeviceGetCount()
         if count == 0:
             return [SensorStatus("nvml", "gpu", "missing", "NVML found no NVIDIA GPU", None)]
-        statuses = []
-        for index in range(count):
-            statuses.append(_probe_nvml_device(nvml, index))
-        return statuses
+        return [_probe_nvml_device(nvml, index, env) for index in range(count)]
     except nvml.NVMLError as exc:
         detail, fix = nvml_error_message(nvml, exc)
         return [SensorStatus("nvml", "gpu", "missing", detail, fix)]
@@ -117,78 +121,67 @@ def probe_nvml(nvml: ModuleType | None) -> list[SensorStatus]:
             pass
 
 
-def _probe_nvml_device(nvml: ModuleType, index: int) -> SensorStatus:
+def _probe_nvml_device(nvml: Any, index: int, env: Mapping[str, str] | None) -> SensorStatus:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     name = _text(nvml.nvmlDeviceGetName(handle))
     uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-    device = f"cuda:{index}"
-    try:
-        nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-        return SensorStatus("nvml-counter", device, "measured",
-                            f"{name} ({uuid}): cumulative energy counter (mJ)")
-    except nvml.NVMLError_NotSupported:
-        pass
-    try:
-        nvml.nvmlDeviceGetPowerUsage(handle)
+    device = cuda_label_for_nvml_index(index, uuid, env)
+    caps = probe_gpu(nvml, handle, name)
+    who = f"{name} ({uuid}, {caps.architecture})"
+    if caps.counter:
+        return SensorStatus("nvml-counter", device, "measured", f"{who}: cumulative energy counter (mJ)")
+    if caps.instant_power:
         return SensorStatus("nvml-power", device, "measured",
-                            f"{name} ({uuid}): no energy counter on this GPU; power is sampled and integrated")
-    except nvml.NVMLError as exc:
-        detail, fix = nvml_error_message(nvml, exc)
-        return SensorStatus("nvml", device, "missing", f"{name} ({uuid}): {detail}", fix)
+                            f"{who}: no energy counter on this GPU; instant power (NVML_FI_DEV_POWER_INSTANT) is "
+                            f"sampled every {INSTANT_SAMPLE_INTERVAL_S * 1e3:.0f} ms and integrated")
+    if caps.power_usage:
+        if caps.usage_is_1s_average is False:
+            what = f"its power reading is sampled every {INSTANT_SAMPLE_INTERVAL_S * 1e3:.0f} ms and integrated"
+        else:
+            what = (f"its power reading is a 1 s moving average, sampled every "
+                    f"{AVERAGE_SAMPLE_INTERVAL_S * 1e3:.0f} ms and integrated: windows under 5 s are smeared")
+        return SensorStatus("nvml-power", device, "measured",
+                            f"{who}: no energy counter and no instant power on this GPU; {what}",
+                            "Update the NVIDIA driver for instant power readings." if caps.usage_is_1s_average
+                            is not False else None)
+    detail, fix = caps.errors[-1] if caps.errors else ("this GPU answers no energy or power query", None)
+    return SensorStatus("nvml", device, "missing", f"{who}: {detail}", fix)
 
 
 def probe_rapl(powercap_root: Path, read_text: Callable[[Path], str]) -> list[SensorStatus]:
-    """CPU package and DRAM zones of the powercap tree (psys is listed, never summed)."""
-    if not powercap_root.exists():
-        return [SensorStatus("rapl", "cpu", "missing",
-                             f"{powercap_root} does not exist: this kernel exposes no RAPL energy counters "
-                             "(typical of virtual machines and non-x86 CPUs)",
-                             "Run on bare metal with the intel_rapl_common (Intel) or amd_energy/RAPL support (AMD Zen) kernel driver.")]
-    zones = sorted(p for p in powercap_root.iterdir()
-                   if p.name.split(":")[0] in RAPL_PREFIXES and p.name.count(":") >= 1)
+    """Every RAPL zone of the powercap tree: which are counted, which are not and why."""
+    try:
+        zones = find_rapl_zones(powercap_root, read_text)
+    except SensorUnavailableError as exc:
+        return [SensorStatus("rapl", "cpu", "missing", exc.detail, exc.fix)]
+    except OSError as exc:
+        return [SensorStatus("rapl", "cpu", "missing", f"cannot list {powercap_root}: {exc}", None)]
     if not zones:
         return [SensorStatus("rapl", "cpu", "missing", f"{powercap_root} has no RAPL zones", None)]
+    plan = plan_rapl_zones(zones, read_text)
     statuses = []
     for zone in zones:
+        kind = f"rapl-{zone.domain}" if zone.domain in ("package", "dram", "psys", "core", "uncore") else "rapl"
+        counted = plan.reason(zone) is None
+        device = device_name(zone) if counted else zone.zone_id
         try:
-            name = read_text(zone / "name").strip()
-        except OSError:
-            name = zone.name
-        kind = "rapl-dram" if name == "dram" else "rapl-psys" if name == "psys" else (
-            "rapl-package" if name.startswith("package") else f"rapl-{name}")
-        try:
-            int(read_text(zone / "energy_uj").strip())
+            read_energy_uj(zone, read_text)
         except PermissionError:
-            statuses.append(SensorStatus(kind, f"cpu ({zone.name})", "missing",
-                                         f"{zone / 'energy_uj'} is readable by root only (Linux 5.10 and newer)",
-                                         f"Run `sudo chmod o+r {zone}/energy_uj`, or add a udev rule that sets the mode "
-                                         "of powercap energy_uj files at boot."))
+            detail, fix = root_only_message(zone.energy_path)
+            statuses.append(SensorStatus(kind, device, "missing", detail, fix))
             continue
         except (OSError, ValueError) as exc:
-            statuses.append(SensorStatus(kind, f"cpu ({zone.name})", "missing", f"cannot read {zone / 'energy_uj'}: {exc}"))
+            statuses.append(SensorStatus(kind, device, "missing", f"cannot read {zone.energy_path}: {exc}"))
             continue
-        note = " (platform total; listed, never added to the package)" if kind == "rapl-psys" else ""
-        statuses.append(SensorStatus(kind, f"cpu ({zone.name})", "measured", f"{name}: energy counter{note}"))
+        note = "counted" if counted else plan.reason(zone)
+        statuses.append(SensorStatus(kind, device, "measured", f"{zone.name} ({zone.zone_id}): energy counter; {note}"))
+    package_read = any(s.source == "rapl-package" and s.status == "measured" for s in statuses)
+    if package_read and not any(z.domain == "dram" for z in plan.counted):
+        statuses.append(SensorStatus(
+            "rapl-dram", "dram", "missing",
+            "this CPU's RAPL has no DRAM domain (AMD Zen CPUs expose package and core only): DRAM energy is "
+            "not measured and not part of the totals", None))
     return statuses
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, or what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def logical_cpu_count() -> int:
-    """Logical CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _text(value: object) -> str:
