@@ -31,6 +31,13 @@ def show_error(exc: Exception) -> None:
         st.error(f"Unexpected error ({type(exc).__name__}): {exc}")
 
 
+def format_params(params_b: float | None) -> str:
+    """A parameter count given in billions, written as 1.3 M or 7.0 B; empty when unknown."""
+    if params_b is None or params_b != params_b:
+        return ""
+    return f"{params_b * 1e3:.1f} M" if params_b < 1 else f"{params_b:.1f} B"
+
+
 def format_accuracy(value: float | None) -> str:
     """An accuracy fraction as a percentage, or 'not set'."""
     return "not set" if value is None or value != value else f"{value * 100:.1f}%"

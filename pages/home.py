@@ -6,7 +6,7 @@ import streamlit as st
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.overview import read_overview
-from pages.common import format_accuracy, get_store, show_error
+from pages.common import format_accuracy, format_params, get_store, show_error
 
 st.title("Joule Planner")
 st.caption("Profile local LLMs, fit their energy and runtime, and plan batch work for the least energy.")
@@ -45,7 +45,7 @@ with left:
     else:
         table = view.models.assign(
             accuracy=view.models.accuracy.map(format_accuracy),
-            params=view.models.params_b.map(lambda b: "" if b != b or b is None else f"{b * 1e3:.1f} M" if b < 1 else f"{b:.1f} B"),
+            params=view.models.params_b.map(format_params),
             kind=view.models.is_demo.map(lambda d: "demo (random weights)" if d else "user"),
         )[["name", "backend", "params", "accuracy", "kind"]]
         st.table(table, hide_index=True)

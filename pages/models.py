@@ -4,7 +4,7 @@ import streamlit as st
 
 from engine import catalog
 from engine.errors import PlannerError
-from pages.common import flash, format_accuracy, get_store, show_error, show_flash
+from pages.common import flash, format_accuracy, format_params, get_store, show_error, show_flash
 
 st.title("Models")
 store = get_store()
@@ -22,10 +22,9 @@ else:
     shown = models.assign(
         accuracy=models.accuracy.map(format_accuracy),
         demo=models.is_demo.map(lambda d: "demo" if d else ""),
-    )[["name", "backend", "accuracy", "accuracy_source", "params_b", "demo", "path", "notes"]]
-    st.dataframe(shown, hide_index=True, width="stretch",
-                 column_config={"params_b": st.column_config.NumberColumn("parameters (B)", format="%.4g"),
-                                "accuracy_source": "accuracy source"})
+        parameters=models.params_b.map(format_params),
+    )[["name", "backend", "accuracy", "accuracy_source", "parameters", "demo", "path", "notes"]]
+    st.dataframe(shown, hide_index=True, width="stretch", column_config={"accuracy_source": "accuracy source"})
     if models.is_demo.any():
         st.caption("Demo models have random weights: real inference, meaningless text. "
                    "Their accuracy scores are illustrative, not benchmark results.")

@@ -112,6 +112,9 @@ def test_models_page_in_the_browser(served_app: str, browser, demo_models, tmp_p
     page.goto(served_app + "/models")
     expect(page.get_by_role("heading", name="Models")).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Demo models have random weights")).to_be_visible()
-    page.wait_for_timeout(1000)
+    expect(page.get_by_label("Name")).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("button", name="Add model")).to_be_visible()
+    expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()
+    page.wait_for_timeout(2000)  # let the data grid paint its canvas before the picture
     page.screenshot(path=str(screenshot_path("models.png", tmp_path)), full_page=True)
     page.close()
