@@ -1,0 +1,94 @@
+"""Reading user CSV files: the checks every format shares, with row-level problems.
+
+A file is UTF-8 text (a BOM is allowed) with a header row; required columns appear once
+each; extra columns are ignored with a warning; every row has at most as many fields as
+the header. Problems name the file and line, so a person can fix them all in one go.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from engine.errors import InputError, Problem
+
+DEFAULT_MAX_BYTES = 50_000_000
+
+
+def decode_upload(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """The text of an uploaded file, or InputError when it is too large or not UTF-8."""
+    if len(data) > max_bytes:
+        raise InputError(Problem(name, f"is {len(data):,} bytes, larger than the {max_bytes:,} allowed", None,
+                                 "a smaller CSV file"))
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(Problem(name, f"is not UTF-8 text (byte {exc.start})", None, "a UTF-8 CSV file")) from None
+
+
+def read_csv_rows(path: Path, required: tuple[str, ...], known: tuple[str, ...],
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """Read a UTF-8 CSV with a header row into ``(line, row)`` pairs and warnings.
+
+    Checks what every format shares: the file exists and is text, the header has the
+    required columns once each. Extra columns are ignored with a warning.
+    """
+    label = str(path)
+    if not path.exists():
+        raise InputError(Problem(label, "file not found", None, "a path to an existing CSV file"))
+    if path.is_dir():
+        raise InputError(Problem(label, "is a directory", None, "a CSV file"))
+    if path.stat().st_size > max_bytes:  # checked before reading, so a huge file is never loaded
+        raise InputError(Problem(label, f"is {path.stat().st_size:,} bytes, larger than the {max_bytes:,} allowed", None,
+                                 "a smaller CSV file"))
+    return parse_csv_text(decode_upload(path.read_bytes(), label, max_bytes), label, required, known)
+
+
+def parse_csv_text(text: str, label: str, required: tuple[str, ...],
+                   known: tuple[str, ...]) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """The text half of :func:`read_csv_rows` (also used for uploads, which arrive as bytes)."""
+    if "\x00" in text:
+        raise InputError(Problem(label, "contains NUL bytes, so it is not a text CSV file", None, "a UTF-8 CSV file"))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError(Problem(label, "is empty", None, f"a header row with {', '.join(required)}")) from None
+    except csv.Error as exc:
+        raise InputError(Problem(f"{label}:1", f"cannot be read as CSV ({exc})", None, "comma-separated values")) from None
+    columns = [c.strip().lower() for c in header]
+    problems = []
+    duplicated = sorted({c for c in columns if columns.count(c) > 1 and c})
+    if duplicated:
+        problems.append(Problem(f"{label}:1", f"columns appear more than once: {', '.join(duplicated)}", None, "each column once"))
+    missing = [c for c in required if c not in columns]
+    if missing:
+        problems.append(Problem(f"{label}:1", f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+                                None, f"a header row with {', '.join(required)} (optional: {', '.join(c for c in known if c not in required)})"))
+    if problems:
+        raise InputError(problems)
+    warnings = []
+    extra = [c for c in columns if c not in known]
+    if extra:
+        warnings.append(f"{label}: ignored column{'s' if len(extra) > 1 else ''} {', '.join(repr(c) for c in extra)}")
+    rows = []
+    try:
+        for record in reader:
+            if not any(cell.strip() for cell in record):
+                continue
+            line = reader.line_num
+            if len(record) > len(columns):
+                problems.append(Problem(f"{label}:{line}", f"has {len(record)} fields but the header has {len(columns)}",
+                                        None, f"{len(columns)} comma-separated fields (quote fields that contain commas)"))
+                continue
+            rows.append((line, {c: (record[i].strip() if i < len(record) else "") for i, c in enumerate(columns) if c in known}))
+    except csv.Error as exc:
+        problems.append(Problem(f"{label}:{reader.line_num}", f"cannot be read as CSV ({exc})", None, "comma-separated values"))
+    if problems:
+        raise InputError(problems)
+    if not rows:
+        raise InputError(Problem(label, "has a header but no rows", None, "at least one row below the header"))
+    return rows, warnings
+
+
