@@ -12,12 +12,14 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from engine import catalog
-from engine.errors import InputError, PlannerError
+from engine.errors import InputError, PlannerError, Problem
 from engine.paths import DEFAULT_MODELS_DIR
+from engine.profiling.design import DESIGN_KINDS
 from engine.store import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -75,6 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import-catalog", parents=[common], help="add models from a catalog CSV (all or nothing)")
     imp.add_argument("file", help="CSV with columns model, accuracy[, backend, path, params_b, notes]")
     imp.set_defaults(handler=cmd_import_catalog)
+
+    profile = sub.add_parser("profile", parents=[common], help="measure a model's energy and runtime over a design")
+    profile.add_argument("--model", help="a model from the catalog")
+    profile.add_argument("--device", default="cpu", help="cpu (default) or cuda:N")
+    profile.add_argument("--design", choices=DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are given")
+    profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
+    profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")
+    profile.add_argument("--points", type=int, default=16, help="points of a space-filling design (default 16)")
+    profile.add_argument("--max-trials", type=int, default=25, help="most trials per point (default 25)")
+    profile.add_argument("--min-trials", type=int, default=3, help="fewest trials per point (default 3)")
+    profile.add_argument("--rel-ci", type=float, default=0.05,
+                         help="stop a point when its 95%% CI is within this fraction of the mean (default 0.05)")
+    profile.add_argument("--warmup", type=int, default=2, help="warm-up runs, discarded (default 2)")
+    profile.add_argument("--cooldown-s", type=float, default=0.0, help="pause after each trial (default 0)")
+    profile.add_argument("--idle-s", type=float, default=5.0, help="idle baseline window (default 5 s)")
+    profile.add_argument("--seed", type=int, default=0, help="seed of the run order (default 0)")
+    profile.add_argument("--resume", type=int, metavar="JOB", help="continue a failed or cancelled job")
+    profile.add_argument("--json", action="store_true", help="print JSON")
+    profile.set_defaults(handler=cmd_profile)
+
+    jobs = sub.add_parser("jobs", parents=[common], help="profiling jobs")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jobs_list = jobs_sub.add_parser("list", parents=[common], help="the latest jobs")
+    jobs_list.add_argument("--json", action="store_true", help="print JSON")
+    jobs_list.set_defaults(handler=cmd_jobs_list)
+    jobs_cancel = jobs_sub.add_parser("cancel", parents=[common], help="stop a running job")
+    jobs_cancel.add_argument("job", type=int)
+    jobs_cancel.set_defaults(handler=cmd_jobs_cancel)
 
     demo = sub.add_parser("demo-models", parents=[common], help="generate the local demo models and add them to the catalog")
     demo.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where to write them (default data/models)")
@@ -234,4 +264,104 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     if not args.no_register:
         added = catalog.register_demo_models(_store(args), demos)
         print(f"catalog: added {', '.join(added)}" if added else "catalog: demo models already registered")
+    return EXIT_OK
+
+
+def _format_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _progress_line(progress) -> str:
+    job = progress.job
+    done, total = job.points_done, max(job.points_total, 1)
+    bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
+    left = f", ~{_format_s(progress.remaining_s)} left" if progress.remaining_s is not None else ""
+    return (f"[{bar}] {done}/{job.points_total} points, {progress.trials} trials, "
+            f"{_format_s(progress.elapsed_s)} elapsed{left} ({job.status})")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from engine.profiling import jobs
+    from engine.profiling.design import parse_token_list
+
+    store = _store(args)
+    if args.resume is not None:
+        job = jobs.resume_job(store, args.resume)
+    else:
+        if not args.model:
+            raise InputError([Problem("--model", "is required", None, "a model from `models list` (or --resume JOB)")])
+        design = args.design or ("custom" if args.inputs or args.outputs else "quick")
+        inputs = parse_token_list(args.inputs, "--inputs") if args.inputs else None
+        outputs = parse_token_list(args.outputs, "--outputs") if args.outputs else None
+        settings = jobs.ProfileSettings(rel_bound=args.rel_ci, min_trials=args.min_trials, max_trials=args.max_trials,
+                                        warmup_runs=args.warmup, cooldown_s=args.cooldown_s, idle_s=args.idle_s,
+                                        seed=args.seed)
+        job = jobs.create_job(store, args.model, args.device, design, inputs=inputs, outputs=outputs,
+                              n_points=args.points, settings=settings)
+        for note in job.design.dropped:
+            print(f"note: dropped {note}", file=sys.stderr)
+    print(f"profiling job {job.id}: {job.model} on {job.device}, {job.points_total} points "
+          f"(Ctrl-C cancels; resume with --resume {job.id})", file=sys.stderr)
+    process = jobs.start_worker(store, job.id, watch=False)
+    interactive = sys.stderr.isatty()
+    last = ""
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+            line = _progress_line(jobs.job_progress(store, job.id))
+            if interactive:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            elif line.split(" points")[0] != last.split(" points")[0]:
+                print(line, file=sys.stderr, flush=True)
+            last = line
+    except KeyboardInterrupt:
+        print("\ncancelling…", file=sys.stderr)
+        jobs.cancel_job(store, job.id)
+        process.wait()
+        print(f"cancelled; resume with: python -m engine profile --resume {job.id}", file=sys.stderr)
+        return 130
+    if interactive:
+        print(file=sys.stderr)
+    if jobs.get_job(store, job.id).status in jobs.ACTIVE:
+        jobs.watch_worker(store, job.id, process)
+    progress = jobs.job_progress(store, job.id)
+    final = progress.job
+    document = {"job": final.id, "model": final.model, "device": final.device, "status": final.status,
+                "reason": final.reason, "points_done": final.points_done, "points_total": final.points_total,
+                "trials": progress.trials, "elapsed_s": progress.elapsed_s,
+                "energy_source": sorted(set(progress.points.energy_source.dropna())) if len(progress.points) else []}
+    if args.json:
+        _print_json(document)
+    else:
+        print(f"job {final.id} {final.status}: {final.points_done}/{final.points_total} points, {progress.trials} trials"
+              f" in {_format_s(progress.elapsed_s)}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else ""))
+    if final.status != "done":
+        print(f"error: job {final.id} {final.status}: {final.reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from engine.profiling import jobs
+
+    store = _store(args)
+    jobs.reconcile_jobs(store)
+    rows = [{k: _clean(v) for k, v in r.items()} for r in jobs.list_jobs(store).to_dict("records")]
+    if args.json:
+        _print_json(rows)
+    elif not rows:
+        print("No profiling jobs yet: start one with `python -m engine profile --model NAME`.")
+    else:
+        _print_table(rows, ["id", "model", "device", "status", "points_done", "points_total", "trials", "reason"])
+    return EXIT_OK
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from engine.profiling import jobs
+
+    job = jobs.cancel_job(_store(args), args.job)
+    print(f"job {job.id} {job.status}: {job.reason}")
     return EXIT_OK

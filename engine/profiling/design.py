@@ -1,0 +1,130 @@
+"""Designs: which (input_tokens, output_tokens) points a profiling job measures.
+
+- ``quick``: {8, 32, 128} x {8, 32, 128}, a few minutes for the demo models here;
+- ``paper-grid``: the paper's full grid, powers of two 8..2048 for both counts (81 points);
+- ``paper-sweeps``: the paper's two sweeps, inputs 8..2048 at 32 output tokens and
+  outputs 8..4096 at 32 input tokens;
+- ``space-filling``: a seeded Latin hypercube in log2 space over the given ranges,
+  for a good surface with few points;
+- ``custom``: the cross product of given input and output lists.
+
+Points past the model's context are dropped with a note (the paper's output sweep
+reaches 4096 tokens, more than many models hold), never silently run short.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import InputError, Problem
+
+DESIGN_KINDS = ("quick", "paper-grid", "paper-sweeps", "space-filling", "custom")
+QUICK_TOKENS = (8, 32, 128)
+PAPER_POWERS = tuple(2 ** k for k in range(3, 12))  # 8 .. 2048
+MAX_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True, order=True)
+class DesignPoint:
+    """One setting to measure: prompt tokens in, generated tokens out."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Design:
+    """The points of a job, and what was dropped from the asked-for design and why."""
+
+    kind: str
+    points: tuple[DesignPoint, ...]
+    dropped: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "points": [[p.input_tokens, p.output_tokens] for p in self.points],
+                "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Design":
+        return cls(kind=data["kind"], points=tuple(DesignPoint(int(i), int(o)) for i, o in data["points"]),
+                   dropped=tuple(data.get("dropped", ())))
+
+
+def parse_token_list(text: str | list | tuple, where: str) -> list[int]:
+    """``"8,32,128"`` (or a list) as sorted distinct positive token counts."""
+    items = text if isinstance(text, (list, tuple)) else [t for t in str(text).replace(" ", "").split(",") if t]
+    values, problems = [], []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            problems.append(Problem(where, f"{item!r} is not a number", None, "whole numbers of tokens >= 1, e.g. 8,32,128"))
+            continue
+        if not number.is_integer() or not 1 <= number <= MAX_TOKENS:
+            problems.append(Problem(where, f"{item!r} is not a whole number of tokens from 1 to {MAX_TOKENS:,}", None,
+                                    "whole numbers of tokens >= 1, e.g. 8,32,128"))
+            continue
+        values.append(int(number))
+    if not values and not problems:
+        problems.append(Problem(where, "is empty", None, "at least one token count, e.g. 8,32,128"))
+    if problems:
+        raise InputError(problems)
+    return sorted(set(values))
+
+
+def build_design(kind: str = "quick", *, inputs: list[int] | None = None, outputs: list[int] | None = None,
+                 n_points: int = 16, context_length: int | None = None, seed: int = 0) -> Design:
+    """The design of the given kind, with points beyond ``context_length`` dropped (and named).
+
+    ``inputs``/``outputs`` are the lists of ``custom`` and the ranges (min and max are
+    used) of ``space-filling``.
+    """
+    if kind not in DESIGN_KINDS:
+        raise InputError(Problem("--design", f"unknown design {kind!r}", None, " or ".join(DESIGN_KINDS)))
+    if kind == "quick":
+        points = [DesignPoint(i, o) for i in QUICK_TOKENS for o in QUICK_TOKENS]
+    elif kind == "paper-grid":
+        points = [DesignPoint(i, o) for i in PAPER_POWERS for o in PAPER_POWERS]
+    elif kind == "paper-sweeps":
+        points = sorted({DesignPoint(i, 32) for i in PAPER_POWERS} | {DesignPoint(32, o) for o in PAPER_POWERS + (4096,)})
+    elif kind == "custom":
+        if not inputs or not outputs:
+            raise InputError(Problem("--inputs/--outputs", "a custom design needs both lists", None,
+                                     "e.g. --inputs 8,32,128 --outputs 8,32"))
+        points = [DesignPoint(i, o) for i in inputs for o in outputs]
+    else:
+        points = space_filling(inputs or [8, 2048], outputs or [8, 512], n_points, seed)
+    dropped = []
+    if context_length is not None:
+        kept = [p for p in points if p.input_tokens + p.output_tokens <= context_length]
+        dropped = [f"({p.input_tokens}, {p.output_tokens}): {p.input_tokens + p.output_tokens} tokens exceed the "
+                   f"model's context of {context_length}" for p in points if p not in kept]
+        points = kept
+    if not points:
+        raise InputError(Problem("design", "no point fits the model's context" if dropped else "has no points", None,
+                                 f"points with input + output <= {context_length}" if context_length else "at least one point"))
+    return Design(kind=kind, points=tuple(points), dropped=tuple(dropped))
+
+
+def space_filling(inputs: list[int], outputs: list[int], n_points: int, seed: int) -> list[DesignPoint]:
+    """A Latin hypercube in (log2 input, log2 output), rounded to whole tokens, without repeats."""
+    if not 2 <= n_points <= 400:
+        raise InputError(Problem("--points", f"{n_points} points", None, "2 to 400 points for a space-filling design"))
+    rng = np.random.default_rng(seed)
+    lo_in, hi_in = math.log2(min(inputs)), math.log2(max(inputs))
+    lo_out, hi_out = math.log2(min(outputs)), math.log2(max(outputs))
+    strata = (np.arange(n_points) + rng.random((2, n_points))) / n_points
+    strata[0] = rng.permutation(strata[0])
+    strata[1] = rng.permutation(strata[1])
+    ins = np.rint(2 ** (lo_in + strata[0] * (hi_in - lo_in))).astype(int)
+    outs = np.rint(2 ** (lo_out + strata[1] * (hi_out - lo_out))).astype(int)
+    return sorted({DesignPoint(int(i), int(o)) for i, o in zip(ins, outs)})
+
+
+def run_order(points: tuple[DesignPoint, ...], seed: int) -> list[DesignPoint]:
+    """The points in a seeded random order (as the paper did), the same on every resume."""
+    order = np.random.default_rng(seed).permutation(len(points))
+    return [points[i] for i in order]

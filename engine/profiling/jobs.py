@@ -1,0 +1,394 @@
+"""Profiling jobs: their state in the database, and the worker processes that run them.
+
+Inference runs in a separate worker process (``python -m engine.profiling.worker``) so
+that a crash, hang or kill of a backend cannot take the app or the CLI down. The worker
+stores every trial as soon as it is measured; whoever started it watches it and, when
+it dies without finishing, marks the job failed with the reason. A job whose worker is
+gone while nobody watched (the app restarted) is found by :func:`reconcile_jobs`.
+
+Two jobs on one device would measure each other: :func:`create_job` refuses a second
+one, and the worker holds a lock file for the device while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from engine import catalog
+from engine.backends.base import parse_device
+from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
+from engine.paths import PROJECT_ROOT
+from engine.profiling.design import Design, build_design
+from engine.profiling.stopping import StopRule
+from engine.store import Store
+
+ACTIVE = ("queued", "running", "cancelling")
+FINISHED = ("done", "failed", "cancelled")
+WORKER_MODULE = "engine.profiling.worker"
+
+
+def host_name() -> str:
+    """This host's name, as stored with jobs and measurements."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How a job measures. Times in seconds; ``rel_bound`` a fraction of the mean."""
+
+    rel_bound: float = 0.05
+    min_trials: int = 3
+    max_trials: int = 25
+    warmup_runs: int = 2
+    cooldown_s: float = 0.0
+    idle_s: float = 5.0
+    seed: int = 0
+    batch_size: int = 1
+    backend_options: dict = field(default_factory=dict)
+
+    @property
+    def stop_rule(self) -> StopRule:
+        return StopRule(rel_bound=self.rel_bound, min_trials=self.min_trials, max_trials=self.max_trials)
+
+    def validate(self) -> "ProfileSettings":
+        """The settings, or InputError naming each one out of range."""
+        problems = []
+        checks = [
+            ("--rel-ci", 0 < self.rel_bound <= 1, f"{self.rel_bound}", "a fraction in (0, 1], e.g. 0.05 for ±5%"),
+            ("--min-trials", 1 <= self.min_trials <= 1000, f"{self.min_trials}", "1 to 1000"),
+            ("--max-trials", self.min_trials <= self.max_trials <= 1000, f"{self.max_trials}",
+             f"from --min-trials ({self.min_trials}) to 1000"),
+            ("--warmup", 0 <= self.warmup_runs <= 100, f"{self.warmup_runs}", "0 to 100"),
+            ("--cooldown-s", 0 <= self.cooldown_s <= 600, f"{self.cooldown_s}", "0 to 600 seconds"),
+            ("--idle-s", 0.5 <= self.idle_s <= 600, f"{self.idle_s}", "0.5 to 600 seconds"),
+            ("--batch-size", self.batch_size == 1, f"{self.batch_size}", "1 (larger batches are not supported yet)"),
+        ]
+        for where, ok, value, expected in checks:
+            if not ok:
+                problems.append(Problem(where, f"{value} is out of range", None, expected))
+        if problems:
+            raise InputError(problems)
+        return self
+
+
+@dataclass(frozen=True)
+class Job:
+    """A profiling job as stored."""
+
+    id: int
+    model: str
+    device: str
+    host: str
+    design: Design
+    settings: ProfileSettings
+    status: str
+    reason: str | None
+    points_total: int
+    points_done: int
+    pid: int | None
+    created_at: object
+    started_at: object
+    finished_at: object
+
+
+def _job_from_row(row: dict) -> Job:
+    settings = json.loads(row["settings"]) if row["settings"] else {}
+    return Job(id=int(row["id"]), model=row["model"], device=row["device"], host=row["host"],
+               design=Design.from_dict(json.loads(row["design"])), settings=ProfileSettings(**settings),
+               status=row["status"], reason=row["reason"], points_total=int(row["points_total"] or 0),
+               points_done=int(row["points_done"] or 0), pid=None if pd.isna(row["pid"]) else int(row["pid"]),
+               created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"])
+
+
+def get_job(store: Store, job_id: int) -> Job:
+    """One job, or InputError when there is none with that id."""
+    frame = store.query_df("SELECT * FROM profiling_jobs WHERE id = ?", [int(job_id)])
+    if frame.empty:
+        raise InputError(Problem("--job", f"no profiling job {job_id}", None, "an id from the job list"))
+    return _job_from_row(frame.iloc[0].to_dict())
+
+
+def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
+    """The latest jobs, newest first, with their trial counts."""
+    return store.query_df(
+        """SELECT j.id, j.model, j.device, j.status, j.points_done, j.points_total,
+                  (SELECT count(*) FROM measurements m WHERE m.job_id = j.id) AS trials,
+                  j.reason, j.created_at, j.started_at, j.finished_at
+           FROM profiling_jobs j ORDER BY j.id DESC LIMIT ?""", [limit])
+
+
+def model_context_length(entry: catalog.CatalogEntry) -> int | None:
+    """The context a model was built for, read from its files without loading it."""
+    location = catalog.resolve_model_path(entry.path)
+    if entry.backend == "llama.cpp":
+        from engine.backends.gguf_check import inspect_gguf
+
+        return inspect_gguf(location).context_length
+    try:
+        config = json.loads((location / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_sequence_length")
+    return int(value) if value else None
+
+
+def check_device(device: str) -> str:
+    """The device string, or DeviceUnavailableError when this host has no such device."""
+    spec = parse_device(device)
+    if spec.kind == "cpu":
+        return "cpu"
+    from engine.energy.discovery import discover_sensors
+
+    gpus = [s for s in discover_sensors() if s.device.startswith("cuda:")]
+    index = spec.index or 0
+    if not gpus:
+        reasons = "; ".join(s.detail for s in discover_sensors() if s.source.startswith("nvml"))
+        raise DeviceUnavailableError(f"{device}: this host has no usable NVIDIA GPU ({reasons or 'NVML found none'}).")
+    if index >= len(gpus):
+        raise DeviceUnavailableError(f"{device}: this host has {len(gpus)} NVIDIA GPU(s), cuda:0 to cuda:{len(gpus) - 1}.")
+    return f"cuda:{index}"
+
+
+def active_job_on(store: Store, device: str, host: str | None = None) -> int | None:
+    """The id of a job that is running (or about to) on this device of this host, if any."""
+    reconcile_jobs(store)
+    row = store.query_one(
+        f"SELECT id FROM profiling_jobs WHERE host = ? AND device = ? AND status IN ({', '.join('?' * len(ACTIVE))}) "
+        "ORDER BY id LIMIT 1", [host or host_name(), device, *ACTIVE])
+    return None if row is None else int(row[0])
+
+
+def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,
+                n_points: int = 16, settings: ProfileSettings | None = None) -> tuple[catalog.CatalogEntry, Design, ProfileSettings]:
+    """Validate a job before anything is stored: model, device, design, settings."""
+    settings = (settings or ProfileSettings()).validate()
+    entry = catalog.get_model(store, model)
+    if entry is None:
+        raise InputError(Problem("--model", f"no model named {model!r} in the catalog", None, "a name from `models list`"))
+    if entry.backend == "external" or not entry.path:
+        raise InputError(Problem("--model", f"{model} has no local weights (external), so it cannot be profiled here",
+                                 None, "a model with a path; import its measurements instead"))
+    if entry.path.startswith(catalog.HUB_PREFIX):
+        raise InputError(Problem("--model", f"{model} is a hub id; download it and add its local directory", None,
+                                 "a local model directory or .gguf file"))
+    if not catalog.resolve_model_path(entry.path).exists():
+        raise InputError(Problem("--model", f"{model}'s files are gone from {entry.path}", None,
+                                 "restore them, or `models remove` and add it again"))
+    try:
+        device = check_device(device)
+    except DeviceUnavailableError as exc:
+        raise InputError(Problem("--device", str(exc), None, "cpu, or cuda:N for a GPU this host has")) from None
+    design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
+                          context_length=model_context_length(entry), seed=settings.seed)
+    return entry, design, settings
+
+
+def create_job(store: Store, model: str, device: str, design_kind: str = "quick", **options) -> Job:
+    """Validate and store a new queued job; refuses a second job on a busy device."""
+    settings = options.pop("settings", None)
+    entry, design, settings = prepare_job(store, model, device, design_kind, settings=settings, **options)
+    device = check_device(device)
+    busy = active_job_on(store, device)
+    if busy is not None:
+        raise PlannerError(f"Profiling job {busy} is already running on {device}; two jobs on one device would "
+                           "measure each other. Wait for it to finish or cancel it.")
+    with store.transaction() as con:
+        job_id = con.execute(
+            """INSERT INTO profiling_jobs (model, device, host, design, settings, status, points_total)
+               VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id""",
+            [entry.name, device, host_name(), json.dumps(design.to_dict()), json.dumps(asdict(settings)),
+             len(design.points)]).fetchone()[0]
+    return get_job(store, job_id)
+
+
+def set_status(store: Store, job_id: int, status: str, reason: str | None = None, *, only_if: tuple[str, ...] = ()) -> bool:
+    """Move a job to a status (finished ones get their finish time); returns whether it changed."""
+    finished = "current_timestamp" if status in FINISHED else "finished_at"
+    condition = f" AND status IN ({', '.join('?' * len(only_if))})" if only_if else ""
+    with store.connect() as con:
+        changed = con.execute(
+            f"UPDATE profiling_jobs SET status = ?, reason = ?, finished_at = {finished} WHERE id = ?{condition} RETURNING id",
+            [status, reason, int(job_id), *only_if]).fetchall()
+    return bool(changed)
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+def worker_log_path(store: Store, job_id: int) -> Path:
+    """Where a worker's own output goes (library messages, a crash's last words)."""
+    folder = store.path.resolve().parent / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"profiling-job-{job_id}.log"
+
+
+def start_worker(store: Store, job_id: int, *, watch: bool = True) -> subprocess.Popen:
+    """Start the worker process of a queued job; with ``watch``, a thread records how it ended."""
+    log = worker_log_path(store, job_id).open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", WORKER_MODULE, "--db", str(store.path.resolve()), "--job", str(job_id)],
+        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # a Ctrl-C or a restart of the app does not reach the worker
+    )
+    log.close()
+    store.execute("UPDATE profiling_jobs SET pid = ? WHERE id = ?", [process.pid, int(job_id)])
+    if watch:
+        threading.Thread(target=watch_worker, args=(store, job_id, process), daemon=True,
+                         name=f"watch-profiling-job-{job_id}").start()
+    return process
+
+
+def exit_reason(returncode: int) -> str:
+    """How a process ended, in words."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the worker process was killed ({name})"
+    return f"the worker process exited with code {returncode} without finishing"
+
+
+def watch_worker(store: Store, job_id: int, process: subprocess.Popen) -> None:
+    """Wait for a worker; if it ended without closing its job, close it with the reason."""
+    returncode = process.wait()
+    _close_orphan(store, job_id, exit_reason(returncode))
+
+
+def _close_orphan(store: Store, job_id: int, why: str) -> None:
+    trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [int(job_id)])[0]
+    job = get_job(store, job_id)
+    if job.status == "cancelling":
+        set_status(store, job_id, "cancelled", f"cancelled; {trials} trials stored", only_if=("cancelling",))
+    else:
+        set_status(store, job_id, "failed",
+                   f"{why} after {job.points_done} of {job.points_total} points; the {trials} trials measured "
+                   "before are stored; resume to complete the rest", only_if=("queued", "running"))
+
+
+def _is_our_worker(pid: int | None, job_id: int) -> bool:
+    if not pid:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        command = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return WORKER_MODULE in command and f"--job {job_id}" in command
+
+
+def reconcile_jobs(store: Store) -> None:
+    """Close the active jobs of this host whose worker is gone (killed while nobody watched)."""
+    frame = store.query_df(
+        f"SELECT id, pid, created_at FROM profiling_jobs WHERE host = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
+        [host_name(), *ACTIVE])
+    for row in frame.itertuples():
+        pid = None if pd.isna(row.pid) else int(row.pid)
+        if pid is None:
+            # Queued but never started: give the starter a moment to record the pid.
+            created = pd.Timestamp(row.created_at)
+            if (pd.Timestamp.now(tz=created.tz) - created).total_seconds() < 30:
+                continue
+            _close_orphan(store, row.id, "no worker process was started")
+        elif not _is_our_worker(pid, row.id):
+            _close_orphan(store, row.id, f"the worker process {pid} ended unexpectedly (killed or crashed)")
+
+
+def cancel_job(store: Store, job_id: int, *, grace_s: float = 5.0) -> Job:
+    """Stop a job within seconds: ask its worker to stop, and kill it if it does not."""
+    job = get_job(store, job_id)
+    if job.status not in ACTIVE:
+        raise InputError(Problem("--job", f"job {job_id} is {job.status}, not running", None, "a running job"))
+    set_status(store, job_id, "cancelling", "cancel requested", only_if=ACTIVE)
+    if job.pid and _is_our_worker(job.pid, job_id):
+        os.kill(job.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _is_our_worker(job.pid, job_id):
+            time.sleep(0.1)
+        if _is_our_worker(job.pid, job_id):
+            os.kill(job.pid, signal.SIGKILL)
+    trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [int(job_id)])[0]
+    set_status(store, job_id, "cancelled", f"cancelled; {trials} trials stored", only_if=("cancelling", "queued", "running"))
+    return get_job(store, job_id)
+
+
+def resume_job(store: Store, job_id: int) -> Job:
+    """Queue a failed or cancelled job again; its worker skips the points already complete."""
+    reconcile_jobs(store)
+    job = get_job(store, job_id)
+    if job.status not in ("failed", "cancelled"):
+        raise InputError(Problem("--resume", f"job {job_id} is {job.status}", None, "a failed or cancelled job"))
+    busy = active_job_on(store, job.device)
+    if busy is not None:
+        raise PlannerError(f"Profiling job {busy} is running on {job.device}; resume job {job_id} when it is done.")
+    store.execute("UPDATE profiling_jobs SET status = 'queued', reason = NULL, pid = NULL, finished_at = NULL, "
+                  "created_at = current_timestamp WHERE id = ?", [int(job_id)])
+    return get_job(store, job_id)
+
+
+# -- progress -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job stands: points and trials done, time spent and (roughly) left."""
+
+    job: Job
+    trials: int
+    elapsed_s: float | None
+    remaining_s: float | None
+    points: pd.DataFrame  # per measured point: trials, mean runtime and energy, energy source
+
+
+def job_progress(store: Store, job_id: int) -> Progress:
+    """The progress of a job, from what is stored."""
+    job = get_job(store, job_id)
+    points = store.query_df(
+        """SELECT input_tokens, output_tokens, count(*) AS trials, avg(runtime_s) AS runtime_s,
+                  avg(energy_j) AS energy_j, any_value(energy_source) AS energy_source,
+                  min(started_at) AS first_at, max(finished_at) AS last_at
+           FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
+        [job.id])
+    trials = int(points.trials.sum()) if len(points) else 0
+    elapsed = remaining = None
+    if job.started_at is not None and not pd.isna(job.started_at):
+        started = pd.Timestamp(job.started_at)
+        end = pd.Timestamp(job.finished_at) if job.status in FINISHED and not pd.isna(job.finished_at) else pd.Timestamp.now(tz=started.tz)
+        elapsed = max(0.0, (end - started).total_seconds())
+        if job.status in ACTIVE and job.points_done:
+            remaining = elapsed / job.points_done * (job.points_total - job.points_done)
+    return Progress(job=job, trials=trials, elapsed_s=elapsed, remaining_s=remaining, points=points)
+
+
+def estimate_duration_s(store: Store, model: str, device: str, design: Design,
+                        settings: ProfileSettings) -> tuple[float, float] | None:
+    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device.
+
+    None when there are no earlier measurements to go by.
+    """
+    history = store.query_df(
+        "SELECT input_tokens, output_tokens, avg(runtime_s) AS runtime_s FROM measurements "
+        "WHERE model = ? AND device = ? GROUP BY ALL", [model, device])
+    if len(history) < 3:
+        return None
+    features = np.column_stack([np.ones(len(history)), history.input_tokens, history.output_tokens])
+    coef, *_ = np.linalg.lstsq(features, history.runtime_s.to_numpy(), rcond=None)
+    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) for p in design.points]
+    fixed = settings.idle_s + 5.0  # idle baseline plus loading the model
+    per_point_extra = settings.cooldown_s
+    low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)
+    high = fixed + sum((t + per_point_extra) * settings.max_trials for t in per_trial)
+    return low, high
