@@ -7,6 +7,7 @@ st.set_page_config(page_title="Joule Planner", page_icon=":material/bolt:", layo
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
+    st.Page("pages/profile.py", title="Profile", icon=":material/speed:"),
 ]
 
 st.navigation(PAGES).run()

@@ -56,3 +56,15 @@ def show_flash() -> None:
         st.success(message)
         for warning in warnings:
             st.warning(warning)
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds as 42 s, 3 min 05 s or 1 h 02 min; an em dash when unknown."""
+    if seconds is None or seconds != seconds:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"

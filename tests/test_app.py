@@ -11,7 +11,7 @@ from engine import catalog
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["pages/home.py", "pages/models.py"]
+PAGES = ["pages/home.py", "pages/models.py", "pages/profile.py"]
 
 
 def app() -> AppTest:
@@ -69,3 +69,43 @@ def test_models_page_shows_bad_input_and_changes_nothing(store: Store):
     errors = "\n".join(e.value for e in at.error)
     assert "outside [0, 1]" in errors and "does not exist" in errors
     assert catalog.list_models(store).empty
+
+
+def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_models):
+    import time
+
+    from engine.profiling import jobs
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    at = app().run()
+    at.switch_page("pages/profile.py").run()
+    at.selectbox(key="profile_model").set_value("demo-small")
+    at.radio(key="profile_design").set_value("custom")
+    at.text_input(key="profile_inputs").set_value("8")
+    at.text_input(key="profile_outputs").set_value("4,8")
+    at.number_input(key="profile_max").set_value(3)
+    at.number_input(key="profile_idle").set_value(0.5)
+    next(b for b in at.button if b.label == "Start profiling").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    job_id = int(store.query_one("SELECT max(id) FROM profiling_jobs")[0])
+    deadline = time.monotonic() + 120
+    while jobs.get_job(store, job_id).status in jobs.ACTIVE and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs.get_job(store, job_id).status == "done"
+    at.run()
+    assert any("Done: " in s.value for s in at.success)
+    assert any(m.label == "Trials" and m.value == "6" for m in at.metric)  # 2 points x 3 trials
+    assert any("estimated" in c.value for c in at.caption)
+
+
+def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_models):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    at = app().run()
+    at.switch_page("pages/profile.py").run()
+    at.radio(key="profile_design").set_value("custom")
+    at.text_input(key="profile_inputs").set_value("8,abc")
+    next(b for b in at.button if b.label == "Start profiling").click().run()
+    assert not at.exception
+    assert "'abc' is not a number" in "\n".join(e.value for e in at.error)
+    assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0

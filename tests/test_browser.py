@@ -54,11 +54,15 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 90) -> N
     raise TimeoutError(f"{url} did not answer /_stcore/health within {timeout_s} s")
 
 
+served_db: dict = {}
+
+
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory, demo_models):
     """`streamlit run app.py` on a fresh database holding the demo models."""
     db = tmp_path_factory.mktemp("browser") / "planner.duckdb"
     catalog.register_demo_models(Store(db), list(demo_models.values()))
+    served_db["path"] = db
     port = free_port()
     env = {**os.environ, "PLANNER_DB": str(db)}
     server = subprocess.Popen(
@@ -117,4 +121,22 @@ def test_models_page_in_the_browser(served_app: str, browser, demo_models, tmp_p
     expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()
     page.wait_for_timeout(2000)  # let the data grid paint its canvas before the picture
     page.screenshot(path=str(screenshot_path("models.png", tmp_path)), full_page=True)
+    page.close()
+
+
+def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
+    from engine.profiling import jobs
+
+    store = Store(served_db["path"])
+    settings = jobs.ProfileSettings(max_trials=4, idle_s=0.5, warmup_runs=1)
+    job = jobs.create_job(store, "demo-large", "cpu", "custom", inputs=[8, 32, 64], outputs=[4, 8, 16], settings=settings)
+    assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(served_app + "/profile")
+    expect(page.get_by_role("heading", name="Profile")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Done:")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Energy is estimated")).to_be_visible()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(2000)  # plotly and the data grid finish drawing after they appear
+    page.screenshot(path=str(screenshot_path("profile.png", tmp_path)), full_page=True)
     page.close()

@@ -1,0 +1,512 @@
+"""Measurements in and out: the measurements CSV of DESIGN.md, so data measured elsewhere
+(another host, a cluster) can be planned with, and data measured here can be shared.
+
+The format (header row, UTF-8, comma)::
+
+    model, device, input_tokens, output_tokens, runtime_s, energy_j
+    [, trial, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, started_at]
+
+Decisions, so that a person can predict what an import does:
+
+- **All or nothing.** Every row is checked first; any problem refuses the whole file and
+  every problem is reported at once (``file:line``, column, what is wrong, what is
+  expected). Nothing is written until all rows pass, then they land in one transaction.
+- **Token counts and trial** are whole numbers > 0. ``8.0`` is read as 8 (spreadsheets
+  and pandas write whole numbers that way when a column has gaps); ``8.5`` is an error.
+- **energy_j** is a finite number of joules > 0. An empty cell means "not measured" and
+  is stored as NULL, never 0; a literal 0 or a negative value is an error, because 0 J
+  is not a measurement (leave the cell empty instead). **runtime_s** is finite, >= 0.
+- **Component energies** (gpu/cpu/dram_energy_j) and **idle_power_w** are finite and >= 0,
+  or empty. **energy_source** is ``measured`` or ``estimated`` (any case); empty means
+  ``measured``. **started_at** is ISO 8601 or empty; a time without an offset is UTC.
+- **model** must be a name the catalog can hold (the catalog's own rule), so the data can
+  be planned with once the model is added. A model that is not in the catalog yet is
+  still imported (measurements may arrive first), with a warning saying to add it.
+  **device** is any name up to 64 characters without commas or line breaks: imported data
+  comes from other hosts (``a100:0``), so it is not checked against this host's devices.
+- Stored rows have ``origin = 'imported'``, no job, no host (the format has no host
+  column), ``energy_method = 'imported from FILE'`` and batch size 1.
+- **Duplicates.** Importing the same file twice must not double the data: a row identical
+  to one already stored (model, device, tokens, runtime_s, energy_j, trial, started_at;
+  whatever its origin, so an export re-imported into its own database is caught too)
+  refuses the import unless ``allow_duplicates=True``. Rows repeated inside one file are
+  imported, with a warning.
+- **Export** writes exactly the documented columns, in the documented order, so a round
+  trip (export, then import) gives the same rows and no warning. Empty energy is an
+  empty cell, never 0; floats are written with full precision (``repr``); started_at as
+  ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``; rows sorted by model, device, input_tokens,
+  output_tokens, trial, started_at, then the values. What the format cannot carry (the
+  sensor behind ``energy_method``, host, job) is not exported. The format has no
+  batch_size column, so rows measured at batch size > 1 are refused rather than
+  exported as if they were batch size 1.
+- A file with many bad rows lists the first :data:`MAX_PROBLEMS_PER_COLUMN` problems of
+  each column and then one line counting the rest, rather than 100,000 lines.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from engine.catalog import validate_name
+from engine.csvio import DEFAULT_MAX_BYTES, decode_upload, parse_csv_text, read_csv_rows
+from engine.errors import InputError, Problem
+from engine.store import Store, append_frame
+
+MEASUREMENTS_REQUIRED = ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j")
+MEASUREMENTS_OPTIONAL = ("trial", "energy_source", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w",
+                         "started_at")
+#: Every column of the format, in the documented order (also the export's order).
+MEASUREMENTS_COLUMNS = MEASUREMENTS_REQUIRED + MEASUREMENTS_OPTIONAL
+ENERGY_SOURCES = ("measured", "estimated")
+#: The largest file an import reads (50 MB: about 280,000 rows with every column filled).
+MAX_MEASUREMENTS_BYTES = DEFAULT_MAX_BYTES
+MAX_PROBLEMS_PER_COLUMN = 20
+MAX_DEVICE_NAME_CHARS = 64
+#: What makes two rows the same measurement, for duplicate detection.
+DUPLICATE_KEY = ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j", "trial", "started_at")
+
+_INT32_MAX = 2**31 - 1
+_NON_FINITE_WORDS = {"nan", "inf", "infinity"}
+_ISO_FORMAT_SQL = "%Y-%m-%dT%H:%M:%S.%f"
+
+
+@dataclass(frozen=True)
+class MeasurementsImportReport:
+    """What an import stored.
+
+    Attributes:
+        n_rows: rows stored.
+        models, devices: the distinct names among them, sorted.
+        models_not_in_catalog: those models the catalog lacks (add them before planning).
+        n_rows_without_energy: rows whose energy_j was empty (stored as NULL, not measured).
+        warnings: sentences worth showing to the person who imported the file.
+    """
+
+    n_rows: int
+    models: list[str]
+    devices: list[str]
+    models_not_in_catalog: list[str] = field(default_factory=list)
+    n_rows_without_energy: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- import ------------------------------------------------------------------------------
+
+def import_measurements(store: Store, path: str | Path, *, allow_duplicates: bool = False) -> MeasurementsImportReport:
+    """Store every row of a measurements CSV file, or none of them when anything is wrong.
+
+    Raises :class:`InputError` listing every problem (nothing is changed then), including
+    rows already in the database unless ``allow_duplicates`` is true.
+    """
+    path = Path(path)
+    rows, warnings = read_csv_rows(path, MEASUREMENTS_REQUIRED, MEASUREMENTS_COLUMNS, MAX_MEASUREMENTS_BYTES)
+    return _import_rows(store, rows, warnings, str(path), allow_duplicates)
+
+
+def import_measurements_bytes(store: Store, data: bytes, name: str, *,
+                              allow_duplicates: bool = False) -> MeasurementsImportReport:
+    """The same for an uploaded file, which arrives as bytes with a file name."""
+    text = decode_upload(data, name, MAX_MEASUREMENTS_BYTES)
+    rows, warnings = parse_csv_text(text, name, MEASUREMENTS_REQUIRED, MEASUREMENTS_COLUMNS)
+    return _import_rows(store, rows, warnings, name, allow_duplicates)
+
+
+def _import_rows(store: Store, rows: list[tuple[int, dict[str, str]]], warnings: list[str], label: str,
+                 allow_duplicates: bool) -> MeasurementsImportReport:
+    lines = np.fromiter((line for line, _ in rows), dtype=np.int64, count=len(rows))
+    raw = pd.DataFrame({c: [row.get(c, "") for _, row in rows] for c in MEASUREMENTS_COLUMNS}, dtype=object)
+    frame = validate_rows(raw, lines, label)
+    warnings = list(warnings)
+    n_without_energy = int(frame["energy_j"].isna().sum())
+    if n_without_energy:
+        warnings.append(f"{label}: {_rows(n_without_energy)} without energy_j; stored as not measured (NULL), "
+                        "they count for runtime only")
+    repeated = frame.duplicated(subset=list(DUPLICATE_KEY), keep="first").to_numpy()
+    if repeated.any():
+        warnings.append(f"{label}: {_rows(int(repeated.sum()))} that repeat an earlier row of the file exactly "
+                        f"(the first on line {lines[repeated][0]}), imported as they are")
+
+    frame["origin"] = "imported"
+    frame["energy_method"] = f"imported from {Path(label).name}"
+    frame["batch_size"] = 1
+    with store.transaction() as con:
+        # The frame's started_at is naive UTC; make the cast to TIMESTAMPTZ read it as UTC
+        # whatever this host's time zone (a tz-aware frame would need pytz, which we lack).
+        con.execute("SET TimeZone = 'UTC'")
+        duplicates = _stored_duplicates(con, frame, lines)
+        if duplicates and not allow_duplicates:
+            raise InputError(duplicates.problem(label, len(frame)))
+        if duplicates:
+            warnings.append(f"{label}: {_rows(duplicates.n_rows)} already in the database, now stored a second "
+                            "time (duplicates allowed)")
+        catalog = {row[0] for row in con.execute("SELECT name FROM models").fetchall()}
+        append_frame(con, "measurements", frame)
+
+    models = sorted(frame["model"].unique().tolist())
+    missing = [m for m in models if m not in catalog]
+    if missing:
+        warnings.append(
+            f"{label}: not in the catalog: {', '.join(missing)}. Their measurements were imported, but add each "
+            "model (e.g. `models add NAME --accuracy 0.6 --source ...`, or on the Models page) before planning with it"
+        )
+    return MeasurementsImportReport(
+        n_rows=len(frame), models=models, devices=sorted(frame["device"].unique().tolist()),
+        models_not_in_catalog=missing, n_rows_without_energy=n_without_energy, warnings=warnings,
+    )
+
+
+@dataclass(frozen=True)
+class _Duplicates:
+    """Rows of a file already in the database: how many, the first lines, where they came from."""
+
+    n_rows: int
+    first_lines: list[int]
+    sources: list[str]
+
+    def problem(self, label: str, n_file_rows: int) -> Problem:
+        more = ", ..." if self.n_rows > len(self.first_lines) else ""
+        lines = ", ".join(str(line) for line in self.first_lines) + more
+        sources = "; ".join(self.sources[:3]) + ("; ..." if len(self.sources) > 3 else "")
+        return Problem(
+            label,
+            f"{self.n_rows:,} of its {n_file_rows:,} rows are already in the database (lines {lines}: same model, "
+            f"device, tokens, runtime_s, energy_j, trial and started_at; stored from: {sources}); importing them "
+            "again would count each of those measurements twice, so nothing was imported",
+            None,
+            "a file of new measurements only, or --allow-duplicates if they really are new measurements",
+        )
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row{'' if n == 1 else 's'}"
+
+
+def _stored_duplicates(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, lines: np.ndarray) -> _Duplicates | None:
+    """Rows of ``frame`` identical to rows already stored: how many, where, from what."""
+    check = frame[list(DUPLICATE_KEY)].copy()
+    check["_line"] = lines
+    con.register("_measurements_import_check", check)
+    try:
+        found = con.execute(
+            """
+            SELECT i._line AS line, min(m.origin) AS origin, min(m.energy_method) AS method
+            FROM _measurements_import_check i JOIN measurements m
+              ON m.model = i.model AND m.device = i.device
+             AND m.input_tokens = i.input_tokens AND m.output_tokens = i.output_tokens
+             AND m.runtime_s = i.runtime_s
+             AND m.energy_j IS NOT DISTINCT FROM i.energy_j
+             AND m.trial IS NOT DISTINCT FROM i.trial
+             AND timezone('UTC', m.started_at) IS NOT DISTINCT FROM i.started_at
+            GROUP BY i._line ORDER BY i._line
+            """
+        ).df()
+    finally:
+        con.unregister("_measurements_import_check")
+    if found.empty:
+        return None
+    sources = []
+    for origin, method in found[["origin", "method"]].drop_duplicates().itertuples(index=False):
+        text = method if origin == "imported" and isinstance(method, str) else f"{origin} measurements"
+        if text not in sources:
+            sources.append(text)
+    return _Duplicates(n_rows=len(found), first_lines=found["line"].head(5).tolist(), sources=sources)
+
+
+# -- validation --------------------------------------------------------------------------
+
+class _Findings:
+    """Problems found per column; each row gets at most one problem per column."""
+
+    def __init__(self, raw: pd.DataFrame, lines: np.ndarray, label: str):
+        self.raw = raw
+        self.lines = lines
+        self.label = label
+        self.by_column: dict[str, list[tuple[int, str, str]]] = {}
+        self.flagged: dict[str, np.ndarray] = {}
+
+    def add(self, column: str, mask: pd.Series | np.ndarray, message: Callable[[str], str] | str, expected: str) -> None:
+        """Record a problem for each row where ``mask`` holds and the column has none yet."""
+        mask = np.asarray(mask, dtype=bool)
+        already = self.flagged.setdefault(column, np.zeros(len(mask), dtype=bool))
+        mask = mask & ~already
+        if not mask.any():
+            return
+        already |= mask
+        cells = self.raw[column].to_numpy()
+        bucket = self.by_column.setdefault(column, [])
+        for position in np.flatnonzero(mask):  # only the bad rows are visited
+            text = message(cells[position]) if callable(message) else message
+            bucket.append((int(position), text, expected))
+
+    def problems(self) -> list[Problem]:
+        shown: list[tuple[int, int, Problem]] = []
+        summaries: list[Problem] = []
+        for order, column in enumerate(MEASUREMENTS_COLUMNS):
+            bucket = sorted(self.by_column.get(column, []))
+            for position, message, expected in bucket[:MAX_PROBLEMS_PER_COLUMN]:
+                line = int(self.lines[position])
+                shown.append((line, order, Problem(f"{self.label}:{line}", message, column, expected)))
+            rest = bucket[MAX_PROBLEMS_PER_COLUMN:]
+            if rest:
+                rest_lines = [int(self.lines[p]) for p, _, _ in rest]
+                summaries.append(Problem(
+                    self.label, f"{len(rest):,} more rows have a bad {column} (lines {rest_lines[0]} to {rest_lines[-1]}), "
+                    "not listed one by one", column, rest[0][2]))
+        return [problem for _, _, problem in sorted(shown, key=lambda item: item[:2])] + summaries
+
+
+def _show(cell: str) -> str:
+    return repr(cell if len(cell) <= 40 else cell[:37] + "...")
+
+
+def _not_a_number(cell: str) -> str:
+    if cell.lower().lstrip("+-") in _NON_FINITE_WORDS:
+        return f"{_show(cell)} is not a finite number"
+    return f"{_show(cell)} is not a number"
+
+
+def _parse_floats(cells: np.ndarray) -> np.ndarray:
+    """Read text cells as Python reads a float; NaN where a cell is not a number.
+
+    Converting the whole array at once is the fast path (~10 ms per 100,000 cells); only
+    a column with a bad cell falls back to one cell at a time, with the same rules.
+    """
+    try:
+        return cells.astype(np.float64)
+    except ValueError:
+        return np.fromiter((_float_or_nan(cell) for cell in cells), dtype=np.float64, count=len(cells))
+
+
+def _float_or_nan(cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        return float("nan")
+
+
+def _numbers(findings: _Findings, column: str, expected: str, *, required: bool) -> tuple[pd.Series, np.ndarray]:
+    """The column as floats (NaN where empty or bad) and the mask of rows still usable."""
+    text = findings.raw[column]
+    empty = (text == "").to_numpy()
+    values = pd.Series(_parse_floats(np.where(empty, "nan", text.to_numpy())), index=text.index)
+    bad = ~empty & ~np.isfinite(values.to_numpy())
+    if required:
+        findings.add(column, empty, "is missing", expected)
+    findings.add(column, bad, _not_a_number, expected)
+    values[bad] = np.nan
+    return values, ~empty & ~bad
+
+
+def _whole_numbers(findings: _Findings, column: str, what: str, *, required: bool) -> pd.Series:
+    expected = f"{what}: a whole number > 0, e.g. 128 (8.0 is read as 8)"
+    values, given = _numbers(findings, column, expected, required=required)
+    array = values.to_numpy()
+    with np.errstate(invalid="ignore"):
+        fractional = given & (np.floor(array) != array)
+        not_positive = given & ~fractional & (array <= 0)
+        too_large = given & ~fractional & (array > _INT32_MAX)
+    findings.add(column, fractional, lambda cell: f"{_show(cell)} is not a whole number", expected)
+    findings.add(column, not_positive, lambda cell: f"{_show(cell)} is not > 0", expected)
+    findings.add(column, too_large, lambda cell: f"{_show(cell)} is too large", f"{what}: at most {_INT32_MAX:,}")
+    ok = given & ~fractional & ~not_positive & ~too_large
+    return pd.Series(pd.array(np.where(ok, array, np.nan), dtype="Float64").astype("Int64"), index=values.index)
+
+
+def _non_negative(findings: _Findings, column: str, expected: str, *, required: bool) -> pd.Series:
+    values, given = _numbers(findings, column, expected, required=required)
+    negative = given & (values.to_numpy() < 0)
+    findings.add(column, negative, lambda cell: f"{_show(cell)} is negative", expected)
+    values[negative] = np.nan
+    return values
+
+
+def _device_problem(name: str) -> str | None:
+    if not name:
+        return "is missing"
+    if any(char in name for char in ",\r\n\t"):
+        return f"{_show(name)} contains a comma, tab or line break"
+    if len(name) > MAX_DEVICE_NAME_CHARS:
+        return f"{_show(name)} is longer than {MAX_DEVICE_NAME_CHARS} characters"
+    return None
+
+
+def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFrame:
+    """Check every cell of a measurements file at once; return the rows to store.
+
+    ``raw`` holds the stripped text of every column of :data:`MEASUREMENTS_COLUMNS` ("" when
+    empty or absent), ``lines`` each row's line in the file. Raises :class:`InputError`
+    with every problem found. The result has the ``measurements`` table's column names
+    and types; ``started_at`` is naive UTC.
+    """
+    findings = _Findings(raw, lines, label)
+    out = pd.DataFrame(index=raw.index)
+
+    # model: the catalog's own naming rule, checked once per distinct name.
+    model_problems: dict[str, str] = {}
+    for name in raw["model"].unique():
+        try:
+            validate_name(name, label)
+        except InputError as exc:
+            model_problems[name] = exc.problems[0].message
+    if model_problems:
+        findings.add("model", raw["model"].isin(list(model_problems)).to_numpy(), lambda cell: model_problems[cell],
+                     "a model name: letters, digits, space and . _ + ( ) / : -, starting with a letter or digit")
+    out["model"] = raw["model"].astype(str)
+
+    # device: checked once per distinct name (a file holds a few devices, many rows).
+    device = raw["device"]
+    device_problems = {name: problem for name in device.unique() if (problem := _device_problem(name))}
+    if device_problems:
+        findings.add("device", device.isin(list(device_problems)).to_numpy(), lambda cell: device_problems[cell],
+                     f"a device name such as cpu, cuda:0 or a100:0 (at most {MAX_DEVICE_NAME_CHARS} characters)")
+    out["device"] = device.astype(str)
+
+    out["input_tokens"] = _whole_numbers(findings, "input_tokens", "input tokens", required=True)
+    out["output_tokens"] = _whole_numbers(findings, "output_tokens", "output tokens", required=True)
+    out["trial"] = _whole_numbers(findings, "trial", "the trial number, or empty", required=False)
+
+    out["runtime_s"] = _non_negative(findings, "runtime_s", "seconds: a finite number >= 0", required=True)
+
+    energy_expected = "joules: a finite number > 0, or an empty cell when the energy was not measured"
+    energy, given = _numbers(findings, "energy_j", energy_expected, required=False)
+    zero = given & (energy.to_numpy() == 0)
+    negative = given & (energy.to_numpy() < 0)
+    findings.add("energy_j", zero, lambda cell: f"{_show(cell)}: 0 J is not a measurement; leave energy_j empty "
+                 "when the energy is unknown", energy_expected)
+    findings.add("energy_j", negative, lambda cell: f"{_show(cell)} J is negative, which no measurement is; leave "
+                 "energy_j empty when the energy is unknown", energy_expected)
+    energy[zero | negative] = np.nan
+    out["energy_j"] = energy
+
+    sources = {text: text.lower() or "measured" for text in raw["energy_source"].unique()}
+    findings.add("energy_source", ~raw["energy_source"].map(sources).isin(ENERGY_SOURCES).to_numpy(),
+                 lambda cell: f"{_show(cell)} is not an energy source", "measured or estimated (empty means measured)")
+    out["energy_source"] = raw["energy_source"].map(sources).astype(str)
+
+    for column in ("gpu_energy_j", "cpu_energy_j", "dram_energy_j"):
+        out[column] = _non_negative(findings, column, "joules: a finite number >= 0, or empty", required=False)
+    out["idle_power_w"] = _non_negative(findings, "idle_power_w", "watts: a finite number >= 0, or empty", required=False)
+
+    started_text = raw["started_at"]
+    started = pd.to_datetime(started_text.where(started_text != "", None), format="ISO8601", utc=True, errors="coerce")
+    findings.add("started_at", ((started_text != "") & started.isna()).to_numpy(),
+                 lambda cell: f"{_show(cell)} is not an ISO 8601 time",
+                 "an ISO 8601 time such as 2024-05-01T12:00:00Z (no offset means UTC), or empty")
+    # Naive UTC at microsecond precision: what DuckDB stores, so duplicate checks compare equal.
+    out["started_at"] = started.dt.tz_localize(None).dt.floor("us").astype("datetime64[us]")
+
+    problems = findings.problems()
+    if problems:
+        raise InputError(problems)
+    return out
+
+
+# -- export ------------------------------------------------------------------------------
+
+def measurements_frame(store: Store, model: str | None = None, device: str | None = None) -> pd.DataFrame:
+    """The stored measurements (all, or of one model and/or device) in the export layout.
+
+    Columns are :data:`MEASUREMENTS_COLUMNS`; missing values are NA (written as empty
+    cells, never 0); ``started_at`` is ISO 8601 text in UTC. Rows are in a stable order.
+    Raises :class:`InputError` when the selection holds rows at batch size > 1, which the
+    format cannot describe.
+    """
+    params = [model, model, device, device]
+    selection = "(? IS NULL OR model = ?) AND (? IS NULL OR device = ?)"
+    with store.connect() as con:
+        batched = con.execute(f"SELECT count(*) FROM measurements WHERE {selection} AND batch_size <> 1",
+                              params).fetchone()[0]
+        if batched:
+            raise InputError(Problem(
+                "export", f"{batched:,} of the selected measurements were taken at batch size > 1, which the "
+                "measurements CSV format has no column for", None,
+                "a selection (model, device) measured at batch size 1"))
+        frame = con.execute(
+            f"""
+            SELECT model, device, input_tokens, output_tokens, runtime_s, energy_j, trial, energy_source,
+                   gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w,
+                   strftime(timezone('UTC', started_at), '{_ISO_FORMAT_SQL}') || '+00:00' AS started_at
+            FROM measurements WHERE {selection}
+            ORDER BY model, device, input_tokens, output_tokens, trial NULLS LAST, started_at NULLS LAST,
+                     runtime_s, energy_j NULLS LAST, energy_source, gpu_energy_j NULLS LAST,
+                     cpu_energy_j NULLS LAST, dram_energy_j NULLS LAST, idle_power_w NULLS LAST, id
+            """,
+            params,
+        ).df()
+    for column in ("input_tokens", "output_tokens", "trial"):
+        frame[column] = frame[column].astype("Int64")
+    for column in ("runtime_s", "energy_j", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w"):
+        frame[column] = frame[column].astype("float64")
+    return frame[list(MEASUREMENTS_COLUMNS)].reset_index(drop=True)
+
+
+def measurements_csv(frame: pd.DataFrame) -> str:
+    """The CSV text of a :func:`measurements_frame` (what export writes; for a download button)."""
+    return frame.to_csv(index=False, lineterminator="\n", na_rep="")
+
+
+def export_measurements(store: Store, path: str | Path, model: str | None = None, device: str | None = None, *,
+                        overwrite: bool = False) -> int:
+    """Write the stored measurements (all, or of one model and/or device) as a measurements
+    CSV file; returns the number of rows written.
+
+    Refuses (:class:`InputError`, nothing written) an existing file unless ``overwrite``,
+    a folder that does not exist, and a selection with no measurements.
+    """
+    path = Path(path)
+    label = str(path)
+    if path.is_dir():
+        raise InputError(Problem(label, "is a directory", None, "a file name for the CSV file"))
+    if not path.parent.is_dir():
+        raise InputError(Problem(label, f"the folder {path.parent} does not exist", None,
+                                 "a path in an existing folder (create the folder first)"))
+    if path.exists() and not overwrite:
+        raise InputError(Problem(label, "already exists, so it was not replaced", None,
+                                 "a new file name, or --overwrite to replace it"))
+    frame = measurements_frame(store, model, device)
+    if frame.empty:
+        chosen = " and ".join(part for part in (f"model {model!r}" if model else "", f"device {device!r}" if device else "")
+                              if part)
+        raise InputError(Problem("export", f"no measurements{' for ' + chosen if chosen else ''} in the database, "
+                                 "so no file was written", None,
+                                 "a model and device that have measurements (see the Home page or `fit`)"))
+    _write_text(path, measurements_csv(frame), overwrite)
+    return len(frame)
+
+
+def _write_text(path: Path, text: str, overwrite: bool) -> None:
+    """Write all of ``text`` or nothing: never a half-written file left at ``path``."""
+    exists_problem = Problem(str(path), "already exists, so it was not replaced", None,
+                             "a new file name, or --overwrite to replace it")
+    temporary: str | None = None
+    created = False
+    try:
+        if overwrite:  # a complete new file replaces the old one in one step
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent,
+                                             prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
+                temporary = handle.name
+                handle.write(text)
+            os.replace(temporary, path)
+            temporary = None
+        else:  # "x": fails if the file appeared since the check, so nothing is ever replaced by accident
+            with open(path, "x", encoding="utf-8", newline="") as handle:
+                created = True
+                handle.write(text)
+    except FileExistsError:
+        raise InputError(exists_problem) from None
+    except OSError as exc:
+        if created:
+            path.unlink(missing_ok=True)
+        raise InputError(Problem(str(path), f"cannot be written ({exc.strerror or exc})", None,
+                                 "a path in a folder you can write to")) from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,187 @@
+"""Profile: measure a model's energy and runtime over a design of token counts.
+
+The job runs in its own worker process; this page only starts, watches, cancels and
+resumes it, so leaving the page (or the app) does not stop it.
+"""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine import catalog
+from engine.energy import discover_sensors
+from engine.errors import PlannerError
+from engine.profiling import jobs
+from engine.profiling.design import DESIGN_KINDS, parse_token_list
+from pages.common import format_duration, get_store, show_error
+
+st.title("Profile")
+st.caption("Run a model over a design of input and output token counts; every trial's energy and runtime is stored.")
+store = get_store()
+
+try:
+    jobs.reconcile_jobs(store)
+    models = catalog.list_models(store)
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
+
+local = models[(models.backend != "external") & models.path.notna() & ~models.path.fillna("").str.startswith("hub:")]
+if local.empty:
+    st.info("No model with local weights in the catalog. Add one on the Models page (or run `make run` for the demo models).")
+    st.page_link("pages/models.py", label="Models", icon=":material/model_training:")
+    st.stop()
+
+DESIGN_LABELS = {
+    "quick": "Quick: {8, 32, 128} × {8, 32, 128}",
+    "paper-sweeps": "Paper's sweeps: inputs 8..2048 at 32 out, outputs 8..4096 at 32 in",
+    "paper-grid": "Paper's full grid: powers of two 8..2048 (81 points)",
+    "space-filling": "Space-filling: few points spread over a range",
+    "custom": "Custom lists",
+}
+gpus = [s.device for s in discover_sensors() if s.device.startswith("cuda:") and s.status == "measured"]
+
+with st.form("new_job"):
+    left, right = st.columns(2)
+    model = left.selectbox("Model", local.name.tolist(), key="profile_model")
+    device = right.selectbox("Device", ["cpu", *gpus], key="profile_device",
+                             help="GPUs appear here when NVML finds them.")
+    kind = st.radio("Design", DESIGN_KINDS, format_func=DESIGN_LABELS.get, key="profile_design")
+    c1, c2, c3 = st.columns(3)
+    inputs_text = c1.text_input("Input tokens", "8,32,128", key="profile_inputs",
+                                help="Custom: the list. Space-filling: its smallest and largest values are the range.")
+    outputs_text = c2.text_input("Output tokens", "8,32", key="profile_outputs")
+    n_points = c3.number_input("Points (space-filling)", 2, 400, 16, key="profile_points")
+    with st.expander("Repetitions and timing"):
+        a, b, c = st.columns(3)
+        rel_bound = a.number_input("Stop when the 95% CI is within ± (fraction of the mean)", 0.005, 1.0, 0.05,
+                                   step=0.01, key="profile_rel")
+        min_trials = b.number_input("Fewest trials per point", 1, 1000, 3, key="profile_min")
+        max_trials = c.number_input("Most trials per point", 1, 1000, 25, key="profile_max")
+        warmup = a.number_input("Warm-up runs (discarded)", 0, 100, 2, key="profile_warmup")
+        cooldown = b.number_input("Cool-down after each trial (s)", 0.0, 600.0, 0.0, key="profile_cooldown")
+        idle_s = c.number_input("Idle baseline (s)", 0.5, 600.0, 5.0, key="profile_idle")
+        seed = a.number_input("Seed of the run order", 0, 2**31 - 1, 0, key="profile_seed")
+    preview = st.form_submit_button("Check the design")
+    start = st.form_submit_button("Start profiling", type="primary")
+
+
+def job_request():
+    needs_lists = kind in ("custom", "space-filling")
+    inputs = parse_token_list(inputs_text, "Input tokens") if needs_lists else None
+    outputs = parse_token_list(outputs_text, "Output tokens") if needs_lists else None
+    settings = jobs.ProfileSettings(rel_bound=float(rel_bound), min_trials=int(min_trials), max_trials=int(max_trials),
+                                    warmup_runs=int(warmup), cooldown_s=float(cooldown), idle_s=float(idle_s),
+                                    seed=int(seed))
+    return dict(design_kind=kind, inputs=inputs, outputs=outputs, n_points=int(n_points), settings=settings)
+
+
+if preview or start:
+    try:
+        request = job_request()
+        _, design, settings = jobs.prepare_job(store, model, device, **request)
+        estimate = jobs.estimate_duration_s(store, model, device, design, settings)
+        note = (f"about {format_duration(estimate[0])} to {format_duration(estimate[1])}, from this model's earlier "
+                "runtimes here" if estimate else
+                f"unknown until the first points are measured: {settings.min_trials * len(design.points)} to "
+                f"{settings.max_trials * len(design.points)} trials")
+        st.info(f"{len(design.points)} points; estimated duration {note}.")
+        for dropped in design.dropped:
+            st.warning(f"Dropped {dropped}.")
+        if start:
+            job = jobs.create_job(store, model, device, **request)
+            jobs.start_worker(store, job.id)
+            st.session_state["profile_job"] = job.id
+    except PlannerError as exc:
+        show_error(exc)
+
+with st.expander("Import or export measurements (CSV)"):
+    st.markdown("Columns: `model, device, input_tokens, output_tokens, runtime_s, energy_j` and optionally "
+                "`trial, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, started_at`. "
+                "Leave `energy_j` empty when it was not measured; `energy_source` is `measured` or `estimated`. "
+                "A file is imported whole, or not at all when any row is wrong.")
+    upload = st.file_uploader("Measurements measured elsewhere", type=["csv"], key="measurements_upload")
+    if upload is not None and st.button("Import measurements", key="measurements_import"):
+        from engine.measurements_io import import_measurements_bytes
+
+        try:
+            report = import_measurements_bytes(store, upload.getvalue(), upload.name)
+        except PlannerError as exc:
+            show_error(exc)
+        else:
+            st.success(f"Imported {report.n_rows:,} measurements of {', '.join(report.models)}.")
+            for warning in report.warnings:
+                st.warning(warning)
+    from engine.measurements_io import measurements_csv, measurements_frame
+
+    stored = measurements_frame(store)
+    if len(stored):
+        st.download_button(f"Download all {len(stored):,} measurements", measurements_csv(stored),
+                           file_name="measurements.csv", mime="text/csv")
+
+history = jobs.list_jobs(store)
+if history.empty:
+    st.stop()
+
+st.subheader("Jobs")
+ids = history.id.tolist()
+default = st.session_state.get("profile_job", ids[0])
+job_id = st.selectbox("Job", ids, index=ids.index(default) if default in ids else 0, key="profile_watch",
+                      format_func=lambda i: "#{} {} on {} ({})".format(
+                          i, *history.set_index("id").loc[i, ["model", "device", "status"]]))
+active = jobs.get_job(store, job_id).status in jobs.ACTIVE
+
+
+@st.fragment(run_every=1.5 if active else None)
+def job_monitor(job_id: int) -> None:
+    progress = jobs.job_progress(store, job_id)
+    job = progress.job
+    fraction = job.points_done / job.points_total if job.points_total else 0.0
+    st.progress(fraction, text=f"Job #{job.id}: {job.model} on {job.device} — {job.status}")
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Points", f"{job.points_done} / {job.points_total}")
+    m2.metric("Trials", f"{progress.trials:,}")
+    m3.metric("Elapsed", format_duration(progress.elapsed_s))
+    m4.metric("Remaining", format_duration(progress.remaining_s) if job.status in jobs.ACTIVE else "—")
+    if job.status == "failed":
+        st.error(f"Failed: {job.reason}")
+    elif job.status == "cancelled":
+        st.warning(job.reason or "Cancelled.")
+    elif job.status == "done":
+        st.success(f"Done: {progress.trials:,} trials over {job.points_total} points.")
+    if job.status in jobs.ACTIVE:
+        if st.button("Cancel job", key=f"cancel_{job.id}"):
+            jobs.cancel_job(store, job.id)
+            st.rerun()
+    elif job.status in ("failed", "cancelled"):
+        if st.button("Resume job", type="primary", key=f"resume_{job.id}"):
+            try:
+                jobs.resume_job(store, job.id)
+                jobs.start_worker(store, job.id)
+            except PlannerError as exc:
+                show_error(exc)
+            else:
+                st.rerun()
+    points = progress.points
+    if len(points):
+        estimated = (points.energy_source == "estimated").any()
+        label = "mean energy per request (J, estimated)" if estimated else "mean energy per request (J)"
+        chart = points.assign(input=points.input_tokens.astype(str))
+        figure = px.scatter(chart, x="output_tokens", y="energy_j", color="input", size="trials", log_x=True,
+                            title=f"Measured so far: {job.model} on {job.device}",
+                            labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens"})
+        st.plotly_chart(figure, width="stretch", key=f"chart_{job.id}_{progress.trials}")
+        if estimated:
+            st.caption("Energy is **estimated** (no sensor on this host): CPU time × watts per logical CPU.")
+        shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]]
+        st.dataframe(shown, hide_index=True, width="stretch",
+                     column_config={"runtime_s": st.column_config.NumberColumn("mean runtime (s)", format="%.4f"),
+                                    "energy_j": st.column_config.NumberColumn("mean energy (J)", format="%.4f")})
+    if job.status not in jobs.ACTIVE and active:
+        st.rerun()  # the job ended while we watched: redraw the page without polling
+
+
+job_monitor(job_id)
+
+with st.expander("All jobs"):
+    st.dataframe(history, hide_index=True, width="stretch")
