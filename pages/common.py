@@ -11,6 +11,29 @@ from engine.errors import InputError, PlannerError
 from engine.store import Store
 
 
+_navigation_repaired = False
+
+
+def ensure_app_navigation() -> None:
+    """Run every page through app.py's navigation, even on a deep link to a fresh server.
+
+    Streamlit keeps an older mode for apps with a ``pages/`` folder: when the very first
+    request of a new server names a page (``/profile``), it runs that file directly, lists
+    every file of the folder in the sidebar, and stays so for the server's life. Switching
+    the mode off mends every later run; the first time, a rerun also mends this one (a
+    first request carries no widget input to lose). AppTest re-enters the old mode on each
+    run, so it only ever gets the switch, never a rerun that would drop its input.
+    """
+    global _navigation_repaired
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        if not _navigation_repaired:
+            _navigation_repaired = True
+            st.rerun()
+
+
 @st.cache_resource
 def get_store() -> Store:
     """The database of this app (``$PLANNER_DB`` or data/planner.duckdb).

@@ -6,8 +6,9 @@ import streamlit as st
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.overview import read_overview
-from pages.common import format_accuracy, format_params, get_store, show_error
+from pages.common import ensure_app_navigation, format_accuracy, format_params, get_store, show_error
 
+ensure_app_navigation()
 st.title("Joule Planner")
 st.caption("Profile local LLMs, fit their energy and runtime, and plan batch work for the least energy.")
 

@@ -4,8 +4,9 @@ import streamlit as st
 
 from engine import catalog
 from engine.errors import PlannerError
-from pages.common import flash, format_accuracy, format_params, get_store, show_error, show_flash
+from pages.common import ensure_app_navigation, flash, format_accuracy, format_params, get_store, show_error, show_flash
 
+ensure_app_navigation()
 st.title("Models")
 store = get_store()
 show_flash()

@@ -13,8 +13,9 @@ from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
-from pages.common import format_duration, get_store, show_error
+from pages.common import ensure_app_navigation, format_duration, get_store, show_error
 
+ensure_app_navigation()
 st.title("Profile")
 st.caption("Run a model over a design of input and output token counts; every trial's energy and runtime is stored.")
 store = get_store()

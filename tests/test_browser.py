@@ -97,6 +97,17 @@ def screenshot_path(name: str, tmp_path: Path) -> Path:
     return tmp_path / name
 
 
+def test_a_deep_link_to_a_fresh_server_gets_the_app_navigation(served_app: str, browser):
+    """The first request names a page: the sidebar still lists the app's pages, not the pages/ folder."""
+    page = browser.new_page()
+    page.goto(served_app + "/models")
+    expect(page.get_by_role("heading", name="Models")).to_be_visible(timeout=60_000)
+    navigation = page.get_by_role("navigation")
+    expect(navigation.get_by_role("link", name="Home")).to_be_visible()
+    expect(navigation.get_by_role("link", name="common")).to_have_count(0)
+    page.close()
+
+
 def test_home_shows_demo_models_and_sensors(served_app: str, browser, demo_models, tmp_path: Path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(served_app)

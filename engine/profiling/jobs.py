@@ -335,8 +335,9 @@ def resume_job(store: Store, job_id: int) -> Job:
     busy = active_job_on(store, job.device)
     if busy is not None:
         raise PlannerError(f"Profiling job {busy} is running on {job.device}; resume job {job_id} when it is done.")
+    # started_at restarts: elapsed and remaining time are about this run, not the pause before it.
     store.execute("UPDATE profiling_jobs SET status = 'queued', reason = NULL, pid = NULL, finished_at = NULL, "
-                  "created_at = current_timestamp WHERE id = ?", [int(job_id)])
+                  "started_at = NULL, created_at = current_timestamp WHERE id = ?", [int(job_id)])
     return get_job(store, job_id)
 
 
@@ -358,7 +359,7 @@ def job_progress(store: Store, job_id: int) -> Progress:
     job = get_job(store, job_id)
     points = store.query_df(
         """SELECT input_tokens, output_tokens, count(*) AS trials, avg(runtime_s) AS runtime_s,
-                  avg(energy_j) AS energy_j, any_value(energy_source) AS energy_source,
+                  avg(energy_j) AS energy_j, any_value(energy_source) AS energy_source, sum(runtime_s) AS total_runtime_s,
                   min(started_at) AS first_at, max(finished_at) AS last_at
            FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
         [job.id])
@@ -368,8 +369,10 @@ def job_progress(store: Store, job_id: int) -> Progress:
         started = pd.Timestamp(job.started_at)
         end = pd.Timestamp(job.finished_at) if job.status in FINISHED and not pd.isna(job.finished_at) else pd.Timestamp.now(tz=started.tz)
         elapsed = max(0.0, (end - started).total_seconds())
-        if job.status in ACTIVE and job.points_done:
-            remaining = elapsed / job.points_done * (job.points_total - job.points_done)
+        if job.status in ACTIVE and len(points):
+            # Each point so far took its trials' runtime in total; the points left should be alike.
+            per_point_s = float(points.total_runtime_s.mean()) * 1.1 + job.settings.cooldown_s * float(points.trials.mean())
+            remaining = per_point_s * max(job.points_total - len(points), 0)
     return Progress(job=job, trials=trials, elapsed_s=elapsed, remaining_s=remaining, points=points)
 
 
