@@ -160,3 +160,10 @@ def test_the_cli_on_a_held_file_prints_a_sentence_not_a_traceback(held_db):
     assert "Traceback" not in result.stderr
     assert f"in use by process {pid}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_deleted_file_is_recreated_with_its_schema(store: Store):
+    assert store.schema_version() == LATEST_VERSION
+    store.path.unlink()
+    assert store.query_one("SELECT count(*) FROM models") == (0,)
+    assert store.schema_version() == LATEST_VERSION

@@ -74,6 +74,8 @@ class Store:
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the file (at the latest schema), yield a connection, close it afterwards."""
+        if not self.path.exists():  # a new (or deleted and re-created) file needs its schema again
+            _migrated_paths.discard(self.path.resolve())
         con = self._open()
         try:
             self._ensure_schema(con)
