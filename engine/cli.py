@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--cooldown-s", type=float, default=0.0, help="pause after each trial (default 0)")
     profile.add_argument("--idle-s", type=float, default=5.0, help="idle baseline window (default 5 s)")
     profile.add_argument("--seed", type=int, default=0, help="seed of the run order (default 0)")
+    profile.add_argument("--batch-size", type=int, default=1,
+                         help="identical requests run together (transformers only; default 1); stored with the data")
     profile.add_argument("--resume", type=int, metavar="JOB", help="continue a failed or cancelled job")
     profile.add_argument("--json", action="store_true", help="print JSON")
     profile.set_defaults(handler=cmd_profile)
@@ -311,7 +313,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         outputs = parse_token_list(args.outputs, "--outputs") if args.outputs else None
         settings = jobs.ProfileSettings(rel_bound=args.rel_ci, min_trials=args.min_trials, max_trials=args.max_trials,
                                         warmup_runs=args.warmup, cooldown_s=args.cooldown_s, idle_s=args.idle_s,
-                                        seed=args.seed)
+                                        seed=args.seed, batch_size=args.batch_size)
         job = jobs.create_job(store, args.model, args.device, design, inputs=inputs, outputs=outputs,
                               n_points=args.points, settings=settings)
         for note in job.design.dropped:

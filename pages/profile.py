@@ -63,6 +63,8 @@ with st.form("new_job"):
         cooldown = b.number_input("Cool-down after each trial (s)", 0.0, 600.0, 0.0, key="profile_cooldown")
         idle_s = c.number_input("Idle baseline (s)", 0.5, 600.0, 5.0, key="profile_idle")
         seed = a.number_input("Seed of the run order", 0, 2**31 - 1, 0, key="profile_seed")
+        batch_size = b.number_input("Batch size (transformers only)", 1, 256, 1, key="profile_batch",
+                                    help="Identical requests run together; a trial's runtime and energy cover the batch.")
     preview = st.form_submit_button("Check the design")
     start = st.form_submit_button("Start profiling", type="primary")
 
@@ -73,7 +75,7 @@ def job_request():
     outputs = parse_token_list(outputs_text, "Output tokens") if needs_lists else None
     settings = jobs.ProfileSettings(rel_bound=float(rel_bound), min_trials=int(min_trials), max_trials=int(max_trials),
                                     warmup_runs=int(warmup), cooldown_s=float(cooldown), idle_s=float(idle_s),
-                                    seed=int(seed))
+                                    seed=int(seed), batch_size=int(batch_size))
     return dict(design_kind=kind, inputs=inputs, outputs=outputs, n_points=int(n_points), settings=settings)
 
 

@@ -354,3 +354,24 @@ def test_transformers_detects_a_short_answer(eos_models, monkeypatch):
         monkeypatch.setattr(backend._model, "generate", stops_early)
         with pytest.raises(TokenCountMismatchError, match="asked for 6 input and 5 output tokens"):
             backend.generate(6, 5)
+
+
+def test_transformers_batches_identical_requests(demo_models):
+    """A batch of 4 identical requests reports per-request counts and its batch size."""
+    from engine.backends import open_backend
+
+    small = demo_models["transformers"]
+    with open_backend("transformers", small.path, batch_size=4) as backend:
+        result = backend.generate(16, 8)
+        assert (result.input_tokens, result.output_tokens, result.batch_size) == (16, 8, 4)
+        assert backend.settings["batch_size"] == 4
+
+
+def test_batch_size_is_checked(demo_models):
+    from engine.backends import open_backend
+    from engine.errors import InputError
+
+    with pytest.raises(InputError, match="not supported by the llama.cpp backend"):
+        open_backend("llama.cpp", demo_models["llama.cpp"].path, batch_size=2)
+    with pytest.raises(InputError, match="batch_size"):
+        open_backend("transformers", demo_models["transformers"].path, batch_size=0)

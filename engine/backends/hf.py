@@ -212,7 +212,7 @@ class TransformersBackend(Backend):
         self.check_request(input_tokens, output_tokens)
         input_tokens, output_tokens = int(input_tokens), int(output_tokens)
         ids = prompt_ids(self._filler_ids, self._bos_id, input_tokens)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._torch_device)
+        input_ids = torch.tensor([ids] * self.batch_size, dtype=torch.long, device=self._torch_device)
         attention_mask = torch.ones_like(input_ids)
         on_cuda = self._torch_device.startswith("cuda")
 
@@ -255,9 +255,11 @@ class TransformersBackend(Backend):
         sequence = output.sequences[0]
         got_in = int(input_ids.shape[1])
         got_out = int(sequence.shape[0]) - got_in
-        if sequence[:got_in].tolist() != ids:
+        if int(output.sequences.shape[0]) != self.batch_size or any(
+                row[:got_in].tolist() != ids for row in output.sequences):
             raise TokenCountMismatchError(
-                f"{self.path.name}: the generated sequence does not start with the prompt."
+                f"{self.path.name}: a generated sequence does not start with the prompt "
+                f"(or the batch of {self.batch_size} came back with {int(output.sequences.shape[0])})."
             )
         # The KV cache holds every token the model ran on: the prompt plus each generated
         # token fed back (the last one never is). It is transformers' own count.
@@ -281,6 +283,7 @@ class TransformersBackend(Backend):
             output_tokens=got_out,
             runtime_s=finished - started,
             time_to_first_token_s=ttft,
+            batch_size=self.batch_size,
         )
 
 

@@ -22,7 +22,7 @@ from engine.backends.base import (
     prompt_ids,
 )
 from engine.backends.gguf_check import GgufInfo, inspect_gguf
-from engine.errors import DeviceUnavailableError, ModelLoadError, TokenCountMismatchError
+from engine.errors import DeviceUnavailableError, InputError, ModelLoadError, Problem, TokenCountMismatchError
 
 DEFAULT_MAX_CONTEXT = 4096  # a larger KV cache costs memory the demo design never uses
 DEFAULT_SEED = 1234  # greedy decoding ignores it; fixed anyway so no run draws entropy
@@ -43,6 +43,10 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, path: str | Path, device: str = "cpu", **options: Any) -> None:
         super().__init__(path, device, **options)
+        if self.batch_size != 1:
+            # llama-cpp-python's Llama object decodes one sequence at a time.
+            raise InputError(Problem("batch_size", f"{self.batch_size} is not supported by the llama.cpp backend",
+                                     None, "batch size 1 for .gguf models (the transformers backend batches)"))
         self._llm: Any = None
         self.info: GgufInfo | None = None
         self._filler_ids: list[int] = []

@@ -28,7 +28,7 @@ import pandas as pd
 import psutil
 
 from engine import catalog
-from engine.backends.base import parse_device
+from engine.backends.base import MAX_BATCH_SIZE, parse_device
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
 from engine.paths import PROJECT_ROOT
 from engine.profiling.design import Design, build_design
@@ -56,7 +56,7 @@ class ProfileSettings:
     cooldown_s: float = 0.0
     idle_s: float = 5.0
     seed: int = 0
-    batch_size: int = 1
+    batch_size: int = 1  # identical requests run together; a trial's runtime and energy cover the batch
     backend_options: dict = field(default_factory=dict)
 
     @property
@@ -74,7 +74,7 @@ class ProfileSettings:
             ("--warmup", 0 <= self.warmup_runs <= 100, f"{self.warmup_runs}", "0 to 100"),
             ("--cooldown-s", 0 <= self.cooldown_s <= 600, f"{self.cooldown_s}", "0 to 600 seconds"),
             ("--idle-s", 0.5 <= self.idle_s <= 600, f"{self.idle_s}", "0.5 to 600 seconds"),
-            ("--batch-size", self.batch_size == 1, f"{self.batch_size}", "1 (larger batches are not supported yet)"),
+            ("--batch-size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"{self.batch_size}", f"1 to {MAX_BATCH_SIZE}"),
         ]
         for where, ok, value, expected in checks:
             if not ok:
@@ -184,6 +184,9 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     if entry.path.startswith(catalog.HUB_PREFIX):
         raise InputError(Problem("--model", f"{model} is a hub id; download it and add its local directory", None,
                                  "a local model directory or .gguf file"))
+    if entry.backend == "llama.cpp" and settings.batch_size != 1:
+        raise InputError(Problem("--batch-size", f"{settings.batch_size}: the llama.cpp backend runs one request at a time",
+                                 None, "batch size 1 for a .gguf model"))
     if not catalog.resolve_model_path(entry.path).exists():
         raise InputError(Problem("--model", f"{model}'s files are gone from {entry.path}", None,
                                  "restore them, or `models remove` and add it again"))

@@ -106,7 +106,7 @@ def run_job(store: Store, job: Job, *, backend_factory: Callable = open_backend,
 
     progress(f"loading {job.model} ({entry.backend}) on {job.device}")
     backend = backend_factory(entry.backend, catalog.resolve_model_path(entry.path), job.device,
-                              **settings.backend_options)
+                              batch_size=settings.batch_size, **settings.backend_options)
     backend.load()
     for point in order:  # fail before measuring anything when a point cannot run
         backend.check_request(point.input_tokens, point.output_tokens)
