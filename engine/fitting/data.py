@@ -1,0 +1,289 @@
+"""Measurements in, checked trial sets out: what a fit of one (model, device) is made of.
+
+Rules (each broken rule is one :class:`~engine.errors.Problem`, all reported at once):
+
+- Only trials at batch size 1 are fitted (the surfaces are per request); others are
+  left out with a warning.
+- ``runtime_s`` must be finite and > 0 in every trial.
+- ``energy_j`` NULL means "not measured": such trials count for runtime only. A stored
+  NaN, infinity, 0 or a negative value is an error (0 J is never a measurement).
+- Energy sources: one (model, device) whose energies mix ``measured`` and ``estimated``
+  trials is refused unless a source filter picks one (``source_filter``). A missing
+  ``energy_source`` beside an energy value means ``measured`` (the import's rule).
+- ``energy_scope="dynamic"`` uses energy_j − idle_power_w·runtime_s, only on trials whose
+  idle power is known; a trial where that is not > 0 is an error (the idle power is
+  too high for it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from engine.errors import InputError, Problem
+from engine.store import Store
+
+ENERGY_SCOPES = ("total", "dynamic")
+SOURCE_FILTERS = ("measured", "estimated")
+_SHOW_IDS = 5
+
+
+@dataclass(frozen=True)
+class TargetTrials:
+    """The trials of one target: token counts X (n, 2), values y (n,), measurement ids."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass
+class TrialSet:
+    """Everything one (model, device) contributes to a fit, checked."""
+
+    model: str
+    device: str
+    energy_scope: str
+    energy_source: str | None            # measured | estimated (of the energy trials)
+    energy: TargetTrials | None
+    runtime: TargetTrials
+    sensor: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def measurement_groups(store: Store) -> pd.DataFrame:
+    """One row per (model, device) with trials: counts, energy sources, idle power known.
+
+    Columns: model, device, n_trials, n_points, n_with_energy, n_measured, n_estimated,
+    n_with_idle. Lets a page or the CLI offer what can be fitted, and with which filter.
+    """
+    return store.query_df(
+        """
+        SELECT model, device, count(*) AS n_trials,
+               count(DISTINCT (input_tokens, output_tokens)) AS n_points,
+               count(energy_j) AS n_with_energy,
+               count(energy_j) FILTER (WHERE coalesce(energy_source, 'measured') = 'measured') AS n_measured,
+               count(energy_j) FILTER (WHERE energy_source = 'estimated') AS n_estimated,
+               count(idle_power_w) AS n_with_idle
+        FROM measurements WHERE batch_size = 1
+        GROUP BY model, device ORDER BY model, device
+        """
+    )
+
+
+def read_measurements(store: Store, model: str | None = None, device: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials (one row each) and, per (model, device), the distinct software/sensor notes.
+
+    ``energy_missing`` tells a NULL energy (not measured) from a stored NaN (an error),
+    which a DataFrame alone cannot.
+    """
+    where, params = [], []
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    if device is not None:
+        where.append("device = ?")
+        params.append(device)
+    clause = ("WHERE " + " AND ".join(where)) if where else ""
+    trials = store.query_df(
+        f"""
+        SELECT id, model, device, input_tokens, output_tokens, batch_size, runtime_s, energy_j,
+               energy_j IS NULL AS energy_missing, energy_source, idle_power_w,
+               gpu_energy_j IS NOT NULL AS has_gpu, cpu_energy_j IS NOT NULL AS has_cpu,
+               dram_energy_j IS NOT NULL AS has_dram
+        FROM measurements {clause} ORDER BY model, device, id
+        """,
+        params,
+    )
+    notes = store.query_df(
+        f"""
+        SELECT model, device, energy_method, CAST(library_versions AS VARCHAR) AS library_versions, count(*) AS n
+        FROM measurements {clause}{" AND" if clause else "WHERE"} coalesce(batch_size, 1) = 1
+        GROUP BY ALL ORDER BY model, device, n DESC
+        """,
+        params,
+    )
+    return trials, notes
+
+
+def _ids(ids: np.ndarray) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:_SHOW_IDS])
+    return shown + (f" and {len(ids) - _SHOW_IDS} more" if len(ids) > _SHOW_IDS else "")
+
+
+def _trials_word(n: int) -> str:
+    return f"{n} trial" + ("" if n == 1 else "s")
+
+
+def check_arguments(energy_scope: str, source_filter: str | None) -> None:
+    problems = []
+    if energy_scope not in ENERGY_SCOPES:
+        problems.append(Problem("energy_scope", f"{energy_scope!r} is not an energy scope", None, "total or dynamic"))
+    if source_filter is not None and source_filter not in SOURCE_FILTERS:
+        problems.append(Problem("source_filter", f"{source_filter!r} is not an energy source", None,
+                                "measured, estimated, or none"))
+    if problems:
+        raise InputError(problems)
+
+
+def build_trial_sets(trials: pd.DataFrame, energy_scope: str = "total", source_filter: str | None = None,
+                     notes: pd.DataFrame | None = None, model: str | None = None,
+                     device: str | None = None) -> list[TrialSet]:
+    """Check measurements and split them per (model, device) and target.
+
+    ``trials`` has the measurements columns (id, model, device, input_tokens,
+    output_tokens, runtime_s, energy_j, energy_source, idle_power_w; optional
+    batch_size, energy_missing). Without ``energy_missing`` a NaN energy is read as
+    not measured. Raises :class:`InputError` listing every problem.
+    """
+    check_arguments(energy_scope, source_filter)
+    if trials.empty:
+        asked = " for " + " on ".join(
+            part for part in (f"model {model!r}" if model else "", f"device {device!r}" if device else "") if part
+        ) if (model or device) else ""
+        raise InputError(Problem("measurements", f"there are no measurements{asked}", None,
+                                 "profile the model first (python -m engine profile) or import measurements"))
+    problems: list[Problem] = []
+    sets: list[TrialSet] = []
+    for (model_name, device_name), group in trials.groupby(["model", "device"], sort=True):
+        trial_set = _check_group(str(model_name), str(device_name), group, energy_scope, source_filter, problems)
+        if trial_set is not None:
+            if notes is not None and not notes.empty:
+                mine = notes[(notes["model"] == model_name) & (notes["device"] == device_name)]
+                trial_set.sensor["energy_methods"] = [m for m in mine["energy_method"].dropna().unique().tolist()]
+                trial_set.sensor["measurement_software"] = [_maybe_json(v) for v in
+                                                            mine["library_versions"].dropna().unique().tolist()[:5]]
+            sets.append(trial_set)
+    if problems:
+        raise InputError(problems)
+    return sets
+
+
+def _maybe_json(text: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str, source_filter: str | None,
+                 problems: list[Problem]) -> TrialSet | None:
+    where = f"measurements of {model!r} on {device!r}"
+    warnings: list[str] = []
+    n_before = len(problems)
+    if "batch_size" in group.columns:
+        batched = group["batch_size"].fillna(1).to_numpy() != 1
+        if batched.any():
+            warnings.append(f"{_trials_word(int(batched.sum()))} at batch size > 1 left out (the surfaces are per request)")
+            group = group[~batched]
+        if group.empty:
+            problems.append(Problem(where, "has no trials at batch size 1", "batch_size",
+                                    "profile at batch size 1 (the surfaces are per request)"))
+            return None
+
+    ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
+    X = group[["input_tokens", "output_tokens"]].to_numpy(dtype=float)
+    runtime = group["runtime_s"].to_numpy(dtype=float)
+    energy = group["energy_j"].to_numpy(dtype=float)
+    missing = (group["energy_missing"].to_numpy(dtype=bool) if "energy_missing" in group.columns
+               else np.isnan(energy))
+
+    bad_tokens = ~np.isfinite(X).all(axis=1) | (X <= 0).any(axis=1)
+    if bad_tokens.any():
+        problems.append(Problem(where, f"{_trials_word(int(bad_tokens.sum()))} (ids {_ids(ids[bad_tokens])}) have token "
+                                "counts that are not > 0", "input_tokens/output_tokens", "whole numbers > 0"))
+    bad_runtime = ~np.isfinite(runtime) | (runtime <= 0)
+    if bad_runtime.any():
+        problems.append(Problem(where, f"{_trials_word(int(bad_runtime.sum()))} (ids {_ids(ids[bad_runtime])}) have a "
+                                "runtime that is missing, not finite or not > 0", "runtime_s",
+                                "a positive number of seconds"))
+    bad_energy = ~missing & (~np.isfinite(energy) | (energy <= 0))
+    if bad_energy.any():
+        kinds = []
+        if (~missing & np.isnan(energy)).any():
+            kinds.append("NaN")
+        if (~missing & np.isinf(energy)).any():
+            kinds.append("infinite")
+        if (~missing & np.isfinite(energy) & (energy <= 0)).any():
+            kinds.append("zero or negative")
+        problems.append(Problem(where, f"{_trials_word(int(bad_energy.sum()))} (ids {_ids(ids[bad_energy])}) have an "
+                                f"energy that is {' or '.join(kinds)}", "energy_j",
+                                "a positive number of joules, or empty (NULL) when it was not measured"))
+
+    has_energy = ~missing & ~bad_energy
+    sources = group["energy_source"].where(group["energy_source"].notna(), "measured").to_numpy(dtype=object) \
+        if "energy_source" in group.columns else np.full(len(group), "measured", dtype=object)
+    energy_source = None
+    energy_rows = has_energy.copy()
+    if has_energy.any():
+        present = sorted(set(sources[has_energy].tolist()))
+        if source_filter is None and len(present) > 1:
+            counts = ", ".join(f"{s} ({_trials_word(int((sources[has_energy] == s).sum()))})" for s in present)
+            problems.append(Problem(where, f"mixes energy sources: {counts}; a surface fitted to both would "
+                                    "pass estimates off as measurements", "energy_source",
+                                    "one source: pass source_filter='measured' or 'estimated' "
+                                    "(CLI: --energy-source), or remove the other trials"))
+        elif source_filter is not None:
+            energy_rows &= sources == source_filter
+            if not energy_rows.any():
+                problems.append(Problem(where, f"has no {source_filter} energy (sources here: {', '.join(present)})",
+                                        "energy_source", f"trials with energy_source = {source_filter}, or another "
+                                        "source filter"))
+            energy_source = source_filter
+        else:
+            energy_source = present[0]
+    elif not bad_energy.any():
+        problems.append(Problem(where, f"has no energy measurements (energy_j is empty in all "
+                                f"{_trials_word(len(group))}); runtime alone cannot be planned with", "energy_j",
+                                "trials with a measured or estimated energy"))
+
+    y_energy = energy.copy()
+    sensor: dict = {"energy_scope": energy_scope, "energy_source": energy_source}
+    if energy_scope == "dynamic" and energy_rows.any():
+        idle = group["idle_power_w"].to_numpy(dtype=float)
+        known = np.isfinite(idle) & (idle >= 0)
+        if not (energy_rows & known).any():
+            problems.append(Problem(where, "has no idle power, so dynamic energy (total − idle power × runtime) "
+                                    "cannot be computed", "idle_power_w",
+                                    "measurements with idle_power_w, or energy_scope='total'"))
+        else:
+            left_out = int((energy_rows & ~known).sum())
+            if left_out:
+                warnings.append(f"{_trials_word(left_out)} without idle power left out of the dynamic energy fit")
+            energy_rows &= known
+            y_energy = energy - np.where(known, idle, 0.0) * runtime
+            not_positive = energy_rows & ~(y_energy > 0)
+            if not_positive.any():
+                problems.append(Problem(where, f"{_trials_word(int(not_positive.sum()))} (ids "
+                                        f"{_ids(ids[not_positive])}) have idle power × runtime ≥ their total "
+                                        "energy, so no dynamic energy remains", "idle_power_w",
+                                        "an idle power below the power drawn while running, or energy_scope='total'"))
+            sensor["idle_power_w"] = float(np.median(idle[energy_rows])) if energy_rows.any() else None
+
+    if len(problems) > n_before:
+        return None
+    for column in ("has_gpu", "has_cpu", "has_dram"):
+        if column in group.columns:
+            sensor[column.removeprefix("has_") + "_energy"] = bool(group[column].to_numpy(dtype=bool)[energy_rows].any())
+    energy_trials = TargetTrials(X[energy_rows], y_energy[energy_rows], ids[energy_rows]) if energy_rows.any() else None
+    return TrialSet(model, device, energy_scope, energy_source, energy_trials, TargetTrials(X, runtime, ids),
+                    sensor=sensor, warnings=warnings)
+
+
+def id_ranges(ids) -> list[list[int]]:
+    """Sorted ids as inclusive ranges [[first, last], ...] (compact for consecutive ids)."""
+    values = np.unique(np.asarray(ids, dtype=np.int64))
+    if values.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1)
+    starts = np.concatenate([[values[0]], values[breaks + 1]])
+    ends = np.concatenate([values[breaks], [values[-1]]])
+    return [[int(a), int(b)] for a, b in zip(starts, ends)]
+
+
+def expand_id_ranges(ranges) -> list[int]:
+    """The ids of :func:`id_ranges` output, one by one."""
+    return [i for first, last in ranges for i in range(int(first), int(last) + 1)]

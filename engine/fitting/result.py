@@ -1,0 +1,252 @@
+"""FitResult: one fitted surface (model, device, energy scope, target) and what it knows.
+
+A fit predicts the raw value of its form, a standard error of that mean surface (from
+the residual bootstrap's coefficient covariance: a prediction is linear in the
+coefficients, so aᵀ·Cov·a is exactly the bootstrap variance at any point), and an
+uncertainty for one request: the half-width of a 90% prediction interval,
+1.645·sqrt(SE² + (noise_rel_sd·prediction)²), where noise_rel_sd is the relative
+trial-to-trial spread measured at repeated points. Published fits have neither (NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from engine.fitting.forms import ModelForm, form_from_coefficients, term_unit
+
+#: z for a two-sided 90% interval.
+Z_90 = 1.6448536269514722
+UNCERTAINTY_MEANING = "half-width of a 90% prediction interval for one request (same unit as the value)"
+
+
+def clean_json(value: Any) -> Any:
+    """The value with NaN/inf as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_json(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+@dataclass
+class FitResult:
+    """One fitted (or published) surface.
+
+    Attributes:
+        model, device, energy_scope ('total'|'dynamic'), target ('energy'|'runtime').
+        form: the form's name; terms: its feature terms, in order.
+        coefficients: term -> value, in J (energy) or s (runtime) per token^power
+            (see ``units``).
+        r2: in-sample R² over the trials (as the paper reports it); cv_mape: grouped
+            k-fold cross-validated MAPE over held-out trials, a fraction (None when
+            published).
+        n_points: distinct (input_tokens, output_tokens) points; n_trials: trials.
+        domain: {input_tokens: [lo, hi], output_tokens: [lo, hi]} that was measured.
+        source: 'measured' (fitted here) or 'published' (the paper's coefficients).
+        energy_source: 'measured' or 'estimated' for energy fits, None for runtime.
+        candidates: every form tried: {form, cv_mape, r2, cv_r2, n_terms, selectable,
+            chosen, coefficients}; not offered forms have cv_mape None and a reason.
+        coef_cov: bootstrap covariance of the coefficients (None when published).
+        noise_rel_sd: relative trial-to-trial standard deviation (None when published).
+        details: everything else (cv scheme, weighting, noise floor, measurement id
+            ranges, measured points, sensor, software versions, warnings, label).
+        fit_id, created_at: set once stored.
+    """
+
+    model: str
+    device: str
+    energy_scope: str
+    target: str
+    form: str
+    terms: tuple[str, ...]
+    coefficients: dict[str, float]
+    r2: float | None
+    cv_mape: float | None
+    n_points: int
+    n_trials: int
+    domain: dict[str, list[int]]
+    source: str = "measured"
+    energy_source: str | None = None
+    candidates: list[dict] = field(default_factory=list)
+    coef_cov: list[list[float]] | None = None
+    noise_rel_sd: float | None = None
+    details: dict = field(default_factory=dict)
+    fit_id: int | None = None
+    created_at: str | None = None
+
+    # -- identity ----------------------------------------------------------------------
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.model, self.device, self.energy_scope, self.target)
+
+    @property
+    def value_column(self) -> str:
+        """The column name of this target's values: energy_j or runtime_s."""
+        return "energy_j" if self.target == "energy" else "runtime_s"
+
+    @property
+    def unit(self) -> str:
+        return "J" if self.target == "energy" else "s"
+
+    @property
+    def units(self) -> dict[str, str]:
+        """The unit of each coefficient."""
+        return {term: term_unit(term, self.target) for term in self.terms}
+
+    @property
+    def energy_estimated(self) -> bool:
+        """True when this is an energy fit of estimated (not measured) energy."""
+        return self.target == "energy" and self.energy_source == "estimated"
+
+    @property
+    def label(self) -> str:
+        """A short line for a UI: what this surface is made from."""
+        if self.source == "published":
+            return self.details.get("label", "published coefficients, no measurements")
+        kind = "estimated energy" if self.energy_estimated else ("measured energy" if self.target == "energy"
+                                                                 else "measured runtime")
+        return f"{kind}, {self.n_trials} trials at {self.n_points} points"
+
+    def estimator(self) -> ModelForm:
+        """The form as a fitted estimator (``predict(X)`` with X = [[τin, τout], ...])."""
+        return form_from_coefficients(self.form, self.terms, self.coefficients)
+
+    # -- predictions -------------------------------------------------------------------
+
+    def _features(self, input_tokens, output_tokens) -> np.ndarray:
+        X = np.column_stack([np.asarray(input_tokens, dtype=float).reshape(-1),
+                             np.asarray(output_tokens, dtype=float).reshape(-1)])
+        return self.estimator().features(X)
+
+    def predict_raw(self, input_tokens, output_tokens) -> np.ndarray:
+        """The form's value (may be negative only for the paper's unconstrained form)."""
+        coef = np.array([self.coefficients[t] for t in self.terms], dtype=float)
+        return self._features(input_tokens, output_tokens) @ coef
+
+    def standard_error(self, input_tokens, output_tokens) -> np.ndarray:
+        """Bootstrap standard error of the mean surface at each point (NaN when unknown)."""
+        n = np.asarray(input_tokens).reshape(-1).shape[0]
+        if self.coef_cov is None:
+            return np.full(n, np.nan)
+        features = self._features(input_tokens, output_tokens)
+        cov = np.asarray(self.coef_cov, dtype=float)
+        variance = np.einsum("ij,jk,ik->i", features, cov, features)
+        return np.sqrt(np.maximum(variance, 0.0))
+
+    def uncertainty(self, input_tokens, output_tokens) -> np.ndarray:
+        """Half-width of a 90% prediction interval for one request (NaN when unknown)."""
+        se = self.standard_error(input_tokens, output_tokens)
+        if self.noise_rel_sd is None:
+            return np.full_like(se, np.nan)
+        value = np.maximum(self.predict_raw(input_tokens, output_tokens), 0.0)
+        return Z_90 * np.sqrt(se * se + (self.noise_rel_sd * value) ** 2)
+
+    def in_domain(self, input_tokens, output_tokens) -> np.ndarray:
+        """True where both token counts lie within the measured range."""
+        tokens_in = np.asarray(input_tokens, dtype=float).reshape(-1)
+        tokens_out = np.asarray(output_tokens, dtype=float).reshape(-1)
+        (in_lo, in_hi), (out_lo, out_hi) = self.domain["input_tokens"], self.domain["output_tokens"]
+        return (tokens_in >= in_lo) & (tokens_in <= in_hi) & (tokens_out >= out_lo) & (tokens_out <= out_hi)
+
+    # -- serialisation -----------------------------------------------------------------
+
+    def to_json_dict(self) -> dict:
+        """The ``fit --json`` element of DESIGN.md, plus documented extra keys.
+
+        Contract keys: model, device, target, form, coefficients, r2, cv_mape, n_points,
+        domain. Extras: id, energy_scope, source, energy_source, energy_estimated, label,
+        units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
+        r2, cv_r2, chosen, offered}], warnings.
+        """
+        return clean_json({
+            "model": self.model, "device": self.device, "target": self.target, "form": self.form,
+            "coefficients": dict(self.coefficients), "r2": self.r2, "cv_mape": self.cv_mape,
+            "n_points": self.n_points, "domain": self.domain,
+            "id": self.fit_id, "energy_scope": self.energy_scope, "source": self.source,
+            "energy_source": self.energy_source, "energy_estimated": self.energy_estimated, "label": self.label,
+            "units": self.units, "n_trials": self.n_trials,
+            "uncertainty": {"meaning": UNCERTAINTY_MEANING, "noise_rel_sd": self.noise_rel_sd},
+            "candidates": [{"form": c["form"], "cv_mape": c.get("cv_mape"), "r2": c.get("r2"),
+                            "cv_r2": c.get("cv_r2"), "chosen": c.get("chosen", False),
+                            "offered": c.get("offered", True)} for c in self.candidates],
+            "warnings": list(self.details.get("warnings", [])),
+        })
+
+    def to_dict(self) -> dict:
+        """Every field, strict-JSON-serialisable; :meth:`from_dict` restores it exactly."""
+        data = asdict(self)
+        data["terms"] = list(self.terms)
+        return clean_json(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitResult":
+        fields = dict(data)
+        fields["terms"] = tuple(fields["terms"])
+        fields["coefficients"] = {k: float(v) for k, v in fields["coefficients"].items()}
+        return cls(**fields)
+
+    #: Columns of the fits table filled from a FitResult (id and created_at are the table's).
+    ROW_COLUMNS = ("model", "device", "energy_scope", "target", "form", "coefficients", "r2", "cv_mape", "n_points",
+                   "domain", "source", "details")
+
+    def to_row(self) -> dict:
+        """The fits-table row: JSON columns as strings; the rest of the fields in ``details``."""
+        details = clean_json({**self.details, "terms": list(self.terms), "n_trials": self.n_trials,
+                              "energy_source": self.energy_source, "candidates": self.candidates,
+                              "coef_cov": self.coef_cov, "noise_rel_sd": self.noise_rel_sd})
+        return {"model": self.model, "device": self.device, "energy_scope": self.energy_scope, "target": self.target,
+                "form": self.form, "coefficients": json.dumps(clean_json(self.coefficients)),
+                "r2": _float_or_none(self.r2), "cv_mape": _float_or_none(self.cv_mape), "n_points": int(self.n_points),
+                "domain": json.dumps(clean_json(self.domain)), "source": self.source,
+                "details": json.dumps(details)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "FitResult":
+        details = dict(_json(row.get("details")) or {})
+        coefficients = _json(row["coefficients"])
+        terms = tuple(details.pop("terms", None) or coefficients)  # rows written elsewhere: the keys' order
+        created = row.get("created_at")
+        return cls(
+            model=row["model"], device=row["device"], energy_scope=row["energy_scope"], target=row["target"],
+            form=row["form"], terms=terms, coefficients={k: float(v) for k, v in coefficients.items()},
+            r2=_float_or_none(row.get("r2")), cv_mape=_float_or_none(row.get("cv_mape")),
+            n_points=int(row["n_points"]) if row.get("n_points") is not None else 0,
+            n_trials=int(details.pop("n_trials", 0) or 0), domain=_json(row["domain"]), source=row["source"],
+            energy_source=details.pop("energy_source", None), candidates=details.pop("candidates", []) or [],
+            coef_cov=details.pop("coef_cov", None), noise_rel_sd=details.pop("noise_rel_sd", None), details=details,
+            fit_id=int(row["id"]) if row.get("id") is not None else None,
+            created_at=created.isoformat() if hasattr(created, "isoformat") else (str(created) if created else None),
+        )
+
+    def with_id(self, fit_id: int) -> "FitResult":
+        return replace(self, fit_id=int(fit_id))
+
+
+def _float_or_none(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _json(value):
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    return json.loads(value)
