@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp_m.add_argument("--overwrite", action="store_true", help="replace an existing file")
     exp_m.set_defaults(handler=cmd_export_measurements)
 
+    fit = sub.add_parser("fit", parents=[common], help="fit energy and runtime surfaces per model and device")
+    fit.add_argument("--model", help="only this model")
+    fit.add_argument("--device", help="only this device")
+    fit.add_argument("--energy-scope", choices=("total", "dynamic"), default="total",
+                     help="total energy, or dynamic (total minus idle power x runtime); default total")
+    fit.add_argument("--energy-source", choices=("measured", "estimated"),
+                     help="use only trials whose energy was measured (or estimated)")
+    fit.add_argument("--json", action="store_true", help="print JSON")
+    fit.set_defaults(handler=cmd_fit)
+
+    predict = sub.add_parser("predict", parents=[common], help="predicted energy and runtime for (model, device, tokens)")
+    predict.add_argument("--points", required=True, help="CSV: model, device, input_tokens, output_tokens")
+    predict.add_argument("--out", help="write the CSV here (default: stdout)")
+    predict.set_defaults(handler=cmd_predict)
+
+    reference = sub.add_parser("reference-profiles", parents=[common],
+                               help="load the paper's published A100 coefficients as labelled reference fits")
+    reference.set_defaults(handler=cmd_reference_profiles)
+
     jobs = sub.add_parser("jobs", parents=[common], help="profiling jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     jobs_list = jobs_sub.add_parser("list", parents=[common], help="the latest jobs")
@@ -403,4 +422,64 @@ def cmd_export_measurements(args: argparse.Namespace) -> int:
     count = export_measurements(_store(args), Path(args.file), model=args.model, device=args.device,
                                 overwrite=args.overwrite)
     print(f"wrote {count} measurements to {args.file}")
+    return EXIT_OK
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from engine.fitting import fit_all, save_fits
+
+    store = _store(args)
+    saved = save_fits(store, fit_all(store, args.model, args.device, energy_scope=args.energy_scope,
+                                     source_filter=args.energy_source))
+    for warning in sorted({w for fit in saved for w in fit.to_json_dict().get("warnings") or []}):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        _print_json([fit.to_json_dict() for fit in saved])
+        return EXIT_OK
+    rows = []
+    for fit in saved:
+        rows.append({"model": fit.model, "device": fit.device, "target": fit.target, "form": fit.form,
+                     "cv_mape": f"{fit.cv_mape * 100:.1f}%" if fit.cv_mape is not None else "",
+                     "r2": f"{fit.r2:.3f}" if fit.r2 is not None else "", "points": fit.n_points,
+                     "energy": ("estimated" if fit.energy_estimated else "measured") if fit.target == "energy" else ""})
+    _print_table(rows, ["model", "device", "target", "form", "cv_mape", "r2", "points", "energy"])
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from engine.csvio import read_csv_rows
+    from engine.fitting import load_latest_fits, predict
+
+    path = Path(args.points)
+    columns = ("model", "device", "input_tokens", "output_tokens")
+    rows, warnings = read_csv_rows(path, columns, columns)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    frame = pd.DataFrame([row for _, row in rows], columns=list(columns))
+    store = _store(args)
+    result = predict(load_latest_fits(store), frame, where=str(path))
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.exists():
+            raise InputError([Problem("--out", f"the folder {out.parent} does not exist", None, "a path in an existing folder")])
+        result.to_csv(out, index=False)
+        print(f"wrote {len(result)} predictions to {out}", file=sys.stderr)
+    else:
+        result.to_csv(sys.stdout, index=False)
+    return EXIT_OK
+
+
+def cmd_reference_profiles(args: argparse.Namespace) -> int:
+    from engine.fitting import published_catalog_rows, store_published_fits
+
+    store = _store(args)
+    store_published_fits(store)
+    present = set(catalog.list_models(store).name)
+    entries = [catalog.build_entry(**row)[0] for row in published_catalog_rows() if row["name"] not in present]
+    if entries:
+        catalog.add_models(store, entries)
+    print(f"reference profiles loaded (published coefficients, no measurements); catalog: added "
+          f"{len(entries)} models" + (f" ({', '.join(e.name for e in entries)})" if entries else ""))
     return EXIT_OK

@@ -77,3 +77,49 @@ def test_status_json(isolated_db: Path):
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["measurements"] == 0 and document["latest_plan"] is None
+
+
+def test_fit_predict_and_reference_profiles(isolated_db: Path, tmp_path: Path):
+    """Measurements in, fits out in the DESIGN.md JSON shape, predictions with the domain flag."""
+    import math
+
+    rows = ["model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source"]
+    for i in (8, 32, 128, 512):
+        for o in (8, 32, 128):
+            for trial, wobble in enumerate((0.98, 1.0, 1.02), start=1):
+                runtime = (0.05 + 0.0002 * i + 0.02 * o) * wobble
+                rows.append(f"sim,gpu0,{i},{o},{runtime},{runtime * 250},{trial},measured")
+    grid = tmp_path / "grid.csv"
+    grid.write_text("\n".join(rows) + "\n")
+    assert run_cli("import-measurements", str(grid), db=isolated_db).returncode == 0
+    fitted = run_cli("fit", "--json", db=isolated_db)
+    assert fitted.returncode == 0, fitted.stderr
+    fits = json.loads(fitted.stdout)
+    assert {(f["model"], f["target"]) for f in fits} == {("sim", "energy"), ("sim", "runtime")}
+    for f in fits:
+        assert {"model", "device", "target", "form", "coefficients", "r2", "cv_mape", "n_points", "domain"} <= set(f)
+        assert f["cv_mape"] < 0.05 and f["n_points"] == 12
+        assert f["domain"] == {"input_tokens": [8, 512], "output_tokens": [8, 128]}
+    points = tmp_path / "points.csv"
+    points.write_text("model,device,input_tokens,output_tokens\nsim,gpu0,64,64\nsim,gpu0,4096,64\n")
+    predicted = run_cli("predict", "--points", str(points), db=isolated_db)
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.strip().splitlines()
+    header = lines[0].split(",")
+    first, second = (dict(zip(header, line.split(","))) for line in lines[1:3])
+    expected_runtime = 0.05 + 0.0002 * 64 + 0.02 * 64
+    assert math.isclose(float(first["runtime_s"]), expected_runtime, rel_tol=0.05)
+    assert first["in_domain"] == "True" and second["in_domain"] == "False"
+    missing = tmp_path / "missing.csv"
+    missing.write_text("model,device,input_tokens,output_tokens\nghost,cpu,8,8\n")
+    refused = run_cli("predict", "--points", str(missing), db=isolated_db)
+    assert refused.returncode == 2 and f"{missing}:2" in refused.stderr
+    loaded = run_cli("reference-profiles", db=isolated_db)
+    assert loaded.returncode == 0 and "added 7 models" in loaded.stdout
+    again = run_cli("reference-profiles", db=isolated_db)
+    assert again.returncode == 0 and "added 0 models" in again.stdout
+
+
+def test_fit_with_nothing_measured_exits_2(isolated_db: Path):
+    result = run_cli("fit", db=isolated_db)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
