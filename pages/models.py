@@ -4,6 +4,7 @@ import streamlit as st
 
 from engine import catalog
 from engine.errors import PlannerError
+from pages.surfaces import show_surfaces
 from pages.common import ensure_app_navigation, flash, format_accuracy, format_params, get_store, show_error, show_flash
 
 ensure_app_navigation()
@@ -109,3 +110,6 @@ with import_tab:
         else:
             flash(f"Added {len(report.added)} models: {', '.join(report.added)}.", report.warnings)
             st.rerun()
+
+st.divider()
+show_surfaces(store)

@@ -109,3 +109,40 @@ def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_mo
     assert not at.exception
     assert "'abc' is not a number" in "\n".join(e.value for e in at.error)
     assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def grid_csv(tmp_path: Path) -> Path:
+    rows = ["model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source"]
+    for i in (8, 32, 128, 512):
+        for o in (8, 32, 128):
+            for trial, wobble in enumerate((0.98, 1.0, 1.02), start=1):
+                runtime = (0.05 + 0.0002 * i + 0.02 * o) * wobble
+                rows.append(f"sim,gpu0,{i},{o},{runtime},{runtime * 250},{trial},estimated")
+    path = tmp_path / "grid.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_models_page_fits_and_shows_surfaces(store: Store, tmp_path: Path):
+    from engine.measurements_io import import_measurements
+
+    import_measurements(store, grid_csv(tmp_path))
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    assert any("No fits yet" in i.value for i in at.info)
+    next(b for b in at.button if b.label == "Fit all measured models").click().run()
+    assert not at.exception, at.exception
+    assert any("Fitted 2 surfaces" in s.value for s in at.success)
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 4  # two surfaces and two residual plots
+    assert any("estimated" in i.value for i in at.info)
+    assert any("CV MAPE" in m.value for m in at.markdown)
+
+
+def test_models_page_loads_the_published_profiles(store: Store):
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    next(b for b in at.button if b.label == "Load the paper's published A100 profiles").click().run()
+    assert not at.exception, at.exception
+    assert any("Published coefficients, no measurements" in w.value for w in at.warning)
+    assert "llama-2-70b" in catalog.list_models(store).name.tolist()

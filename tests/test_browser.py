@@ -151,3 +151,21 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     page.wait_for_timeout(2000)  # plotly and the data grid finish drawing after they appear
     page.screenshot(path=str(screenshot_path("profile.png", tmp_path)), full_page=True)
     page.close()
+
+
+def test_models_page_shows_fitted_surfaces(served_app: str, browser, tmp_path: Path):
+    """After the profiling test above: fit, then the Models page draws the surfaces with the trials."""
+    from engine.fitting import fit_all, save_fits
+
+    store = Store(served_db["path"])
+    assert save_fits(store, fit_all(store, model="demo-large"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(served_app + "/models")
+    expect(page.get_by_role("heading", name="Fitted surfaces")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Energy here is estimated")).to_be_visible()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    chart.scroll_into_view_if_needed()
+    page.wait_for_timeout(2500)  # the WebGL surfaces finish drawing after they appear
+    chart.screenshot(path=str(screenshot_path("surfaces.png", tmp_path)))
+    page.close()
