@@ -41,6 +41,14 @@ def _surface_figure(fit, trials: pd.DataFrame | None, view: str, log_axes: bool)
            f"{', estimated' if fit.target == 'energy' and fit.energy_estimated else ''})"
     figure = go.Figure(go.Surface(x=x, y=y, z=z, colorscale="Viridis", opacity=0.85, name=fit.form,
                                   colorbar={"title": unit}))
+    uncertainty = grid[f"{column}_uncertainty"].to_numpy().reshape(size, size)
+    if np.isfinite(uncertainty).any():
+        # The 90% band of a single request's value: trial noise plus the coefficients' own uncertainty.
+        band = uncertainty / (x + y) if view == "per token" else uncertainty
+        for sign, label in ((1, "upper"), (-1, "lower")):
+            figure.add_trace(go.Surface(x=x, y=y, z=z + sign * band, showscale=False, opacity=0.2,
+                                        colorscale=[[0, "grey"], [1, "grey"]], name=f"90% band ({label})",
+                                        hoverinfo="skip"))
     if trials is not None and len(trials) and trials[column].notna().any():
         shown = trials[trials[column].notna()]
         values = shown[column] / (shown.input_tokens + shown.output_tokens) if view == "per token" else shown[column]

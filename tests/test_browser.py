@@ -154,11 +154,15 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
 
 
 def test_models_page_shows_fitted_surfaces(served_app: str, browser, tmp_path: Path):
-    """After the profiling test above: fit, then the Models page draws the surfaces with the trials."""
+    """Profile demo-small on a small grid, fit it, and the Models page draws the surface with the trials."""
     from engine.fitting import fit_all, save_fits
+    from engine.profiling import jobs
 
     store = Store(served_db["path"])
-    assert save_fits(store, fit_all(store, model="demo-large"))
+    settings = jobs.ProfileSettings(max_trials=3, idle_s=0.5, warmup_runs=1)
+    job = jobs.create_job(store, "demo-small", "cpu", "custom", inputs=[8, 32, 96], outputs=[4, 16, 48], settings=settings)
+    assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
+    assert save_fits(store, fit_all(store, model="demo-small"))
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(served_app + "/models")
     expect(page.get_by_role("heading", name="Fitted surfaces")).to_be_visible(timeout=60_000)
