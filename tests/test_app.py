@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine import catalog
 from engine.store import Store
+from tests.conftest import write_grid_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["pages/home.py", "pages/models.py", "pages/profile.py"]
@@ -111,22 +112,10 @@ def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_mo
     assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
 
 
-def grid_csv(tmp_path: Path) -> Path:
-    rows = ["model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source"]
-    for i in (8, 32, 128, 512):
-        for o in (8, 32, 128):
-            for trial, wobble in enumerate((0.98, 1.0, 1.02), start=1):
-                runtime = (0.05 + 0.0002 * i + 0.02 * o) * wobble
-                rows.append(f"sim,gpu0,{i},{o},{runtime},{runtime * 250},{trial},estimated")
-    path = tmp_path / "grid.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def test_models_page_fits_and_shows_surfaces(store: Store, tmp_path: Path):
     from engine.measurements_io import import_measurements
 
-    import_measurements(store, grid_csv(tmp_path))
+    import_measurements(store, write_grid_csv(tmp_path / "grid.csv", "estimated"))
     at = app().run()
     at.switch_page("pages/models.py").run()
     assert any("No fits yet" in i.value for i in at.info)

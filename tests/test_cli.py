@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
+from tests.conftest import write_grid_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,14 +84,7 @@ def test_fit_predict_and_reference_profiles(isolated_db: Path, tmp_path: Path):
     """Measurements in, fits out in the DESIGN.md JSON shape, predictions with the domain flag."""
     import math
 
-    rows = ["model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source"]
-    for i in (8, 32, 128, 512):
-        for o in (8, 32, 128):
-            for trial, wobble in enumerate((0.98, 1.0, 1.02), start=1):
-                runtime = (0.05 + 0.0002 * i + 0.02 * o) * wobble
-                rows.append(f"sim,gpu0,{i},{o},{runtime},{runtime * 250},{trial},measured")
-    grid = tmp_path / "grid.csv"
-    grid.write_text("\n".join(rows) + "\n")
+    grid = write_grid_csv(tmp_path / "grid.csv")
     assert run_cli("import-measurements", str(grid), db=isolated_db).returncode == 0
     fitted = run_cli("fit", "--json", db=isolated_db)
     assert fitted.returncode == 0, fitted.stderr
