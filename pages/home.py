@@ -61,7 +61,7 @@ with right:
             st.caption(f"{view.n_measurements_estimated:,} of them with **estimated** energy (no sensor).")
         st.dataframe(view.measured_pairs, hide_index=True, width="stretch")
     st.subheader("Latest work")
-    links = {"Profiling job": "pages/profile.py"}
+    links = {"Profiling job": "pages/profile.py", "Fit": "pages/models.py"}
     for label, record in (("Profiling job", view.latest_job), ("Fit", view.latest_fit),
                           ("Plan", view.latest_plan), ("Execution", view.latest_execution)):
         if record is None:
