@@ -61,7 +61,8 @@ with right:
             st.caption(f"{view.n_measurements_estimated:,} of them with **estimated** energy (no sensor).")
         st.dataframe(view.measured_pairs, hide_index=True, width="stretch")
     st.subheader("Latest work")
-    links = {"Profiling job": "pages/profile.py", "Fit": "pages/models.py"}
+    links = {"Profiling job": ("pages/profile.py", "Open the Profile page"),
+             "Fit": ("pages/models.py", "See the surfaces on the Models page")}
     for label, record in (("Profiling job", view.latest_job), ("Fit", view.latest_fit),
                           ("Plan", view.latest_plan), ("Execution", view.latest_execution)):
         if record is None:
@@ -70,6 +71,6 @@ with right:
             st.markdown(f"**{label} #{record['id']}:** " + ", ".join(
                 f"{k} {v}" for k, v in record.items() if k not in ("id",) and v is not None and v == v))
         if label in links:
-            st.page_link(links[label], label=f"Open the {label.split()[0]} page")
+            st.page_link(links[label][0], label=links[label][1])
 
 st.caption(f"Database: `{view.db_path}` (schema version {view.schema_version})")
