@@ -472,14 +472,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_profiles(args: argparse.Namespace) -> int:
-    from engine.fitting import published_catalog_rows, store_published_fits
+    from engine.fitting import load_reference_profiles
 
-    store = _store(args)
-    store_published_fits(store)
-    present = set(catalog.list_models(store).name)
-    entries = [catalog.build_entry(**row)[0] for row in published_catalog_rows() if row["name"] not in present]
-    if entries:
-        catalog.add_models(store, entries)
+    added = load_reference_profiles(_store(args))
     print(f"reference profiles loaded (published coefficients, no measurements); catalog: added "
-          f"{len(entries)} models" + (f" ({', '.join(e.name for e in entries)})" if entries else ""))
+          f"{len(added)} models" + (f" ({', '.join(added)})" if added else ""))
     return EXIT_OK

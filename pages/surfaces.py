@@ -13,19 +13,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.errors import PlannerError
-from engine.fitting import (energy_model_card, fit_all, load_latest_fits, load_trials, published_catalog_rows,
-                            residuals, save_fits, store_published_fits, suggest_points, surface_grid)
+from engine.fitting import (energy_model_card, fit_all, load_latest_fits, load_reference_profiles, load_trials,
+                            residuals, save_fits, suggest_points, surface_grid)
 from pages.common import show_error
-
-
-def _load_reference_profiles(store) -> None:
-    from engine import catalog
-
-    store_published_fits(store)
-    present = set(catalog.list_models(store).name)
-    entries = [catalog.build_entry(**row)[0] for row in published_catalog_rows() if row["name"] not in present]
-    if entries:
-        catalog.add_models(store, entries)
 
 
 def _surface_figure(fit, trials: pd.DataFrame | None, view: str, log_axes: bool) -> go.Figure:
@@ -93,7 +83,7 @@ def show_surfaces(store) -> None:
     if right.button("Load the paper's published A100 profiles", key="load_reference",
                     help="Coefficients of Wilkins et al. Table 5.2 (Swing, AMD + A100): published, no measurements."):
         try:
-            _load_reference_profiles(store)
+            load_reference_profiles(store)
             st.success("Loaded the published A100 coefficients as reference fits (no measurements).")
         except PlannerError as exc:
             show_error(exc)

@@ -89,6 +89,17 @@ def browser():
         chromium.close()
 
 
+def profile_now(model: str, inputs: list[int], outputs: list[int], max_trials: int) -> Store:
+    """Profile a model on the served database, in a worker process, and wait for it to finish."""
+    from engine.profiling import jobs
+
+    store = Store(served_db["path"])
+    settings = jobs.ProfileSettings(max_trials=max_trials, idle_s=0.5, warmup_runs=1)
+    job = jobs.create_job(store, model, "cpu", "custom", inputs=inputs, outputs=outputs, settings=settings)
+    assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
+    return store
+
+
 def screenshot_path(name: str, tmp_path: Path) -> Path:
     if os.environ.get("SCREENSHOTS") == "1":
         folder = ROOT / "docs" / "screenshots"
@@ -129,19 +140,14 @@ def test_models_page_in_the_browser(served_app: str, browser, demo_models, tmp_p
     expect(page.get_by_text("Demo models have random weights")).to_be_visible()
     expect(page.get_by_label("Name")).to_be_visible(timeout=30_000)
     expect(page.get_by_role("button", name="Add model")).to_be_visible()
-    expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()
+    expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
     page.wait_for_timeout(2000)  # let the data grid paint its canvas before the picture
     page.screenshot(path=str(screenshot_path("models.png", tmp_path)), full_page=True)
     page.close()
 
 
 def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
-    from engine.profiling import jobs
-
-    store = Store(served_db["path"])
-    settings = jobs.ProfileSettings(max_trials=4, idle_s=0.5, warmup_runs=1)
-    job = jobs.create_job(store, "demo-large", "cpu", "custom", inputs=[8, 32, 64], outputs=[4, 8, 16], settings=settings)
-    assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
+    profile_now("demo-large", [8, 32, 64], [4, 8, 16], max_trials=4)
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.goto(served_app + "/profile")
     expect(page.get_by_role("heading", name="Profile")).to_be_visible(timeout=60_000)
@@ -156,12 +162,8 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
 def test_models_page_shows_fitted_surfaces(served_app: str, browser, tmp_path: Path):
     """Profile demo-small on a small grid, fit it, and the Models page draws the surface with the trials."""
     from engine.fitting import fit_all, save_fits
-    from engine.profiling import jobs
 
-    store = Store(served_db["path"])
-    settings = jobs.ProfileSettings(max_trials=3, idle_s=0.5, warmup_runs=1)
-    job = jobs.create_job(store, "demo-small", "cpu", "custom", inputs=[8, 32, 96], outputs=[4, 16, 48], settings=settings)
-    assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
+    store = profile_now("demo-small", [8, 32, 96], [4, 16, 48], max_trials=3)
     assert save_fits(store, fit_all(store, model="demo-small"))
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(served_app + "/models")

@@ -31,6 +31,7 @@ from engine.fitting.reference import (
     PUBLISHED_DEVICE,
     PUBLISHED_LABEL,
     PUBLISHED_MODELS,
+    load_reference_profiles,
     published_catalog_rows,
     published_fits,
     store_published_fits,

@@ -115,3 +115,18 @@ def store_published_fits(store: Store) -> list[FitResult]:
            for f in wanted):
         return [current[(f.model, f.target)] for f in wanted]
     return save_fits(store, wanted)
+
+
+def load_reference_profiles(store: Store) -> list[str]:
+    """Store the published fits and add their models to the catalog as external models.
+
+    Models already in the catalog are left as they are. Returns the names added.
+    """
+    from engine import catalog
+
+    store_published_fits(store)
+    present = set(catalog.list_models(store).name)
+    entries = [catalog.build_entry(**row)[0] for row in published_catalog_rows() if row["name"] not in present]
+    if entries:
+        catalog.add_models(store, entries)
+    return [entry.name for entry in entries]
