@@ -82,7 +82,7 @@ def job_request():
 if preview or start:
     try:
         request = job_request()
-        _, design, settings = jobs.prepare_job(store, model, device, **request)
+        _, device, design, settings = jobs.prepare_job(store, model, device, **request)
         estimate = jobs.estimate_duration_s(store, model, device, design, settings)
         note = (f"about {format_duration(estimate[0])} to {format_duration(estimate[1])}, from this model's earlier "
                 "runtimes here" if estimate else

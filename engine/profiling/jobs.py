@@ -152,10 +152,11 @@ def check_device(device: str) -> str:
         return "cpu"
     from engine.energy.discovery import discover_sensors
 
-    gpus = [s for s in discover_sensors() if s.device.startswith("cuda:")]
+    sensors = discover_sensors()
+    gpus = [s for s in sensors if s.device.startswith("cuda:")]
     index = spec.index or 0
     if not gpus:
-        reasons = "; ".join(s.detail for s in discover_sensors() if s.source.startswith("nvml"))
+        reasons = "; ".join(s.detail for s in sensors if s.source.startswith("nvml"))
         raise DeviceUnavailableError(f"{device}: this host has no usable NVIDIA GPU ({reasons or 'NVML found none'}).")
     if index >= len(gpus):
         raise DeviceUnavailableError(f"{device}: this host has {len(gpus)} NVIDIA GPU(s), cuda:0 to cuda:{len(gpus) - 1}.")
@@ -163,8 +164,10 @@ def check_device(device: str) -> str:
 
 
 def active_job_on(store: Store, device: str, host: str | None = None) -> int | None:
-    """The id of a job that is running (or about to) on this device of this host, if any."""
-    reconcile_jobs(store)
+    """The id of a job that is running (or about to) on this device of this host, if any.
+
+    Call :func:`reconcile_jobs` first, so that a job whose worker died does not count.
+    """
     row = store.query_one(
         f"SELECT id FROM profiling_jobs WHERE host = ? AND device = ? AND status IN ({', '.join('?' * len(ACTIVE))}) "
         "ORDER BY id LIMIT 1", [host or host_name(), device, *ACTIVE])
@@ -172,8 +175,9 @@ def active_job_on(store: Store, device: str, host: str | None = None) -> int | N
 
 
 def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,
-                n_points: int = 16, settings: ProfileSettings | None = None) -> tuple[catalog.CatalogEntry, Design, ProfileSettings]:
-    """Validate a job before anything is stored: model, device, design, settings."""
+                n_points: int = 16, settings: ProfileSettings | None = None
+                ) -> tuple[catalog.CatalogEntry, str, Design, ProfileSettings]:
+    """Validate a job before anything is stored; returns the model, the device as stored, the design, the settings."""
     settings = (settings or ProfileSettings()).validate()
     entry = catalog.get_model(store, model)
     if entry is None:
@@ -196,14 +200,14 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
         raise InputError(Problem("--device", str(exc), None, "cpu, or cuda:N for a GPU this host has")) from None
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
                           context_length=model_context_length(entry), seed=settings.seed)
-    return entry, design, settings
+    return entry, device, design, settings
 
 
 def create_job(store: Store, model: str, device: str, design_kind: str = "quick", **options) -> Job:
     """Validate and store a new queued job; refuses a second job on a busy device."""
     settings = options.pop("settings", None)
-    entry, design, settings = prepare_job(store, model, device, design_kind, settings=settings, **options)
-    device = check_device(device)
+    entry, device, design, settings = prepare_job(store, model, device, design_kind, settings=settings, **options)
+    reconcile_jobs(store)
     busy = active_job_on(store, device)
     if busy is not None:
         raise PlannerError(f"Profiling job {busy} is already running on {device}; two jobs on one device would "
