@@ -131,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
                                help="load the paper's published A100 coefficients as labelled reference fits")
     reference.set_defaults(handler=cmd_reference_profiles)
 
+    plan = sub.add_parser("plan", parents=[common], help="the energy-optimal schedule of a workload CSV")
+    plan.add_argument("--workload", required=True, help="workload CSV: [id,] prompt | input_tokens [, output_tokens | "
+                      "max_output_tokens] [, min_accuracy, category]")
+    plan.add_argument("--accuracy-target", type=_number, help="mean accuracy to reach, a fraction (0.55)")
+    plan.add_argument("--accuracy-mode", choices=("query", "token"), default="query",
+                      help="weight each query once, or by its tokens (the paper's A_K·(τin+τout)); default query")
+    plan.add_argument("--deadline-s", type=_number, help="deadline in seconds for every device")
+    plan.add_argument("--device-deadline", action="append", default=[], metavar="DEVICE=SECONDS",
+                      help="deadline for one device (repeatable; overrides --deadline-s there)")
+    plan.add_argument("--zeta", type=_number, help="use the paper's ζ-weighted objective with this ζ in [0, 1] "
+                      "instead of total energy")
+    plan.add_argument("--min-share", action="append", default=[], metavar="MODEL=FRACTION",
+                      help="minimum share of the queries for a model (the paper's γ; repeatable)")
+    plan.add_argument("--load-cost", action="append", default=[], metavar="MODEL[@DEVICE]=SECONDS,JOULES",
+                      help="count a model's load time and energy once where it is used (repeatable)")
+    plan.add_argument("--option", action="append", default=[], metavar="MODEL@DEVICE",
+                      help="use only these options (repeatable; default every fitted one)")
+    plan.add_argument("--default-output-tokens", type=int,
+                      help="output length for queries with neither output_tokens nor max_output_tokens")
+    plan.add_argument("--energy-scope", choices=("total", "dynamic"), default="total",
+                      help="optimise total energy, or dynamic (total minus idle); default total")
+    plan.add_argument("--drop-bad-rows", action="store_true", help="plan the good rows of a workload with bad ones")
+    plan.add_argument("--time-limit-s", type=_number, default=30.0, help="solver time limit (default 30 s)")
+    plan.add_argument("--out", help="write the schedule CSV here")
+    plan.add_argument("--no-save", action="store_true", help="do not store the workload and plan in the database")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(handler=cmd_plan)
+
     jobs = sub.add_parser("jobs", parents=[common], help="profiling jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     jobs_list = jobs_sub.add_parser("list", parents=[common], help="the latest jobs")
@@ -444,6 +472,111 @@ def cmd_fit(args: argparse.Namespace) -> int:
                      "energy": ("estimated" if fit.energy_estimated else "measured") if fit.target == "energy" else ""})
     _print_table(rows, ["model", "device", "target", "form", "cv_mape", "r2", "points", "energy"])
     return EXIT_OK
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _pairs(items: list[str], option: str, expected: str) -> dict[str, str]:
+    pairs, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            problems.append(Problem(option, f"{item!r} is not of the form {expected}", None, expected))
+        else:
+            pairs[key.strip()] = value.strip()
+    if problems:
+        raise InputError(problems)
+    return pairs
+
+
+def _plan_settings(args: argparse.Namespace):
+    from engine.planning import PlanSettings
+
+    problems = []
+    deadlines, shares, loads = {}, {}, {}
+    for device, text in _pairs(args.device_deadline, "--device-deadline", "DEVICE=SECONDS").items():
+        try:
+            deadlines[device] = float(text)
+        except ValueError:
+            problems.append(Problem("--device-deadline", f"{text!r} for {device} is not a number", None, "seconds"))
+    for model, text in _pairs(args.min_share, "--min-share", "MODEL=FRACTION").items():
+        try:
+            shares[model] = float(text)
+        except ValueError:
+            problems.append(Problem("--min-share", f"{text!r} for {model} is not a number", None, "a fraction"))
+    for key, text in _pairs(args.load_cost, "--load-cost", "MODEL[@DEVICE]=SECONDS,JOULES").items():
+        parts = text.split(",")
+        try:
+            loads[key] = (float(parts[0]), float(parts[1])) if len(parts) == 2 else None
+        except ValueError:
+            loads[key] = None
+        if loads[key] is None:
+            problems.append(Problem("--load-cost", f"{text!r} for {key} is not SECONDS,JOULES", None, "e.g. 12.5,3400"))
+    if args.default_output_tokens is not None and args.default_output_tokens < 1:
+        problems.append(Problem("--default-output-tokens", f"{args.default_output_tokens}", None, "a whole number ≥ 1"))
+    if problems:
+        raise InputError(problems)
+    settings = PlanSettings(accuracy_target=args.accuracy_target, accuracy_mode=args.accuracy_mode,
+                            deadline_s=args.deadline_s, deadlines_s=deadlines,
+                            objective="zeta" if args.zeta is not None else "energy", zeta=args.zeta, min_share=shares,
+                            count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s)
+    settings.validate()
+    return settings, loads
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.planning import format_duration, format_energy, plan_workload, read_workload, write_schedule
+
+    settings, loads = _plan_settings(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.exists()):
+        raise InputError(Problem("--out", f"{out} is a directory or its folder does not exist", None,
+                                 "a file path in an existing folder"))
+    workload = read_workload(args.workload, drop_bad_rows=args.drop_bad_rows)
+    started = time.perf_counter()
+    for problem in workload.dropped:
+        print(f"dropped: {problem}", file=sys.stderr)
+    store = _store(args)
+    result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
+                           only=args.option or None, load_costs=loads or None, save=not args.no_save, started=started)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if out is not None and result.schedule is not None:
+        write_schedule(result.schedule, out)
+        print(f"wrote the schedule of {result.n_queries} queries to {out}", file=sys.stderr)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        estimated = " (estimated energy)" if result.energy_estimated else ""
+        print(f"status: {result.status}" + (f" (plan {result.plan_id})" if result.plan_id else ""))
+        if result.has_schedule:
+            print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
+            if result.lower_bound_j is not None:
+                print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {result.gap:.4%}")
+            print(f"accuracy: {result.accuracy:.4f} ({settings.accuracy_mode}-weighted)")
+            print(f"solved in {result.solve_s:.2f} s; planned in {result.plan_s:.2f} s")
+            for device, seconds in result.per_device_runtime_s.items():
+                print(f"{device}: {format_duration(seconds)} of work")
+            _print_table([{"option": k, "queries": v} for k, v in result.assignments.items()], ["option", "queries"])
+            for cost in result.constraint_costs:
+                print(cost["text"])
+        for line in result.diagnosis:
+            print(line)
+        if result.baselines:
+            print("baselines (same predictions):")
+            _print_table([{"name": name, "energy": format_energy(b["energy_j"]), "accuracy": f"{b['accuracy']:.4f}",
+                           "makespan": format_duration(b["makespan_s"]), "meets targets": "yes" if b["feasible"] else "no"}
+                          for name, b in result.baselines.items()],
+                         ["name", "energy", "accuracy", "makespan", "meets targets"])
+    return EXIT_OK if result.has_schedule else EXIT_FAILURE
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

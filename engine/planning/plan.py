@@ -1,0 +1,625 @@
+"""From a workload and targets to the energy-optimal schedule, its proof and its context.
+
+:func:`make_plan` builds the assignment problem from the predictions (every coefficient from
+the query's own τin, τout), solves it (:mod:`engine.planning.solver`), checks the answer
+from scratch, and adds what a planner needs to trust it: the baselines on the same
+predictions, what each constraint costs, and, when there is no schedule, which constraint
+is to blame and the best value that can be reached.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from engine.errors import InputError, Problem
+from engine.planning.options import PlanOption, Predictions, predict_options
+from engine.planning.solver import AssignmentProblem, CouplingRow, Solution, check_assignment, solve
+
+OBJECTIVES = ("energy", "zeta")
+ACCURACY_MODES = ("query", "token")
+ACCURACY_STEP = 0.01      # "one accuracy point"
+DEADLINE_STEP = 0.10      # "10% more time on a device"
+
+
+@dataclass
+class PlanSettings:
+    """What the planner asks for.
+
+    accuracy_target: mean accuracy to reach (a fraction), None for no target.
+    accuracy_mode: 'query' (each query counts once) or 'token' (weighted by τin + τout,
+        the paper's a_K = A_K·(τin + τout)).
+    deadline_s: the same deadline for every device; deadlines_s overrides per device.
+    objective: 'energy' (total energy of the fits' scope) or 'zeta' (the paper's
+        ζ·normalised energy − (1 − ζ)·normalised token accuracy).
+    min_share: model -> minimum fraction of the queries it must serve (the paper's γ).
+    count_load: count each used option's load time and energy once.
+    """
+
+    accuracy_target: float | None = None
+    accuracy_mode: str = "query"
+    deadline_s: float | None = None
+    deadlines_s: dict[str, float] = field(default_factory=dict)
+    objective: str = "energy"
+    zeta: float | None = None
+    min_share: dict[str, float] = field(default_factory=dict)
+    count_load: bool = False
+    energy_scope: str = "total"
+    gap_target: float = 1e-3
+    time_limit_s: float = 30.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """InputError naming every bad setting."""
+        problems = []
+        if self.accuracy_target is not None and not (_finite(self.accuracy_target) and 0 <= self.accuracy_target <= 1):
+            problems.append(Problem("--accuracy-target", f"{self.accuracy_target!r} is not an accuracy", None,
+                                    "a fraction between 0 and 1 (0.55 for 55%)"))
+        if self.accuracy_mode not in ACCURACY_MODES:
+            problems.append(Problem("--accuracy-mode", f"{self.accuracy_mode!r} is not a mode", None, "query or token"))
+        deadlines = dict(self.deadlines_s)
+        if self.deadline_s is not None:
+            deadlines["every device"] = self.deadline_s
+        for device, seconds in deadlines.items():
+            if not (_finite(seconds) and seconds > 0):
+                problems.append(Problem("--deadline-s", f"{seconds!r} for {device} is not a deadline", None,
+                                        "a number of seconds > 0"))
+        if self.objective not in OBJECTIVES:
+            problems.append(Problem("objective", f"{self.objective!r} is not an objective", None, "energy or zeta"))
+        if self.objective == "zeta" and not (self.zeta is not None and _finite(self.zeta) and 0 <= self.zeta <= 1):
+            problems.append(Problem("--zeta", f"{self.zeta!r} is not a weight", None, "a number between 0 and 1"))
+        for model, share in self.min_share.items():
+            if not (_finite(share) and 0 <= share <= 1):
+                problems.append(Problem("--min-share", f"{share!r} for {model} is not a share", None,
+                                        "a fraction between 0 and 1"))
+        if sum(self.min_share.values()) > 1 + 1e-12:
+            problems.append(Problem("--min-share", "the minimum shares add up to more than 1", None,
+                                    "shares whose sum is at most 1"))
+        if not (_finite(self.gap_target) and 0 < self.gap_target < 1):
+            problems.append(Problem("gap target", f"{self.gap_target!r}", None, "a fraction between 0 and 1"))
+        if not (_finite(self.time_limit_s) and self.time_limit_s > 0):
+            problems.append(Problem("time limit", f"{self.time_limit_s!r}", None, "seconds > 0"))
+        if problems:
+            raise InputError(problems)
+
+    def device_deadline(self, device: str) -> float | None:
+        return self.deadlines_s.get(device, self.deadline_s)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# -- the problem ---------------------------------------------------------------------------
+
+def accuracy_weights(predictions: Predictions, mode: str) -> np.ndarray:
+    """(N, K) weight of each query in the mean accuracy: 1, or τin + τout (per model's τin)."""
+    if mode == "token":
+        return (predictions.input_tokens + predictions.output_tokens[:, None]).astype(float)
+    return np.ones(predictions.energy_j.shape)
+
+
+def allowed_options(predictions: Predictions, min_accuracy: np.ndarray | None) -> np.ndarray:
+    """(N, K) True where the option's model meets the query's own minimum accuracy."""
+    n, k = predictions.energy_j.shape
+    if min_accuracy is None:
+        return np.ones((n, k), dtype=bool)
+    floor = np.nan_to_num(np.asarray(min_accuracy, dtype=float), nan=-np.inf)
+    return predictions.accuracy[None, :] >= floor[:, None] - 1e-12
+
+
+def objective_costs(predictions: Predictions, settings: PlanSettings) -> np.ndarray:
+    """(N, K) cost per query and option: energy (J), or the paper's ζ-weighted cost."""
+    if settings.objective == "energy":
+        return predictions.energy_j
+    credit = predictions.accuracy[None, :] * (predictions.input_tokens + predictions.output_tokens[:, None])
+    energy_max = float(predictions.energy_j.max()) or 1.0
+    credit_max = float(credit.max()) or 1.0
+    return settings.zeta * predictions.energy_j / energy_max - (1 - settings.zeta) * credit / credit_max
+
+
+def build_problem(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> AssignmentProblem:
+    """The assignment problem for these predictions and settings."""
+    n, k = predictions.energy_j.shape
+    rows = []
+    if settings.accuracy_target is not None:
+        weights = accuracy_weights(predictions, settings.accuracy_mode)
+        rows.append(CouplingRow("accuracy", (predictions.accuracy[None, :] - settings.accuracy_target) * weights,
+                                ">=", 0.0, "accuracy"))
+    device_of = np.array([o.device for o in predictions.options])
+    load_s = np.array([o.load_s for o in predictions.options])
+    for device in predictions.devices:
+        limit = settings.device_deadline(device)
+        if limit is None:
+            continue
+        on_device = device_of == device
+        rows.append(CouplingRow(f"deadline {device}", np.where(on_device[None, :], predictions.runtime_s, 0.0), "<=",
+                                float(limit), "deadline",
+                                np.where(on_device, load_s, 0.0) if settings.count_load else None))
+    model_of = np.array([o.model for o in predictions.options])
+    for model, share in settings.min_share.items():
+        if share > 0:
+            rows.append(CouplingRow(f"share {model}", np.broadcast_to((model_of == model)[None, :], (n, k)).astype(float),
+                                    ">=", math.ceil(share * n - 1e-9), "share"))
+    open_cost = None
+    if settings.count_load and settings.objective == "energy":
+        open_cost = np.array([o.load_energy_j for o in predictions.options])
+    return AssignmentProblem(objective_costs(predictions, settings), allowed, rows, open_cost)
+
+
+# -- evaluating any assignment ---------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What an assignment costs, recomputed from the predictions alone."""
+
+    energy_j: float
+    accuracy: float
+    per_device_runtime_s: dict[str, float]
+    makespan_s: float
+    meets_accuracy: bool
+    meets_deadlines: bool
+    meets_min_accuracy: bool
+
+    @property
+    def feasible(self) -> bool:
+        return self.meets_accuracy and self.meets_deadlines and self.meets_min_accuracy
+
+
+def evaluate(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, choice: np.ndarray) -> Outcome:
+    """Energy (with load energy if counted), accuracy, per-device time and which targets it meets."""
+    n = len(choice)
+    rows = np.arange(n)
+    used = np.unique(choice)
+    energy = float(predictions.energy_j[rows, choice].sum())
+    load_s = {device: 0.0 for device in predictions.devices}
+    if settings.count_load:
+        energy += sum(predictions.options[k].load_energy_j for k in used)
+        for k in used:
+            load_s[predictions.options[k].device] += predictions.options[k].load_s
+    weights = accuracy_weights(predictions, settings.accuracy_mode)[rows, choice]
+    accuracy = float((predictions.accuracy[choice] * weights).sum() / weights.sum())
+    device_of = np.array([predictions.devices.index(o.device) for o in predictions.options])
+    per_device_runtime = np.bincount(device_of[choice], weights=predictions.runtime_s[rows, choice],
+                                     minlength=len(predictions.devices))
+    per_device = {d: float(per_device_runtime[i] + load_s[d]) for i, d in enumerate(predictions.devices)}
+    meets_deadlines = all(settings.device_deadline(d) is None or per_device[d] <= settings.device_deadline(d) * (1 + 1e-9)
+                          for d in per_device)
+    meets_accuracy = settings.accuracy_target is None or accuracy >= settings.accuracy_target - 1e-9
+    return Outcome(energy, accuracy, per_device, max(per_device.values()), meets_accuracy, meets_deadlines,
+                   bool(allowed[rows, choice].all()))
+
+
+# -- baselines -------------------------------------------------------------------------------
+
+def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> dict[str, dict]:
+    """The obvious alternatives on the same predictions: every single option, round-robin,
+    random (seeded) and greedy cheapest-first (each query, in order, to its cheapest allowed
+    option whose device still has time before its deadline)."""
+    n, k = predictions.energy_j.shape
+    results: dict[str, dict] = {}
+
+    def record(name: str, choice: np.ndarray, note: str) -> None:
+        outcome = evaluate(predictions, settings, np.ones_like(allowed), choice)
+        meets_min = bool(allowed[np.arange(n), choice].all())
+        results[name] = {"energy_j": outcome.energy_j, "accuracy": outcome.accuracy, "makespan_s": outcome.makespan_s,
+                         "per_device_runtime_s": outcome.per_device_runtime_s,
+                         "meets_accuracy": outcome.meets_accuracy, "meets_deadlines": outcome.meets_deadlines,
+                         "meets_min_accuracy": meets_min,
+                         "feasible": outcome.meets_accuracy and outcome.meets_deadlines and meets_min, "note": note}
+
+    for column, option in enumerate(predictions.options):
+        record(f"only {option.key}", np.full(n, column), "every query on one option")
+    # Round-robin and random draw among each query's allowed options (all of them if none is).
+    pools = [np.flatnonzero(row) if row.any() else np.arange(k) for row in allowed]
+    record("round-robin", np.array([pool[i % len(pool)] for i, pool in enumerate(pools)]),
+           "queries in turn over the options each may use")
+    rng = np.random.default_rng(settings.seed)
+    record("random", np.array([pool[rng.integers(len(pool))] for pool in pools]),
+           f"uniformly at random over the options each may use (seed {settings.seed})")
+    remaining = {d: settings.device_deadline(d) if settings.device_deadline(d) is not None else math.inf
+                 for d in predictions.devices}
+    device_of = [o.device for o in predictions.options]
+    order = np.argsort(np.where(allowed, predictions.energy_j, np.inf), axis=1)
+    choice = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        candidates = [c for c in order[i] if allowed[i, c]] or list(order[i])
+        fitting = [c for c in candidates if predictions.runtime_s[i, c] <= remaining[device_of[c]]]
+        pick = (fitting or candidates)[0]
+        choice[i] = pick
+        remaining[device_of[pick]] -= predictions.runtime_s[i, pick]
+    record("greedy cheapest-first", choice,
+           "each query to its cheapest allowed option whose device still has time; accuracy target not considered")
+    return results
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+@dataclass
+class PlanResult:
+    """A solved plan (see :func:`make_plan`). ``schedule`` has the schedule CSV columns of
+    DESIGN.md plus in_domain, clamped and option. Energies are in J of ``energy_scope``."""
+
+    settings: PlanSettings
+    status: str
+    n_queries: int
+    solve_s: float
+    plan_s: float
+    energy_scope: str
+    energy_estimated: bool
+    energy_j: float | None = None
+    lower_bound_j: float | None = None
+    gap: float | None = None
+    objective_value: float | None = None
+    objective_lower_bound: float | None = None
+    accuracy: float | None = None
+    per_device_runtime_s: dict[str, float] = field(default_factory=dict)
+    assignments: dict[str, int] = field(default_factory=dict)
+    baselines: dict[str, dict] = field(default_factory=dict)
+    schedule: pd.DataFrame | None = None
+    diagnosis: list[str] = field(default_factory=list)
+    best_achievable: dict[str, float] = field(default_factory=dict)
+    constraint_costs: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+    solver: dict = field(default_factory=dict)
+    plan_id: int | None = None
+    workload_id: int | None = None
+
+    @property
+    def has_schedule(self) -> bool:
+        return self.status in ("optimal", "feasible")
+
+    def to_json(self) -> dict:
+        """The ``plan --json`` document of DESIGN.md, plus documented extra keys."""
+        document = {
+            "status": self.status, "energy_j": self.energy_j, "lower_bound_j": self.lower_bound_j, "gap": self.gap,
+            "solve_s": self.solve_s, "accuracy": self.accuracy, "per_device_runtime_s": self.per_device_runtime_s,
+            "n_queries": self.n_queries, "assignments": self.assignments,
+            "baselines": {name: {key: value[key] for key in ("energy_j", "accuracy", "makespan_s", "feasible")}
+                          for name, value in self.baselines.items()},
+            "plan_s": self.plan_s, "energy_scope": self.energy_scope, "energy_estimated": self.energy_estimated,
+            "objective": self.settings.objective, "objective_value": self.objective_value,
+            "objective_lower_bound": self.objective_lower_bound, "diagnosis": self.diagnosis,
+            "best_achievable": self.best_achievable, "constraint_costs": self.constraint_costs,
+            "warnings": self.warnings, "plan_id": self.plan_id, "settings": asdict(self.settings),
+        }
+        return _clean(document)
+
+
+def _clean(value):
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np.ndarray | None = None,
+              min_accuracy: np.ndarray | None = None, explain: bool = True, compare: bool = True,
+              started: float | None = None, warnings: list[str] | None = None) -> PlanResult:
+    """Solve the plan for ``predictions`` under ``settings``.
+
+    ``explain`` adds what each constraint costs (a re-solve per binding constraint);
+    ``compare`` adds the baselines. ``started`` (perf_counter) is when the workload was
+    parsed, so ``plan_s`` covers tokenizing, predicting and solving.
+    """
+    settings.validate()
+    started = time.perf_counter() if started is None else started
+    n = len(predictions.output_tokens)
+    if n == 0:
+        raise InputError(Problem("workload", "has no queries", None, "at least one query"))
+    unknown = sorted(set(settings.min_share) - {o.model for o in predictions.options})
+    unknown_devices = sorted(set(settings.deadlines_s) - set(predictions.devices))
+    if unknown or unknown_devices:
+        raise InputError([Problem("--min-share", f"{m!r} is not a model with fitted options", None,
+                                  ", ".join(sorted({o.model for o in predictions.options}))) for m in unknown]
+                         + [Problem("--device-deadline", f"{d!r} is not a device of the options", None,
+                                    ", ".join(predictions.devices)) for d in unknown_devices])
+    query_ids = np.asarray(query_ids if query_ids is not None else [str(i + 1) for i in range(n)], dtype=object)
+    allowed = allowed_options(predictions, min_accuracy)
+    problem = build_problem(predictions, settings, allowed)
+    solution = solve(problem, gap_target=settings.gap_target, time_limit_s=settings.time_limit_s)
+    result = PlanResult(settings=settings, status=solution.status, n_queries=n, solve_s=solution.solve_s,
+                        plan_s=0.0, energy_scope=settings.energy_scope,
+                        energy_estimated=predictions.energy_estimated,
+                        warnings=list(warnings or []) + list(predictions.warnings),
+                        options=[o.key for o in predictions.options],
+                        solver={"method": solution.method, "groups": solution.n_groups,
+                                "free_groups": solution.n_free_groups, "dual_iterations": solution.dual_iterations,
+                                "cbc_status": solution.mip_status, "prices": solution.prices})
+    if solution.status in ("optimal", "feasible"):
+        _fill_schedule(result, predictions, settings, allowed, solution, query_ids)
+    else:
+        _diagnose(result, predictions, settings, allowed, solution, query_ids)
+    if compare:
+        result.baselines = baselines(predictions, settings, allowed)
+    if explain and result.has_schedule:
+        result.constraint_costs = constraint_costs(predictions, settings, allowed, result)
+    result.plan_s = time.perf_counter() - started
+    return result
+
+
+def _fill_schedule(result: PlanResult, predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
+                   solution: Solution, query_ids: np.ndarray) -> None:
+    choice = solution.choice
+    outcome = evaluate(predictions, settings, allowed, choice)
+    # The sanity check beside the solver: the schedule is recomputed from scratch.
+    if not (outcome.feasible or solution.status == "infeasible"):
+        raise AssertionError("the solver returned a schedule that misses a target; this is a bug")
+    result.energy_j = outcome.energy_j
+    result.accuracy = outcome.accuracy
+    result.per_device_runtime_s = outcome.per_device_runtime_s
+    result.objective_value = solution.objective
+    result.objective_lower_bound = solution.lower_bound
+    result.gap = solution.gap
+    if settings.objective == "energy":
+        result.lower_bound_j = solution.lower_bound
+    counts = np.bincount(choice, minlength=len(predictions.options))
+    result.assignments = {o.key: int(c) for o, c in zip(predictions.options, counts) if c}
+    result.schedule = schedule_frame(predictions, settings, choice, query_ids)
+
+
+def schedule_frame(predictions: Predictions, settings: PlanSettings, choice: np.ndarray,
+                   query_ids: np.ndarray) -> pd.DataFrame:
+    """The schedule: per device, queries grouped by model (each model loaded once, in order
+    of first use) and in workload order within a model; ``device_start_s`` is when each query
+    starts on its device (after its model's load time when loads are counted)."""
+    n = len(choice)
+    rows = np.arange(n)
+    options = predictions.options
+    frame = pd.DataFrame({
+        "id": query_ids, "model": [options[c].model for c in choice], "device": [options[c].device for c in choice],
+        "input_tokens": predictions.input_tokens[rows, choice], "output_tokens": predictions.output_tokens,
+        "predicted_energy_j": predictions.energy_j[rows, choice],
+        "predicted_runtime_s": predictions.runtime_s[rows, choice],
+        "accuracy": predictions.accuracy[choice], "option": choice, "position": rows,
+        "in_domain": predictions.in_domain[rows, choice], "clamped": predictions.clamped[rows, choice],
+    })
+    first_use = frame.groupby("option")["position"].transform("min")
+    frame = frame.assign(first_use=first_use).sort_values(["device", "first_use", "position"], kind="stable")
+    load = np.array([o.load_s for o in options]) if settings.count_load else np.zeros(len(options))
+    new_model = frame["option"].ne(frame.groupby("device")["option"].shift())
+    load_before = np.where(new_model, load[frame["option"].to_numpy()], 0.0)
+    elapsed = frame["predicted_runtime_s"].to_numpy() + load_before
+    end = pd.Series(elapsed, index=frame.index).groupby(frame["device"]).cumsum().to_numpy()
+    frame["device_start_s"] = end - frame["predicted_runtime_s"].to_numpy()
+    columns = ["id", "model", "device", "input_tokens", "output_tokens", "predicted_energy_j", "predicted_runtime_s",
+               "accuracy", "device_start_s", "in_domain", "clamped"]
+    return frame[columns].reset_index(drop=True)
+
+
+# -- what each constraint costs ----------------------------------------------------------------
+
+def constraint_costs(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
+                     result: PlanResult) -> list[dict]:
+    """Per constraint: binding or not, and what relaxing it by one step is worth, measured by
+    re-solving (one accuracy point; 10% more time on a device). Energy objective only."""
+    if settings.objective != "energy" or result.energy_j is None:
+        return []
+    costs = []
+    quick = PlanSettings(**{**asdict(settings), "time_limit_s": min(settings.time_limit_s, 10.0)})
+    if settings.accuracy_target is not None:
+        slack = result.accuracy - settings.accuracy_target
+        harder = PlanSettings(**{**asdict(quick), "accuracy_target": settings.accuracy_target + ACCURACY_STEP})
+        entry = {"constraint": "accuracy", "binding": slack < 1e-3, "value": result.accuracy,
+                 "limit": settings.accuracy_target}
+        if settings.accuracy_target + ACCURACY_STEP > 1:
+            entry["text"] = "The accuracy target is at its maximum."
+        else:
+            other = solve(build_problem(predictions, harder, allowed), gap_target=quick.gap_target,
+                          time_limit_s=quick.time_limit_s)
+            if other.status in ("optimal", "feasible"):
+                extra = evaluate(predictions, harder, allowed, other.choice).energy_j - result.energy_j
+                entry["delta_energy_j"] = extra
+                entry["text"] = (f"One more accuracy point ({settings.accuracy_target:.2f} → "
+                                 f"{settings.accuracy_target + ACCURACY_STEP:.2f}) costs {format_energy(extra)}.")
+            else:
+                entry["text"] = (f"One more accuracy point ({settings.accuracy_target + ACCURACY_STEP:.2f}) "
+                                 "cannot be reached under the other constraints.")
+        if not entry["binding"]:
+            entry["text"] = (f"The accuracy target is not binding: the cheapest schedule already reaches "
+                             f"{result.accuracy:.3f}. " + entry["text"])
+        costs.append(entry)
+    for device in predictions.devices:
+        limit = settings.device_deadline(device)
+        if limit is None:
+            continue
+        used = result.per_device_runtime_s.get(device, 0.0)
+        entry = {"constraint": f"deadline {device}", "binding": used >= limit * (1 - 1e-3), "value": used,
+                 "limit": limit}
+        if entry["binding"]:
+            looser = PlanSettings(**{**asdict(quick), "deadlines_s": {**settings.deadlines_s,
+                                                                         device: limit * (1 + DEADLINE_STEP)}})
+            other = solve(build_problem(predictions, looser, allowed), gap_target=quick.gap_target,
+                          time_limit_s=quick.time_limit_s)
+            saved = result.energy_j - evaluate(predictions, looser, allowed, other.choice).energy_j \
+                if other.status in ("optimal", "feasible") else math.nan
+            entry["delta_energy_j"] = -saved
+            entry["text"] = (f"The {device} deadline is binding: {DEADLINE_STEP:.0%} more time there "
+                             f"({format_duration(limit * DEADLINE_STEP)}) would save {format_energy(saved)}.")
+        else:
+            entry["text"] = (f"The {device} deadline is not binding: the schedule uses {used / limit:.0%} of it "
+                             f"({format_duration(used)} of {format_duration(limit)}).")
+        costs.append(entry)
+    return costs
+
+
+# -- when there is no schedule ---------------------------------------------------------------
+
+def _diagnose(result: PlanResult, predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
+              solution: Solution, query_ids: np.ndarray) -> None:
+    """Say which constraint makes the plan infeasible and the best value that can be reached."""
+    lines = result.diagnosis
+    if solution.status == "no_option":
+        stuck = solution.unassignable
+        shown = ", ".join(str(q) for q in query_ids[stuck[:8]]) + (f" and {len(stuck) - 8} more" if len(stuck) > 8 else "")
+        best = float(predictions.accuracy.max())
+        lines.append(f"{len(stuck)} quer{'y' if len(stuck) == 1 else 'ies'} ({shown}) ask for a minimum accuracy above "
+                     f"every available model (the best is {best:.3f}); lower their min_accuracy or add a better model.")
+        result.best_achievable["min_accuracy"] = best
+        return
+    weights = accuracy_weights(predictions, settings.accuracy_mode)
+    rows = np.arange(len(predictions.output_tokens))
+    most_accurate = np.argmax(np.where(allowed, predictions.accuracy[None, :] + 0 * weights, -np.inf), axis=1)
+    best_accuracy = float((predictions.accuracy[most_accurate] * weights[rows, most_accurate]).sum()
+                          / weights[rows, most_accurate].sum())
+    has_deadlines = any(settings.device_deadline(d) is not None for d in predictions.devices)
+    target = settings.accuracy_target
+    if target is not None and target > best_accuracy + 1e-9:
+        lines.append(f"The accuracy target {target:.3f} is above the best achievable {best_accuracy:.3f} "
+                     f"(every query on the most accurate model it may use, {settings.accuracy_mode}-weighted).")
+        result.best_achievable["accuracy"] = best_accuracy
+        return
+    def needed_deadlines(scale: float) -> dict[str, float]:
+        return {d: settings.device_deadline(d) * scale for d in predictions.devices
+                if settings.device_deadline(d) is not None}
+
+    def describe(needed: dict[str, float]) -> str:
+        return ", ".join(f"{d} {format_duration(s)}" for d, s in needed.items())
+
+    if has_deadlines:
+        no_target = PlanSettings(**{**asdict(settings), "accuracy_target": None, "min_share": {}})
+        alone = _minimum_deadline_scale(predictions, no_target, allowed)
+        if alone is None or alone > 1:
+            if alone is None:
+                lines.append("The deadlines cannot be met even ignoring accuracy, not even 1000 times longer.")
+                return
+            needed = needed_deadlines(alone)
+            lines.append("The deadlines cannot be met even ignoring accuracy: the fastest schedule needs them about "
+                         f"{alone:.2f} times longer ({describe(needed)}).")
+            result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
+            return
+    if has_deadlines and target is not None:
+        # The most accurate schedule the deadlines allow.
+        problem = build_problem(predictions, no_target, allowed)
+        problem.cost = -(predictions.accuracy[None, :] * weights)
+        best = solve(problem, time_limit_s=min(settings.time_limit_s, 10.0))
+        if best.status in ("optimal", "feasible"):
+            reachable = evaluate(predictions, no_target, allowed, best.choice).accuracy
+            if reachable < target - 1e-9:
+                lines.append(f"With these deadlines the accuracy target {target:.3f} cannot be met: the most accurate "
+                             f"schedule that meets every deadline reaches {reachable:.3f}.")
+                result.best_achievable["accuracy"] = reachable
+        scale = _minimum_deadline_scale(predictions, PlanSettings(**{**asdict(settings), "min_share": {}}), allowed)
+        if scale is not None and scale > 1:
+            needed = needed_deadlines(scale)
+            lines.append("To reach the accuracy target, the deadlines must grow by a factor of about "
+                         f"{scale:.2f}: {describe(needed)}.")
+            result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
+        if lines:
+            return
+    if settings.min_share:
+        lines.append("The minimum shares per model cannot be met together with the other constraints; lower them.")
+        return
+    if solution.status == "unsolved":
+        lines.append(f"No schedule was found within the time limit of {settings.time_limit_s:.0f} s; "
+                     "try a longer time limit.")
+    else:
+        violated = ", ".join(solution.violations) or ", ".join(solution.capped_rows)
+        lines.append(f"These constraints cannot be met together: {violated}.")
+
+
+def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
+                            steps: int = 12) -> float | None:
+    """The smallest factor on every deadline that makes the plan feasible (bisection on
+    whole solves), or None when even 1000x is not enough."""
+    def feasible(scale: float) -> bool:
+        scaled = PlanSettings(**{**asdict(settings),
+                                 "deadline_s": None if settings.deadline_s is None else settings.deadline_s * scale,
+                                 "deadlines_s": {d: s * scale for d, s in settings.deadlines_s.items()},
+                                 "time_limit_s": min(settings.time_limit_s, 5.0)})
+        return solve(build_problem(predictions, scaled, allowed), time_limit_s=scaled.time_limit_s).status \
+            in ("optimal", "feasible")
+
+    low, high = 1.0, 2.0
+    while not feasible(high):
+        low, high = high, high * 4
+        if high > 1000:
+            return None
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        if feasible(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+# -- curves ------------------------------------------------------------------------------
+
+def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, *, vary: str = "accuracy",
+                 points: int = 9) -> pd.DataFrame:
+    """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed.
+
+    Returns columns value (target or deadline s), energy_j, accuracy, makespan_s, status.
+    """
+    rows = []
+    weights = accuracy_weights(predictions, settings.accuracy_mode)
+    index = np.arange(len(predictions.output_tokens))
+    if vary == "accuracy":
+        cheapest = np.argmin(np.where(allowed, predictions.energy_j, np.inf), axis=1)
+        most = np.argmax(np.where(allowed, predictions.accuracy[None, :], -np.inf), axis=1)
+        low = float((predictions.accuracy[cheapest] * weights[index, cheapest]).sum() / weights[index, cheapest].sum())
+        high = float((predictions.accuracy[most] * weights[index, most]).sum() / weights[index, most].sum())
+        values = np.linspace(low, high, points)
+    else:
+        fastest = float(predictions.runtime_s.min(axis=1).sum()) / max(len(predictions.devices), 1)
+        slowest = float(predictions.runtime_s.max(axis=1).sum())
+        values = np.geomspace(max(fastest, 1e-6), max(slowest, fastest * 2, 1e-6), points)
+    for value in values:
+        changed = {"accuracy_target": float(value)} if vary == "accuracy" else {"deadline_s": float(value),
+                                                                              "deadlines_s": {}}
+        varied = PlanSettings(**{**asdict(settings), **changed, "time_limit_s": min(settings.time_limit_s, 10.0)})
+        solution = solve(build_problem(predictions, varied, allowed), gap_target=varied.gap_target,
+                         time_limit_s=varied.time_limit_s)
+        if solution.status in ("optimal", "feasible"):
+            outcome = evaluate(predictions, varied, allowed, solution.choice)
+            rows.append({"value": float(value), "energy_j": outcome.energy_j, "accuracy": outcome.accuracy,
+                         "makespan_s": outcome.makespan_s, "status": solution.status})
+        else:
+            rows.append({"value": float(value), "energy_j": math.nan, "accuracy": math.nan, "makespan_s": math.nan,
+                         "status": solution.status})
+    return pd.DataFrame(rows)
+
+
+# -- formatting --------------------------------------------------------------------------
+
+def format_energy(joules: float) -> str:
+    """J, kJ or MJ with the kWh beside large values."""
+    if joules is None or not math.isfinite(joules):
+        return "an unknown amount"
+    magnitude = abs(joules)
+    if magnitude < 1e3:
+        return f"{joules:,.1f} J"
+    if magnitude < 1e6:
+        return f"{joules / 1e3:,.2f} kJ"
+    return f"{joules / 1e6:,.2f} MJ ({joules / 3.6e6:,.2f} kWh)"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.1f} min"
+    return f"{seconds / 3600:,.1f} h"
+
+
+__all__ = ["PlanOption", "PlanResult", "PlanSettings", "Predictions", "baselines", "build_problem",
+           "check_assignment", "constraint_costs", "evaluate", "make_plan", "pareto_curve", "predict_options",
+           "schedule_frame"]

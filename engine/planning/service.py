@@ -1,0 +1,159 @@
+"""Planning a stored or uploaded workload against the database: the one call the CLI and
+the Plan page share, and how plans are stored, listed, loaded and written out."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.catalog import get_model
+from engine.errors import InputError, Problem
+from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
+from engine.planning.plan import PlanResult, PlanSettings, make_plan
+from engine.planning.workload import Workload, planning_tokens, store_workload
+from engine.store import Store, append_frame
+
+SCHEDULE_COLUMNS = ("id", "model", "device", "input_tokens", "output_tokens", "predicted_energy_j",
+                    "predicted_runtime_s", "accuracy", "device_start_s")
+
+
+def choose_options(store: Store, settings: PlanSettings, only: list[str] | None = None,
+                   load_costs: dict[str, tuple[float, float]] | None = None) -> tuple[list[PlanOption], list[str]]:
+    """The options a plan may use: every fitted (model, device) with an accuracy, or those
+    named in ``only`` ("model@device"), with the planner's load costs."""
+    options, notes = load_options(store, settings.energy_scope)
+    if only:
+        known = {o.key: o for o in options}
+        unknown = [key for key in only if key not in known]
+        if unknown:
+            raise InputError([Problem("options", f"{key!r} is not an available option", None,
+                                      ", ".join(known) or "a fitted model@device") for key in unknown])
+        options = [known[key] for key in only]
+    if load_costs:
+        options = with_load_costs(options, load_costs)
+    return options, notes
+
+
+def plan_workload(store: Store, workload: Workload, settings: PlanSettings, *,
+                  default_output_tokens: int | None = None, only: list[str] | None = None,
+                  load_costs: dict[str, tuple[float, float]] | None = None, tokenizer_factory=None,
+                  save: bool = True, explain: bool = True, started: float | None = None) -> PlanResult:
+    """Plan ``workload`` with the fitted options in ``store``; store workload and plan.
+
+    ``started`` is when the workload finished parsing (defaults to now): ``plan_s`` of the
+    result counts from then, through tokenizing, predicting, solving and the baselines.
+    """
+    started = time.perf_counter() if started is None else started
+    settings.validate()
+    options, notes = choose_options(store, settings, only, load_costs)
+    if not options:
+        predict_options([], {}, np.zeros(0))  # raises the "nothing to plan with" message
+    entries = []
+    for model in dict.fromkeys(o.model for o in options):
+        entry = get_model(store, model)
+        if entry is None:  # removed from the catalog between listing and planning
+            raise InputError(Problem("options", f"{model!r} is no longer in the catalog", None, "a catalog model"))
+        entries.append(entry)
+    tokens = planning_tokens(workload, entries, default_output_tokens, tokenizer_factory=tokenizer_factory)
+    predictions = predict_options(options, tokens.input_tokens, tokens.output_tokens)
+    warnings = list(workload.warnings) + tokens.warnings + notes
+    if workload.dropped:
+        warnings.append(f"{len(workload.dropped)} bad row{'s were' if len(workload.dropped) > 1 else ' was'} "
+                        "dropped from the workload before planning")
+    result = make_plan(predictions, settings, query_ids=workload.queries["query_id"].to_numpy(dtype=object),
+                       min_accuracy=workload.queries["min_accuracy"].to_numpy(dtype=float), explain=explain,
+                       started=started, warnings=warnings)
+    if save:
+        workload_id = workload.workload_id
+        if workload_id is None:
+            workload_id = store_workload(store, workload)
+            workload.workload_id = workload_id
+        result.workload_id = workload_id
+        result.plan_id = store_plan(store, result, workload_id)
+    return result
+
+
+# -- storage ----------------------------------------------------------------------------
+
+def _json(value) -> str:
+    return json.dumps(value, default=str, allow_nan=False)
+
+
+def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int:
+    """The plan, its settings and baselines, and (when it has one) its schedule, in one transaction."""
+    document = result.to_json()
+    params = {key: document[key] for key in ("settings", "warnings", "diagnosis", "best_achievable",
+                                             "constraint_costs", "plan_s", "energy_estimated", "objective_value",
+                                             "objective_lower_bound", "per_device_runtime_s", "assignments")}
+    params["options"] = result.options
+    params["solver"] = _clean_solver(result.solver)
+    settings = result.settings
+    with store.transaction() as con:
+        plan_id = int(con.execute(
+            """INSERT INTO plans (workload_id, objective, energy_scope, accuracy_target, accuracy_mode, deadline_s,
+                                  zeta, status, energy_j, lower_bound_j, gap, solve_s, accuracy, params, baselines)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+            [workload_id, settings.objective, settings.energy_scope, settings.accuracy_target, settings.accuracy_mode,
+             settings.deadline_s, settings.zeta, result.status, document["energy_j"], document["lower_bound_j"],
+             document["gap"], result.solve_s, document["accuracy"], _json(params),
+             _json(document["baselines"])]).fetchone()[0])
+        if result.schedule is not None:
+            rows = result.schedule.rename(columns={"id": "query_id"}).drop(columns=["clamped"])
+            rows.insert(0, "plan_id", plan_id)
+            append_frame(con, "plan_assignments", rows)
+    return plan_id
+
+
+def _clean_solver(solver: dict) -> dict:
+    return {k: ({name: (float(v) if math.isfinite(v) else None) for name, v in value.items()}
+                if isinstance(value, dict) else value) for k, value in solver.items()}
+
+
+def list_plans(store: Store) -> pd.DataFrame:
+    """Every stored plan, newest first, with its workload's name."""
+    return store.query_df(
+        """SELECT p.id, p.created_at, w.name AS workload, w.n_queries, p.status, p.objective, p.energy_scope,
+                  p.accuracy_target, p.accuracy_mode, p.deadline_s, p.energy_j, p.lower_bound_j, p.gap, p.solve_s,
+                  p.accuracy
+           FROM plans p LEFT JOIN workloads w ON w.id = p.workload_id ORDER BY p.id DESC""")
+
+
+def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
+    """A stored plan's row (with params and baselines decoded) and its schedule in device order."""
+    frame = store.query_df("SELECT *, CAST(params AS VARCHAR) AS params_text, CAST(baselines AS VARCHAR) AS "
+                           "baselines_text FROM plans WHERE id = ?", [int(plan_id)])
+    if frame.empty:
+        raise InputError(Problem("plan", f"no plan with id {plan_id}", None, "an id from the list of plans"))
+    row = frame.iloc[0].to_dict()
+    row["params"] = json.loads(row.pop("params_text") or "{}")
+    row["baselines"] = json.loads(row.pop("baselines_text") or "{}")
+    schedule = store.query_df(
+        """SELECT query_id AS id, model, device, input_tokens, output_tokens, predicted_energy_j, predicted_runtime_s,
+                  accuracy, device_start_s, in_domain
+           FROM plan_assignments WHERE plan_id = ? ORDER BY device, device_start_s, rowid""", [int(plan_id)])
+    return row, schedule
+
+
+def schedule_csv(schedule: pd.DataFrame) -> str:
+    """The schedule CSV of DESIGN.md (plus in_domain), as text."""
+    columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain",) if c in schedule.columns]
+    buffer = io.StringIO()
+    schedule[columns].to_csv(buffer, index=False, float_format="%.6g")
+    return buffer.getvalue()
+
+
+def write_schedule(schedule: pd.DataFrame, path: str | Path) -> Path:
+    """Write the schedule CSV; refuses a directory and a missing parent folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(Problem(str(target), "is a directory", None, "a file path for the schedule CSV"))
+    if not target.parent.exists():
+        raise InputError(Problem(str(target), "its folder does not exist", None, "a path in an existing folder"))
+    target.write_text(schedule_csv(schedule), encoding="utf-8")
+    return target

@@ -1,0 +1,498 @@
+"""The assignment problem behind a plan, solved exactly enough to prove it (python-mip).
+
+Every query goes to exactly one option (a model on a device); a few *coupling* rows tie
+the queries together: the mean-accuracy target, one deadline per device, optionally a
+minimum share per model. Objective: the sum of per-query costs (energy in J, or the
+paper's ζ-weighted cost), plus an optional one-off cost per option that is used (loading
+the model on the device).
+
+Why it scales. With N queries and m coupling rows, a basic optimal solution of the LP
+relaxation splits at most m queries between options; every other query sits at its
+cheapest option under the rows' prices. So:
+
+1. Identical queries (same costs, coefficients and allowed options) are grouped; an
+   integer count per (group, option) replaces one binary per (query, option) without
+   changing the problem.
+2. The rows are priced by Lagrangian relaxation: for prices λ ≥ 0 each group independently
+   takes its cheapest option under cost + λ·coefficients, which is a vectorised argmin.
+   The dual function L(λ) is maximised by Kelley's cutting planes, the master being a
+   tiny LP solved by python-mip. *Every* L(λ) is a valid lower bound on the integer
+   optimum (weak duality), so the bound we report is proven whatever happens next.
+3. Groups whose best option wins by a clear margin under the final prices are fixed
+   there; the near-ties (the LP's fractional queries and their neighbours) stay free and
+   python-mip (CBC) solves that integer problem, with the fixed groups' usage as
+   constants in the rows. If the free set is too small to repair the rows, it grows.
+   Small problems simply leave every group free: then CBC solves the whole problem and
+   its own bound is global.
+
+Infeasibility is found, not guessed: each row gets a slack at a large price, so the dual
+stays bounded and the integer model always has a solution; a positive slack in a problem
+where nothing was fixed, or a row whose price reaches its cap, means that row cannot be
+met, and the slack says by how much.
+
+Results are checked beside the solver: :func:`check_assignment` recomputes the objective
+and every row from the assignment alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mip
+import numpy as np
+
+ROW_SENSES = ("<=", ">=")
+# Price cap on a normalised row (cost units per normalised unit of violation). A row whose
+# price reaches it cannot be met by the LP relaxation.
+PRICE_CAP = 1.0e4
+DEFAULT_TIME_LIMIT_S = 30.0
+DEFAULT_GAP_TARGET = 1.0e-3
+FULL_MIP_MAX_VARS = 6_000      # up to this many (group, option) pairs, CBC gets the whole problem
+_TOLERANCE = 1e-9
+
+
+@dataclass
+class CouplingRow:
+    """One linear row over all (query, option) pairs: Σ coef[i, k]·x[i, k] (+ Σ open_coef[k]·y[k]) sense rhs.
+
+    ``coef`` is (N, K); ``open_coef`` (K,) counts once for each option that is used (a model's
+    load time on a device's deadline). ``kind`` is what the row means ("accuracy",
+    "deadline", "share"), for the messages built on top.
+    """
+
+    name: str
+    coef: np.ndarray
+    sense: str
+    rhs: float
+    kind: str = ""
+    open_coef: np.ndarray | None = None
+
+
+@dataclass
+class AssignmentProblem:
+    """N queries x K options. ``cost`` (N, K); ``allowed`` (N, K) bool; ``open_cost`` (K,)
+    is paid once per used option (None: nothing). Disallowed entries of ``cost`` and the rows'
+    coefficients are ignored (they may be NaN)."""
+
+    cost: np.ndarray
+    allowed: np.ndarray
+    rows: list[CouplingRow] = field(default_factory=list)
+    open_cost: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cost.shape
+
+
+@dataclass
+class Solution:
+    """What :func:`solve` found.
+
+    status: 'optimal' (gap ≤ the target), 'feasible' (a schedule, gap above the target),
+    'infeasible' (``violations`` says which rows and by how much; ``choice`` is then the
+    least-violating schedule found), or 'no_option' (some query has no allowed option;
+    ``unassignable`` lists them).
+    choice: option index per query (-1 where none). objective: recomputed from ``choice``.
+    lower_bound: proven lower bound on the optimum. gap: (objective − lower_bound) / |objective|.
+    prices: per row, the marginal objective per unit of its right-hand side (LP dual, ≥ 0).
+    row_values: per row, its left-hand side under ``choice``. violations: per row, how far
+    ``choice`` misses it (only rows that are missed).
+    """
+
+    status: str
+    choice: np.ndarray
+    objective: float
+    lower_bound: float
+    gap: float
+    solve_s: float
+    prices: dict[str, float] = field(default_factory=dict)
+    row_values: dict[str, float] = field(default_factory=dict)
+    violations: dict[str, float] = field(default_factory=dict)
+    capped_rows: list[str] = field(default_factory=list)
+    unassignable: np.ndarray | None = None
+    method: str = ""
+    n_groups: int = 0
+    n_free_groups: int = 0
+    dual_iterations: int = 0
+    mip_status: str = ""
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence the C library's own prints (CLP says "Empty problem ..." even at verbose 0),
+    so that ``--json`` output on stdout stays one JSON document."""
+    with _STDOUT_LOCK:
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError):
+            yield
+            return
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+_GC_LOCK = threading.Lock()
+_gc_holders = 0
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while python-mip works.
+
+    A python-mip Model sits in reference cycles, so it is freed by the cyclic collector at
+    an arbitrary moment; if that moment falls inside cffi's first lookup of a library
+    function (which holds cffi's lock), the Model's ``__del__`` asks for the same lock and
+    the process hangs. Seen here; pausing the collector during a solve avoids it.
+    """
+    global _gc_holders
+    with _GC_LOCK:
+        _gc_holders += 1
+        was_enabled = gc.isenabled()
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _gc_holders -= 1
+            if _gc_holders == 0 and was_enabled:
+                gc.enable()
+
+
+def _optimize(model: mip.Model, **kwargs) -> mip.OptimizationStatus:
+    with _quiet_stdout():
+        return model.optimize(**kwargs)
+
+
+# -- checking --------------------------------------------------------------------------
+
+def check_assignment(problem: AssignmentProblem, choice: np.ndarray) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Objective, row values and violations of an assignment, from scratch.
+
+    Raises ValueError when a query is unassigned or sent to an option it may not use.
+    """
+    n, k = problem.shape
+    choice = np.asarray(choice)
+    if choice.shape != (n,) or (choice < 0).any() or (choice >= k).any():
+        raise ValueError("every query needs exactly one option")
+    idx = np.arange(n)
+    if not problem.allowed[idx, choice].all():
+        raise ValueError("a query was sent to an option it may not use")
+    used = np.zeros(k, dtype=bool)
+    used[np.unique(choice)] = True
+    objective = float(problem.cost[idx, choice].sum())
+    if problem.open_cost is not None:
+        objective += float(problem.open_cost[used].sum())
+    values, violations = {}, {}
+    for row in problem.rows:
+        value = float(row.coef[idx, choice].sum())
+        if row.open_coef is not None:
+            value += float(row.open_coef[used].sum())
+        values[row.name] = value
+        miss = value - row.rhs if row.sense == "<=" else row.rhs - value
+        if miss > 1e-7 * max(1.0, abs(row.rhs)):
+            violations[row.name] = miss
+    return objective, values, violations
+
+
+# -- the solver ------------------------------------------------------------------------
+
+@dataclass
+class _Normalised:
+    """The problem on groups, rows in ≤ form, everything scaled to O(1)."""
+
+    cost: np.ndarray          # (G, K) scaled; +inf where not allowed
+    coef: np.ndarray          # (m, G, K) scaled, ≤ form; 0 where not allowed
+    rhs: np.ndarray           # (m,) scaled
+    counts: np.ndarray        # (G,) int
+    members: np.ndarray       # query indices, group by group (group g owns counts[g] of them)
+    cost_scale: float
+    row_scale: np.ndarray     # (m,) original = scaled * row_scale * sign
+    row_sign: np.ndarray      # (m,) +1 for ≤ rows, -1 for ≥ rows
+
+
+def _group(problem: AssignmentProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups of identical queries: representative indices, counts, and every query index
+    listed group by group."""
+    n, k = problem.shape
+    parts = [np.where(problem.allowed, problem.cost, np.inf), problem.allowed.astype(float)]
+    parts += [np.where(problem.allowed, row.coef, 0.0) for row in problem.rows]
+    stacked = np.ascontiguousarray(np.concatenate(parts, axis=1))
+    keys = stacked.view(np.dtype((np.void, stacked.dtype.itemsize * stacked.shape[1]))).reshape(-1)
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    members = np.argsort(inverse, kind="stable")  # group by group, each group's queries ascending
+    return first, counts, members
+
+
+def _normalise(problem: AssignmentProblem) -> _Normalised:
+    first, counts, members = _group(problem)
+    allowed = problem.allowed[first]
+    raw_cost = np.where(allowed, problem.cost[first], np.nan)
+    best = np.nanmin(np.abs(raw_cost), axis=1)
+    cost_scale = float(np.mean(best)) if np.isfinite(best).all() and np.mean(best) > 0 else 1.0
+    cost = np.where(allowed, raw_cost / cost_scale, np.inf)
+    m = len(problem.rows)
+    g, k = allowed.shape
+    coef = np.zeros((m, g, k))
+    rhs = np.zeros(m)
+    row_scale = np.ones(m)
+    row_sign = np.ones(m)
+    for j, row in enumerate(problem.rows):
+        sign = 1.0 if row.sense == "<=" else -1.0
+        values = np.where(allowed, row.coef[first], 0.0) * sign
+        typical = float(np.mean(np.abs(values[allowed]))) if allowed.any() else 0.0
+        scale = typical if typical > 0 else max(abs(row.rhs) / max(counts.sum(), 1), 1.0)
+        coef[j] = values / scale
+        rhs[j] = sign * row.rhs / scale
+        row_scale[j], row_sign[j] = scale, sign
+    return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign)
+
+
+def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """L(λ) (scaled), a subgradient, and the reduced costs (G, K)."""
+    reduced = norm.cost + np.tensordot(prices, norm.coef, axes=1) if len(prices) else norm.cost.copy()
+    best = np.argmin(reduced, axis=1)
+    rows = np.arange(len(best))
+    value = float(norm.counts @ reduced[rows, best]) - float(prices @ norm.rhs)
+    usage = np.einsum("mg,g->m", norm.coef[:, rows, best], norm.counts) if len(prices) else np.zeros(0)
+    return value, usage - norm.rhs, reduced
+
+
+def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
+                   max_iterations: int = 200) -> tuple[float, np.ndarray, np.ndarray, int]:
+    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip.
+
+    Returns the best L found (a valid lower bound), its λ, its reduced costs, iterations.
+    """
+    m = len(norm.rhs)
+    prices = np.zeros(m)
+    value, subgradient, reduced = _lagrangian(norm, prices)
+    best = (value, prices.copy(), reduced)
+    if m == 0 or (subgradient <= 1e-12).all():
+        return best[0], best[1], best[2], 1  # the unconstrained choice already meets every row
+    master = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
+    master.verbose = 0
+    master.threads = 1
+    theta = master.add_var(lb=-mip.INF, name="theta")
+    lam = [master.add_var(lb=0.0, ub=PRICE_CAP, name=f"lambda{j}") for j in range(m)]
+    master.objective = mip.maximize(theta)
+    iterations = 1
+    while iterations < max_iterations and time.perf_counter() < deadline:
+        # θ ≤ L(λt) + g·(λ − λt)
+        master += theta - mip.xsum(float(subgradient[j]) * lam[j] for j in range(m)) <= \
+            value - float(subgradient @ prices)
+        status = _optimize(master, relax=True)
+        if status != mip.OptimizationStatus.OPTIMAL:
+            break
+        upper = float(master.objective_value)
+        if upper - best[0] <= tolerance * max(1.0, abs(best[0])):
+            break
+        prices = np.array([min(max(v.x, 0.0), PRICE_CAP) for v in lam])
+        value, subgradient, reduced = _lagrangian(norm, prices)
+        iterations += 1
+        if value > best[0]:
+            best = (value, prices.copy(), reduced)
+    return best[0], best[1], best[2], iterations
+
+
+def _free_groups(reduced: np.ndarray, allowed: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_free`` groups closest to a tie under the prices, and per group the options
+    worth offering (within the largest free margin of the best)."""
+    ordered = np.sort(np.where(allowed, reduced, np.inf), axis=1)
+    second = ordered[:, 1] if ordered.shape[1] > 1 else np.full(len(ordered), np.inf)
+    margin = second - ordered[:, 0]
+    n_free = min(n_free, len(margin))
+    free = np.argsort(margin, kind="stable")[:n_free]
+    threshold = float(margin[free].max()) if n_free else 0.0
+    if not math.isfinite(threshold):
+        finite = margin[free][np.isfinite(margin[free])]
+        threshold = float(finite.max()) if len(finite) else 0.0
+    offered = allowed[free] & (reduced[free] <= ordered[free, :1] + threshold + 1e-12)
+    return free, offered
+
+
+def _restricted_mip(problem: AssignmentProblem, norm: _Normalised, base_choice: np.ndarray,
+                    free: np.ndarray, offered: np.ndarray, time_limit_s: float,
+                    slack_price: float, relative_gap: float, absolute_gap: float) -> tuple[np.ndarray | None, str, float | None, np.ndarray]:
+    """CBC on the free groups (integer counts per offered option), the rest fixed at
+    ``base_choice``. Returns per-group option counts (G, K), CBC's status, its bound
+    (scaled, only meaningful when nothing was fixed) and the slacks (scaled)."""
+    g, k = norm.cost.shape
+    m = len(norm.rhs)
+    fixed = np.ones(g, dtype=bool)
+    fixed[free] = False
+    fixed_usage = np.zeros(m)
+    fixed_cost = 0.0
+    fixed_open = np.zeros(k, dtype=bool)
+    fixed_groups = np.flatnonzero(fixed)
+    if len(fixed_groups):
+        chosen = base_choice[fixed_groups]
+        fixed_usage = np.einsum("mg,g->m", norm.coef[:, fixed_groups, chosen], norm.counts[fixed_groups])
+        fixed_cost = float(norm.cost[fixed_groups, chosen] @ norm.counts[fixed_groups])
+        fixed_open[np.unique(chosen)] = True
+
+    model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+    model.verbose = 0
+    model.threads = 1
+    terms_cost, terms_rows = [], [[] for _ in range(m)]
+    per_option: list[list] = [[] for _ in range(k)]
+    variables = []
+    for position, group in enumerate(free):
+        options = np.flatnonzero(offered[position])
+        count = int(norm.counts[group])
+        group_vars = []
+        for option in options:
+            var = model.add_var(var_type=mip.INTEGER, lb=0, ub=count)
+            group_vars.append(var)
+            variables.append((group, option, var))
+            terms_cost.append(float(norm.cost[group, option]) * var)
+            per_option[option].append(var)
+            for j in range(m):
+                c = float(norm.coef[j, group, option])
+                if c != 0.0:
+                    terms_rows[j].append(c * var)
+        model += mip.xsum(group_vars) == count
+    open_terms, open_rows = [], [[] for _ in range(m)]
+    if problem.open_cost is not None or any(r.open_coef is not None for r in problem.rows):
+        open_cost = problem.open_cost if problem.open_cost is not None else np.zeros(k)
+        for option in range(k):
+            if not per_option[option] and not fixed_open[option]:
+                continue
+            if fixed_open[option]:
+                opened: object = 1.0
+            else:
+                y = model.add_var(var_type=mip.BINARY)
+                free_count = sum(int(norm.counts[gr]) for gr, op, _ in variables if op == option)
+                model += mip.xsum(per_option[option]) <= free_count * y
+                opened = y
+            open_terms.append(float(open_cost[option]) / norm.cost_scale * opened)
+            for j, row in enumerate(problem.rows):
+                if row.open_coef is not None and row.open_coef[option] != 0.0:
+                    open_rows[j].append(float(norm.row_sign[j] * row.open_coef[option] / norm.row_scale[j]) * opened)
+    slacks = [model.add_var(lb=0.0) for _ in range(m)]
+    for j in range(m):
+        model += mip.xsum(terms_rows[j] + open_rows[j]) + float(fixed_usage[j]) - slacks[j] <= float(norm.rhs[j])
+    model.objective = mip.minimize(mip.xsum(terms_cost + open_terms) + fixed_cost
+                                   + mip.xsum(slack_price * s for s in slacks))
+    # The proof of the plan's gap comes from the Lagrangian bound (or from CBC's own bound
+    # when nothing is fixed); CBC only has to close the part of the gap it owns.
+    model.max_mip_gap = relative_gap
+    model.max_mip_gap_abs = absolute_gap
+    status = _optimize(model, max_seconds=max(time_limit_s, 0.5))
+    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+        return None, status.name.lower(), None, np.zeros(m)
+    counts = np.zeros((g, k), dtype=np.int64)
+    counts[fixed_groups, base_choice[fixed_groups]] = norm.counts[fixed_groups]
+    for group, option, var in variables:
+        counts[group, option] = int(round(var.x))
+    slack = np.array([max(s.x, 0.0) for s in slacks])
+    bound = float(model.objective_bound) if status == mip.OptimizationStatus.OPTIMAL else None
+    return counts, status.name.lower(), bound, slack
+
+
+def _disaggregate(norm: _Normalised, counts: np.ndarray, n: int) -> np.ndarray:
+    """Per-query options from per-group counts: a group's queries take its options in order."""
+    g, k = counts.shape
+    options = np.repeat(np.tile(np.arange(k), g), counts.ravel())
+    choice = np.full(n, -1, dtype=np.int64)
+    choice[norm.members] = options
+    return choice
+
+
+def solve(problem: AssignmentProblem, *, gap_target: float = DEFAULT_GAP_TARGET,
+          time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS) -> Solution:
+    """Minimise the objective subject to the rows; see the module docstring for how."""
+    with _collector_paused():
+        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars)
+
+
+def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int) -> Solution:
+    started = time.perf_counter()
+    deadline = started + time_limit_s
+    n, k = problem.shape
+    allowed = problem.allowed & np.isfinite(problem.cost)
+    if allowed is not problem.allowed:
+        problem = AssignmentProblem(problem.cost, allowed, problem.rows, problem.open_cost)
+    stranded = np.flatnonzero(~allowed.any(axis=1))
+    if n == 0 or len(stranded):
+        return Solution("no_option", np.full(n, -1), math.nan, math.nan, math.nan,
+                        time.perf_counter() - started, unassignable=stranded)
+    norm = _normalise(problem)
+    g = len(norm.counts)
+    lower_scaled, prices, reduced, iterations = _maximise_dual(norm, deadline)
+    capped = [problem.rows[j].name for j in range(len(prices)) if prices[j] >= PRICE_CAP * (1 - 1e-9)]
+    group_allowed = np.isfinite(norm.cost)
+    base_choice = np.argmin(reduced, axis=1)
+    slack_price = PRICE_CAP * 10.0
+    n_pairs = int(group_allowed.sum())
+    method = "Lagrangian prices + CBC on the near-ties"
+    # Start from the near-ties; grow the free set until the proven gap is small enough, the
+    # rows can be met, or the whole problem is in CBC (only when it is small enough).
+    n_free = min(g, max(64, 8 * (len(norm.rhs) + 1) ** 2))
+    if n_pairs <= full_mip_max_vars // 8:
+        n_free = g  # tiny: CBC proves it directly
+    proven_infeasible = bool(capped)
+    lower = lower_scaled * norm.cost_scale
+    best: tuple | None = None  # (violates, objective, choice, row values, violations)
+    while True:
+        free, offered = _free_groups(reduced, group_allowed, n_free)
+        if n_free >= g:
+            offered = group_allowed[free]
+        everything_free = n_free >= g and int(offered.sum()) == n_pairs
+        remaining = deadline - time.perf_counter()
+        # CBC must close only the part of the gap it owns: with everything free its own bound
+        # is the proof (relative gap); otherwise the Lagrangian bound is (absolute gap).
+        counts, mip_status, bound, slack = _restricted_mip(
+            problem, norm, base_choice, free, offered, min(remaining, 3.0) if proven_infeasible else remaining,
+            slack_price, relative_gap=0.5 * gap_target if everything_free else 1e-6,
+            absolute_gap=0.1 * gap_target * max(abs(lower_scaled), 1e-9))
+        if counts is not None:
+            choice = _disaggregate(norm, counts, n)
+            objective, values, violations = check_assignment(problem, choice)
+            if everything_free and bound is not None and not violations:
+                lower = max(lower, bound * norm.cost_scale)  # CBC's bound on the whole problem
+            candidate = (bool(violations), objective, choice, values, violations)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+            if not best[0] and (best[1] - lower) / max(abs(best[1]), 1e-12) <= 0.2 * gap_target:
+                break
+        if everything_free or proven_infeasible or time.perf_counter() >= deadline:
+            break
+        grown = min(g, n_free * 4)
+        if grown == g and n_pairs > full_mip_max_vars:
+            break  # the whole problem is too big for CBC in one piece; report what was found
+        n_free = grown
+    if best is None:
+        return Solution("unsolved", np.full(n, -1), math.nan, lower, math.nan, time.perf_counter() - started,
+                        capped_rows=capped, method=method, n_groups=g, n_free_groups=len(free),
+                        dual_iterations=iterations, mip_status=mip_status)
+    _, objective, choice, values, violations = best
+    lower = min(lower, objective)
+    gap = (objective - lower) / max(abs(objective), 1e-12)
+    price_values = {row.name: float(prices[j] * norm.cost_scale / norm.row_scale[j])
+                    for j, row in enumerate(problem.rows)}
+    if n_free >= g:
+        method = "whole problem in CBC"
+    if violations:
+        # Proven only when the LP itself needs the slack or CBC saw the whole problem.
+        status = "infeasible" if (everything_free or proven_infeasible) else "unsolved"
+        gap = math.nan
+    else:
+        status = "optimal" if gap <= gap_target else "feasible"
+    return Solution(status, choice, objective, lower, gap, time.perf_counter() - started, price_values, values,
+                    violations, capped, None, method, g, len(free), iterations, mip_status)

@@ -1,0 +1,152 @@
+"""engine.planning.solver: optimality against brute force, proven bounds, infeasibility."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from engine.planning.solver import AssignmentProblem, CouplingRow, check_assignment, solve
+
+
+def random_instance(rng: np.random.Generator, n: int, k: int, *, accuracy_target: float | None,
+                    deadline_share: float | None, open_costs: bool = False) -> AssignmentProblem:
+    """Energies, accuracies and two devices with runtimes; targets set relative to what is possible."""
+    tokens_in = rng.integers(8, 512, n)
+    tokens_out = rng.integers(8, 256, n)
+    size = rng.uniform(1, 10, k)
+    energy = (0.4 * tokens_in[:, None] + 20 * tokens_out[:, None]) * size[None, :] * rng.uniform(0.8, 1.2, (n, k))
+    runtime = (1e-3 * tokens_in[:, None] + 0.04 * tokens_out[:, None]) * np.sqrt(size)[None, :]
+    accuracy = rng.uniform(0.4, 0.7, k)
+    device = np.arange(k) % 2
+    allowed = rng.random((n, k)) > 0.15
+    allowed[np.arange(n), rng.integers(0, k, n)] = True
+    rows = []
+    if accuracy_target is not None:
+        rows.append(CouplingRow("accuracy", np.broadcast_to(accuracy - accuracy_target, (n, k)).copy(), ">=", 0.0))
+    if deadline_share is not None:
+        total = float(np.where(allowed, runtime, np.inf).min(axis=1).sum())
+        for d in (0, 1):
+            rows.append(CouplingRow(f"deadline {d}", np.where(device[None, :] == d, runtime, 0.0), "<=",
+                                    total * deadline_share,
+                                    open_coef=np.where(device == d, 0.5, 0.0) if open_costs else None))
+    return AssignmentProblem(energy, allowed, rows, rng.uniform(50, 500, k) if open_costs else None)
+
+
+def brute_force(problem: AssignmentProblem) -> float:
+    n, k = problem.shape
+    best = np.inf
+    for choice in itertools.product(range(k), repeat=n):
+        choice = np.array(choice)
+        if not problem.allowed[np.arange(n), choice].all():
+            continue
+        objective, _, violations = check_assignment(problem, choice)
+        if not violations:
+            best = min(best, objective)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 9)), int(rng.integers(2, 4))
+    if n * np.log(k) > np.log(7000):
+        n = int(np.log(7000) / np.log(k))
+    problem = random_instance(rng, n, k, accuracy_target=float(rng.uniform(0.45, 0.62)),
+                              deadline_share=float(rng.uniform(0.6, 1.5)), open_costs=bool(seed % 3 == 0))
+    expected = brute_force(problem)
+    solution = solve(problem)
+    if not np.isfinite(expected):
+        assert solution.status == "infeasible"
+        return
+    assert solution.status == "optimal"
+    assert solution.objective == pytest.approx(expected, rel=1e-9)
+    # The bound is a real lower bound and the gap is what it claims.
+    assert solution.lower_bound <= expected * (1 + 1e-9)
+    assert solution.gap == pytest.approx((solution.objective - solution.lower_bound) / solution.objective)
+    objective, _, violations = check_assignment(problem, solution.choice)
+    assert violations == {} and objective == pytest.approx(solution.objective)
+
+
+def test_large_instance_uses_decomposition_and_proves_gap():
+    rng = np.random.default_rng(1)
+    problem = random_instance(rng, 20_000, 14, accuracy_target=0.6, deadline_share=1.2)
+    solution = solve(problem)
+    assert solution.status == "optimal", solution
+    assert "Lagrangian" in solution.method and solution.n_free_groups < 20_000
+    assert solution.gap <= 1e-3
+    objective, values, violations = check_assignment(problem, solution.choice)
+    assert violations == {}
+    assert objective == pytest.approx(solution.objective)
+    assert values["accuracy"] >= 0
+
+
+def test_decomposition_matches_whole_problem_in_cbc():
+    """The same instance through both paths: the same optimum within the proven gap."""
+    rng = np.random.default_rng(5)
+    problem = random_instance(rng, 300, 4, accuracy_target=0.58, deadline_share=1.0)
+    whole = solve(problem, full_mip_max_vars=10_000)
+    split = solve(problem, full_mip_max_vars=10)
+    assert whole.method == "whole problem in CBC" and "Lagrangian" in split.method
+    assert whole.status == split.status == "optimal"
+    assert split.objective == pytest.approx(whole.objective, rel=2e-3)
+    assert split.lower_bound <= whole.objective * (1 + 1e-9)
+
+
+def test_identical_queries_are_grouped():
+    n = 5000
+    energy = np.tile([[10.0, 20.0, 40.0]], (n, 1))
+    accuracy = np.array([0.4, 0.5, 0.7])
+    problem = AssignmentProblem(energy, np.ones((n, 3), bool),
+                                [CouplingRow("accuracy", np.tile(accuracy - 0.55, (n, 1)), ">=", 0.0)])
+    solution = solve(problem)
+    assert solution.n_groups == 1
+    assert solution.status == "optimal"
+    counts = np.bincount(solution.choice, minlength=3)
+    # Mean accuracy ≥ 0.55 at least cost: mix the 0.5 and 0.7 models (or 0.4 and 0.7).
+    assert (counts * accuracy).sum() / n >= 0.55 - 1e-12
+    # Any mix reaching 0.55 costs at least 25 J per query on average (half 0.4/half 0.7, or
+    # three 0.5 to one 0.7), and 5000 queries split exactly, so the optimum is 125 kJ.
+    assert solution.objective == pytest.approx(25.0 * n)
+
+
+def test_each_constraint_binds_in_a_crafted_case():
+    # Two queries, two options on two devices: cheap/slow/inaccurate vs dear/fast/accurate.
+    energy = np.array([[1.0, 5.0], [1.0, 5.0]])
+    runtime = np.array([[10.0, 1.0], [10.0, 1.0]])
+    accuracy = np.array([0.4, 0.8])
+    free = solve(AssignmentProblem(energy, np.ones((2, 2), bool)))
+    assert list(free.choice) == [0, 0] and free.objective == 2.0
+    target = CouplingRow("accuracy", np.tile(accuracy - 0.6, (2, 1)), ">=", 0.0)
+    with_target = solve(AssignmentProblem(energy, np.ones((2, 2), bool), [target]))
+    assert sorted(with_target.choice) == [0, 1] and with_target.objective == 6.0
+    assert with_target.prices["accuracy"] > 0
+    deadline = CouplingRow("deadline 0", np.array([[10.0, 0.0], [10.0, 0.0]]), "<=", 10.0)
+    with_deadline = solve(AssignmentProblem(energy, np.ones((2, 2), bool), [deadline]))
+    assert sorted(with_deadline.choice) == [0, 1]
+    assert with_deadline.prices["deadline 0"] > 0
+
+
+def test_infeasible_rows_are_named():
+    n = 50
+    energy = np.ones((n, 2))
+    accuracy = np.array([0.4, 0.5])
+    problem = AssignmentProblem(energy, np.ones((n, 2), bool),
+                                [CouplingRow("accuracy", np.tile(accuracy - 0.6, (n, 1)), ">=", 0.0)])
+    solution = solve(problem)
+    assert solution.status == "infeasible"
+    assert "accuracy" in solution.violations or "accuracy" in solution.capped_rows
+
+
+def test_query_without_allowed_option():
+    allowed = np.array([[True, False], [False, False]])
+    solution = solve(AssignmentProblem(np.ones((2, 2)), allowed))
+    assert solution.status == "no_option"
+    assert list(solution.unassignable) == [1]
+
+
+def test_check_assignment_rejects_disallowed_choice():
+    problem = AssignmentProblem(np.ones((2, 2)), np.array([[True, False], [True, True]]))
+    with pytest.raises(ValueError):
+        check_assignment(problem, np.array([1, 0]))
