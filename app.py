@@ -8,6 +8,7 @@ PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
     st.Page("pages/profile.py", title="Profile", icon=":material/speed:"),
+    st.Page("pages/plan.py", title="Plan", icon=":material/route:"),
 ]
 
 st.navigation(PAGES).run()

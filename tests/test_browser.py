@@ -175,3 +175,47 @@ def test_models_page_shows_fitted_surfaces(served_app: str, browser, tmp_path: P
     page.wait_for_timeout(2500)  # the WebGL surfaces finish drawing after they appear
     chart.screenshot(path=str(screenshot_path("surfaces.png", tmp_path)))
     page.close()
+
+
+def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
+    """Fit both demo models, plan the sample workload, download the schedule; then a malformed
+    upload lists its row problems and an impossible target explains itself."""
+    from engine.fitting import fit_all, save_fits
+
+    store = Store(served_db["path"])
+    for model in ("demo-small", "demo-large"):
+        if not store.query_one("SELECT count(*) FROM measurements WHERE model = ?", [model])[0]:
+            profile_now(model, [8, 32, 96], [4, 16, 48], max_trials=3)
+    assert save_fits(store, fit_all(store))
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(served_app + "/plan")
+    expect(page.get_by_role("heading", name="Plan", exact=True)).to_be_visible(timeout=60_000)
+    page.get_by_text("Sample workload (sample_50.csv)").click()
+    expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=30_000)
+    page.get_by_role("button", name="Plan", exact=True).click()
+    expect(page.get_by_text("Proven gap")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Compared with the obvious alternatives")).to_be_visible()
+    expect(page.get_by_text("What each constraint costs")).to_be_visible()
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download the schedule (CSV)").click()
+    schedule = download_info.value.path().read_text()
+    assert schedule.splitlines()[0].startswith("id,model,device,input_tokens,output_tokens,predicted_energy_j")
+    assert len(schedule.splitlines()) == 51
+    page.get_by_role("button", name="Draw energy against the accuracy target and the deadline").click()
+    expect(page.get_by_text("Energy against the accuracy target")).to_be_visible(timeout=120_000)
+    page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
+    page.screenshot(path=str(screenshot_path("plan.png", tmp_path)), full_page=True)
+
+    # An impossible accuracy target: no schedule, and the reason in words.
+    page.get_by_role("spinbutton", name="Accuracy target (fraction)").fill("0.95")
+    page.get_by_role("button", name="Plan", exact=True).click()
+    expect(page.get_by_text("No schedule meets these targets")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("is above the best achievable")).to_be_visible()
+
+    # A malformed workload: every bad row listed, nothing planned.
+    bad = tmp_path / "bad_workload.csv"
+    bad.write_text("id,input_tokens,output_tokens\na,12,8\nb,-3,8\nc,nan,4\nd,,\n")
+    page.get_by_text("Upload a CSV").click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
+    expect(page.get_by_text("The workload has 3 problems")).to_be_visible(timeout=30_000)
+    page.close()

@@ -272,6 +272,9 @@ class PlanResult:
     solver: dict = field(default_factory=dict)
     plan_id: int | None = None
     workload_id: int | None = None
+    # What it was solved from, for curves and re-solves (not stored).
+    predictions: Predictions | None = field(default=None, repr=False)
+    allowed: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def has_schedule(self) -> bool:
@@ -340,7 +343,8 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
                         options=[o.key for o in predictions.options],
                         solver={"method": solution.method, "groups": solution.n_groups,
                                 "free_groups": solution.n_free_groups, "dual_iterations": solution.dual_iterations,
-                                "cbc_status": solution.mip_status, "prices": solution.prices})
+                                "cbc_status": solution.mip_status, "prices": solution.prices},
+                        predictions=predictions, allowed=allowed)
     if solution.status in ("optimal", "feasible"):
         _fill_schedule(result, predictions, settings, allowed, solution, query_ids)
     else:
