@@ -357,10 +357,6 @@ def test_deadlines_impossible_even_ignoring_accuracy_give_the_deadlines_needed()
     assert max(again.per_device_runtime_s.values()) <= 6.0 + 1e-9
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: plan._minimum_deadline_scale never tries a factor of 1 (bisection on [1, 2] returns ~1.0008 even "
-    "when the deadlines are met as they are), so _diagnose's `alone > 1` blames the deadlines 'even ignoring "
-    "accuracy' and never reports the most accurate schedule the deadlines allow"))
 def test_deadlines_that_cap_accuracy_report_the_most_accurate_schedule_in_time():
     # Four queries; a@dev0 (0.4) takes 1 s, b@dev1 (0.8) takes 4 s; deadline 5 s on each.
     # dev1 fits one query of b, so the best reachable is (3·0.4 + 0.8) / 4 = 0.5 < 0.6.
@@ -462,9 +458,6 @@ def test_zeta_zero_is_the_most_token_accurate_schedule():
     assert list(choice_of(result.schedule, preds, ids)) == list(expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: build_problem (plan.py, `if settings.count_load and settings.objective == \"energy\"`) drops the "
-    "load energies from the ζ objective, while evaluate() adds them to the energy_j the plan reports"))
 def test_zeta_one_with_load_costs_is_the_least_energy_schedule_loads_included():
     # Four queries; a: 1 J each, loading it 100 J; b: 3 J each, loading it 1 J. Least energy
     # with the loads counted: all on b, 4·3 + 1 = 13 J (all on a: 4 + 100 = 104 J; a mix pays

@@ -149,8 +149,10 @@ def build_problem(predictions: Predictions, settings: PlanSettings, allowed: np.
             rows.append(CouplingRow(f"share {model}", np.broadcast_to((model_of == model)[None, :], (n, k)).astype(float),
                                     ">=", math.ceil(share * n - 1e-9), "share"))
     open_cost = None
-    if settings.count_load and settings.objective == "energy":
+    if settings.count_load:
         open_cost = np.array([o.load_energy_j for o in predictions.options])
+        if settings.objective == "zeta":  # the same normalisation as the per-query energy
+            open_cost = settings.zeta * open_cost / (float(predictions.energy_j.max()) or 1.0)
     return AssignmentProblem(objective_costs(predictions, settings), allowed, rows, open_cost)
 
 
@@ -478,7 +480,7 @@ def _diagnose(result: PlanResult, predictions: Predictions, settings: PlanSettin
         return
     weights = accuracy_weights(predictions, settings.accuracy_mode)
     rows = np.arange(len(predictions.output_tokens))
-    most_accurate = np.argmax(np.where(allowed, predictions.accuracy[None, :] + 0 * weights, -np.inf), axis=1)
+    most_accurate = np.argmax(np.where(allowed, predictions.accuracy[None, :], -np.inf), axis=1)
     best_accuracy = float((predictions.accuracy[most_accurate] * weights[rows, most_accurate]).sum()
                           / weights[rows, most_accurate].sum())
     has_deadlines = any(settings.device_deadline(d) is not None for d in predictions.devices)
@@ -549,6 +551,8 @@ def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, al
         return solve(build_problem(predictions, scaled, allowed), time_limit_s=scaled.time_limit_s).status \
             in ("optimal", "feasible")
 
+    if feasible(1.0):
+        return 1.0
     low, high = 1.0, 2.0
     while not feasible(high):
         low, high = high, high * 4
