@@ -9,6 +9,7 @@ PAGES = [
     st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
     st.Page("pages/profile.py", title="Profile", icon=":material/speed:"),
     st.Page("pages/plan.py", title="Plan", icon=":material/route:"),
+    st.Page("pages/execute.py", title="Execute", icon=":material/play_circle:"),
 ]
 
 st.navigation(PAGES).run()

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total energy, or dynamic (total minus idle power x runtime); default total")
     fit.add_argument("--energy-source", choices=("measured", "estimated"),
                      help="use only trials whose energy was measured (or estimated)")
+    fit.add_argument("--include-executed", action="store_true",
+                     help="also learn from the queries measured while executing plans")
     fit.add_argument("--json", action="store_true", help="print JSON")
     fit.set_defaults(handler=cmd_fit)
 
@@ -158,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-save", action="store_true", help="do not store the workload and plan in the database")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(handler=cmd_plan)
+
+    execute = sub.add_parser("execute", parents=[common], help="run a plan on this host and measure what it costs")
+    what = execute.add_mutually_exclusive_group(required=True)
+    what.add_argument("--plan", type=int, help="a stored plan's id")
+    what.add_argument("--schedule", help="a schedule CSV (as written by plan --out)")
+    what.add_argument("--resume", type=int, metavar="EXECUTION", help="run what is left of a stopped execution")
+    what.add_argument("--cancel", type=int, metavar="EXECUTION", help="stop a running execution")
+    execute.add_argument("--detach", action="store_true", help="start the worker and return at once")
+    execute.add_argument("--json", action="store_true", help="print JSON")
+    execute.set_defaults(handler=cmd_execute)
 
     jobs = sub.add_parser("jobs", parents=[common], help="profiling jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -458,7 +470,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     store = _store(args)
     saved = save_fits(store, fit_all(store, args.model, args.device, energy_scope=args.energy_scope,
-                                     source_filter=args.energy_source))
+                                     source_filter=args.energy_source, include_executed=args.include_executed))
     for warning in sorted({w for fit in saved for w in fit.to_json_dict().get("warnings") or []}):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -576,7 +588,79 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            "makespan": format_duration(b["makespan_s"]), "meets targets": "yes" if b["feasible"] else "no"}
                           for name, b in result.baselines.items()],
                          ["name", "energy", "accuracy", "makespan", "meets targets"])
-    return EXIT_OK if result.has_schedule else EXIT_FAILURE
+    if not result.has_schedule:
+        for line in result.diagnosis or [f"no schedule ({result.status})"]:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    from engine import execution
+
+    store = _store(args)
+    if args.cancel is not None:
+        done = execution.cancel_execution(store, args.cancel)
+        print(f"execution {done.id}: {done.status} ({done.reason})", file=sys.stderr)
+        return EXIT_OK
+    if args.resume is not None:
+        run = execution.resume_execution(store, args.resume)
+    else:
+        plan_id = args.plan if args.plan is not None else execution.import_schedule(store, args.schedule)
+        run = execution.create_execution(store, plan_id)
+    process = execution.start_worker(store, run.id, watch=False)
+    print(f"execution {run.id} of plan {run.plan_id}: {run.queries_total} queries; worker pid {process.pid}; "
+          f"log {execution.worker_log_path(store, run.id)}", file=sys.stderr)
+    if args.detach:
+        if args.json:
+            _print_json({"execution_id": run.id, "plan_id": run.plan_id, "status": "running", "pid": process.pid})
+        return EXIT_OK
+    try:
+        last = -1
+        while process.poll() is None:
+            progress = execution.execution_progress(store, run.id)
+            if progress.done != last:
+                last = progress.done
+                print(f"{progress.done}/{progress.total} queries", file=sys.stderr)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        execution.cancel_execution(store, run.id)
+        raise
+    execution.reconcile_executions(store)
+    progress = execution.execution_progress(store, run.id)
+    comparison = execution.compare(execution.execution_results(store, run.id))
+    state = progress.execution
+    document = {"execution_id": run.id, "plan_id": run.plan_id, "status": state.status, "reason": state.reason,
+                "queries_done": progress.done, "queries_total": progress.total, "queries_failed": comparison.n_failed,
+                "measured_energy_j": comparison.measured_energy_j, "predicted_energy_j": comparison.predicted_energy_j,
+                "energy_error": comparison.energy_error, "energy_estimated": comparison.energy_estimated,
+                "measured_runtime_s": comparison.measured_runtime_s,
+                "predicted_runtime_s": comparison.predicted_runtime_s, "runtime_error": comparison.runtime_error,
+                "per_query_energy_error_median": comparison.per_query_energy_error_median,
+                "per_query_energy_error_mean_abs": comparison.per_query_energy_error_mean_abs,
+                "outside_band": comparison.outside_band, "with_band": comparison.with_band,
+                "per_option": comparison.per_option.to_dict("records")}
+    if args.json:
+        _print_json(_clean_tree(document))
+    else:
+        label = " (estimated)" if comparison.energy_estimated else ""
+        print(f"execution {run.id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
+        print(f"queries: {progress.done} of {progress.total} run, {comparison.n_failed} failed")
+        if comparison.measured_energy_j is not None:
+            print(f"energy{label}: {comparison.measured_energy_j:,.1f} J measured vs "
+                  f"{comparison.predicted_energy_j:,.1f} J predicted ({comparison.energy_error:+.1%})")
+        print(f"runtime: {comparison.measured_runtime_s:,.2f} s vs {comparison.predicted_runtime_s or 0:,.2f} s predicted")
+    return EXIT_OK if state.status == "done" else EXIT_FAILURE
+
+
+def _clean_tree(value):
+    if isinstance(value, dict):
+        return {k: _clean_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_tree(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

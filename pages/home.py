@@ -63,7 +63,8 @@ with right:
     st.subheader("Latest work")
     links = {"Profiling job": ("pages/profile.py", "Open the Profile page"),
              "Fit": ("pages/models.py", "See the surfaces on the Models page"),
-             "Plan": ("pages/plan.py", "Plan a workload")}
+             "Plan": ("pages/plan.py", "Plan a workload"),
+             "Execution": ("pages/execute.py", "Execute a plan")}
     for label, record in (("Profiling job", view.latest_job), ("Fit", view.latest_fit),
                           ("Plan", view.latest_plan), ("Execution", view.latest_execution)):
         if record is None:

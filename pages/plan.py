@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.errors import InputError, PlannerError
+from engine.execution import learned_output_lengths
 from engine.fitting import load_reference_profiles
 from engine.paths import PROJECT_ROOT
 from engine.planning import (
@@ -110,6 +112,23 @@ except PlannerError as exc:
     show_error(exc)
 
 if workload is not None:
+    try:
+        learned = learned_output_lengths(store)
+    except PlannerError:
+        learned = pd.DataFrame()
+    missing = workload.queries.output_tokens.isna() & workload.queries.max_output_tokens.isna()
+    if len(learned) and missing.any():
+        overall = learned[learned.category == "(all)"]
+        by_category = learned[learned.category != "(all)"].groupby("category")["median_output_tokens"].median()
+        fallback = float(overall.median_output_tokens.median())
+        if st.checkbox(f"Use output lengths learned from executions for the {int(missing.sum())} queries without one "
+                       f"(median {fallback:.0f} tokens; per category where known)", value=True, key="plan_learned"):
+            categories = workload.queries.category.where(missing)
+            filled = categories.map(by_category).fillna(fallback).round().clip(lower=1)
+            queries = workload.queries.copy()
+            queries.loc[missing, "output_tokens"] = filled[missing].astype("int64")
+            workload = replace(workload, queries=queries, warnings=workload.warnings + [
+                f"{int(missing.sum())} queries planned with output lengths learned from executed prompts"])
     queries = workload.queries
     with_prompt = int(queries.prompt.notna().sum())
     st.success(f"{workload.n_queries:,} queries read from {workload.name}: {with_prompt:,} with a prompt, "

@@ -73,11 +73,26 @@ def show_surfaces(store) -> None:
                "The form is chosen by cross-validated relative error on held-out design points (CV MAPE); "
                "R² is shown beside it, never alone.")
     left, right = st.columns(2)
+    executed = store.query_one("SELECT count(*) FROM measurements WHERE origin = 'executed'")[0]
+    include_executed = left.checkbox(
+        f"Include the {executed:,} queries measured while executing plans", value=False, key="fit_include_executed",
+        disabled=not executed, help="Executed queries are real requests (real prompts, answers that may end early); "
+                                    "profiling trials are controlled. Off: fit on profiling trials only.")
     if left.button("Fit all measured models", type="primary", key="fit_all"):
         try:
+            before = {f.key: f for f in load_latest_fits(store, source="measured")}
             with st.spinner("Fitting…"):
-                saved = save_fits(store, fit_all(store))
-            st.success(f"Fitted {len(saved)} surfaces.")
+                saved = save_fits(store, fit_all(store, include_executed=include_executed))
+            st.success(f"Fitted {len(saved)} surfaces" + (" including executed queries." if include_executed else "."))
+            changes = [{"model": f.model, "device": f.device, "target": f.target,
+                        "trials before": before[f.key].n_trials if f.key in before else None, "trials now": f.n_trials,
+                        "form before": before[f.key].form if f.key in before else "", "form now": f.form,
+                        "CV MAPE before": f"{before[f.key].cv_mape:.1%}" if f.key in before and
+                        before[f.key].cv_mape is not None else "",
+                        "CV MAPE now": f"{f.cv_mape:.1%}" if f.cv_mape is not None else ""}
+                       for f in saved]
+            st.markdown("**How the fits changed**")
+            st.dataframe(changes, hide_index=True, width="stretch")
         except PlannerError as exc:
             show_error(exc)
     if right.button("Load the paper's published A100 profiles", key="load_reference",

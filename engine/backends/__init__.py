@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.backends.base import Backend, GenerationResult
+from engine.backends.base import Backend, GenerationResult, TextResult
 from engine.errors import InputError, Problem
 
 BACKEND_NAMES = ("transformers", "llama.cpp")
@@ -50,4 +50,4 @@ def open_backend(backend: str, path: str | Path, device: str = "cpu", **options:
     )
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "GenerationResult", "open_backend"]
+__all__ = ["BACKEND_NAMES", "Backend", "GenerationResult", "TextResult", "open_backend"]

@@ -69,6 +69,22 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class TextResult:
+    """One real request from a prompt: what came back and what it cost.
+
+    ``input_tokens`` counts the prompt as the model ran it (BOS included when the model has
+    one); ``output_tokens`` the tokens generated (the answer may stop early at an
+    end-of-generation token, or at the cap); ``text`` the decoded answer.
+    """
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    runtime_s: float
+    stopped: str  # "end of answer" | "output cap"
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """A parsed device string: ``kind`` is ``"cpu"`` or ``"cuda"``; ``index`` the GPU."""
 
@@ -173,6 +189,22 @@ class Backend(abc.ABC):
                 exceed :attr:`context_length`.
             TokenCountMismatchError: the library processed other counts than asked.
         """
+
+    def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
+        """Answer a real prompt greedily, at most ``max_output_tokens`` tokens (execution).
+
+        Unlike :meth:`generate`, the answer may end early, as it would in service.
+        """
+        raise NotImplementedError(f"{self.name} cannot answer text prompts")
+
+    def _prompt_ids(self, prompt: str, max_output_tokens: int) -> list[int]:
+        """BOS (when the model has one) then the prompt's tokens; checked against the context."""
+        ids = ([self._bos_id] if self._bos_id is not None else []) + self._encode(prompt)
+        self.check_request(max(len(ids), 1), int(max_output_tokens))
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
 
     def check_request(self, input_tokens: int, output_tokens: int) -> None:
         """Raise :class:`InputError` naming every problem with a (τin, τout) request."""

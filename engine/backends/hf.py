@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.backends.base import (
+from engine.backends.base import (  # noqa: I001
+    TextResult,
     FILLER_TEXT,
     Backend,
     GenerationResult,
@@ -285,6 +286,38 @@ class TransformersBackend(Backend):
             time_to_first_token_s=ttft,
             batch_size=self.batch_size,
         )
+
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
+        """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
+        import torch
+
+        self._ensure_loaded()
+        ids = self._prompt_ids(prompt, max_output_tokens)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self._torch_device)
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None \
+            else self._tokenizer.eos_token_id
+        on_cuda = self._torch_device.startswith("cuda")
+        if on_cuda:
+            torch.cuda.synchronize(self._torch_device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self._model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          max_new_tokens=int(max_output_tokens), do_sample=False, num_beams=1,
+                                          use_cache=True, pad_token_id=pad_id)
+        if on_cuda:
+            torch.cuda.synchronize(self._torch_device)
+        finished = time.perf_counter()
+        generated = output[0][len(ids):].tolist()
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        stopped = "end of answer" if generated and generated[-1] in eos_ids else "output cap"
+        self.last_output_ids = generated
+        return TextResult(text=self._tokenizer.decode(generated, skip_special_tokens=True), input_tokens=len(ids),
+                          output_tokens=len(generated), runtime_s=finished - started, stopped=stopped)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import (
+from engine.backends.base import (  # noqa: I001
+    TextResult,
     FILLER_TEXT,
     Backend,
     GenerationResult,
@@ -236,6 +237,37 @@ class LlamaCppBackend(Backend):
             runtime_s=finished - started,
             time_to_first_token_s=(first_token_at - started) if first_token_at else None,
         )
+
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
+        """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
+        self._ensure_loaded()
+        ids = self._prompt_ids(prompt, max_output_tokens)
+        llm = self._llm
+        llm.reset()  # a fresh request: no prefix reused from the previous one
+        eog = set(self._eog_ids)
+        output_ids: list[int] = []
+        stopped = "output cap"
+        started = time.perf_counter()
+        tokens = llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)
+        try:
+            for token in tokens:
+                output_ids.append(int(token))
+                if int(token) in eog:
+                    stopped = "end of answer"
+                    break
+                if len(output_ids) >= int(max_output_tokens):
+                    break
+        finally:
+            tokens.close()
+        finished = time.perf_counter()
+        self.last_output_ids = output_ids
+        text = llm.detokenize([t for t in output_ids if t not in eog]).decode("utf-8", errors="replace")
+        return TextResult(text=text, input_tokens=len(ids), output_tokens=len(output_ids),
+                          runtime_s=finished - started, stopped=stopped)
 
 
 def _decoded_tokens(perf: Any) -> int:

@@ -74,13 +74,15 @@ def measurement_groups(store: Store) -> pd.DataFrame:
     )
 
 
-def read_measurements(store: Store, model: str | None = None, device: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_measurements(store: Store, model: str | None = None, device: str | None = None, *,
+                      include_executed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The trials (one row each) and, per (model, device), the distinct software/sensor notes.
 
     ``energy_missing`` tells a NULL energy (not measured) from a stored NaN (an error),
-    which a DataFrame alone cannot.
+    which a DataFrame alone cannot. Queries measured while executing a plan (origin
+    'executed') count only with ``include_executed``.
     """
-    where, params = [], []
+    where, params = ([] if include_executed else ["origin <> 'executed'"]), []
     if model is not None:
         where.append("model = ?")
         params.append(model)

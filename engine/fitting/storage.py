@@ -20,18 +20,19 @@ FIT_SOURCES = ("measured", "published")
 def fit_all(store: Store, model: str | None = None, device: str | None = None, energy_scope: str = "total",
             source_filter: str | None = None, random_state: int | None = 0, *,
             forms: Sequence[type[ModelForm] | ModelForm] = DEFAULT_FORMS, n_splits: int = DEFAULT_N_SPLITS,
-            n_bootstrap: int = DEFAULT_N_BOOTSTRAP) -> list[FitResult]:
+            n_bootstrap: int = DEFAULT_N_BOOTSTRAP, include_executed: bool = False) -> list[FitResult]:
     """Fit energy and runtime surfaces for every (model, device) with measurements.
 
     ``model``/``device`` narrow the set; ``energy_scope`` is 'total' or 'dynamic';
     ``source_filter`` ('measured'|'estimated') picks one energy source where a
     (model, device) has both. Returns the fits sorted by model, device, target (energy
-    before runtime). Nothing is stored (see :func:`save_fits`). Raises
+    before runtime). ``include_executed`` adds the queries measured while executing plans.
+    Nothing is stored (see :func:`save_fits`). Raises
     :class:`InputError` listing every problem of every (model, device) when any fit
     cannot be made.
     """
     check_arguments(energy_scope, source_filter)
-    trials, notes = read_measurements(store, model, device)
+    trials, notes = read_measurements(store, model, device, include_executed=include_executed)
     trial_sets = build_trial_sets(trials, energy_scope, source_filter, notes=notes, model=model, device=device)
     return fit_trial_sets(trial_sets, forms=forms, random_state=random_state, n_splits=n_splits,
                           n_bootstrap=n_bootstrap)

@@ -243,6 +243,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "execution progress; per-query results keep the answer, the plan's counts and provenance",
+        (
+            "ALTER TABLE executions ADD COLUMN queries_total INTEGER",
+            "ALTER TABLE executions ADD COLUMN queries_done INTEGER DEFAULT 0",
+            "ALTER TABLE executions ADD COLUMN settings JSON",
+            "ALTER TABLE execution_results ADD COLUMN position INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN prompt_kind VARCHAR",  # text or tokens
+            "ALTER TABLE execution_results ADD COLUMN generated_text VARCHAR",
+            "ALTER TABLE execution_results ADD COLUMN planned_input_tokens INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN planned_output_tokens INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN predicted_energy_uncertainty_j DOUBLE",
+            "ALTER TABLE execution_results ADD COLUMN idle_power_w DOUBLE",
+            "ALTER TABLE execution_results ADD COLUMN stopped VARCHAR",  # end of answer, output cap
+            "ALTER TABLE execution_results ADD COLUMN category VARCHAR",
+            "ALTER TABLE execution_results ADD COLUMN error VARCHAR",
+            "ALTER TABLE execution_results ADD COLUMN measurement_id BIGINT",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,35 @@
+"""Execution: run a plan on this host, measure what it really cost, close the loop.
+
+Public API (the CLI's ``execute`` and the Execute page use only these):
+:func:`create_execution`, :func:`import_schedule`, :func:`start_worker`,
+:func:`cancel_execution`, :func:`resume_execution`, :func:`reconcile_executions`,
+:func:`execution_progress`, :func:`execution_results`, :func:`compare`,
+:func:`learned_output_lengths`, :func:`list_executions`, :func:`get_execution`.
+"""
+
+from engine.execution.jobs import (
+    ACTIVE,
+    FINISHED,
+    Execution,
+    ExecutionProgress,
+    cancel_execution,
+    create_execution,
+    execution_progress,
+    execution_results,
+    get_execution,
+    import_schedule,
+    list_executions,
+    plan_queries,
+    reconcile_executions,
+    resume_execution,
+    start_worker,
+    worker_log_path,
+)
+from engine.execution.report import Comparison, compare, learned_output_lengths
+
+__all__ = [
+    "ACTIVE", "Comparison", "Execution", "ExecutionProgress", "FINISHED", "cancel_execution", "compare",
+    "create_execution", "execution_progress", "execution_results", "get_execution", "import_schedule",
+    "learned_output_lengths", "list_executions", "plan_queries", "reconcile_executions", "resume_execution",
+    "start_worker", "worker_log_path",
+]

@@ -1,0 +1,399 @@
+"""Executions of a schedule: their state in the database and the worker process that runs them.
+
+An execution runs a stored plan (or a schedule CSV, stored as a plan first) on this host:
+every query on its assigned model and device, devices in parallel, each device's queries in
+the schedule's order, each model loaded once per device. Like profiling, inference runs in
+a worker process (``python -m engine.execution.worker``) that stores every query's result
+the moment it is measured, so a crash or kill loses at most the query in flight, the app
+stays up, and :func:`resume_execution` runs only what is left. A device that a profiling
+job or another execution holds is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from engine import catalog
+from engine.backends.base import parse_device
+from engine.csvio import read_csv_rows
+from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
+from engine.paths import PROJECT_ROOT
+from engine.profiling.jobs import active_job_on, check_device, exit_reason, host_name, reconcile_jobs
+from engine.store import Store, append_frame
+
+ACTIVE = ("queued", "running", "cancelling")
+FINISHED = ("done", "failed", "cancelled")
+WORKER_MODULE = "engine.execution.worker"
+SCHEDULE_REQUIRED = ("id", "model", "device", "input_tokens", "output_tokens")
+SCHEDULE_KNOWN = SCHEDULE_REQUIRED + ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s",
+                                      "in_domain")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution's row."""
+
+    id: int
+    plan_id: int
+    host: str
+    status: str
+    reason: str | None
+    pid: int | None
+    queries_total: int
+    queries_done: int
+    created_at: object
+    started_at: object
+    finished_at: object
+
+
+def get_execution(store: Store, execution_id: int) -> Execution:
+    row = store.query_df("SELECT id, plan_id, host, status, reason, pid, coalesce(queries_total, 0) AS queries_total, "
+                         "coalesce(queries_done, 0) AS queries_done, created_at, started_at, finished_at "
+                         "FROM executions WHERE id = ?", [int(execution_id)])
+    if row.empty:
+        raise InputError(Problem("--execution", f"no execution with id {execution_id}", None, "an execution id"))
+    data = row.iloc[0].to_dict()
+    data["pid"] = None if pd.isna(data["pid"]) else int(data["pid"])
+    return Execution(**{k: (int(v) if k in ("id", "plan_id", "queries_total", "queries_done") else v)
+                        for k, v in data.items()})
+
+
+def list_executions(store: Store, limit: int = 50) -> pd.DataFrame:
+    return store.query_df("SELECT id, plan_id, status, queries_done, queries_total, reason, created_at, started_at, "
+                          "finished_at FROM executions ORDER BY id DESC LIMIT ?", [int(limit)])
+
+
+def set_status(store: Store, execution_id: int, status: str, reason: str | None = None, *,
+               only_if: tuple[str, ...] = ()) -> bool:
+    finished = "current_timestamp" if status in FINISHED else "finished_at"
+    condition = f" AND status IN ({', '.join('?' * len(only_if))})" if only_if else ""
+    with store.connect() as con:
+        changed = con.execute(
+            f"UPDATE executions SET status = ?, reason = ?, finished_at = {finished} WHERE id = ?{condition} "
+            "RETURNING id", [status, reason, int(execution_id), *only_if]).fetchall()
+    return bool(changed)
+
+
+# -- what to run ------------------------------------------------------------------------------
+
+def plan_queries(store: Store, plan_id: int) -> pd.DataFrame:
+    """A plan's queries in run order (device, start), with their prompt and category when the
+    plan's workload is stored."""
+    return store.query_df(
+        """SELECT a.query_id, a.model, a.device, a.input_tokens, a.output_tokens, a.predicted_energy_j,
+                  a.predicted_runtime_s, a.device_start_s, q.prompt, q.category, q.output_tokens AS given_output_tokens
+           FROM plan_assignments a
+           JOIN plans p ON p.id = a.plan_id
+           LEFT JOIN workload_queries q ON q.workload_id = p.workload_id AND q.query_id = a.query_id
+           WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.rowid""", [int(plan_id)])
+
+
+def import_schedule(store: Store, path: str | Path) -> int:
+    """Store a schedule CSV (as written by ``plan``) as a plan of its own; returns its id.
+
+    Every bad row is reported at once; models must be in the catalog and devices valid.
+    """
+    path = Path(path)
+    rows, _warnings = read_csv_rows(path, SCHEDULE_REQUIRED, SCHEDULE_KNOWN)
+    problems, records, seen = [], [], {}
+    names = set(catalog.list_models(store)["name"])
+    for line, row in rows:
+        where = f"{path}:{line}"
+        record = {"query_id": row["id"].strip(), "model": row["model"].strip(), "device": row["device"].strip()}
+        if not record["query_id"]:
+            problems.append(Problem(where, "the id is empty", "id", "a query id"))
+        elif record["query_id"] in seen:
+            problems.append(Problem(where, f"id {record['query_id']!r} also on line {seen[record['query_id']]}", "id",
+                                    "each query once"))
+        seen.setdefault(record["query_id"], line)
+        if record["model"] not in names:
+            problems.append(Problem(where, f"model {record['model']!r} is not in the catalog", "model",
+                                    "a model of the catalog (Models page)"))
+        try:
+            parse_device(record["device"])
+        except DeviceUnavailableError as exc:
+            problems.append(Problem(where, str(exc), "device", "cpu, cuda or cuda:N"))
+        for column in ("input_tokens", "output_tokens"):
+            text = row.get(column, "").strip()
+            try:
+                value = float(text)
+                ok = value.is_integer() and value >= 1
+            except ValueError:
+                ok = False
+            if not ok:
+                problems.append(Problem(where, f"{text!r} is not a token count", column, "a whole number ≥ 1"))
+            else:
+                record[column] = int(value)
+        for column in ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s"):
+            text = (row.get(column) or "").strip()
+            try:
+                record[column] = float(text) if text else np.nan
+            except ValueError:
+                problems.append(Problem(where, f"{text!r} is not a number", column, "a number or an empty cell"))
+        records.append(record)
+    if not records and not problems:
+        problems.append(Problem(str(path), "has no queries", None, "one row per query"))
+    if problems:
+        raise InputError(problems)
+    frame = pd.DataFrame(records)
+    frame["device_start_s"] = frame["device_start_s"].fillna(frame.groupby("device").cumcount().astype(float))
+    with store.transaction() as con:
+        plan_id = int(con.execute(
+            "INSERT INTO plans (objective, energy_scope, status, energy_j, params) VALUES (?, ?, ?, ?, ?) RETURNING id",
+            ["schedule file", "total", "imported", float(frame["predicted_energy_j"].sum(min_count=1))
+             if frame["predicted_energy_j"].notna().any() else None,
+             json.dumps({"source_file": str(path)})]).fetchone()[0])
+        frame.insert(0, "plan_id", plan_id)
+        append_frame(con, "plan_assignments", frame)
+    return plan_id
+
+
+def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[str]:
+    """Problems that stop a plan from running here: models not in the catalog or not local,
+    model files that moved, devices this host lacks or that are busy. Returns the devices."""
+    problems: list[Problem] = []
+    if queries.empty:
+        raise InputError(Problem("--plan", f"plan {plan_id} has no schedule to run", None,
+                                 "a plan whose status is optimal or feasible"))
+    for model in queries["model"].unique():
+        entry = catalog.get_model(store, model)
+        if entry is None:
+            problems.append(Problem("plan", f"model {model!r} is no longer in the catalog", "model",
+                                    "add it again on the Models page"))
+        elif entry.backend == "external" or not entry.path or entry.path.startswith(catalog.HUB_PREFIX):
+            problems.append(Problem("plan", f"model {model!r} has no local weights here ({entry.backend}); it can be "
+                                    "planned with its measurements but not run", "model", "a local model"))
+        elif not catalog.resolve_model_path(entry.path).exists():
+            problems.append(Problem("plan", f"the files of {model!r} are no longer at {entry.path}", "model",
+                                    "move them back, or give the new path on the Models page"))
+    devices = []
+    reconcile_jobs(store)
+    reconcile_executions(store)
+    for device in queries["device"].unique():
+        try:
+            stored = check_device(device)
+        except DeviceUnavailableError as exc:
+            problems.append(Problem("plan", str(exc), "device", "a device of this host"))
+            continue
+        devices.append(stored)
+        busy_job = active_job_on(store, stored)
+        busy_execution = active_execution_on(store, stored)
+        if busy_job is not None:
+            problems.append(Problem("plan", f"profiling job {busy_job} is running on {stored}", "device",
+                                    "wait for it to finish, or cancel it"))
+        if busy_execution is not None:
+            problems.append(Problem("plan", f"execution {busy_execution} is running on {stored}", "device",
+                                    "wait for it to finish, or cancel it"))
+    if problems:
+        raise InputError(problems)
+    return devices
+
+
+def active_execution_on(store: Store, device: str) -> int | None:
+    frame = store.query_df(
+        f"SELECT e.id, CAST(e.settings AS VARCHAR) AS settings FROM executions e WHERE e.host = ? "
+        f"AND e.status IN ({', '.join('?' * len(ACTIVE))})", [host_name(), *ACTIVE])
+    for row in frame.itertuples():
+        if device in json.loads(row.settings or "{}").get("devices", []):
+            return int(row.id)
+    return None
+
+
+def create_execution(store: Store, plan_id: int) -> Execution:
+    """Check that the plan can run here and queue its execution."""
+    queries = plan_queries(store, plan_id)
+    if store.query_one("SELECT id FROM plans WHERE id = ?", [int(plan_id)]) is None:
+        raise InputError(Problem("--plan", f"no plan with id {plan_id}", None, "a plan id (Plan page or plan --json)"))
+    devices = check_runnable(store, plan_id, queries)
+    with store.connect() as con:
+        execution_id = int(con.execute(
+            "INSERT INTO executions (plan_id, host, status, queries_total, queries_done, settings) "
+            "VALUES (?, ?, 'queued', ?, 0, ?) RETURNING id",
+            [int(plan_id), host_name(), len(queries), json.dumps({"devices": devices})]).fetchone()[0])
+    return get_execution(store, execution_id)
+
+
+# -- the worker process -------------------------------------------------------------------------
+
+def worker_log_path(store: Store, execution_id: int) -> Path:
+    folder = store.path.resolve().parent / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"execution-{execution_id}.log"
+
+
+def start_worker(store: Store, execution_id: int, *, watch: bool = True) -> subprocess.Popen:
+    """Start the worker of a queued execution; with ``watch``, a thread records how it ended."""
+    log = worker_log_path(store, execution_id).open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", WORKER_MODULE, "--db", str(store.path.resolve()), "--execution", str(execution_id)],
+        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    store.execute("UPDATE executions SET pid = ? WHERE id = ?", [process.pid, int(execution_id)])
+    if watch:
+        threading.Thread(target=watch_worker, args=(store, execution_id, process), daemon=True,
+                         name=f"watch-execution-{execution_id}").start()
+    return process
+
+
+def watch_worker(store: Store, execution_id: int, process: subprocess.Popen) -> None:
+    _close_orphan(store, execution_id, exit_reason(process.wait()))
+
+
+def _close_orphan(store: Store, execution_id: int, why: str) -> None:
+    execution = get_execution(store, execution_id)
+    done = _done_count(store, execution_id)
+    if execution.status == "cancelling":
+        set_status(store, execution_id, "cancelled", f"cancelled; {done} queries stored", only_if=("cancelling",))
+    else:
+        set_status(store, execution_id, "failed",
+                   f"{why} after {done} of {execution.queries_total} queries; their results are stored; resume "
+                   "to run the rest", only_if=("queued", "running"))
+
+
+def _done_count(store: Store, execution_id: int) -> int:
+    return int(store.query_one("SELECT count(*) FROM execution_results WHERE execution_id = ?",
+                               [int(execution_id)])[0])
+
+
+def _is_our_worker(pid: int | None, execution_id: int) -> bool:
+    if not pid:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        command = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return WORKER_MODULE in command and f"--execution {execution_id}" in command
+
+
+def reconcile_executions(store: Store) -> None:
+    """Close the active executions of this host whose worker is gone."""
+    frame = store.query_df(
+        f"SELECT id, pid, created_at FROM executions WHERE host = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
+        [host_name(), *ACTIVE])
+    for row in frame.itertuples():
+        pid = None if pd.isna(row.pid) else int(row.pid)
+        if pid is None:
+            created = pd.Timestamp(row.created_at)
+            if (pd.Timestamp.now(tz=created.tz) - created).total_seconds() < 30:
+                continue
+            _close_orphan(store, row.id, "no worker process was started")
+        elif not _is_our_worker(pid, row.id):
+            _close_orphan(store, row.id, f"the worker process {pid} ended unexpectedly (killed or crashed)")
+
+
+def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) -> Execution:
+    """Stop an execution within seconds (after the query in flight); what ran is kept."""
+    execution = get_execution(store, execution_id)
+    if execution.status not in ACTIVE:
+        raise InputError(Problem("--execution", f"execution {execution_id} is {execution.status}, not running", None,
+                                 "a running execution"))
+    set_status(store, execution_id, "cancelling", "cancel requested", only_if=ACTIVE)
+    if execution.pid and _is_our_worker(execution.pid, execution_id):
+        os.kill(execution.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _is_our_worker(execution.pid, execution_id):
+            time.sleep(0.1)
+        if _is_our_worker(execution.pid, execution_id):
+            os.kill(execution.pid, signal.SIGKILL)
+    set_status(store, execution_id, "cancelled", f"cancelled; {_done_count(store, execution_id)} queries stored",
+               only_if=("cancelling", "queued", "running"))
+    return get_execution(store, execution_id)
+
+
+def resume_execution(store: Store, execution_id: int) -> Execution:
+    """Queue a failed or cancelled execution again; its worker runs only the queries left."""
+    reconcile_executions(store)
+    execution = get_execution(store, execution_id)
+    if execution.status not in ("failed", "cancelled"):
+        raise InputError(Problem("--resume", f"execution {execution_id} is {execution.status}", None,
+                                 "a failed or cancelled execution"))
+    check_runnable(store, execution.plan_id, plan_queries(store, execution.plan_id))
+    store.execute("UPDATE executions SET status = 'queued', reason = NULL, pid = NULL, finished_at = NULL, "
+                  "created_at = current_timestamp WHERE id = ?", [int(execution_id)])
+    return get_execution(store, execution_id)
+
+
+# -- progress and results -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExecutionProgress:
+    """Where an execution stands, overall and per device.
+
+    ``devices`` has per device: done, total, measured_energy_j (NaN while none is known),
+    predicted_done_j (the predictions of the queries done), predicted_total_j, elapsed_s,
+    remaining_s (from the measured pace against the predicted runtimes).
+    """
+
+    execution: Execution
+    devices: pd.DataFrame
+    done: int
+    total: int
+    measured_energy_j: float | None
+    predicted_done_j: float | None
+    predicted_total_j: float | None
+    energy_estimated: bool
+    elapsed_s: float | None
+    remaining_s: float | None
+
+
+def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
+    execution = get_execution(store, execution_id)
+    per_device = store.query_df(
+        """SELECT a.device, count(*) AS total, count(r.query_id) AS done,
+                  sum(r.energy_j) AS measured_energy_j,
+                  sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_energy_j END) AS predicted_done_j,
+                  sum(a.predicted_energy_j) AS predicted_total_j,
+                  sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_runtime_s END) AS predicted_done_s,
+                  sum(a.predicted_runtime_s) AS predicted_total_s, sum(r.runtime_s) AS runtime_s,
+                  bool_or(r.energy_source = 'estimated') AS estimated
+           FROM plan_assignments a
+           LEFT JOIN execution_results r ON r.execution_id = ? AND r.query_id = a.query_id
+           WHERE a.plan_id = ? GROUP BY a.device ORDER BY a.device""", [execution.id, execution.plan_id])
+    elapsed = remaining = None
+    if execution.started_at is not None and not pd.isna(execution.started_at):
+        started = pd.Timestamp(execution.started_at)
+        end = pd.Timestamp(execution.finished_at) if execution.status in FINISHED and \
+            not pd.isna(execution.finished_at) else pd.Timestamp.now(tz=started.tz)
+        elapsed = max(0.0, (end - started).total_seconds())
+    if execution.status in ACTIVE and len(per_device):
+        left = []
+        for row in per_device.itertuples():
+            pace = (row.runtime_s / row.predicted_done_s) if row.done and row.predicted_done_s else 1.0
+            left.append(max(float(row.predicted_total_s or 0) - float(row.predicted_done_s or 0), 0.0) * pace)
+        remaining = max(left)  # devices run in parallel
+    done, total = int(per_device.done.sum()), int(per_device.total.sum())
+    measured = per_device.measured_energy_j.sum(min_count=1)
+    return ExecutionProgress(
+        execution, per_device, done, total,
+        None if pd.isna(measured) else float(measured),
+        _maybe(per_device.predicted_done_j.sum(min_count=1)), _maybe(per_device.predicted_total_j.sum(min_count=1)),
+        bool(per_device.estimated.fillna(False).any()), elapsed, remaining)
+
+
+def _maybe(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def execution_results(store: Store, execution_id: int) -> pd.DataFrame:
+    """Per query: what ran and what it cost next to what was predicted, in run order."""
+    return store.query_df(
+        """SELECT query_id AS id, model, device, prompt_kind, planned_input_tokens, input_tokens, planned_output_tokens,
+                  output_tokens, stopped, runtime_s, predicted_runtime_s, energy_j, predicted_energy_j,
+                  predicted_energy_uncertainty_j, energy_source, energy_method, idle_power_w, category, error,
+                  generated_text, started_at, finished_at
+           FROM execution_results WHERE execution_id = ? ORDER BY device, position""", [int(execution_id)])

@@ -1,0 +1,184 @@
+"""Execute: run a stored plan on this host with one click, and see what it really cost."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import execution
+from engine.errors import PlannerError
+from engine.planning import format_energy, list_plans
+from pages.common import ensure_app_navigation, flash, format_duration, get_store, show_error, show_flash
+
+ensure_app_navigation()
+st.title("Execute")
+st.caption("Run a plan on this host: every query on its model and device, devices in parallel, each model loaded "
+           "once. Every result is stored as it is measured; closing the browser does not stop the run.")
+store = get_store()
+show_flash()
+
+try:
+    execution.reconcile_executions(store)
+    plans = list_plans(store)
+    runs = execution.list_executions(store)
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
+
+runnable = plans[plans.status.isin(["optimal", "feasible", "imported"])] if len(plans) else plans
+
+# -- start ------------------------------------------------------------------------------------
+
+st.subheader("Run a plan")
+if runnable.empty:
+    st.info("No plan to run yet. Make one on the Plan page.")
+    st.page_link("pages/plan.py", label="Plan a workload", icon=":material/route:")
+else:
+    labels = {int(row.id): f"Plan #{row.id}: {row.workload or 'schedule file'}, {row.n_queries or '?'} queries, "
+                           f"{format_energy(row.energy_j) if row.energy_j == row.energy_j else 'no prediction'} "
+                           f"predicted ({row.status})" for row in runnable.itertuples()}
+    chosen = st.selectbox("Plan", list(labels), format_func=labels.get, key="execute_plan")
+    if st.button("Execute this plan", type="primary", key="execute_start"):
+        try:
+            run = execution.create_execution(store, int(chosen))
+            execution.start_worker(store, run.id)
+            st.session_state["execution_id"] = run.id
+            flash(f"Execution #{run.id} started: {run.queries_total} queries.")
+            st.rerun()
+        except PlannerError as exc:
+            show_error(exc)
+
+runs = execution.list_executions(store)
+if runs.empty:
+    st.stop()
+
+st.subheader("Executions")
+ids = runs.id.astype(int).tolist()
+current = st.session_state.get("execution_id", ids[0])
+execution_id = st.selectbox("Execution", ids, index=ids.index(current) if current in ids else 0,
+                            format_func=lambda i: f"#{i}: plan {int(runs.set_index('id').loc[i, 'plan_id'])}, "
+                                                  f"{runs.set_index('id').loc[i, 'status']}", key="execution_pick")
+st.session_state["execution_id"] = execution_id
+
+
+def energy_label(joules: float | None, estimated: bool) -> str:
+    if joules is None:
+        return "not measured"
+    return format_energy(joules) + (" (estimated)" if estimated else "")
+
+
+@st.fragment(run_every=1.0)
+def live_progress(execution_id: int) -> None:
+    """Progress while it runs; refreshes itself every second, and the whole page once at the end."""
+    execution.reconcile_executions(store)
+    progress = execution.execution_progress(store, execution_id)
+    run = progress.execution
+    status = run.status
+    if status in execution.ACTIVE:
+        st.session_state["execution_was_active"] = execution_id
+    elif st.session_state.get("execution_was_active") == execution_id:
+        st.session_state.pop("execution_was_active")
+        st.rerun()  # the run just ended: redraw the results below
+    share = progress.done / progress.total if progress.total else 0.0
+    st.progress(share, text=f"{status}: {progress.done} of {progress.total} queries")
+    columns = st.columns(4)
+    columns[0].metric("Energy so far" + (" (estimated)" if progress.energy_estimated else ""),
+                      energy_label(progress.measured_energy_j, False))
+    columns[1].metric("Predicted for these queries", format_energy(progress.predicted_done_j)
+                      if progress.predicted_done_j is not None else "—")
+    columns[2].metric("Elapsed", format_duration(progress.elapsed_s))
+    columns[3].metric("Remaining (estimate)", format_duration(progress.remaining_s)
+                      if status in execution.ACTIVE else "—")
+    for row in progress.devices.itertuples():
+        st.progress(row.done / row.total if row.total else 0.0,
+                    text=f"{row.device}: {row.done} of {row.total} queries; "
+                         f"{energy_label(None if pd.isna(row.measured_energy_j) else row.measured_energy_j, bool(row.estimated))}"
+                         f" measured vs {format_energy(row.predicted_done_j) if not pd.isna(row.predicted_done_j) else '—'} "
+                         "predicted so far")
+    if run.reason:
+        (st.error if status == "failed" else st.info)(run.reason)
+    left, right = st.columns(2)
+    if status in execution.ACTIVE and left.button("Cancel", key=f"cancel_{execution_id}"):
+        try:
+            execution.cancel_execution(store, execution_id)
+            st.rerun(scope="app")
+        except PlannerError as exc:
+            show_error(exc)
+    if status in ("failed", "cancelled") and progress.done < progress.total and \
+            right.button(f"Resume ({progress.total - progress.done} queries left)", key=f"resume_{execution_id}"):
+        try:
+            execution.resume_execution(store, execution_id)
+            execution.start_worker(store, execution_id)
+            st.rerun(scope="app")
+        except PlannerError as exc:
+            show_error(exc)
+
+
+live_progress(execution_id)
+
+# -- predicted against measured -----------------------------------------------------------------
+
+results = execution.execution_results(store, execution_id)
+if results.empty:
+    st.caption("Results appear here as queries finish.")
+    st.stop()
+comparison = execution.compare(results)
+estimated = comparison.energy_estimated
+st.subheader("Predicted against measured")
+if estimated:
+    st.info("There is no energy sensor for this device here, so the measured energy is **estimated** "
+            "(CPU time x a power model); the predictions come from fits of estimated energy too.")
+top = st.columns(4)
+top[0].metric("Energy" + (" (estimated)" if estimated else ""), energy_label(comparison.measured_energy_j, False),
+              delta=f"{comparison.energy_error:+.1%} vs predicted" if comparison.energy_error is not None else None,
+              delta_color="off")
+top[1].metric("Predicted energy", format_energy(comparison.predicted_energy_j)
+              if comparison.predicted_energy_j is not None else "—")
+top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_runtime_s),
+              delta=f"{comparison.runtime_error:+.1%} vs predicted" if comparison.runtime_error is not None else None,
+              delta_color="off")
+top[3].metric("Outside the fit's 90% band", f"{comparison.outside_band} of {comparison.with_band}",
+              help="Queries whose measured energy lies outside the prediction interval of their fit.")
+if comparison.n_failed:
+    st.warning(f"{comparison.n_failed} queries failed and are left out of the comparison (see the table).")
+if comparison.per_query_energy_error_median is not None:
+    st.caption(f"Per query, energy error: median {comparison.per_query_energy_error_median:+.1%}, mean absolute "
+               f"{comparison.per_query_energy_error_mean_abs:.1%}.")
+
+per_option = comparison.per_option.assign(
+    measured=lambda f: f.measured_energy_j.map(format_energy), predicted=lambda f: f.predicted_energy_j.map(format_energy),
+    error=lambda f: f.energy_error.map(lambda e: f"{e:+.1%}" if e == e else ""))
+st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]], hide_index=True, width="stretch")
+
+per_query = comparison.per_query
+left, right = st.columns(2)
+scatter = go.Figure()
+for option, part in per_query.assign(option=per_query.model + "@" + per_query.device).groupby("option"):
+    scatter.add_trace(go.Scatter(x=part.predicted_energy_j, y=part.energy_j, mode="markers", name=option,
+                                 text=part.id, hovertemplate="%{text}: predicted %{x:.2f} J, measured %{y:.2f} J"))
+top_value = float(pd.concat([per_query.predicted_energy_j, per_query.energy_j]).max() or 1)
+scatter.add_trace(go.Scatter(x=[0, top_value], y=[0, top_value], mode="lines", name="measured = predicted",
+                             line=dict(dash="dash")))
+scatter.update_layout(title="Energy per query", xaxis_title="predicted energy (J)",
+                      yaxis_title="measured energy (J)" + (", estimated" if estimated else ""))
+left.plotly_chart(scatter, width="stretch", key="execute_scatter")
+errors = per_query.energy_error.dropna() * 100
+histogram = go.Figure(go.Histogram(x=errors, nbinsx=30))
+histogram.update_layout(title="Energy error per query", xaxis_title="(measured − predicted) / predicted (%)",
+                        yaxis_title="queries")
+right.plotly_chart(histogram, width="stretch", key="execute_histogram")
+
+with st.expander("Every query"):
+    st.dataframe(results, hide_index=True, width="stretch")
+st.download_button("Download the results (CSV)", results.to_csv(index=False), file_name=f"execution_{execution_id}.csv",
+                   mime="text/csv", key="execute_download")
+
+lengths = execution.learned_output_lengths(store)
+if len(lengths):
+    st.subheader("Output lengths learned from executed prompts")
+    st.caption("What the models really produced for prompts (capped at the planned length). Use them as the output "
+               "length of queries without one on the Plan page.")
+    st.dataframe(lengths, hide_index=True, width="stretch")
+st.caption("Executed queries are stored as measurements; refit with them on the Models page "
+           "(*Include the queries measured while executing plans*).")
