@@ -1,12 +1,17 @@
 """Home: the real state of this installation, each part linked to its page."""
 
+import time
+
 import pandas as pd
 import streamlit as st
 
+from engine import firstrun
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
+from engine.fitting import load_reference_profiles
 from engine.overview import read_overview
-from pages.common import ensure_app_navigation, format_accuracy, format_params, get_store, show_error
+from engine.profiling import jobs
+from pages.common import ensure_app_navigation, format_accuracy, format_duration, format_params, get_store, show_error
 
 ensure_app_navigation()
 st.title("Joule Planner")
@@ -23,6 +28,68 @@ try:
 except PlannerError as exc:
     show_error(exc)
     st.stop()
+
+SAMPLE_LABEL = "Sample workload (sample_50.csv)"  # the Plan page's radio option for data/workloads/sample_50.csv
+
+
+def open_plan_with_sample() -> None:
+    st.session_state["plan_source"] = SAMPLE_LABEL
+    st.switch_page("pages/plan.py")
+
+
+@st.fragment(run_every=2.0)
+def first_run_progress() -> None:
+    """Follows the first run; opens the Plan page when it is done (for the session that started it)."""
+    state = firstrun.read_state(store)
+    if state is None:
+        return
+    if state.status == "running":
+        for model, job_id in state.jobs.items():
+            try:
+                progress = jobs.job_progress(store, job_id)
+                total = progress.job.points_total or 1
+                st.progress(min(progress.job.points_done / total, 1.0),
+                            text=f"{model}: {progress.job.points_done} of {total} points, {progress.trials} trials")
+            except PlannerError:
+                pass
+        st.info(f"First run: {state.step}… ({format_duration(time.time() - state.started)} so far). "
+                "You can leave this page; it goes on.")
+    elif state.status == "failed":
+        st.error(f"The first run stopped: {state.reason}")
+    elif state.status == "done" and st.session_state.pop("first_run_started", False):
+        open_plan_with_sample()
+
+
+store = get_store()  # the same cached handle as above
+try:
+    has_fits = bool(store.query_one("SELECT count(*) FROM fits WHERE source = 'measured'")[0])
+    first = firstrun.read_state(store)
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
+if not has_fits or (first is not None and first.status == "running"):
+    with st.container(border=True):
+        st.subheader("Start here")
+        st.markdown("One click profiles the two demo models on this CPU with a quick design (a few minutes), fits "
+                    "their energy and runtime, and opens the Plan page with the sample workload loaded.")
+        left, right = st.columns(2)
+        running = first is not None and first.status == "running"
+        if left.button("Profile the demo models and plan", type="primary", disabled=running, key="first_run"):
+            try:
+                firstrun.start_first_run(store)
+                st.session_state["first_run_started"] = True
+                st.rerun()
+            except PlannerError as exc:
+                show_error(exc)
+        if right.button("Or explore the paper's published A100 profiles", key="home_reference",
+                        help="Seven LLMs on an A100 server, from Wilkins et al. (published coefficients, no "
+                             "measurements): data-centre-scale what-ifs without a GPU."):
+            try:
+                load_reference_profiles(store)
+                open_plan_with_sample()
+            except PlannerError as exc:
+                show_error(exc)
+        first_run_progress()
 
 st.subheader("Energy sensors on this host")
 sensors = sensors_table()

@@ -7,6 +7,7 @@ With SCREENSHOTS=1 (`make screenshots`) the pictures are saved under docs/screen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -57,12 +58,9 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 90) -> N
 served_db: dict = {}
 
 
-@pytest.fixture(scope="module")
-def served_app(tmp_path_factory, demo_models):
-    """`streamlit run app.py` on a fresh database holding the demo models."""
-    db = tmp_path_factory.mktemp("browser") / "planner.duckdb"
-    catalog.register_demo_models(Store(db), list(demo_models.values()))
-    served_db["path"] = db
+@contextlib.contextmanager
+def serve(db: Path):
+    """`streamlit run app.py` on a free port with PLANNER_DB=db; yields the URL."""
     port = free_port()
     env = {**os.environ, "PLANNER_DB": str(db)}
     server = subprocess.Popen(
@@ -79,6 +77,16 @@ def served_app(tmp_path_factory, demo_models):
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory, demo_models):
+    """`streamlit run app.py` on a fresh database holding the demo models."""
+    db = tmp_path_factory.mktemp("browser") / "planner.duckdb"
+    catalog.register_demo_models(Store(db), list(demo_models.values()))
+    served_db["path"] = db
+    with serve(db) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +227,44 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
     expect(page.get_by_text("The workload has 3 problems")).to_be_visible(timeout=30_000)
     page.close()
+
+
+def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser, tmp_path: Path):
+    """A fresh database: the first-run button profiles and fits the demo models and opens the
+    Plan page with the sample workload; plan it, download the schedule, execute it, and read
+    predicted against measured."""
+    db = tmp_path_factory.mktemp("journey") / "planner.duckdb"
+    catalog.register_demo_models(Store(db), list(demo_models.values()))
+    started = time.perf_counter()
+    with serve(db) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(url)
+        expect(page.get_by_text("Start here")).to_be_visible(timeout=60_000)
+        page.get_by_role("button", name="Profile the demo models and plan").click()
+        expect(page.get_by_text("First run:")).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(screenshot_path("first_run.png", tmp_path)), full_page=True)
+        # The first run ends on the Plan page, the sample workload loaded.
+        expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=900_000)
+        first_run_s = time.perf_counter() - started
+        page.get_by_role("button", name="Plan", exact=True).click()
+        expect(page.get_by_text("Proven gap")).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Compared with the obvious alternatives")).to_be_visible()
+        with page.expect_download() as download_info:
+            page.get_by_role("button", name="Download the schedule (CSV)").click()
+        assert len(download_info.value.path().read_text().splitlines()) == 51
+
+        page.get_by_role("link", name="Execute").click()
+        expect(page.get_by_role("heading", name="Execute", exact=True)).to_be_visible(timeout=60_000)
+        page.get_by_role("button", name="Execute this plan").click()
+        expect(page.get_by_text("running:").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("done: 50 of 50 queries")).to_be_visible(timeout=600_000)
+        expect(page.get_by_text("Predicted against measured")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("vs predicted").first).to_be_visible()
+        page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
+        page.screenshot(path=str(screenshot_path("execute.png", tmp_path)), full_page=True)
+        page.close()
+    store = Store(db)
+    assert store.query_one("SELECT count(*) FROM execution_results WHERE error IS NULL")[0] == 50
+    assert store.query_one("SELECT count(*) FROM measurements WHERE origin = 'executed'")[0] == 50
+    print(f"\njourney: first run {first_run_s:.0f} s, whole journey {time.perf_counter() - started:.0f} s")
