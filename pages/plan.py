@@ -296,11 +296,18 @@ if result is not None:
                                       name=model, customdata=part.queries,
                                       hovertemplate="%{y}: " + model + ", %{customdata} queries<br>"
                                                     "%{base:.1f} s to %{x:.1f} s later<extra></extra>"))
-        for device, seconds in result.per_device_runtime_s.items():
+        makespan = max(result.per_device_runtime_s.values()) or 1.0
+        far = []
+        for device in result.per_device_runtime_s:
             limit = result.settings.device_deadline(device)
-            if limit:
+            if limit and limit <= 3 * makespan:
                 timeline.add_vline(x=limit, line_dash="dash", annotation_text=f"deadline {device}")
-        timeline.update_layout(barmode="overlay", title="When each device runs which model",
+            elif limit:
+                far.append(f"{device} {format_duration(limit)}")
+        title = "When each device runs which model"
+        if far:
+            title += f" (deadlines far to the right: {', '.join(far)})"
+        timeline.update_layout(barmode="overlay", title=title,
                                xaxis_title="time from start (s)", yaxis_title="device", height=260 + 40 * len(devices),
                                margin=dict(t=50, b=40))
         st.plotly_chart(timeline, width="stretch", key="plan_timeline")

@@ -195,7 +195,7 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
         if not store.query_one("SELECT count(*) FROM measurements WHERE model = ?", [model])[0]:
             profile_now(model, [8, 32, 96], [4, 16, 48], max_trials=3)
     assert save_fits(store, fit_all(store))
-    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page = browser.new_page(viewport={"width": 1400, "height": 4200})
     page.goto(served_app + "/plan")
     expect(page.get_by_role("heading", name="Plan", exact=True)).to_be_visible(timeout=60_000)
     page.get_by_text("Sample workload (sample_50.csv)").click()
@@ -211,6 +211,7 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     assert len(schedule.splitlines()) == 51
     page.get_by_role("button", name="Draw energy against the accuracy target and the deadline").click()
     expect(page.get_by_text("Energy against the accuracy target")).to_be_visible(timeout=120_000)
+    page.mouse.wheel(0, -20_000)  # back to the top of the page for the picture
     page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
     page.screenshot(path=str(screenshot_path("plan.png", tmp_path)), full_page=True)
 
@@ -242,6 +243,7 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         expect(page.get_by_text("Start here")).to_be_visible(timeout=60_000)
         page.get_by_role("button", name="Profile the demo models and plan").click()
         expect(page.get_by_text("First run:")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("of 9 points").first).to_be_visible(timeout=120_000)  # a job's own progress
         page.wait_for_timeout(1500)
         page.screenshot(path=str(screenshot_path("first_run.png", tmp_path)), full_page=True)
         # The first run ends on the Plan page, the sample workload loaded.

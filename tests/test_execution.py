@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -253,9 +252,6 @@ def test_a_gpu_query_is_measured_and_has_no_band_without_a_fit(fitted_store: Sto
     assert results.predicted_energy_uncertainty_j.isna().all()  # no fit of demo-large on cuda:0
 
 
-@pytest.mark.xfail(strict=True, raises=duckdb.TransactionException,
-                   reason="bug: the device threads of one worker update the same executions row (queries_done) in "
-                          "concurrent transactions; DuckDB raises 'Conflict on update!' and the whole execution fails")
 def test_two_devices_run_in_parallel_to_the_end(fitted_store: Store, tmp_path: Path):
     rows = [f"c{i:02d},demo-small,cpu,{10 + i},2,1,0.1,{i}" for i in range(10)] + \
         [f"g{i:02d},demo-large,cuda:0,{10 + i},2,1,0.1,{i}" for i in range(10)]
@@ -438,9 +434,6 @@ def test_import_schedule_reports_every_bad_row_at_once(fitted_store: Store, tmp_
     assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=duckdb.ConversionException,
-                   reason="bug: import_schedule accepts any whole token count; one beyond the INTEGER column fails "
-                          "inside DuckDB instead of as a file:line problem")
 def test_import_schedule_refuses_a_token_count_beyond_the_column(fitted_store: Store, tmp_path: Path):
     path = write_schedule(tmp_path / "huge.csv", ["q1,demo-small,cpu,12,3000000000,,,"])
     with pytest.raises(InputError) as caught:
@@ -567,9 +560,6 @@ def test_compare_totals_errors_band_and_options():
     assert not measured_only.energy_estimated
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: compare()'s per_option sums the predictions of queries whose energy was not measured "
-                          "against the measured energy of the others")
 def test_compare_per_option_pairs_measured_with_predicted_like_the_totals():
     results = results_frame([
         ("c", "m2", "cuda:0", 60.0, 50.0, np.nan, 3.0, 2.0, "measured", None),

@@ -30,6 +30,7 @@ from engine.backends.base import parse_device
 from engine.csvio import read_csv_rows
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
 from engine.paths import PROJECT_ROOT
+from engine.planning.workload import MAX_TOKENS_PER_QUERY
 from engine.profiling.jobs import active_job_on, check_device, exit_reason, host_name, reconcile_jobs
 from engine.store import Store, append_frame
 
@@ -129,11 +130,12 @@ def import_schedule(store: Store, path: str | Path) -> int:
             text = row.get(column, "").strip()
             try:
                 value = float(text)
-                ok = value.is_integer() and value >= 1
+                ok = value.is_integer() and 1 <= value <= MAX_TOKENS_PER_QUERY
             except ValueError:
                 ok = False
             if not ok:
-                problems.append(Problem(where, f"{text!r} is not a token count", column, "a whole number ≥ 1"))
+                problems.append(Problem(where, f"{text!r} is not a token count", column,
+                                        f"a whole number from 1 to {MAX_TOKENS_PER_QUERY:,}"))
             else:
                 record[column] = int(value)
         for column in ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s"):

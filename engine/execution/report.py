@@ -59,7 +59,12 @@ def compare(results: pd.DataFrame) -> Comparison:
         outside_band=(ran["energy_j"] - ran["predicted_energy_j"]).abs() > ran["predicted_energy_uncertainty_j"],
     )
     band = per_query["predicted_energy_uncertainty_j"].notna() & per_query["energy_j"].notna()
-    per_option = per_query.assign(option=per_query["model"] + "@" + per_query["device"]).groupby("option").agg(
+    paired = per_query["energy_j"].notna() & per_query["predicted_energy_j"].notna()
+    per_option = per_query.assign(
+        option=per_query["model"] + "@" + per_query["device"],
+        # Energy totals pair only queries with both a measurement and a prediction, like the overall totals.
+        energy_j=per_query["energy_j"].where(paired),
+        predicted_energy_j=per_query["predicted_energy_j"].where(paired)).groupby("option").agg(
         queries=("id", "size"), measured_energy_j=("energy_j", "sum"), predicted_energy_j=("predicted_energy_j", "sum"),
         measured_runtime_s=("runtime_s", "sum"), predicted_runtime_s=("predicted_runtime_s", "sum"),
         median_energy_error=("energy_error", "median")).reset_index()

@@ -35,6 +35,9 @@ from engine.profiling.worker import device_lock
 from engine.store import Store, append_frame
 
 IDLE_S = 2.0
+# Device threads write one at a time: two transactions updating the execution's row at once
+# would conflict in DuckDB and roll one back.
+_WRITE_LOCK = threading.Lock()
 
 
 class ExecutionCancelled(Exception):
@@ -113,8 +116,9 @@ def _run_query(store: Store, execution_id: int, device: str, backend, meter, idl
     }
     if error is not None:
         record.update(input_tokens=int(row.input_tokens), output_tokens=0, error=error)
-        with store.transaction() as con:
+        with _WRITE_LOCK, store.transaction() as con:
             append_frame(con, "execution_results", pd.DataFrame([record]))
+            _count_done(con, execution_id)
         return
     record.update(input_tokens=got_in, output_tokens=got_out, runtime_s=runtime, energy_j=columns["energy_j"],
                   energy_source=columns["energy_source"], energy_method=columns["energy_method"],
@@ -125,14 +129,18 @@ def _run_query(store: Store, execution_id: int, device: str, backend, meter, idl
         "library_versions": versions, "started_at": window.result.started_at,
         "finished_at": window.result.finished_at, **columns,
     }
-    with store.transaction() as con:
+    with _WRITE_LOCK, store.transaction() as con:
         if got_out >= 1:  # a measurement needs at least one generated token
             measurement_id = con.execute("SELECT nextval('measurement_id_seq')").fetchone()[0]
             append_frame(con, "measurements", pd.DataFrame([{"id": measurement_id, **measurement}]))
             record["measurement_id"] = measurement_id
         append_frame(con, "execution_results", pd.DataFrame([record]))
-        con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
-                    "WHERE execution_id = ?) WHERE id = ?", [execution_id, execution_id])
+        _count_done(con, execution_id)
+
+
+def _count_done(con, execution_id: int) -> None:
+    con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
+                "WHERE execution_id = ?) WHERE id = ?", [execution_id, execution_id])
 
 
 def run_execution(store: Store, execution_id: int, stop: threading.Event, **kwargs) -> None:
