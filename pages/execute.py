@@ -35,9 +35,13 @@ if runnable.empty:
     st.info("No plan to run yet. Make one on the Plan page.")
     st.page_link("pages/plan.py", label="Plan a workload", icon=":material/route:")
 else:
-    labels = {int(row.id): f"Plan #{row.id}: {row.workload or 'schedule file'}, {row.n_queries or '?'} queries, "
-                           f"{format_energy(row.energy_j) if row.energy_j == row.energy_j else 'no prediction'} "
-                           f"predicted ({row.status})" for row in runnable.itertuples()}
+    def plan_label(row) -> str:
+        workload = row.workload if isinstance(row.workload, str) else "schedule file"
+        queries = f"{int(row.n_queries)} queries" if not pd.isna(row.n_queries) else "queries"
+        energy = format_energy(float(row.energy_j)) + " predicted" if not pd.isna(row.energy_j) else "no prediction"
+        return f"Plan #{row.id}: {workload}, {queries}, {energy} ({row.status})"
+
+    labels = {int(row.id): plan_label(row) for row in runnable.itertuples()}
     chosen = st.selectbox("Plan", list(labels), format_func=labels.get, key="execute_plan")
     if st.button("Execute this plan", type="primary", key="execute_start"):
         try:
@@ -91,9 +95,10 @@ def live_progress(execution_id: int) -> None:
     columns[3].metric("Remaining (estimate)", format_duration(progress.remaining_s)
                       if status in execution.ACTIVE else "—")
     for row in progress.devices.itertuples():
+        estimated = False if pd.isna(row.estimated) else bool(row.estimated)  # NULL until a query is done
         st.progress(row.done / row.total if row.total else 0.0,
                     text=f"{row.device}: {row.done} of {row.total} queries; "
-                         f"{energy_label(None if pd.isna(row.measured_energy_j) else row.measured_energy_j, bool(row.estimated))}"
+                         f"{energy_label(None if pd.isna(row.measured_energy_j) else row.measured_energy_j, estimated)}"
                          f" measured vs {format_energy(row.predicted_done_j) if not pd.isna(row.predicted_done_j) else '—'} "
                          "predicted so far")
     if run.reason:

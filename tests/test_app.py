@@ -12,7 +12,7 @@ from engine.store import Store
 from tests.conftest import write_grid_csv
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["pages/home.py", "pages/models.py", "pages/profile.py"]
+PAGES = ["pages/home.py", "pages/models.py", "pages/profile.py", "pages/plan.py", "pages/execute.py"]
 
 
 def app() -> AppTest:

@@ -375,8 +375,9 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
     if execution.status in ACTIVE and len(per_device):
         left = []
         for row in per_device.itertuples():
-            pace = (row.runtime_s / row.predicted_done_s) if row.done and row.predicted_done_s else 1.0
-            left.append(max(float(row.predicted_total_s or 0) - float(row.predicted_done_s or 0), 0.0) * pace)
+            done_s, total_s, ran_s = _zero(row.predicted_done_s), _zero(row.predicted_total_s), _zero(row.runtime_s)
+            pace = ran_s / done_s if row.done and done_s > 0 else 1.0  # measured against predicted so far
+            left.append(max(total_s - done_s, 0.0) * pace)
         remaining = max(left)  # devices run in parallel
     done, total = int(per_device.done.sum()), int(per_device.total.sum())
     measured = per_device.measured_energy_j.sum(min_count=1)
@@ -385,6 +386,11 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
         None if pd.isna(measured) else float(measured),
         _maybe(per_device.predicted_done_j.sum(min_count=1)), _maybe(per_device.predicted_total_j.sum(min_count=1)),
         bool(per_device.estimated.fillna(False).any()), elapsed, remaining)
+
+
+def _zero(value) -> float:
+    """A summed column's value, 0 where the sum had nothing (NULL, NA or NaN)."""
+    return 0.0 if value is None or pd.isna(value) else float(value)
 
 
 def _maybe(value) -> float | None:
