@@ -62,7 +62,8 @@ ids = runs.id.astype(int).tolist()
 current = st.session_state.get("execution_id", ids[0])
 execution_id = st.selectbox("Execution", ids, index=ids.index(current) if current in ids else 0,
                             format_func=lambda i: f"#{i}: plan {int(runs.set_index('id').loc[i, 'plan_id'])}, "
-                                                  f"{runs.set_index('id').loc[i, 'status']}", key="execution_pick")
+                                                  f"started {pd.Timestamp(runs.set_index('id').loc[i, 'created_at']):%Y-%m-%d %H:%M}",
+                            key="execution_pick")
 st.session_state["execution_id"] = execution_id
 
 
