@@ -628,7 +628,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
         raise
     execution.reconcile_executions(store)
     progress = execution.execution_progress(store, run.id)
-    comparison = execution.compare(execution.execution_results(store, run.id))
+    scope = store.query_one("SELECT energy_scope FROM plans WHERE id = ?", [run.plan_id])[0]
+    comparison = execution.compare(execution.execution_results(store, run.id), scope)
     state = progress.execution
     document = {"execution_id": run.id, "plan_id": run.plan_id, "status": state.status, "reason": state.reason,
                 "queries_done": progress.done, "queries_total": progress.total, "queries_failed": comparison.n_failed,
@@ -647,8 +648,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
         print(f"execution {run.id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
         print(f"queries: {progress.done} of {progress.total} run, {comparison.n_failed} failed")
         if comparison.measured_energy_j is not None:
+            error = f" ({comparison.energy_error:+.1%})" if comparison.energy_error is not None else ""
             print(f"energy{label}: {comparison.measured_energy_j:,.1f} J measured vs "
-                  f"{comparison.predicted_energy_j:,.1f} J predicted ({comparison.energy_error:+.1%})")
+                  f"{comparison.predicted_energy_j or 0:,.1f} J predicted{error}")
+        else:
+            print("energy: not measured")
         print(f"runtime: {comparison.measured_runtime_s:,.2f} s vs {comparison.predicted_runtime_s or 0:,.2f} s predicted")
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
 

@@ -48,6 +48,7 @@ else:
             run = execution.create_execution(store, int(chosen))
             execution.start_worker(store, run.id)
             st.session_state["execution_id"] = run.id
+            st.session_state["execution_pick"] = run.id  # the selectbox keeps its own value otherwise
             flash(f"Execution #{run.id} started: {run.queries_total} queries.")
             st.rerun()
         except PlannerError as exc:
@@ -76,8 +77,12 @@ def energy_label(joules: float | None, estimated: bool) -> str:
 @st.fragment(run_every=1.0)
 def live_progress(execution_id: int) -> None:
     """Progress while it runs; refreshes itself every second, and the whole page once at the end."""
-    execution.reconcile_executions(store)
-    progress = execution.execution_progress(store, execution_id)
+    try:
+        execution.reconcile_executions(store)
+        progress = execution.execution_progress(store, execution_id)
+    except PlannerError as exc:  # the database busy for a moment: say so, try again next second
+        show_error(exc)
+        return
     run = progress.execution
     status = run.status
     if status in execution.ACTIVE:
@@ -125,13 +130,19 @@ live_progress(execution_id)
 
 # -- predicted against measured -----------------------------------------------------------------
 
-results = execution.execution_results(store, execution_id)
+try:
+    results = execution.execution_results(store, execution_id)
+    scope = store.query_one("SELECT energy_scope FROM plans p JOIN executions e ON e.plan_id = p.id WHERE e.id = ?",
+                            [int(execution_id)])[0]
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
 if results.empty:
     st.caption("Results appear here as queries finish.")
     st.stop()
-comparison = execution.compare(results)
+comparison = execution.compare(results, scope)
 estimated = comparison.energy_estimated
-st.subheader("Predicted against measured")
+st.subheader("Predicted against measured" + (" (dynamic energy)" if scope == "dynamic" else ""))
 if estimated:
     st.info("There is no energy sensor for this device here, so the measured energy is **estimated** "
             "(CPU time x a power model); the predictions come from fits of estimated energy too.")

@@ -40,7 +40,11 @@ def open_plan_with_sample() -> None:
 @st.fragment(run_every=2.0)
 def first_run_progress() -> None:
     """Follows the first run; opens the Plan page when it is done (for the session that started it)."""
-    state = firstrun.read_state(store)
+    try:
+        state = firstrun.read_state(store)
+    except PlannerError as exc:  # the database busy for a moment
+        show_error(exc)
+        return
     if state is None:
         return
     if state.status == "running":

@@ -577,3 +577,39 @@ def test_plan_workload_with_no_fits_stores_nothing(store: Store):
     with pytest.raises(InputError, match="nothing to plan with"):
         plan_workload(store, token_workload(5), PlanSettings(accuracy_target=0.5))
     assert list_plans(store).empty
+
+
+def test_a_clamped_prediction_is_not_taken_as_free():
+    # Query 0: option b's raw prediction was negative (clamped to 0 J); a costs 5 J. Without the
+    # guard the plan would put query 0 on b "for free". Query 1 has only clamped options: kept.
+    opts = [option("a", "dev", 0.5), option("b", "dev", 0.7)]
+    preds = predictions(opts, [[5.0, 0.0], [0.0, 0.0]], 1.0)
+    preds.clamped[:] = [[False, True], [True, True]]
+    result = make_plan(preds, PlanSettings(), explain=False, compare=False)
+    schedule = read_schedule(result)
+    assert schedule.set_index("id").loc["1", "model"] == "a"
+    assert bool(schedule.set_index("id").loc["2", "clamped"])
+
+
+def test_overlapping_solves_leave_garbage_collection_on():
+    import gc
+    import threading
+
+    from engine.planning import solver
+
+    assert gc.isenabled()
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with solver._collector_paused():
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(5)
+    with solver._collector_paused():
+        assert not gc.isenabled()
+    release.set()
+    thread.join()
+    assert gc.isenabled()

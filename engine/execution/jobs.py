@@ -123,7 +123,8 @@ def import_schedule(store: Store, path: str | Path) -> int:
             problems.append(Problem(where, f"model {record['model']!r} is not in the catalog", "model",
                                     "a model of the catalog (Models page)"))
         try:
-            parse_device(record["device"])
+            spec = parse_device(record["device"])
+            record["device"] = "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"  # one name per device
         except DeviceUnavailableError as exc:
             problems.append(Problem(where, str(exc), "device", "cpu, cuda or cuda:N"))
         for column in ("input_tokens", "output_tokens"):
@@ -279,7 +280,8 @@ def _is_our_worker(pid: int | None, execution_id: int) -> bool:
         command = " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    return WORKER_MODULE in command and f"--execution {execution_id}" in command
+    arguments = process.cmdline()
+    return WORKER_MODULE in command and arguments[-2:] == ["--execution", str(execution_id)]
 
 
 def reconcile_executions(store: Store) -> None:

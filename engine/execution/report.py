@@ -46,9 +46,15 @@ def _relative(measured: float | None, predicted: float | None) -> float | None:
     return measured / predicted - 1.0
 
 
-def compare(results: pd.DataFrame) -> Comparison:
-    """Compare an execution's results (from :func:`engine.execution.execution_results`) with its plan."""
+def compare(results: pd.DataFrame, energy_scope: str = "total") -> Comparison:
+    """Compare an execution's results (from :func:`engine.execution.execution_results`) with its plan.
+
+    ``energy_scope`` is the plan's: for a plan of dynamic energy, the measured side is
+    total − idle power × runtime too (unknown where the idle power is).
+    """
     ran = results[results["error"].isna()].copy()
+    if energy_scope == "dynamic":
+        ran["energy_j"] = ran["energy_j"] - ran["idle_power_w"] * ran["runtime_s"]
     failed = int(results["error"].notna().sum())
     with_energy = ran[ran["energy_j"].notna() & ran["predicted_energy_j"].notna()]
     measured = float(with_energy["energy_j"].sum()) if len(with_energy) else None
@@ -65,7 +71,8 @@ def compare(results: pd.DataFrame) -> Comparison:
         # Energy totals pair only queries with both a measurement and a prediction, like the overall totals.
         energy_j=per_query["energy_j"].where(paired),
         predicted_energy_j=per_query["predicted_energy_j"].where(paired)).groupby("option").agg(
-        queries=("id", "size"), measured_energy_j=("energy_j", "sum"), predicted_energy_j=("predicted_energy_j", "sum"),
+        queries=("id", "size"), measured_energy_j=("energy_j", lambda v: v.sum(min_count=1)),
+        predicted_energy_j=("predicted_energy_j", lambda v: v.sum(min_count=1)),
         measured_runtime_s=("runtime_s", "sum"), predicted_runtime_s=("predicted_runtime_s", "sum"),
         median_energy_error=("energy_error", "median")).reset_index()
     per_option["energy_error"] = per_option["measured_energy_j"] / per_option["predicted_energy_j"] - 1.0

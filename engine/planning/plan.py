@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from engine.errors import InputError, Problem
+from engine.errors import InputError, PlannerError, Problem
 from engine.planning.options import PlanOption, Predictions, predict_options
 from engine.planning.solver import AssignmentProblem, CouplingRow, Solution, check_assignment, solve
 
@@ -110,9 +110,17 @@ def allowed_options(predictions: Predictions, min_accuracy: np.ndarray | None) -
     """(N, K) True where the option's model meets the query's own minimum accuracy."""
     n, k = predictions.energy_j.shape
     if min_accuracy is None:
-        return np.ones((n, k), dtype=bool)
+        return _not_clamped(predictions)
     floor = np.nan_to_num(np.asarray(min_accuracy, dtype=float), nan=-np.inf)
-    return predictions.accuracy[None, :] >= floor[:, None] - 1e-12
+    return (predictions.accuracy[None, :] >= floor[:, None] - 1e-12) & _not_clamped(predictions)
+
+
+def _not_clamped(predictions: Predictions) -> np.ndarray:
+    """A prediction clamped from a negative value says nothing about the cost (the paper's form
+    outside its sense): such an option is not offered for the query, unless every option of the
+    query is clamped (then they stay, flagged)."""
+    clamped = predictions.clamped
+    return ~clamped | clamped.all(axis=1, keepdims=True)
 
 
 def objective_costs(predictions: Predictions, settings: PlanSettings) -> np.ndarray:
@@ -192,9 +200,11 @@ def evaluate(predictions: Predictions, settings: PlanSettings, allowed: np.ndarr
     per_device_runtime = np.bincount(device_of[choice], weights=predictions.runtime_s[rows, choice],
                                      minlength=len(predictions.devices))
     per_device = {d: float(per_device_runtime[i] + load_s[d]) for i, d in enumerate(predictions.devices)}
-    meets_deadlines = all(settings.device_deadline(d) is None or per_device[d] <= settings.device_deadline(d) * (1 + 1e-9)
+    # The solver's own tolerance (check_assignment): 1e-7 relative.
+    meets_deadlines = all(settings.device_deadline(d) is None
+                          or per_device[d] <= settings.device_deadline(d) + 1e-7 * max(1.0, settings.device_deadline(d))
                           for d in per_device)
-    meets_accuracy = settings.accuracy_target is None or accuracy >= settings.accuracy_target - 1e-9
+    meets_accuracy = settings.accuracy_target is None or accuracy >= settings.accuracy_target - 1e-7
     return Outcome(energy, accuracy, per_device, max(per_device.values()), meets_accuracy, meets_deadlines,
                    bool(allowed[rows, choice].all()))
 
@@ -365,7 +375,8 @@ def _fill_schedule(result: PlanResult, predictions: Predictions, settings: PlanS
     outcome = evaluate(predictions, settings, allowed, choice)
     # The sanity check beside the solver: the schedule is recomputed from scratch.
     if not (outcome.feasible or solution.status == "infeasible"):
-        raise AssertionError("the solver returned a schedule that misses a target; this is a bug")
+        raise PlannerError("the solver returned a schedule that misses a target (a bug; please report it with the "
+                           "workload); nothing was stored")
     result.energy_j = outcome.energy_j
     result.accuracy = outcome.accuracy
     result.per_device_runtime_s = outcome.per_device_runtime_s

@@ -104,7 +104,7 @@ def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int
              document["gap"], result.solve_s, document["accuracy"], _json(params),
              _json(document["baselines"])]).fetchone()[0])
         if result.schedule is not None:
-            rows = result.schedule.rename(columns={"id": "query_id"}).drop(columns=["clamped"])
+            rows = result.schedule.rename(columns={"id": "query_id"}).drop(columns=["clamped"])  # flagged in params
             rows.insert(0, "plan_id", plan_id)
             append_frame(con, "plan_assignments", rows)
     return plan_id
@@ -142,7 +142,7 @@ def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
 
 def schedule_csv(schedule: pd.DataFrame) -> str:
     """The schedule CSV of DESIGN.md (plus in_domain), as text."""
-    columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain",) if c in schedule.columns]
+    columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain", "clamped") if c in schedule.columns]
     buffer = io.StringIO()
     schedule[columns].to_csv(buffer, index=False, float_format="%.6g")
     return buffer.getvalue()

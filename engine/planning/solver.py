@@ -149,6 +149,7 @@ def _quiet_stdout():
 
 _GC_LOCK = threading.Lock()
 _gc_holders = 0
+_gc_was_enabled = True
 
 
 @contextlib.contextmanager
@@ -160,17 +161,18 @@ def _collector_paused():
     function (which holds cffi's lock), the Model's ``__del__`` asks for the same lock and
     the process hangs. Seen here; pausing the collector during a solve avoids it.
     """
-    global _gc_holders
+    global _gc_holders, _gc_was_enabled
     with _GC_LOCK:
+        if _gc_holders == 0:  # the first holder saves the state; the last one restores it
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
         _gc_holders += 1
-        was_enabled = gc.isenabled()
-        gc.disable()
     try:
         yield
     finally:
         with _GC_LOCK:
             _gc_holders -= 1
-            if _gc_holders == 0 and was_enabled:
+            if _gc_holders == 0 and _gc_was_enabled:
                 gc.enable()
 
 
@@ -426,6 +428,8 @@ def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, f
     deadline = started + time_limit_s
     n, k = problem.shape
     allowed = problem.allowed & np.isfinite(problem.cost)
+    for row in problem.rows:  # a NaN coefficient would abort CBC; such an option cannot be judged
+        allowed &= np.isfinite(row.coef)
     if allowed is not problem.allowed:
         problem = AssignmentProblem(problem.cost, allowed, problem.rows, problem.open_cost)
     stranded = np.flatnonzero(~allowed.any(axis=1))
