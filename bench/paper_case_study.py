@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.catalog import CatalogEntry  # noqa: E402
 from engine.fitting import published_catalog_rows, published_fits  # noqa: E402
 from engine.planning import PlanSettings, make_plan, options_from_fits, predict_options  # noqa: E402
-from engine.planning.plan import accuracy_weights, objective_costs  # noqa: E402
+from engine.planning.plan import allowed_options, accuracy_weights, objective_costs  # noqa: E402
 
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 DISPLAY = {"llama-2-7b": "Llama-2 7B", "llama-2-13b": "Llama-2 13B", "llama-2-70b": "Llama-2 70B"}
@@ -104,8 +104,10 @@ def sweep(predictions, zetas: np.ndarray) -> tuple[pd.DataFrame, dict]:
         # Beside the solver: energy recomputed from the schedule itself.
         assert abs(schedule["predicted_energy_j"].sum() - result.energy_j) <= 1e-6 * max(result.energy_j, 1.0)
         # With no coupling rows each query's best option is independent: the optimum is the
-        # row-wise minimum of the ζ-costs, so the solver's objective must equal it.
-        independent = float(objective_costs(predictions, settings).min(axis=1).sum())
+        # row-wise minimum of the ζ-costs over the options it may use (a clamped, negative
+        # prediction is not offered), so the solver's objective must equal it.
+        offered = allowed_options(predictions, None)
+        independent = float(np.where(offered, objective_costs(predictions, settings), np.inf).min(axis=1).sum())
         assert abs(result.objective_value - independent) <= 1e-9 * max(abs(independent), 1.0), (zeta, independent)
         counts = schedule["model"].value_counts()
         rows.append({"zeta": float(zeta), "energy_j": result.energy_j, "energy_kwh": result.energy_j / J_PER_KWH,
