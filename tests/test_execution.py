@@ -691,3 +691,29 @@ def test_cli_execute_a_bad_schedule_exits_2_naming_each_line(fitted_store: Store
 def test_cli_execute_an_unknown_plan_exits_2(fitted_store: Store, capsys):
     assert cli.main(["execute", "--plan", "999"]) == 2
     assert "no plan with id 999" in capsys.readouterr().err
+
+
+def test_schedule_device_names_are_stored_in_one_spelling(fitted_store: Store, tmp_path: Path):
+    rows = ["a,demo-small,CPU,10,2,1,0.1,0", "b,demo-small,gpu,10,2,1,0.1,0", "c,demo-small,cuda:1,10,2,1,0.1,0"]
+    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", rows))
+    devices = fitted_store.query_df("SELECT query_id, device FROM plan_assignments WHERE plan_id = ? ORDER BY query_id",
+                                    [plan_id])["device"].tolist()
+    assert devices == ["cpu", "cuda:0", "cuda:1"]
+
+
+def test_a_dynamic_energy_plan_is_compared_in_dynamic_energy():
+    # Measured 100 J total over 2 s with 20 W idle: 60 J dynamic, exactly the prediction.
+    results = pd.DataFrame({"id": ["q"], "model": ["m"], "device": ["cpu"], "runtime_s": [2.0], "energy_j": [100.0],
+                            "idle_power_w": [20.0], "predicted_energy_j": [60.0], "predicted_runtime_s": [2.0],
+                            "predicted_energy_uncertainty_j": [np.nan], "energy_source": ["measured"],
+                            "error": [None]})
+    assert compare(results, "dynamic").energy_error == pytest.approx(0.0)
+    assert compare(results, "total").energy_error == pytest.approx(100 / 60 - 1)
+
+
+def test_an_option_with_no_measured_energy_is_not_shown_as_zero():
+    results = pd.DataFrame({"id": ["q"], "model": ["m"], "device": ["cpu"], "runtime_s": [1.0], "energy_j": [np.nan],
+                            "idle_power_w": [np.nan], "predicted_energy_j": [5.0], "predicted_runtime_s": [1.0],
+                            "predicted_energy_uncertainty_j": [np.nan], "energy_source": [None], "error": [None]})
+    row = compare(results).per_option.iloc[0]
+    assert np.isnan(row["measured_energy_j"]) and compare(results).measured_energy_j is None

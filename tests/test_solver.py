@@ -150,3 +150,12 @@ def test_check_assignment_rejects_disallowed_choice():
     problem = AssignmentProblem(np.ones((2, 2)), np.array([[True, False], [True, True]]))
     with pytest.raises(ValueError):
         check_assignment(problem, np.array([1, 0]))
+
+
+def test_a_nan_coefficient_never_reaches_cbc():
+    # Option 1's runtime is unknown (NaN): it cannot be judged against the deadline, so it is
+    # not offered; the solve finishes instead of aborting inside CBC.
+    energy = np.array([[1.0, 0.5], [1.0, 0.5]])
+    runtime = np.array([[1.0, np.nan], [1.0, np.nan]])
+    solution = solve(AssignmentProblem(energy, np.ones((2, 2), bool), [CouplingRow("deadline", runtime, "<=", 5.0)]))
+    assert solution.status == "optimal" and list(solution.choice) == [0, 0]
