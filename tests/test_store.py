@@ -167,3 +167,27 @@ def test_a_deleted_file_is_recreated_with_its_schema(store: Store):
     store.path.unlink()
     assert store.query_one("SELECT count(*) FROM models") == (0,)
     assert store.schema_version() == LATEST_VERSION
+
+
+def test_threads_of_one_process_open_and_close_the_file_without_a_conflict(tmp_path):
+    """The app's script thread and its polling fragments connect at once: DuckDB used to say
+    "Unique file handle conflict" when one thread attached while another closed."""
+    import threading
+
+    store = Store(tmp_path / "threads.duckdb")
+    store.query_one("SELECT 1")
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(150):
+            try:
+                store.query_one("SELECT count(*) FROM models")
+            except Exception as exc:  # noqa: BLE001 (collected and asserted on)
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

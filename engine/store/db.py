@@ -24,6 +24,11 @@ from engine.paths import resolve_db_path
 from engine.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE, Migration
 
 _LOCK_PATTERN = re.compile(r"Could not set lock on file|Conflicting lock", re.IGNORECASE)
+# Within one process, DuckDB shares one database instance per file among its connections;
+# a thread that connects while another closes the last connection can find the file
+# "already attached" for a moment. Opening and closing take turns, and that case is retried.
+_ATTACH_RACE_PATTERN = re.compile(r"Unique file handle conflict|already attached", re.IGNORECASE)
+_open_close_lock = threading.Lock()
 _PID_PATTERN = re.compile(r"\(PID (\d+)\)")
 
 # Paths this process has already brought to the latest schema (checked once per process).
@@ -57,19 +62,21 @@ class Store:
         delay_s = 0.05
         while True:
             try:
-                return duckdb.connect(str(self.path))
+                with _open_close_lock:
+                    return duckdb.connect(str(self.path))
             except duckdb.IOException as exc:
                 if not _LOCK_PATTERN.search(str(exc)):
                     raise SchemaError(f"Cannot open the database {self.path} ({_first_line(exc)}); choose another --db path.") from exc
                 if time.monotonic() >= deadline:
                     raise DatabaseBusyError(_busy_sentence(self.path, str(exc))) from None
-                time.sleep(delay_s)
-                delay_s = min(delay_s * 2, 0.5)
             except duckdb.Error as exc:
-                raise SchemaError(
-                    f"{self.path} is not a Joule Planner database that DuckDB can open "
-                    f"({_first_line(exc)}); choose another --db path."
-                ) from exc
+                if not _ATTACH_RACE_PATTERN.search(str(exc)) or time.monotonic() >= deadline:
+                    raise SchemaError(
+                        f"{self.path} is not a Joule Planner database that DuckDB can open "
+                        f"({_first_line(exc)}); choose another --db path."
+                    ) from exc
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -81,7 +88,8 @@ class Store:
             self._ensure_schema(con)
             yield con
         finally:
-            con.close()
+            with _open_close_lock:
+                con.close()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
