@@ -12,18 +12,14 @@ job or another execution holds is refused.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 
 from engine import catalog
 from engine.backends.base import parse_device
@@ -33,6 +29,7 @@ from engine.paths import PROJECT_ROOT
 from engine.planning.workload import MAX_TOKENS_PER_QUERY
 from engine.profiling.jobs import active_job_on, check_device, exit_reason, host_name, reconcile_jobs
 from engine.store import Store, append_frame
+from engine.workers import is_worker, stop_worker
 
 ACTIVE = ("queued", "running", "cancelling")
 FINISHED = ("done", "failed", "cancelled")
@@ -271,17 +268,7 @@ def _done_count(store: Store, execution_id: int) -> int:
 
 
 def _is_our_worker(pid: int | None, execution_id: int) -> bool:
-    if not pid:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        command = " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    arguments = process.cmdline()
-    return WORKER_MODULE in command and arguments[-2:] == ["--execution", str(execution_id)]
+    return is_worker(pid, WORKER_MODULE, "--execution", execution_id)
 
 
 def reconcile_executions(store: Store) -> None:
@@ -307,13 +294,7 @@ def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) 
         raise InputError(Problem("--execution", f"execution {execution_id} is {execution.status}, not running", None,
                                  "a running execution"))
     set_status(store, execution_id, "cancelling", "cancel requested", only_if=ACTIVE)
-    if execution.pid and _is_our_worker(execution.pid, execution_id):
-        os.kill(execution.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _is_our_worker(execution.pid, execution_id):
-            time.sleep(0.1)
-        if _is_our_worker(execution.pid, execution_id):
-            os.kill(execution.pid, signal.SIGKILL)
+    stop_worker(execution.pid, WORKER_MODULE, "--execution", execution_id, grace_s)
     set_status(store, execution_id, "cancelled", f"cancelled; {_done_count(store, execution_id)} queries stored",
                only_if=("cancelling", "queued", "running"))
     return get_execution(store, execution_id)

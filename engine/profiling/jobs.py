@@ -13,19 +13,16 @@ one, and the worker holds a lock file for the device while it runs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 
 from engine import catalog
 from engine.backends.base import MAX_BATCH_SIZE, parse_device
@@ -34,6 +31,7 @@ from engine.paths import PROJECT_ROOT
 from engine.profiling.design import Design, build_design
 from engine.profiling.stopping import StopRule
 from engine.store import Store
+from engine.workers import is_worker, stop_worker
 
 ACTIVE = ("queued", "running", "cancelling")
 FINISHED = ("done", "failed", "cancelled")
@@ -286,16 +284,7 @@ def _close_orphan(store: Store, job_id: int, why: str) -> None:
 
 
 def _is_our_worker(pid: int | None, job_id: int) -> bool:
-    if not pid:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        command = " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    return WORKER_MODULE in command and f"--job {job_id}" in command
+    return is_worker(pid, WORKER_MODULE, "--job", job_id)
 
 
 def reconcile_jobs(store: Store) -> None:
@@ -321,13 +310,7 @@ def cancel_job(store: Store, job_id: int, *, grace_s: float = 5.0) -> Job:
     if job.status not in ACTIVE:
         raise InputError(Problem("--job", f"job {job_id} is {job.status}, not running", None, "a running job"))
     set_status(store, job_id, "cancelling", "cancel requested", only_if=ACTIVE)
-    if job.pid and _is_our_worker(job.pid, job_id):
-        os.kill(job.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _is_our_worker(job.pid, job_id):
-            time.sleep(0.1)
-        if _is_our_worker(job.pid, job_id):
-            os.kill(job.pid, signal.SIGKILL)
+    stop_worker(job.pid, WORKER_MODULE, "--job", job_id, grace_s)
     trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [int(job_id)])[0]
     set_status(store, job_id, "cancelled", f"cancelled; {trials} trials stored", only_if=("cancelling", "queued", "running"))
     return get_job(store, job_id)
