@@ -174,53 +174,11 @@ def inspect_gguf(path: str | Path) -> GgufInfo:
 
 
 def _parse(path: Path, buf: Any, size: int) -> GgufInfo:
-    magic = bytes(buf[:4])
-    if magic != GGUF_MAGIC:
-        raise GgufError(
-            path,
-            f"is not a GGUF file: it starts with {magic!r} instead of b'GGUF'. "
-            "Give a model converted to GGUF (e.g. with llama.cpp's convert_hf_to_gguf.py).",
-        )
-    version = struct.unpack_from("<I", buf, 4)[0]
-    if version not in SUPPORTED_VERSIONS:
-        if struct.unpack_from(">I", buf, 4)[0] in SUPPORTED_VERSIONS:
-            reason = "is a big-endian GGUF file, which this little-endian host cannot read."
-        else:
-            reason = (
-                f"has GGUF version {version}; llama.cpp reads versions "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Convert the model again with a "
-                "current llama.cpp."
-            )
-        raise GgufError(path, reason)
-
+    version = _check_magic_and_version(path, buf)
     reader = _Reader(buf, size)
     reader.pos = 8
-    values: dict[str, Any] = {}
     try:
-        n_tensors = reader.scalar("<Q")
-        n_kv = reader.scalar("<Q")
-        # Each key/value and tensor info takes well over 8 bytes; bigger counts are garbage.
-        if n_kv > size // 8 or n_tensors > size // 8:
-            raise _Truncated()
-        for _ in range(n_kv):
-            key = reader.string()
-            vtype = reader.scalar("<I")
-            values[key] = reader.value(vtype, keep=True)
-        n_params = 0
-        data_needed = 0  # bytes past the data start that the tensors need
-        for _ in range(n_tensors):
-            reader.skip_string()
-            n_dims = reader.scalar("<I")
-            if n_dims > 8:
-                raise ValueError(f"a tensor with {n_dims} dimensions")
-            n_elements = 1
-            for _ in range(n_dims):
-                n_elements *= reader.scalar("<Q")
-            ggml_type = reader.scalar("<I")
-            offset = reader.scalar("<Q")
-            n_params += n_elements
-            nbytes = _tensor_nbytes(ggml_type, n_elements)
-            data_needed = max(data_needed, offset + (nbytes or 0))
+        values, tensors = _read_header(reader, size)
     except _Truncated:
         raise GgufError(
             path,
@@ -234,13 +192,84 @@ def _parse(path: Path, buf: Any, size: int) -> GgufInfo:
     if not isinstance(alignment, int) or alignment <= 0:
         alignment = DEFAULT_ALIGNMENT
     data_start = -(-reader.pos // alignment) * alignment
-    if data_start + data_needed > size:
+    if data_start + tensors.data_bytes > size:
         raise GgufError(
             path,
-            f"is truncated: its tensor data needs {data_start + data_needed} bytes but the "
+            f"is truncated: its tensor data needs {data_start + tensors.data_bytes} bytes but the "
             f"file has only {size}. Copy or download the file again.",
         )
+    return _describe(path, version, values, tensors, size)
 
+
+def _check_magic_and_version(path: Path, buf: Any) -> int:
+    """The GGUF version of a file that starts like a GGUF file llama.cpp reads."""
+    magic = bytes(buf[:4])
+    if magic != GGUF_MAGIC:
+        raise GgufError(
+            path,
+            f"is not a GGUF file: it starts with {magic!r} instead of b'GGUF'. "
+            "Give a model converted to GGUF (e.g. with llama.cpp's convert_hf_to_gguf.py).",
+        )
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version in SUPPORTED_VERSIONS:
+        return version
+    if struct.unpack_from(">I", buf, 4)[0] in SUPPORTED_VERSIONS:
+        reason = "is a big-endian GGUF file, which this little-endian host cannot read."
+    else:
+        reason = (
+            f"has GGUF version {version}; llama.cpp reads versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Convert the model again with a "
+            "current llama.cpp."
+        )
+    raise GgufError(path, reason)
+
+
+@dataclass(frozen=True)
+class _Tensors:
+    """What the tensor infos add up to."""
+
+    count: int
+    n_params: int
+    data_bytes: int  # bytes past the data start that the tensors need
+
+
+def _read_header(reader: _Reader, size: int) -> tuple[dict[str, Any], _Tensors]:
+    """The key/values and tensor infos after the version; leaves ``reader`` at their end.
+
+    Raises:
+        _Truncated: the header runs past the end of the file.
+        ValueError: the header is corrupt.
+    """
+    n_tensors = reader.scalar("<Q")
+    n_kv = reader.scalar("<Q")
+    # Each key/value and tensor info takes well over 8 bytes; bigger counts are garbage.
+    if n_kv > size // 8 or n_tensors > size // 8:
+        raise _Truncated()
+    values: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = reader.string()
+        vtype = reader.scalar("<I")
+        values[key] = reader.value(vtype, keep=True)
+    n_params = 0
+    data_needed = 0
+    for _ in range(n_tensors):
+        reader.skip_string()
+        n_dims = reader.scalar("<I")
+        if n_dims > 8:
+            raise ValueError(f"a tensor with {n_dims} dimensions")
+        n_elements = 1
+        for _ in range(n_dims):
+            n_elements *= reader.scalar("<Q")
+        ggml_type = reader.scalar("<I")
+        offset = reader.scalar("<Q")
+        n_params += n_elements
+        nbytes = _tensor_nbytes(ggml_type, n_elements)
+        data_needed = max(data_needed, offset + (nbytes or 0))
+    return values, _Tensors(count=n_tensors, n_params=n_params, data_bytes=data_needed)
+
+
+def _describe(path: Path, version: int, values: dict[str, Any], tensors: _Tensors, size: int) -> GgufInfo:
+    """The :class:`GgufInfo` of a file whose header checked out."""
     arch = values.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise GgufError(path, "has no general.architecture key, so llama.cpp cannot load it.")
@@ -266,8 +295,8 @@ def _parse(path: Path, buf: Any, size: int) -> GgufInfo:
         vocab_size=int_or_none("tokenizer.ggml.tokens"),
         file_type=file_type,
         file_type_name=file_type_name,
-        n_tensors=n_tensors,
-        n_params=n_params,
-        tensor_data_bytes=data_needed,
+        n_tensors=tensors.count,
+        n_params=tensors.n_params,
+        tensor_data_bytes=tensors.data_bytes,
         file_size_bytes=size,
     )
