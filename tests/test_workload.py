@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -296,29 +295,7 @@ def demo_entry(demo) -> CatalogEntry:
                         accuracy_source=demo.accuracy_source, path=str(demo.path))
 
 
-def test_demo_small_counts_with_its_own_tokenizer(demo_models):
-    from transformers import AutoTokenizer
-
-    demo = demo_entry(demo_models["transformers"])
-    prompts = ["Summarise the water cycle for a ten-year-old.", "Hi", "Write a haiku about autumn, please."]
-    counts = wl.count_prompt_tokens(demo, prompts)
-    tokenizer = AutoTokenizer.from_pretrained(demo_models["transformers"].path, local_files_only=True)
-    own = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in prompts]  # + the BOS the backend adds
-    assert tokenizer.bos_token_id is not None
-    assert counts.tolist() == own and (counts > 1).all()
-    # loaded once: planning again reuses the cached tokenizer
-    assert wl._local_counter(demo) is wl._local_counter(demo)
-
-
-def test_demo_large_counts_with_its_gguf_vocabulary(demo_models):
-    import llama_cpp
-
-    demo = demo_entry(demo_models["llama.cpp"])
-    prompts = ["Summarise the water cycle for a ten-year-old.", "What does CPU stand for?"]
-    counts = wl.count_prompt_tokens(demo, prompts)
-    vocab = llama_cpp.Llama(model_path=str(demo_models["llama.cpp"].path), vocab_only=True, verbose=False)
-    own = [len(vocab.tokenize(p.encode("utf-8"), add_bos=False, special=False)) + 1 for p in prompts]
-    assert counts.tolist() == own and (counts > 1).all()
+# Counting with each demo model's own tokenizer, and its errors: tests/test_backends_tokens.py
 
 
 def test_planning_with_the_demo_models_gives_each_its_own_counts(demo_models):
@@ -330,21 +307,6 @@ def test_planning_with_the_demo_models_gives_each_its_own_counts(demo_models):
         assert (tokens.input_tokens[model.name] > 0).all()
         assert tokens.input_tokens[model.name][~counted].tolist() == workload.queries.input_tokens.dropna().tolist()
         assert "tokenizer for" in tokens.input_source[model.name]
-
-
-def test_a_tokenizer_that_cannot_load_is_a_model_load_error(tmp_path: Path):
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (broken / "tokenizer.json").write_text("not json")
-    with pytest.raises(ModelLoadError, match="tokenizer of broken could not be loaded"):
-        wl.count_prompt_tokens(entry("broken", path=str(broken)), ["hi"])
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        wl.count_prompt_tokens(entry("gone", path=str(tmp_path / "gone")), ["hi"])
-    not_gguf = tmp_path / "fake.gguf"
-    not_gguf.write_bytes(b"definitely not a gguf file")
-    with pytest.raises(ModelLoadError, match="tokenizer of fake"):
-        wl.count_prompt_tokens(entry("fake", backend="llama.cpp", path=str(not_gguf)), ["hi"])
 
 
 # -- storing ------------------------------------------------------------------------------

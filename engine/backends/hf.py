@@ -23,6 +23,7 @@ from engine.backends.base import (  # noqa: I001
     parse_device,
     prompt_ids,
 )
+from engine.backends.tokens import HfPromptTokenizer, open_hf_tokenizer
 from engine.errors import DeviceUnavailableError, ModelLoadError, TokenCountMismatchError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -75,7 +76,6 @@ class TransformersBackend(Backend):
         self._tokenizer: Any = None
         self._torch_device: str = "cpu"
         self._filler_ids: list[int] = []
-        self._bos_id: int | None = None
         self._context_length = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -133,15 +133,12 @@ class TransformersBackend(Backend):
         trust_remote_code = bool(self.options.get("trust_remote_code", False))
 
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         try:
-            with quiet_progress_bars():
-                tokenizer = AutoTokenizer.from_pretrained(
-                    path, local_files_only=True, trust_remote_code=trust_remote_code
-                )
+            tokenizer = open_hf_tokenizer(path, trust_remote_code)
         except Exception as exc:  # transformers raises many kinds; all mean "cannot load"
-            raise ModelLoadError(f"{path}: the tokenizer could not be loaded ({_brief(exc)}).") from exc
+            raise ModelLoadError(f"{path}: the tokenizer could not be loaded ({brief_error(exc)}).") from exc
         try:
             with quiet_progress_bars():
                 model = AutoModelForCausalLM.from_pretrained(
@@ -151,22 +148,20 @@ class TransformersBackend(Backend):
             model.eval()
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelLoadError(
-                f"{path}: the model does not fit in the memory of {torch_device} ({_brief(exc)})."
+                f"{path}: the model does not fit in the memory of {torch_device} ({brief_error(exc)})."
             ) from exc
         except Exception as exc:
-            raise ModelLoadError(f"{path}: the model could not be loaded ({_brief(exc)}).") from exc
+            raise ModelLoadError(f"{path}: the model could not be loaded ({brief_error(exc)}).") from exc
 
-        # verbose=False: the filler may be longer than model_max_length; that is fine here.
-        filler = tokenizer(FILLER_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
+        tokens = HfPromptTokenizer(tokenizer)
         context = getattr(model.config, "max_position_embeddings", None)
         if not isinstance(context, int) or context <= 0:
             context = tokenizer.model_max_length
         if not isinstance(context, int) or context <= 0 or context > 10**7:
             raise ModelLoadError(f"{path}: the model config states no context length.")
-        self._model, self._tokenizer = model, tokenizer
+        self._model, self._tokenizer, self._tokens = model, tokenizer, tokens
         self._torch_device = torch_device
-        self._filler_ids = list(filler)
-        self._bos_id = tokenizer.bos_token_id
+        self._filler_ids = tokens.encode(FILLER_TEXT)
         self._context_length = context
         self._loaded = True
 
@@ -187,10 +182,6 @@ class TransformersBackend(Backend):
         self._ensure_loaded()
         return self._context_length
 
-    def count_tokens(self, text: str) -> int:
-        self._ensure_loaded()
-        return len(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
     @property
     def settings(self) -> dict[str, Any]:
         import torch
@@ -207,60 +198,68 @@ class TransformersBackend(Backend):
     def generate(self, input_tokens: int, output_tokens: int) -> GenerationResult:
         """Run one greedy request of exactly ``input_tokens`` in, ``output_tokens`` out."""
         import torch
-        from transformers import LogitsProcessor, LogitsProcessorList
+        from transformers import LogitsProcessorList
 
         self._ensure_loaded()
         self.check_request(input_tokens, output_tokens)
         input_tokens, output_tokens = int(input_tokens), int(output_tokens)
-        ids = prompt_ids(self._filler_ids, self._bos_id, input_tokens)
+        ids = prompt_ids(self._filler_ids, self.prompt_tokenizer.bos_id, input_tokens)
+        self.last_prompt_ids = ids
         input_ids = torch.tensor([ids] * self.batch_size, dtype=torch.long, device=self._torch_device)
-        attention_mask = torch.ones_like(input_ids)
-        on_cuda = self._torch_device.startswith("cuda")
+        clock = _FirstTokenClock()
+        # min_new_tokens == max_new_tokens: transformers masks every EOS id of the
+        # generation config to -inf until the last step, so the answer cannot end early.
+        output, started, finished = self._timed_generate(
+            input_ids, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
+            logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
+        got_in, got_out = self._read_back_counts(output, ids, input_tokens, output_tokens)
+        self.last_output_ids = output.sequences[0][got_in:].tolist()
+        return GenerationResult(
+            input_tokens=got_in,
+            output_tokens=got_out,
+            runtime_s=finished - started,
+            time_to_first_token_s=clock.seconds_since(started),
+            batch_size=self.batch_size,
+        )
 
-        first_logits_at: list[float] = []
+    def _timed_generate(self, input_ids: Any, **options: Any) -> tuple[Any, float, float]:
+        """Greedy ``model.generate`` with the KV cache on; its output, and when it started and finished.
 
-        class _FirstTokenClock(LogitsProcessor):
-            """Notes when the first logits arrive: prefill is done and the first token
-            is picked right after, so this is the time to first token."""
-
-            def __call__(self, input_ids: Any, scores: Any) -> Any:
-                if not first_logits_at:
-                    first_logits_at.append(time.perf_counter())
-                return scores
+        On CUDA the device is synchronised on both sides, so the times cover the GPU's work.
+        """
+        import torch
 
         pad_id = self._tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self._tokenizer.eos_token_id
+        on_cuda = self._torch_device.startswith("cuda")
         if on_cuda:
             torch.cuda.synchronize(self._torch_device)
         started = time.perf_counter()
         with torch.inference_mode():
-            # min_new_tokens == max_new_tokens: transformers masks every EOS id of the
-            # generation config to -inf until the last step, so the answer cannot end early.
-            output = self._model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=output_tokens,
-                min_new_tokens=output_tokens,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([_FirstTokenClock()]),
-                return_dict_in_generate=True,
-            )
+            output = self._model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id,
+                                          **options)
         if on_cuda:
             torch.cuda.synchronize(self._torch_device)
-        finished = time.perf_counter()
+        return output, started, time.perf_counter()
 
-        sequence = output.sequences[0]
-        got_in = int(input_ids.shape[1])
-        got_out = int(sequence.shape[0]) - got_in
-        if int(output.sequences.shape[0]) != self.batch_size or any(
-                row[:got_in].tolist() != ids for row in output.sequences):
+    def _read_back_counts(self, output: Any, ids: list[int], input_tokens: int,
+                          output_tokens: int) -> tuple[int, int]:
+        """Prompt and generated tokens per request, as transformers processed them.
+
+        Raises:
+            TokenCountMismatchError: a sequence does not start with the prompt, the batch
+                came back another size, the KV cache holds another count, or the counts
+                differ from the request.
+        """
+        sequences = output.sequences
+        got_in = len(ids)
+        got_out = int(sequences[0].shape[0]) - got_in
+        if int(sequences.shape[0]) != self.batch_size or any(row[:got_in].tolist() != ids for row in sequences):
             raise TokenCountMismatchError(
                 f"{self.path.name}: a generated sequence does not start with the prompt "
-                f"(or the batch of {self.batch_size} came back with {int(output.sequences.shape[0])})."
+                f"(or the batch of {self.batch_size} came back with {int(sequences.shape[0])})."
             )
         # The KV cache holds every token the model ran on: the prompt plus each generated
         # token fed back (the last one never is). It is transformers' own count.
@@ -277,19 +276,7 @@ class TransformersBackend(Backend):
                 f"{self.path.name}: asked for {input_tokens} input and {output_tokens} output "
                 f"tokens, transformers processed {got_in} and generated {got_out}."
             )
-        self.last_output_ids = sequence[got_in:].tolist()
-        ttft = first_logits_at[0] - started if first_logits_at else None
-        return GenerationResult(
-            input_tokens=got_in,
-            output_tokens=got_out,
-            runtime_s=finished - started,
-            time_to_first_token_s=ttft,
-            batch_size=self.batch_size,
-        )
-
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return got_in, got_out
 
     def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
         """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
@@ -298,19 +285,7 @@ class TransformersBackend(Backend):
         self._ensure_loaded()
         ids = self._prompt_ids(prompt, max_output_tokens)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self._torch_device)
-        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None \
-            else self._tokenizer.eos_token_id
-        on_cuda = self._torch_device.startswith("cuda")
-        if on_cuda:
-            torch.cuda.synchronize(self._torch_device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            output = self._model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          max_new_tokens=int(max_output_tokens), do_sample=False, num_beams=1,
-                                          use_cache=True, pad_token_id=pad_id)
-        if on_cuda:
-            torch.cuda.synchronize(self._torch_device)
-        finished = time.perf_counter()
+        output, started, finished = self._timed_generate(input_ids, max_new_tokens=int(max_output_tokens))
         generated = output[0][len(ids):].tolist()
         eos = self._model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -318,6 +293,23 @@ class TransformersBackend(Backend):
         self.last_output_ids = generated
         return TextResult(text=self._tokenizer.decode(generated, skip_special_tokens=True), input_tokens=len(ids),
                           output_tokens=len(generated), runtime_s=finished - started, stopped=stopped)
+
+
+class _FirstTokenClock:
+    """A logits processor that notes when the first logits arrive: prefill is done and
+    the first token is picked right after, so this is the time to first token."""
+
+    def __init__(self) -> None:
+        self.first_logits_at: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.first_logits_at is None:
+            self.first_logits_at = time.perf_counter()
+        return scores
+
+    def seconds_since(self, started: float) -> float | None:
+        """Seconds from ``started`` to the first logits, or ``None`` when none arrived."""
+        return self.first_logits_at - started if self.first_logits_at is not None else None
 
 
 @contextlib.contextmanager
@@ -335,7 +327,7 @@ def quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _brief(exc: BaseException) -> str:
+def brief_error(exc: BaseException) -> str:
     """First line of an exception message, for a one-sentence error."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -23,6 +23,7 @@ from engine.backends.base import (  # noqa: I001
     prompt_ids,
 )
 from engine.backends.gguf_check import GgufInfo, inspect_gguf
+from engine.backends.tokens import GgufPromptTokenizer, llama_vocab
 from engine.errors import DeviceUnavailableError, InputError, ModelLoadError, Problem, TokenCountMismatchError
 
 DEFAULT_MAX_CONTEXT = 4096  # a larger KV cache costs memory the demo design never uses
@@ -51,7 +52,6 @@ class LlamaCppBackend(Backend):
         self._llm: Any = None
         self.info: GgufInfo | None = None
         self._filler_ids: list[int] = []
-        self._bos_id: int | None = None
         self._eog_ids: list[int] = []
         self._n_ctx = 0
 
@@ -119,15 +119,13 @@ class LlamaCppBackend(Backend):
                 f"llama-cpp-python {llama_cpp.__version__}."
             ) from exc
 
-        vocab = llm._model.vocab  # no public accessor for the vocab handle
-        n_vocab = llm.n_vocab()
+        vocab = llama_vocab(llm)
         # Every end-of-generation token (EOS, EOT, ...), not only EOS: a server stops at
         # any of them, so a request of exactly τout tokens must never contain one.
         # (Llama.generate() itself does not stop at EOS; it would emit it and go on.)
-        eog_ids = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-        bos = llama_cpp.llama_vocab_bos(vocab)
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        filler = llm.tokenize(FILLER_TEXT.encode("utf-8"), add_bos=False, special=False)
+        eog_ids = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        # Prompts, filler and real, start with BOS by the rule of engine/backends/tokens.py.
+        tokens = GgufPromptTokenizer(llm)
 
         self._llm = llm
         self.info = info
@@ -135,10 +133,8 @@ class LlamaCppBackend(Backend):
         # trained context; the limit is what was asked for.
         self._n_ctx = min(llm.n_ctx(), n_ctx)
         self._eog_ids = eog_ids
-        # Prompts start with BOS when the model defines one (as llama.cpp itself does
-        # for a model that asks for it); a model without BOS gets filler only.
-        self._bos_id = bos if bos >= 0 and (add_bos or bos not in eog_ids) else None
-        self._filler_ids = list(filler)
+        self._tokens = tokens
+        self._filler_ids = tokens.encode(FILLER_TEXT)
         self._loaded = True
 
     def close(self) -> None:
@@ -153,10 +149,6 @@ class LlamaCppBackend(Backend):
     def context_length(self) -> int:
         self._ensure_loaded()
         return self._n_ctx
-
-    def count_tokens(self, text: str) -> int:
-        self._ensure_loaded()
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -180,92 +172,88 @@ class LlamaCppBackend(Backend):
         self._ensure_loaded()
         self.check_request(input_tokens, output_tokens)
         input_tokens, output_tokens = int(input_tokens), int(output_tokens)
-        llm = self._llm
-        ids = prompt_ids(self._filler_ids, self._bos_id, input_tokens)
+        ids = prompt_ids(self._filler_ids, self.prompt_tokenizer.bos_id, input_tokens)
+        self.last_prompt_ids = ids
         eog_ids = np.asarray(self._eog_ids, dtype=np.intp)
 
         def suppress_eog(_input_ids: Any, scores: Any) -> Any:
             scores[eog_ids] = -np.inf
             return scores
 
+        llama_cpp.llama_perf_context_reset(self._llm.ctx)
+        output_ids, started, first_token_at, finished = self._timed_generate(
+            ids, output_tokens, stop_ids=set(), logits_processor=llama_cpp.LogitsProcessorList([suppress_eog]))
+        self.last_output_ids = output_ids
+        got_in = self._read_back_input_tokens(len(output_ids))
+        if got_in != input_tokens or len(output_ids) != output_tokens:
+            raise TokenCountMismatchError(
+                f"{self.path.name}: asked for {input_tokens} input and {output_tokens} output "
+                f"tokens, llama.cpp processed {got_in} and generated {len(output_ids)}."
+            )
+        return GenerationResult(
+            input_tokens=got_in,
+            output_tokens=len(output_ids),
+            runtime_s=finished - started,
+            time_to_first_token_s=(first_token_at - started) if first_token_at else None,
+        )
+
+    def _timed_generate(self, ids: list[int], max_output_tokens: int, stop_ids: set[int],
+                        logits_processor: Any = None) -> tuple[list[int], float, float | None, float]:
+        """Greedy tokens for prompt ``ids``, up to ``max_output_tokens`` or through the first of ``stop_ids``.
+
+        Returns the generated ids and when the request started, its first token arrived
+        (``None`` without one) and it finished.
+        """
+        llm = self._llm
         # Forget the previous request: Llama.generate() would otherwise keep the KV
         # cache of the longest matching prefix (every prompt here starts with the
         # same filler) and skip most of the prefill, so profiling would under-measure.
         llm.reset()
-        llama_cpp.llama_perf_context_reset(llm.ctx)
         output_ids: list[int] = []
         first_token_at: float | None = None
         started = time.perf_counter()
-        tokens = llm.generate(
-            ids,
-            temp=0.0,  # greedy
-            repeat_penalty=1.0,
-            reset=True,
-            logits_processor=llama_cpp.LogitsProcessorList([suppress_eog]),
-        )
+        tokens = llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True,  # temp 0: greedy
+                              logits_processor=logits_processor)
         try:
             for token in tokens:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 output_ids.append(int(token))
-                if len(output_ids) >= output_tokens:
+                if int(token) in stop_ids or len(output_ids) >= max_output_tokens:
                     break
         finally:
             tokens.close()
-        finished = time.perf_counter()
-        self.last_output_ids = output_ids
-        generated = len(output_ids)
+        return output_ids, started, first_token_at, time.perf_counter()
 
-        # Read the counts back from llama.cpp itself: the prompt tokens decoded plus the
-        # generated tokens fed back (the last generated token is never decoded).
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-        decoded = _decoded_tokens(perf)
-        got_in = decoded - (generated - 1)
+    def _read_back_input_tokens(self, generated: int) -> int:
+        """Prompt tokens of the request just run, read back from llama.cpp itself.
+
+        llama.cpp counts every token decoded since the perf reset: the prompt plus the
+        ``generated`` tokens fed back, all but the last (which is never decoded).
+
+        Raises:
+            TokenCountMismatchError: part of the prompt came from a cache.
+        """
+        import llama_cpp
+
+        llm = self._llm
+        decoded = _decoded_tokens(llama_cpp.llama_perf_context(llm.ctx))
         if llm.n_tokens != decoded:
             raise TokenCountMismatchError(
                 f"{self.path.name}: llama.cpp holds {llm.n_tokens} tokens in its context but "
                 f"decoded {decoded}: part of the prompt came from a cache."
             )
-        if got_in != input_tokens or generated != output_tokens:
-            raise TokenCountMismatchError(
-                f"{self.path.name}: asked for {input_tokens} input and {output_tokens} output "
-                f"tokens, llama.cpp processed {got_in} and generated {generated}."
-            )
-        return GenerationResult(
-            input_tokens=got_in,
-            output_tokens=generated,
-            runtime_s=finished - started,
-            time_to_first_token_s=(first_token_at - started) if first_token_at else None,
-        )
-
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return decoded - (generated - 1)
 
     def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
         """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
         self._ensure_loaded()
         ids = self._prompt_ids(prompt, max_output_tokens)
-        llm = self._llm
-        llm.reset()  # a fresh request: no prefix reused from the previous one
         eog = set(self._eog_ids)
-        output_ids: list[int] = []
-        stopped = "output cap"
-        started = time.perf_counter()
-        tokens = llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)
-        try:
-            for token in tokens:
-                output_ids.append(int(token))
-                if int(token) in eog:
-                    stopped = "end of answer"
-                    break
-                if len(output_ids) >= int(max_output_tokens):
-                    break
-        finally:
-            tokens.close()
-        finished = time.perf_counter()
+        output_ids, started, _, finished = self._timed_generate(ids, int(max_output_tokens), stop_ids=eog)
+        stopped = "end of answer" if output_ids and output_ids[-1] in eog else "output cap"
         self.last_output_ids = output_ids
-        text = llm.detokenize([t for t in output_ids if t not in eog]).decode("utf-8", errors="replace")
+        text = self._llm.detokenize([t for t in output_ids if t not in eog]).decode("utf-8", errors="replace")
         return TextResult(text=text, input_tokens=len(ids), output_tokens=len(output_ids),
                           runtime_s=finished - started, stopped=stopped)
 

@@ -7,7 +7,10 @@ Each row needs a prompt or input_tokens; every bad row is reported at once, by l
 Planning needs two numbers per query and model: the prompt length τin (given, or
 counted with that model's own tokenizer, or estimated for a model without local files)
 and the answer length τout (given, else the stated maximum, else a default).
-:func:`planning_tokens` works them out and says where each came from.
+:func:`planning_tokens` works them out and says where each came from. Counting is the
+backends' own (:mod:`engine.backends.tokens`), so a counted τin is the number of tokens
+the backend then feeds the model; the ≈4 characters-per-token estimate stays here, as
+it is a planning fallback for models that no local backend runs.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from engine.backends.tokens import TokenCounter, prompt_counter
 from engine.catalog import HUB_PREFIX, CatalogEntry, parse_accuracy, resolve_model_path
 from engine.csvio import decode_upload, parse_csv_text
-from engine.errors import InputError, ModelLoadError, PlannerError, Problem
+from engine.errors import InputError, ModelLoadError, Problem
 from engine.store import Store, append_frame
 
 WORKLOAD_MAX_BYTES = 100_000_000
@@ -44,7 +46,6 @@ _HEADER_EXPECTED = ("a header row with prompt or input_tokens (optional: id, out
                     "min_accuracy, category)")
 _MAX_LINES_LISTED = 10
 
-TokenCounter = Callable[[list[str]], np.ndarray]
 TokenizerFactory = Callable[[CatalogEntry], "TokenCounter | None"]
 
 
@@ -412,8 +413,8 @@ def estimate_prompt_tokens(prompts: Sequence[str]) -> np.ndarray:
 def count_prompt_tokens(entry: CatalogEntry, prompts: list[str]) -> np.ndarray:
     """Tokens each prompt has for ``entry``, counted with the model's own tokenizer.
 
-    The count is what the model's backend would run: the prompt's tokens plus the BOS
-    token the backends put first when the model defines one.
+    The count is what the model's backend would run (:func:`engine.backends.tokens.prompt_counter`):
+    the prompt's tokens plus the BOS token the backends put first when the model defines one.
 
     Raises:
         ModelLoadError: the model has no local tokenizer, or it could not be loaded.
@@ -427,13 +428,6 @@ def count_prompt_tokens(entry: CatalogEntry, prompts: list[str]) -> np.ndarray:
 
 # -- tokenizers ---------------------------------------------------------------------------
 
-# Loaded token counters by (backend, path, mtime, trust_remote_code): planning the same
-# workload again, or another workload, does not load the tokenizer again.
-_TOKENIZER_CACHE: dict[tuple, TokenCounter] = {}
-_TOKENIZER_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
-
-
 def _why_no_tokenizer(entry: CatalogEntry) -> str:
     if entry.path and entry.path.startswith(HUB_PREFIX):
         return "a hub model that is not downloaded"
@@ -441,147 +435,12 @@ def _why_no_tokenizer(entry: CatalogEntry) -> str:
 
 
 def _local_counter(entry: CatalogEntry) -> TokenCounter | None:
-    """The cached token counter of a model with local files; None for external and hub models."""
+    """The token counter of a model with local files, as its backend counts (cached there); None for
+    external and hub models."""
     if entry.backend == "external" or not entry.path or entry.path.startswith(HUB_PREFIX):
         return None
-    path = resolve_model_path(entry.path)
-    if not path.exists():
-        raise ModelLoadError(f"{entry.name}: {path} does not exist, so its tokenizer cannot count the prompts; "
-                             "restore the model files, fix its path in the catalog, or give input_tokens in the workload.")
-    key = (entry.backend, str(path.resolve()), _mtime_ns(path), bool(entry.trust_remote_code))
-    with _CACHE_LOCK:
-        counter = _TOKENIZER_CACHE.get(key)
-    if counter is not None:
-        return counter
-    if entry.backend == "transformers":
-        counter = _load_hf_counter(entry, path)
-    elif entry.backend == "llama.cpp":
-        counter = _load_gguf_counter(entry, path)
-    else:
-        raise ModelLoadError(f"{entry.name}: unknown backend {entry.backend!r}; fix the model in the catalog.")
-    with _CACHE_LOCK:
-        while len(_TOKENIZER_CACHE) >= _TOKENIZER_CACHE_SIZE:
-            _TOKENIZER_CACHE.pop(next(iter(_TOKENIZER_CACHE)))
-        _TOKENIZER_CACHE[key] = counter
-    return counter
-
-
-def _mtime_ns(path: Path) -> int:
-    """Newest modification time of a model file, or of a model directory and its files."""
-    if not path.is_dir():
-        return path.stat().st_mtime_ns
-    return max([path.stat().st_mtime_ns, *(f.stat().st_mtime_ns for f in path.iterdir() if f.is_file())])
-
-
-def _brief(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-class _HfTokenCounter:
-    """Counts prompts with a transformers tokenizer, in batches.
-
-    A fast tokenizer's Rust ``encode_batch_fast`` is used directly when it encodes as the
-    tokenizer does (checked on the first prompts), skipping transformers' per-call work.
-    """
-
-    _CHUNK = 16_384  # prompts per batch, so a large workload never holds all token ids at once
-
-    def __init__(self, tokenizer: object):
-        self.tokenizer = tokenizer
-        # The backends put the model's BOS token first (engine/backends/base.py prompt_ids).
-        self.bos_tokens = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        # A truncation or padding stored in tokenizer.json would change the counts.
-        self._rust = backend if backend is not None and backend.truncation is None and backend.padding is None else None
-        self._checked = False
-        self._lock = threading.Lock()
-
-    def _slow(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        return np.fromiter(map(len, ids), dtype=np.int64, count=len(prompts))
-
-    def _fast(self, prompts: list[str]) -> np.ndarray:
-        encode = getattr(self._rust, "encode_batch_fast", None) or self._rust.encode_batch  # _fast: tokenizers >= 0.20
-        encodings = encode(prompts, add_special_tokens=False)
-        return np.fromiter(map(len, encodings), dtype=np.int64, count=len(prompts))
-
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        with self._lock:
-            if self._rust is not None and not self._checked and prompts:
-                sample = prompts[:16]
-                if not np.array_equal(self._fast(sample), self._slow(sample)):
-                    self._rust = None
-                self._checked = True
-            count = self._fast if self._rust is not None else self._slow
-            parts = [count(prompts[i:i + self._CHUNK]) for i in range(0, len(prompts), self._CHUNK)]
-        lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return lengths + self.bos_tokens
-
-
-def _load_hf_counter(entry: CatalogEntry, path: Path) -> TokenCounter:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the backend: never wait on a model hub
-    if not path.is_dir():
-        raise ModelLoadError(f"{entry.name}: {path} is not a directory, so it has no transformers tokenizer; "
-                             "fix the model's path in the catalog.")
-    from transformers import AutoTokenizer
-
-    from engine.backends.hf import quiet_progress_bars
-
-    try:
-        with quiet_progress_bars():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                      trust_remote_code=bool(entry.trust_remote_code))
-    except Exception as exc:  # transformers raises many kinds; all mean "cannot load"
-        raise ModelLoadError(
-            f"The tokenizer of {entry.name} could not be loaded from {path} ({_brief(exc)}); make sure the directory "
-            "has its tokenizer files (tokenizer.json or tokenizer.model), or give input_tokens in the workload.") from exc
-    return _HfTokenCounter(tokenizer)
-
-
-class _GgufTokenCounter:
-    """Counts prompts with the vocabulary of a .gguf file (llama.cpp loads no weights for it)."""
-
-    def __init__(self, llm: object, bos_tokens: int):
-        self.llm = llm  # owns the vocabulary; kept alive as long as the counter
-        self.bos_tokens = bos_tokens
-        self._lock = threading.Lock()
-
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        import llama_cpp
-
-        tokenize, vocab = llama_cpp.llama_tokenize, self.llm._model.vocab  # no public accessor for the vocab handle
-        with self._lock:  # one llama.cpp vocabulary, one caller at a time
-            # With no output buffer llama.cpp only counts: it returns minus the number of
-            # tokens (Llama.tokenize would tokenise each prompt twice and build a list).
-            lengths = np.fromiter((-tokenize(vocab, text, len(text), None, 0, False, False)
-                                   for text in (p.encode("utf-8") for p in prompts)),
-                                  dtype=np.int64, count=len(prompts))
-        return lengths + self.bos_tokens
-
-
-def _load_gguf_counter(entry: CatalogEntry, path: Path) -> TokenCounter:
-    from engine.backends.gguf_check import inspect_gguf
-
-    try:
-        inspect_gguf(path)  # llama.cpp can abort the process on a corrupt file; refuse it first
-    except PlannerError as exc:
-        reason = getattr(exc, "reason", None) or str(exc)
-        raise ModelLoadError(f"The tokenizer of {entry.name} could not be read from {path}: {reason}") from None
-    import llama_cpp
-
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError
-        raise ModelLoadError(
-            f"The tokenizer of {entry.name} could not be loaded by llama.cpp from {path} ({_brief(exc)}); "
-            "check the file, or give input_tokens in the workload.") from exc
-    # The same BOS rule as LlamaCppBackend.load: BOS first when the model asks for it, or
-    # when it defines one that does not also end generation.
-    vocab = llm._model.vocab  # no public accessor for the vocab handle
-    bos = llama_cpp.llama_vocab_bos(vocab)
-    adds_bos = bos >= 0 and (bool(llama_cpp.llama_vocab_get_add_bos(vocab)) or not llama_cpp.llama_vocab_is_eog(vocab, bos))
-    return _GgufTokenCounter(llm, 1 if adds_bos else 0)
+    return prompt_counter(entry.backend, resolve_model_path(entry.path), model_name=entry.name,
+                          trust_remote_code=bool(entry.trust_remote_code))
 
 
 # -- storing ------------------------------------------------------------------------------
