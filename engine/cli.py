@@ -649,14 +649,12 @@ def cmd_execute(args: argparse.Namespace) -> int:
         print(f"execution {run.id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
         print(f"queries: {progress.done} of {progress.total} run, {comparison.n_failed} failed")
         if comparison.measured_energy_j is not None:
-            error = f" ({format_percent(comparison.energy_error, signed=True)})" \
-                if comparison.energy_error is not None else ""
+            error = format_percent(comparison.energy_error, signed=True, unknown="")
             print(f"energy{label}: {format_energy(comparison.measured_energy_j)} measured vs "
-                  f"{format_energy(comparison.predicted_energy_j)} predicted{error}")
+                  f"{format_energy(comparison.predicted_energy_j)} predicted" + (f" ({error})" if error else ""))
         else:
             print("energy: not measured")
-        print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs "
-              f"{format_duration(comparison.predicted_runtime_s)} predicted")
+        print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
 
 
