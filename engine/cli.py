@@ -575,7 +575,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if result.lower_bound_j is not None:
                 print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
             print(f"accuracy: {result.accuracy:.4f} ({settings.accuracy_mode}-weighted)")
-            print(f"solved in {result.solve_s:.2f} s; planned in {result.plan_s:.2f} s")
+            print(f"solved in {format_duration(result.solve_s)}; planned in {format_duration(result.plan_s)}")
             for device, seconds in result.per_device_runtime_s.items():
                 print(f"{device}: {format_duration(seconds)} of work")
             _print_table([{"option": k, "queries": v} for k, v in result.assignments.items()], ["option", "queries"])

@@ -241,8 +241,8 @@ if result is not None:
                       help="(energy − lower bound) / energy: no schedule can use less than the lower bound.")
         bound = (f"lower bound {energy_text(result.lower_bound_j, estimated)}" if result.lower_bound_j is not None
                  else f"objective bound {result.objective_lower_bound:.6g}")
-        st.caption(f"Status **{result.status}**; {bound}; solved in {result.solve_s:.2f} s "
-                   f"({result.plan_s:.2f} s including token counts, predictions and baselines); "
+        st.caption(f"Status **{result.status}**; {bound}; solved in {format_duration(result.solve_s)} "
+                   f"({format_duration(result.plan_s)} including token counts, predictions and baselines); "
                    f"{result.solver.get('method', '')}.")
 
         device_rows = []

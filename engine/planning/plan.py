@@ -548,7 +548,7 @@ def _deadline_cost(predictions: Predictions, settings: PlanSettings, allowed: np
         relaxed = _resolved_energy_j(predictions, looser, allowed)
         delta = None if relaxed is None else relaxed - result.energy_j
         saved = format_energy(None if delta is None else -delta, unknown="an unknown amount")
-        text = (f"The {device} deadline is binding: {DEADLINE_STEP:.0%} more time there "
+        text = (f"The {device} deadline is binding: {format_percent(DEADLINE_STEP, 0)} more time there "
                 f"({format_duration(limit * DEADLINE_STEP)}) would save {saved}.")
     else:
         text = (f"The {device} deadline is not binding: the schedule uses {format_percent(used / limit, 0)} of it "
