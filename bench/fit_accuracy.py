@@ -117,9 +117,9 @@ def _fmt(value) -> str:
 
 def report(fits) -> None:
     for fit in fits:
-        paper = next((c for c in fit.candidates if c["form"] == "paper" and c.get("offered", True)), None)
-        paper_mape = paper["cv_mape"] if paper else None
-        paper_r2 = f"{paper['r2']:.3f}" if paper else "  n/a"
+        paper = next((c for c in fit.candidates if c.form == "paper" and c.offered), None)
+        paper_mape = paper.cv_mape if paper else None
+        paper_r2 = f"{paper.r2:.3f}" if paper else "  n/a"
         print(f"{fit.model[:22]:22} {fit.device[:8]:8} {fit.target:7} {fit.n_points:4d} {fit.n_trials:7d} "
               f"{_fmt(paper_mape)} {paper_r2:>6} | {fit.form:22} {_fmt(fit.cv_mape)} {fit.r2:6.3f} | "
               f"{_fmt(fit.details.get('noise_mape'))}")

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.catalog import CatalogEntry  # noqa: E402
 from engine.fitting import published_catalog_rows, published_fits  # noqa: E402
-from engine.planning import PlanSettings, make_plan, options_from_fits, predict_options  # noqa: E402
+from engine.planning import Baseline, PlanSettings, make_plan, options_from_fits, predict_options  # noqa: E402
 from engine.planning.plan import allowed_options, accuracy_weights, objective_costs  # noqa: E402
 
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
@@ -118,22 +118,22 @@ def sweep(predictions, zetas: np.ndarray) -> tuple[pd.DataFrame, dict]:
             baselines = result.baselines
         else:  # baselines do not depend on ζ; check rather than assume
             for name, values in result.baselines.items():
-                assert values["energy_j"] == baselines[name]["energy_j"], name
+                assert values.energy_j == baselines[name].energy_j, name
     frame = pd.DataFrame(rows)
     assert all(sum(row[f"n_{m}"] for m in MODELS) == n for row in rows)
     return frame, baselines
 
 
-def baseline_rows(baselines: dict, n: int) -> pd.DataFrame:
+def baseline_rows(baselines: dict[str, Baseline], n: int) -> pd.DataFrame:
     """Energy, mean runtime and accuracy of each baseline. All options share one device, so
     the device's total runtime (makespan) over n is the mean runtime per query."""
     rows = []
     for name, values in baselines.items():
-        runtime_total = sum(values["per_device_runtime_s"].values())
-        assert abs(runtime_total - values["makespan_s"]) <= 1e-9 * max(runtime_total, 1.0)
-        rows.append({"baseline": name.replace(f"@{DEVICE}", ""), "energy_j": values["energy_j"],
-                     "energy_kwh": values["energy_j"] / J_PER_KWH, "mean_runtime_s": runtime_total / n,
-                     "accuracy": values["accuracy"]})
+        runtime_total = sum(values.per_device_runtime_s.values())
+        assert abs(runtime_total - values.makespan_s) <= 1e-9 * max(runtime_total, 1.0)
+        rows.append({"baseline": name.replace(f"@{DEVICE}", ""), "energy_j": values.energy_j,
+                     "energy_kwh": values.energy_j / J_PER_KWH, "mean_runtime_s": runtime_total / n,
+                     "accuracy": values.accuracy})
     return pd.DataFrame(rows)
 
 
@@ -154,9 +154,9 @@ def print_baselines(frame: pd.DataFrame) -> None:
               f"{row.accuracy:8.4f}")
 
 
-def at_round_robin_accuracy(predictions, round_robin: dict, n: int) -> dict:
+def at_round_robin_accuracy(predictions, round_robin: Baseline, n: int) -> dict:
     """The energy-optimal schedule whose token-weighted accuracy is at least round-robin's."""
-    settings = PlanSettings(objective="energy", accuracy_target=float(round_robin["accuracy"]),
+    settings = PlanSettings(objective="energy", accuracy_target=float(round_robin.accuracy),
                             accuracy_mode="token")
     result = make_plan(predictions, settings, explain=False, compare=False)
     if not result.has_schedule:
@@ -165,8 +165,8 @@ def at_round_robin_accuracy(predictions, round_robin: dict, n: int) -> dict:
     return {"result": result, "energy_j": result.energy_j, "accuracy": result.accuracy,
             "mean_runtime_s": float(result.schedule["predicted_runtime_s"].mean()),
             "counts": {m: int(counts.get(m, 0)) for m in MODELS},
-            "saved_j": round_robin["energy_j"] - result.energy_j,
-            "saved_fraction": 1 - result.energy_j / round_robin["energy_j"]}
+            "saved_j": round_robin.energy_j - result.energy_j,
+            "saved_fraction": 1 - result.energy_j / round_robin.energy_j}
 
 
 def plain_mip_energy(predictions, accuracy_target: float, time_limit_s: float = 30.0) -> tuple[str, float]:
@@ -297,16 +297,16 @@ def main() -> int:
     rr = baselines["round-robin"]
     best = at_round_robin_accuracy(predictions, rr, args.n)
     res = best["result"]
-    print(f"\nat round-robin's token-weighted accuracy ({rr['accuracy']:.4f}), the energy-optimal schedule "
+    print(f"\nat round-robin's token-weighted accuracy ({rr.accuracy:.4f}), the energy-optimal schedule "
           f"(status {res.status}, gap {res.gap:.1e}):")
     print(f"  energy     {best['energy_j']:12,.0f} J ({best['energy_j'] / J_PER_KWH:.4f} kWh) vs round-robin "
-          f"{rr['energy_j']:12,.0f} J ({rr['energy_j'] / J_PER_KWH:.4f} kWh)")
+          f"{rr.energy_j:12,.0f} J ({rr.energy_j / J_PER_KWH:.4f} kWh)")
     print(f"  saves      {best['saved_j']:12,.0f} J ({best['saved_j'] / J_PER_KWH:.4f} kWh), "
           f"{100 * best['saved_fraction']:.1f}% of round-robin's energy")
     print(f"  accuracy   {best['accuracy']:.4f}; mean runtime per query {best['mean_runtime_s']:.2f} s "
-          f"(round-robin {rr['makespan_s'] / args.n:.2f} s)")
+          f"(round-robin {rr.makespan_s / args.n:.2f} s)")
     print("  queries    " + ", ".join(f"{DISPLAY[m]} {c}" for m, c in best["counts"].items()))
-    status, plain = plain_mip_energy(predictions, float(rr["accuracy"]))
+    status, plain = plain_mip_energy(predictions, float(rr.accuracy))
     print(f"  check      plain CBC model ({args.n * len(options)} binaries, one accuracy row): {status}, "
           f"{plain:,.1f} J (planner {best['energy_j']:,.1f} J; difference {best['energy_j'] - plain:+.1f} J)")
 

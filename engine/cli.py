@@ -8,16 +8,19 @@ nothing else there. Set ``PLANNER_DEBUG=1`` to see the traceback of an internal 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from engine import catalog
 from engine.errors import InputError, PlannerError, Problem
+from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.paths import DEFAULT_MODELS_DIR
 from engine.profiling.design import DESIGN_KINDS
 from engine.store import Store
@@ -214,26 +217,12 @@ def _store(args: argparse.Namespace) -> Store:
 
 
 def _print_json(document: object) -> None:
-    print(json.dumps(document, indent=2, default=_json_default, allow_nan=False))
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return str(value)
-
-
-def _clean(value: object) -> object:
-    """None for NaN, so JSON and tables never show a missing number as a number."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+    print(json.dumps(json_safe(document), indent=2, allow_nan=False))
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[("" if _clean(r.get(c)) is None else str(_clean(r.get(c)))) for c in columns] for r in rows]
+    # A missing number (None, NaN) is an empty cell, never a number.
+    cells = [[("" if json_safe(r.get(c)) is None else str(json_safe(r.get(c)))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in cells:
@@ -264,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     view = read_overview(_store(args))
     document = {
         "db": view.db_path, "schema_version": view.schema_version,
-        "models": [{k: _clean(v) for k, v in r.items()} for r in view.models.to_dict("records")],
+        "models": json_safe(view.models.to_dict("records")),
         "measurements": view.n_measurements, "measurements_estimated": view.n_measurements_estimated,
         "latest_job": view.latest_job, "latest_fit": view.latest_fit,
         "latest_plan": view.latest_plan, "latest_execution": view.latest_execution,
@@ -282,7 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     frame = catalog.list_models(_store(args))
-    rows = [{k: _clean(v) for k, v in r.items()} for r in frame.to_dict("records")]
+    rows = json_safe(frame.to_dict("records"))
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -341,20 +330,13 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _format_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def _progress_line(progress) -> str:
     job = progress.job
     done, total = job.points_done, max(job.points_total, 1)
     bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
-    left = f", ~{_format_s(progress.remaining_s)} left" if progress.remaining_s is not None else ""
+    left = f", ~{format_duration(progress.remaining_s)} left" if progress.remaining_s is not None else ""
     return (f"[{bar}] {done}/{job.points_total} points, {progress.trials} trials, "
-            f"{_format_s(progress.elapsed_s)} elapsed{left} ({job.status})")
+            f"{format_duration(progress.elapsed_s, unknown='?')} elapsed{left} ({job.status})")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -411,7 +393,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         _print_json(document)
     else:
         print(f"job {final.id} {final.status}: {final.points_done}/{final.points_total} points, {progress.trials} trials"
-              f" in {_format_s(progress.elapsed_s)}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else ""))
+              f" in {format_duration(progress.elapsed_s, unknown='?')}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else ""))
     if final.status != "done":
         print(f"error: job {final.id} {final.status}: {final.reason}", file=sys.stderr)
         return EXIT_FAILURE
@@ -423,7 +405,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
     store = _store(args)
     jobs.reconcile_jobs(store)
-    rows = [{k: _clean(v) for k, v in r.items()} for r in jobs.list_jobs(store).to_dict("records")]
+    rows = json_safe(jobs.list_jobs(store).to_dict("records"))
     if args.json:
         _print_json(rows)
     elif not rows:
@@ -479,7 +461,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     rows = []
     for fit in saved:
         rows.append({"model": fit.model, "device": fit.device, "target": fit.target, "form": fit.form,
-                     "cv_mape": f"{fit.cv_mape * 100:.1f}%" if fit.cv_mape is not None else "",
+                     "cv_mape": format_percent(fit.cv_mape, unknown=""),
                      "r2": f"{fit.r2:.3f}" if fit.r2 is not None else "", "points": fit.n_points,
                      "energy": ("estimated" if fit.energy_estimated else "measured") if fit.target == "energy" else ""})
     _print_table(rows, ["model", "device", "target", "form", "cv_mape", "r2", "points", "energy"])
@@ -507,6 +489,22 @@ def _pairs(items: list[str], option: str, expected: str) -> dict[str, str]:
     if problems:
         raise InputError(problems)
     return pairs
+
+
+#: The flag that sets each plan setting: the engine names a bad setting by its name (the
+#: Plan page shows it too); here the problem names the flag that was typed.
+_PLAN_SETTING_FLAGS = {"accuracy target": "--accuracy-target", "accuracy mode": "--accuracy-mode",
+                       "deadline": "--deadline-s", "device deadline": "--device-deadline", "zeta": "--zeta",
+                       "minimum share": "--min-share", "time limit": "--time-limit-s"}
+
+
+@contextlib.contextmanager
+def _plan_flags():
+    """Re-raise an InputError with each plan setting named by its flag."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError([replace(p, where=_PLAN_SETTING_FLAGS.get(p.where, p.where)) for p in exc.problems]) from None
 
 
 def _plan_settings(args: argparse.Namespace):
@@ -540,12 +538,13 @@ def _plan_settings(args: argparse.Namespace):
                             deadline_s=args.deadline_s, deadlines_s=deadlines,
                             objective="zeta" if args.zeta is not None else "energy", zeta=args.zeta, min_share=shares,
                             count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s)
-    settings.validate()
+    with _plan_flags():
+        settings.validate()
     return settings, loads
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.planning import format_duration, format_energy, plan_workload, read_workload, write_schedule
+    from engine.planning import plan_workload, read_workload, write_schedule
 
     settings, loads = _plan_settings(args)
     out = Path(args.out) if args.out else None
@@ -557,8 +556,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for problem in workload.dropped:
         print(f"dropped: {problem}", file=sys.stderr)
     store = _store(args)
-    result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
-                           only=args.option or None, load_costs=loads or None, save=not args.no_save, started=started)
+    with _plan_flags():
+        result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
+                               only=args.option or None, load_costs=loads or None, save=not args.no_save,
+                               started=started)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if out is not None and result.schedule is not None:
@@ -572,20 +573,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if result.has_schedule:
             print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
             if result.lower_bound_j is not None:
-                print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {result.gap:.4%}")
+                print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
             print(f"accuracy: {result.accuracy:.4f} ({settings.accuracy_mode}-weighted)")
-            print(f"solved in {result.solve_s:.2f} s; planned in {result.plan_s:.2f} s")
+            print(f"solved in {format_duration(result.solve_s)}; planned in {format_duration(result.plan_s)}")
             for device, seconds in result.per_device_runtime_s.items():
                 print(f"{device}: {format_duration(seconds)} of work")
             _print_table([{"option": k, "queries": v} for k, v in result.assignments.items()], ["option", "queries"])
             for cost in result.constraint_costs:
-                print(cost["text"])
+                print(cost.text)
         for line in result.diagnosis:
             print(line)
         if result.baselines:
             print("baselines (same predictions):")
-            _print_table([{"name": name, "energy": format_energy(b["energy_j"]), "accuracy": f"{b['accuracy']:.4f}",
-                           "makespan": format_duration(b["makespan_s"]), "meets targets": "yes" if b["feasible"] else "no"}
+            _print_table([{"name": name, "energy": format_energy(b.energy_j), "accuracy": f"{b.accuracy:.4f}",
+                           "makespan": format_duration(b.makespan_s), "meets targets": "yes" if b.feasible else "no"}
                           for name, b in result.baselines.items()],
                          ["name", "energy", "accuracy", "makespan", "meets targets"])
     if not result.has_schedule:
@@ -642,29 +643,19 @@ def cmd_execute(args: argparse.Namespace) -> int:
                 "outside_band": comparison.outside_band, "with_band": comparison.with_band,
                 "per_option": comparison.per_option.to_dict("records")}
     if args.json:
-        _print_json(_clean_tree(document))
+        _print_json(document)
     else:
         label = " (estimated)" if comparison.energy_estimated else ""
         print(f"execution {run.id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
         print(f"queries: {progress.done} of {progress.total} run, {comparison.n_failed} failed")
         if comparison.measured_energy_j is not None:
-            error = f" ({comparison.energy_error:+.1%})" if comparison.energy_error is not None else ""
-            print(f"energy{label}: {comparison.measured_energy_j:,.1f} J measured vs "
-                  f"{comparison.predicted_energy_j or 0:,.1f} J predicted{error}")
+            error = format_percent(comparison.energy_error, signed=True, unknown="")
+            print(f"energy{label}: {format_energy(comparison.measured_energy_j)} measured vs "
+                  f"{format_energy(comparison.predicted_energy_j)} predicted" + (f" ({error})" if error else ""))
         else:
             print("energy: not measured")
-        print(f"runtime: {comparison.measured_runtime_s:,.2f} s vs {comparison.predicted_runtime_s or 0:,.2f} s predicted")
+        print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
-
-
-def _clean_tree(value):
-    if isinstance(value, dict):
-        return {k: _clean_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean_tree(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

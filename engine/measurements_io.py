@@ -348,65 +348,80 @@ def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFr
     """
     findings = _Findings(raw, lines, label)
     out = pd.DataFrame(index=raw.index)
-
-    # model: the catalog's own naming rule, checked once per distinct name.
-    model_problems: dict[str, str] = {}
-    for name in raw["model"].unique():
-        try:
-            validate_name(name, label)
-        except InputError as exc:
-            model_problems[name] = exc.problems[0].message
-    if model_problems:
-        findings.add("model", raw["model"].isin(list(model_problems)).to_numpy(), lambda cell: model_problems[cell],
-                     "a model name: letters, digits, space and . _ + ( ) / : -, starting with a letter or digit")
-    out["model"] = raw["model"].astype(str)
-
-    # device: checked once per distinct name (a file holds a few devices, many rows).
-    device = raw["device"]
-    device_problems = {name: problem for name in device.unique() if (problem := _device_problem(name))}
-    if device_problems:
-        findings.add("device", device.isin(list(device_problems)).to_numpy(), lambda cell: device_problems[cell],
-                     f"a device name such as cpu, cuda:0 or a100:0 (at most {MAX_DEVICE_NAME_CHARS} characters)")
-    out["device"] = device.astype(str)
-
+    out["model"] = _model_names(findings)
+    out["device"] = _device_names(findings)
     out["input_tokens"] = _whole_numbers(findings, "input_tokens", "input tokens", required=True)
     out["output_tokens"] = _whole_numbers(findings, "output_tokens", "output tokens", required=True)
     out["trial"] = _whole_numbers(findings, "trial", "the trial number, or empty", required=False)
-
     out["runtime_s"] = _non_negative(findings, "runtime_s", "seconds: a finite number >= 0", required=True)
-
-    energy_expected = "joules: a finite number > 0, or an empty cell when the energy was not measured"
-    energy, given = _numbers(findings, "energy_j", energy_expected, required=False)
-    zero = given & (energy.to_numpy() == 0)
-    negative = given & (energy.to_numpy() < 0)
-    findings.add("energy_j", zero, lambda cell: f"{_show(cell)}: 0 J is not a measurement; leave energy_j empty "
-                 "when the energy is unknown", energy_expected)
-    findings.add("energy_j", negative, lambda cell: f"{_show(cell)} J is negative, which no measurement is; leave "
-                 "energy_j empty when the energy is unknown", energy_expected)
-    energy[zero | negative] = np.nan
-    out["energy_j"] = energy
-
-    sources = {text: text.lower() or "measured" for text in raw["energy_source"].unique()}
-    findings.add("energy_source", ~raw["energy_source"].map(sources).isin(ENERGY_SOURCES).to_numpy(),
-                 lambda cell: f"{_show(cell)} is not an energy source", "measured or estimated (empty means measured)")
-    out["energy_source"] = raw["energy_source"].map(sources).astype(str)
-
+    out["energy_j"] = _energies(findings)
+    out["energy_source"] = _energy_sources(findings)
     for column in ("gpu_energy_j", "cpu_energy_j", "dram_energy_j"):
         out[column] = _non_negative(findings, column, "joules: a finite number >= 0, or empty", required=False)
     out["idle_power_w"] = _non_negative(findings, "idle_power_w", "watts: a finite number >= 0, or empty", required=False)
-
-    started_text = raw["started_at"]
-    started = pd.to_datetime(started_text.where(started_text != "", None), format="ISO8601", utc=True, errors="coerce")
-    findings.add("started_at", ((started_text != "") & started.isna()).to_numpy(),
-                 lambda cell: f"{_show(cell)} is not an ISO 8601 time",
-                 "an ISO 8601 time such as 2024-05-01T12:00:00Z (no offset means UTC), or empty")
-    # Naive UTC at microsecond precision: what DuckDB stores, so duplicate checks compare equal.
-    out["started_at"] = started.dt.tz_localize(None).dt.floor("us").astype("datetime64[us]")
-
+    out["started_at"] = _start_times(findings)
     problems = findings.problems()
     if problems:
         raise InputError(problems)
     return out
+
+
+def _model_names(findings: _Findings) -> pd.Series:
+    """The model column, checked by the catalog's own naming rule once per distinct name."""
+    names = findings.raw["model"]
+    model_problems: dict[str, str] = {}
+    for name in names.unique():
+        try:
+            validate_name(name, findings.label)
+        except InputError as exc:
+            model_problems[name] = exc.problems[0].message
+    if model_problems:
+        findings.add("model", names.isin(list(model_problems)).to_numpy(), lambda cell: model_problems[cell],
+                     "a model name: letters, digits, space and . _ + ( ) / : -, starting with a letter or digit")
+    return names.astype(str)
+
+
+def _device_names(findings: _Findings) -> pd.Series:
+    """The device column, checked once per distinct name (a file holds a few devices, many rows)."""
+    device = findings.raw["device"]
+    device_problems = {name: problem for name in device.unique() if (problem := _device_problem(name))}
+    if device_problems:
+        findings.add("device", device.isin(list(device_problems)).to_numpy(), lambda cell: device_problems[cell],
+                     f"a device name such as cpu, cuda:0 or a100:0 (at most {MAX_DEVICE_NAME_CHARS} characters)")
+    return device.astype(str)
+
+
+def _energies(findings: _Findings) -> pd.Series:
+    """energy_j: a positive number, or empty when not measured (0 J is never a measurement)."""
+    expected = "joules: a finite number > 0, or an empty cell when the energy was not measured"
+    energy, given = _numbers(findings, "energy_j", expected, required=False)
+    zero = given & (energy.to_numpy() == 0)
+    negative = given & (energy.to_numpy() < 0)
+    findings.add("energy_j", zero, lambda cell: f"{_show(cell)}: 0 J is not a measurement; leave energy_j empty "
+                 "when the energy is unknown", expected)
+    findings.add("energy_j", negative, lambda cell: f"{_show(cell)} J is negative, which no measurement is; leave "
+                 "energy_j empty when the energy is unknown", expected)
+    energy[zero | negative] = np.nan
+    return energy
+
+
+def _energy_sources(findings: _Findings) -> pd.Series:
+    """energy_source in lower case; empty means measured."""
+    cells = findings.raw["energy_source"]
+    sources = {text: text.lower() or "measured" for text in cells.unique()}
+    findings.add("energy_source", ~cells.map(sources).isin(ENERGY_SOURCES).to_numpy(),
+                 lambda cell: f"{_show(cell)} is not an energy source", "measured or estimated (empty means measured)")
+    return cells.map(sources).astype(str)
+
+
+def _start_times(findings: _Findings) -> pd.Series:
+    """started_at as naive UTC at microsecond precision: what DuckDB stores, so duplicate checks compare equal."""
+    started_text = findings.raw["started_at"]
+    started = pd.to_datetime(started_text.where(started_text != "", None), format="ISO8601", utc=True, errors="coerce")
+    findings.add("started_at", ((started_text != "") & started.isna()).to_numpy(),
+                 lambda cell: f"{_show(cell)} is not an ISO 8601 time",
+                 "an ISO 8601 time such as 2024-05-01T12:00:00Z (no offset means UTC), or empty")
+    return started.dt.tz_localize(None).dt.floor("us").astype("datetime64[us]")
 
 
 # -- export ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What the pages share: the store handle and the way errors are shown.
 
-Not a page itself; app.py lists the pages.
+Not a page itself; app.py lists the pages. Numbers are written by :mod:`engine.formatting`,
+as in the CLI.
 """
 
 from __future__ import annotations
@@ -54,18 +55,6 @@ def show_error(exc: Exception) -> None:
         st.error(f"Unexpected error ({type(exc).__name__}): {exc}")
 
 
-def format_params(params_b: float | None) -> str:
-    """A parameter count given in billions, written as 1.3 M or 7.0 B; empty when unknown."""
-    if params_b is None or params_b != params_b:
-        return ""
-    return f"{params_b * 1e3:.1f} M" if params_b < 1 else f"{params_b:.1f} B"
-
-
-def format_accuracy(value: float | None) -> str:
-    """An accuracy fraction as a percentage, or 'not set'."""
-    return "not set" if value is None or value != value else f"{value * 100:.1f}%"
-
-
 def flash(message: str, warnings: list[str] | None = None) -> None:
     """Keep a success message (and warnings) to show after the next rerun."""
     st.session_state["_flash"] = (message, list(warnings or []))
@@ -79,15 +68,3 @@ def show_flash() -> None:
         st.success(message)
         for warning in warnings:
             st.warning(warning)
-
-
-def format_duration(seconds: float | None) -> str:
-    """Seconds as 42 s, 3 min 05 s or 1 h 02 min; an em dash when unknown."""
-    if seconds is None or seconds != seconds:
-        return "—"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"

@@ -8,8 +8,9 @@ import streamlit as st
 
 from engine import execution
 from engine.errors import PlannerError
-from engine.planning import format_energy, list_plans
-from pages.common import ensure_app_navigation, flash, format_duration, get_store, show_error, show_flash
+from engine.formatting import format_duration, format_energy, format_percent, format_timestamp
+from engine.planning import list_plans
+from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
 
 ensure_app_navigation()
 st.title("Execute")
@@ -63,7 +64,7 @@ ids = runs.id.astype(int).tolist()
 current = st.session_state.get("execution_id", ids[0])
 execution_id = st.selectbox("Execution", ids, index=ids.index(current) if current in ids else 0,
                             format_func=lambda i: f"#{i}: plan {int(runs.set_index('id').loc[i, 'plan_id'])}, "
-                                                  f"started {pd.Timestamp(runs.set_index('id').loc[i, 'created_at']):%Y-%m-%d %H:%M}",
+                                                  f"started {format_timestamp(runs.set_index('id').loc[i, 'created_at'])}",
                             key="execution_pick")
 st.session_state["execution_id"] = execution_id
 
@@ -148,24 +149,26 @@ if estimated:
             "(CPU time x a power model); the predictions come from fits of estimated energy too.")
 top = st.columns(4)
 top[0].metric("Energy" + (" (estimated)" if estimated else ""), energy_label(comparison.measured_energy_j, False),
-              delta=f"{comparison.energy_error:+.1%} vs predicted" if comparison.energy_error is not None else None,
+              delta=f"{format_percent(comparison.energy_error, signed=True)} vs predicted"
+              if comparison.energy_error is not None else None,
               delta_color="off")
 top[1].metric("Predicted energy", format_energy(comparison.predicted_energy_j)
               if comparison.predicted_energy_j is not None else "—")
 top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_runtime_s),
-              delta=f"{comparison.runtime_error:+.1%} vs predicted" if comparison.runtime_error is not None else None,
+              delta=f"{format_percent(comparison.runtime_error, signed=True)} vs predicted"
+              if comparison.runtime_error is not None else None,
               delta_color="off")
 top[3].metric("Outside the fit's 90% band", f"{comparison.outside_band} of {comparison.with_band}",
               help="Queries whose measured energy lies outside the prediction interval of their fit.")
 if comparison.n_failed:
     st.warning(f"{comparison.n_failed} queries failed and are left out of the comparison (see the table).")
 if comparison.per_query_energy_error_median is not None:
-    st.caption(f"Per query, energy error: median {comparison.per_query_energy_error_median:+.1%}, mean absolute "
-               f"{comparison.per_query_energy_error_mean_abs:.1%}.")
+    st.caption(f"Per query, energy error: median {format_percent(comparison.per_query_energy_error_median, signed=True)}, "
+               f"mean absolute {format_percent(comparison.per_query_energy_error_mean_abs)}.")
 
 per_option = comparison.per_option.assign(
     measured=lambda f: f.measured_energy_j.map(format_energy), predicted=lambda f: f.predicted_energy_j.map(format_energy),
-    error=lambda f: f.energy_error.map(lambda e: f"{e:+.1%}" if e == e else ""))
+    error=lambda f: f.energy_error.map(lambda e: format_percent(e, signed=True, unknown="")))
 st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]], hide_index=True, width="stretch")
 
 per_query = comparison.per_query

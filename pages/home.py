@@ -11,7 +11,8 @@ from engine.errors import PlannerError
 from engine.fitting import load_reference_profiles
 from engine.overview import read_overview
 from engine.profiling import jobs
-from pages.common import ensure_app_navigation, format_accuracy, format_duration, format_params, get_store, show_error
+from engine.formatting import format_accuracy, format_duration, format_parameters
+from pages.common import ensure_app_navigation, get_store, show_error
 
 ensure_app_navigation()
 st.title("Joule Planner")
@@ -117,7 +118,7 @@ with left:
     else:
         table = view.models.assign(
             accuracy=view.models.accuracy.map(format_accuracy),
-            params=view.models.params_b.map(format_params),
+            params=view.models.params_b.map(format_parameters),
             kind=view.models.is_demo.map(lambda d: "demo (random weights)" if d else "user"),
         )[["name", "backend", "params", "accuracy", "kind"]]
         st.table(table, hide_index=True)

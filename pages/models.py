@@ -5,7 +5,8 @@ import streamlit as st
 from engine import catalog
 from engine.errors import PlannerError
 from pages.surfaces import show_surfaces
-from pages.common import ensure_app_navigation, flash, format_accuracy, format_params, get_store, show_error, show_flash
+from engine.formatting import format_accuracy, format_parameters
+from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
 
 ensure_app_navigation()
 st.title("Models")
@@ -24,7 +25,7 @@ else:
     shown = models.assign(
         accuracy=models.accuracy.map(format_accuracy),
         demo=models.is_demo.map(lambda d: "demo" if d else ""),
-        parameters=models.params_b.map(format_params),
+        parameters=models.params_b.map(format_parameters),
     )[["name", "backend", "accuracy", "accuracy_source", "parameters", "demo", "path", "notes"]]
     st.dataframe(shown, hide_index=True, width="stretch", column_config={"accuracy_source": "accuracy source"})
     if models.is_demo.any():

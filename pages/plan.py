@@ -14,9 +14,9 @@ from engine.errors import InputError, PlannerError
 from engine.execution import learned_output_lengths
 from engine.fitting import load_reference_profiles
 from engine.paths import PROJECT_ROOT
+from engine.formatting import format_accuracy, format_duration, format_energy, format_percent, format_watt_hours
 from engine.planning import (
     PlanSettings,
-    format_energy,
     list_plans,
     load_options,
     load_plan,
@@ -26,7 +26,7 @@ from engine.planning import (
     read_workload_upload,
     schedule_csv,
 )
-from pages.common import ensure_app_navigation, flash, format_accuracy, format_duration, get_store, show_error, show_flash
+from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
 
 SAMPLE_WORKLOAD = PROJECT_ROOT / "data" / "workloads" / "sample_50.csv"
 TIMELINE_MAX_BARS = 400
@@ -75,8 +75,8 @@ option_rows = pd.DataFrame([{
     "option": o.key, "model": o.model, "device": o.device, "accuracy": format_accuracy(o.accuracy),
     "energy": ("published, no measurements" if o.published else
                "estimated (no sensor)" if o.energy_estimated else "measured"),
-    "energy fit": f"{o.energy_fit.form}, CV MAPE {o.energy_fit.cv_mape:.1%}" if o.energy_fit.cv_mape is not None
-    else o.energy_fit.form,
+    "energy fit": f"{o.energy_fit.form}, CV MAPE {format_percent(o.energy_fit.cv_mape)}"
+    if o.energy_fit.cv_mape is not None else o.energy_fit.form,
 } for o in options])
 with st.expander(f"{len(options)} options available (model on device)", expanded=False):
     st.dataframe(option_rows, hide_index=True, width="stretch")
@@ -235,14 +235,14 @@ if result is not None:
         top[0].metric("Energy" + (" (estimated)" if estimated else ""), format_energy(result.energy_j),
                       help=f"{result.energy_scope} energy, predicted by the fits")
         per_query_j = result.energy_j / n
-        top[1].metric("Per query", f"{per_query_j / 3600:.4g} Wh", help=f"{per_query_j:,.1f} J per query")
+        top[1].metric("Per query", format_watt_hours(per_query_j), help=f"{format_energy(per_query_j)} per query")
         top[2].metric("Mean accuracy", f"{result.accuracy:.4f}", help=f"{result.settings.accuracy_mode}-weighted")
-        top[3].metric("Proven gap", f"{result.gap:.4%}" if result.gap is not None else "—",
+        top[3].metric("Proven gap", format_percent(result.gap, 4),
                       help="(energy − lower bound) / energy: no schedule can use less than the lower bound.")
         bound = (f"lower bound {energy_text(result.lower_bound_j, estimated)}" if result.lower_bound_j is not None
                  else f"objective bound {result.objective_lower_bound:.6g}")
-        st.caption(f"Status **{result.status}**; {bound}; solved in {result.solve_s:.2f} s "
-                   f"({result.plan_s:.2f} s including token counts, predictions and baselines); "
+        st.caption(f"Status **{result.status}**; {bound}; solved in {format_duration(result.solve_s)} "
+                   f"({format_duration(result.plan_s)} including token counts, predictions and baselines); "
                    f"{result.solver.get('method', '')}.")
 
         device_rows = []
@@ -250,7 +250,7 @@ if result is not None:
             limit = result.settings.device_deadline(device)
             device_rows.append({"device": device, "busy": format_duration(seconds),
                                 "deadline": format_duration(limit) if limit else "none",
-                                "used": f"{seconds / limit:.0%}" if limit else ""})
+                                "used": format_percent(seconds / limit, 0) if limit else ""})
         schedule = result.schedule
         per_option = schedule.assign(option=schedule.model + "@" + schedule.device).groupby("option").agg(
             queries=("id", "size"), energy_j=("predicted_energy_j", "sum"), runtime_s=("predicted_runtime_s", "sum"))
@@ -265,7 +265,7 @@ if result is not None:
         if result.constraint_costs:
             st.markdown("**What each constraint costs**")
             for cost in result.constraint_costs:
-                st.markdown(f"- {cost['text']}")
+                st.markdown(f"- {cost.text}")
 
         outside = schedule[~schedule.in_domain]
         if len(outside):
@@ -316,11 +316,11 @@ if result is not None:
         st.markdown("**Compared with the obvious alternatives** (same predictions)")
         rows = []
         for name, b in result.baselines.items():
-            saving = (1 - result.energy_j / b["energy_j"]) if (result.has_schedule and b["energy_j"]) else math.nan
-            rows.append({"schedule": name, "energy": format_energy(b["energy_j"]),
-                         "plan saves": f"{saving:.1%}" if saving == saving else "",
-                         "accuracy": f"{b['accuracy']:.4f}", "makespan": format_duration(b["makespan_s"]),
-                         "meets the targets": "yes" if b["feasible"] else "no", "energy_j": b["energy_j"]})
+            saving = (1 - result.energy_j / b.energy_j) if (result.has_schedule and b.energy_j) else math.nan
+            rows.append({"schedule": name, "energy": format_energy(b.energy_j),
+                         "plan saves": format_percent(saving, unknown=""),
+                         "accuracy": f"{b.accuracy:.4f}", "makespan": format_duration(b.makespan_s),
+                         "meets the targets": "yes" if b.feasible else "no", "energy_j": b.energy_j})
         table = pd.DataFrame(rows).sort_values("energy_j").drop(columns="energy_j")
         st.dataframe(table, hide_index=True, width="stretch")
         if estimated:

@@ -13,7 +13,8 @@ from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
-from pages.common import ensure_app_navigation, format_duration, get_store, show_error
+from engine.formatting import format_duration
+from pages.common import ensure_app_navigation, get_store, show_error
 
 ensure_app_navigation()
 st.title("Profile")

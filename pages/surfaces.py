@@ -15,6 +15,7 @@ import streamlit as st
 from engine.errors import PlannerError
 from engine.fitting import (energy_model_card, fit_all, load_latest_fits, load_reference_profiles, load_trials,
                             residuals, save_fits, suggest_points, surface_grid)
+from engine.formatting import format_percent
 from pages.common import show_error
 
 
@@ -87,9 +88,8 @@ def show_surfaces(store) -> None:
             changes = [{"model": f.model, "device": f.device, "target": f.target,
                         "trials before": before[f.key].n_trials if f.key in before else None, "trials now": f.n_trials,
                         "form before": before[f.key].form if f.key in before else "", "form now": f.form,
-                        "CV MAPE before": f"{before[f.key].cv_mape:.1%}" if f.key in before and
-                        before[f.key].cv_mape is not None else "",
-                        "CV MAPE now": f"{f.cv_mape:.1%}" if f.cv_mape is not None else ""}
+                        "CV MAPE before": format_percent(before[f.key].cv_mape, unknown="") if f.key in before else "",
+                        "CV MAPE now": format_percent(f.cv_mape, unknown="")}
                        for f in saved]
             st.markdown("**How the fits changed**")
             st.dataframe(changes, hide_index=True, width="stretch")
@@ -137,10 +137,9 @@ def show_surfaces(store) -> None:
     rows = []
     for fit in pair:
         for candidate in fit.candidates or []:
-            rows.append({"target": fit.target, "form": candidate.get("form"),
-                         "CV MAPE": candidate.get("cv_mape"), "R²": candidate.get("r2"),
-                         "chosen": "✓" if candidate.get("chosen") else "",
-                         "offered": "yes" if candidate.get("offered", True) else "no"})
+            rows.append({"target": fit.target, "form": candidate.form, "CV MAPE": candidate.cv_mape,
+                         "R²": candidate.r2, "chosen": "✓" if candidate.chosen else "",
+                         "offered": "yes" if candidate.offered else "no"})
     if rows:
         st.subheader("Forms compared")
         table = pd.DataFrame(rows)
@@ -153,7 +152,7 @@ def show_surfaces(store) -> None:
         coefficients = pd.DataFrame([{"term": term, "value": value, "unit": units.get(term, "")}
                                      for term, value in fit.coefficients.items()])
         st.markdown(f"**{fit.target}** — form `{fit.form}`, CV MAPE "
-                    f"{'—' if fit.cv_mape is None else f'{fit.cv_mape * 100:.1f}%'}, "
+                    f"{format_percent(fit.cv_mape)}, "
                     f"R² {'—' if fit.r2 is None else f'{fit.r2:.4f}'}, domain input "
                     f"{fit.domain['input_tokens']}, output {fit.domain['output_tokens']} tokens")
         st.dataframe(coefficients, hide_index=True, width="stretch",

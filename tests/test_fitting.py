@@ -15,6 +15,7 @@ from engine.fitting import (
     DEFAULT_FORMS,
     PUBLISHED_DEVICE,
     FitResult,
+    FormCandidate,
     ModelForm,
     OverheadKVQuadratic,
     OverheadLinear,
@@ -147,10 +148,10 @@ def test_forms_with_too_few_points_are_not_offered():
     frame = pd.DataFrame({"model": "m", "device": "d", "input_tokens": X[:, 0], "output_tokens": X[:, 1],
                           "runtime_s": X.sum(axis=1) / 100, "energy_j": X.sum(axis=1)})
     fit = fit_frame(frame)[0]
-    offered = {c["form"]: c["offered"] for c in fit.candidates}
+    offered = {c.form: c.offered for c in fit.candidates}
     assert offered["overhead+linear"] and offered["paper"] and offered["paper-nonneg"]
     assert not offered["overhead+kv"] and not offered["overhead+kv+quadratic"]
-    reason = next(c["reason"] for c in fit.candidates if c["form"] == "overhead+kv+quadratic")
+    reason = next(c.reason for c in fit.candidates if c.form == "overhead+kv+quadratic")
     assert "at least 7" in reason
     assert fit.form in ("overhead+linear", "paper-nonneg")
     # Three input counts but one output count: τin² and the output terms cannot be told apart.
@@ -189,8 +190,8 @@ def test_grouped_cv_does_not_leak_held_out_trials_of_seen_points():
     frame = pd.DataFrame({"model": "m", "device": "d", "input_tokens": X[:, 0], "output_tokens": X[:, 1],
                           "runtime_s": y / 100, "energy_j": y})
     fit = fit_frame(frame, forms=[Memorizer, OverheadLinear, OverheadKVQuadratic], n_bootstrap=0)[0]
-    memo = next(c for c in fit.candidates if c["form"] == "memorizer")
-    assert fit.form != "memorizer" and memo["cv_mape"] > 1.0
+    memo = next(c for c in fit.candidates if c.form == "memorizer")
+    assert fit.form != "memorizer" and memo.cv_mape > 1.0
 
 
 def test_selection_prefers_the_physical_form_on_simulated_inference():
@@ -198,9 +199,9 @@ def test_selection_prefers_the_physical_form_on_simulated_inference():
     energy, runtime = fit_frame(frame)
     for fit in (energy, runtime):
         assert fit.cv_mape < 0.05
-        paper = next(c for c in fit.candidates if c["form"] == "paper")
-        assert paper["cv_mape"] > 2 * fit.cv_mape  # no fixed cost, no τout²: the paper's form is worse
-        assert fit.form != "paper" and sum(c["chosen"] for c in fit.candidates) == 1
+        paper = next(c for c in fit.candidates if c.form == "paper")
+        assert paper.cv_mape > 2 * fit.cv_mape  # no fixed cost, no τout²: the paper's form is worse
+        assert fit.form != "paper" and sum(c.chosen for c in fit.candidates) == 1
         assert fit.r2 > 0.99 and 0 < fit.noise_rel_sd < 0.05
 
 
@@ -288,7 +289,7 @@ def test_mixed_sources_fit_with_a_source_filter_and_are_labelled(store):
     assert energy.energy_source == "estimated" and energy.energy_estimated and energy.n_trials == 32
     assert runtime.n_trials == 64 and not runtime.energy_estimated  # runtime is measured either way
     assert energy.to_json_dict()["energy_estimated"] is True and "estimated" in energy.label
-    with pytest.raises(InputError, match="source_filter"):
+    with pytest.raises(InputError, match="energy source: 'guessed'"):  # the setting's name, not a parameter's
         fit_all(store, source_filter="guessed")
 
 
@@ -448,6 +449,55 @@ def test_published_catalog_rows_are_valid_catalog_entries():
         entry, _ = build_entry(**row)
         assert entry.backend == "external" and 0.4 < entry.accuracy < 0.7
     assert next(r for r in rows if r["name"] == "llama-2-70b")["accuracy"] == pytest.approx(0.6452)
+
+
+#: What the fits table held for each candidate before FormCandidate: offered forms without
+#: a reason, forms not offered without the scores' extra keys.
+OLD_OFFERED_KEYS = ("form", "n_terms", "selectable", "offered", "cv_mape", "cv_r2", "cv_total_ratio", "r2",
+                    "coefficients", "min_prediction", "chosen")
+OLD_NOT_OFFERED_KEYS = ("form", "n_terms", "selectable", "offered", "reason", "cv_mape", "cv_r2", "r2", "chosen")
+
+
+def test_fits_round_trip_their_typed_candidates_through_the_database_and_cards(store):
+    insert(store, measurements_frame(levels=np.array([8.0, 64.0])))  # a 2x2 grid: some forms are not offered
+    fits = save_fits(store, fit_all(store))
+    loaded = {f.key: f for f in load_latest_fits(store)}
+    for fit in fits:
+        back = loaded[fit.key]
+        assert all(isinstance(c, FormCandidate) for c in back.candidates)
+        assert back.candidates == fit.candidates
+        assert any(not c.offered and c.reason for c in back.candidates)
+        assert sum(c.chosen for c in back.candidates) == 1
+        assert next(c for c in back.candidates if c.chosen).form == fit.form
+    restored = fits_from_card(json.loads(json.dumps(energy_model_card(fits))))
+    assert [f.candidates for f in restored] == [f.candidates for f in fits]
+
+
+def test_fits_stored_with_candidates_as_old_dicts_still_load(store):
+    insert(store, measurements_frame(levels=np.array([8.0, 64.0])))
+    (fit, _) = save_fits(store, fit_all(store))
+    old = [{key: c.to_dict()[key] for key in (OLD_OFFERED_KEYS if c.offered else OLD_NOT_OFFERED_KEYS)}
+           for c in fit.candidates]
+    row = fit.to_row()
+    row["details"] = json.dumps({**json.loads(row["details"]), "candidates": old})
+    back = FitResult.from_row({**row, "id": fit.fit_id, "created_at": fit.created_at})
+    assert back.candidates == fit.candidates
+    data = fit.to_dict()
+    data["candidates"] = old
+    assert FitResult.from_dict(data) == fit  # a card written before
+
+
+def test_fit_json_keeps_its_design_shape():
+    frame = measurements_frame(levels=np.array([8.0, 64.0]))
+    for fit in fit_frame(frame, n_bootstrap=0):
+        document = json.loads(json.dumps(fit.to_json_dict(), allow_nan=False))
+        assert {"model", "device", "target", "form", "coefficients", "r2", "cv_mape", "n_points", "domain"} <= \
+            set(document)
+        assert set(document["domain"]) == {"input_tokens", "output_tokens"}
+        for entry, typed in zip(document["candidates"], fit.candidates, strict=True):
+            assert set(entry) == {"form", "cv_mape", "r2", "cv_r2", "chosen", "offered"}
+            assert entry["form"] == typed.form and entry["chosen"] is typed.chosen
+            assert entry["cv_mape"] == typed.cv_mape  # a fraction; None for a form not offered
 
 
 def test_fit_result_dict_round_trip_is_exact():

@@ -21,6 +21,8 @@ from engine.errors import InputError
 from engine.fitting import load_reference_profiles, published_catalog_rows, published_fits
 from engine.planning import (
     SCHEDULE_COLUMNS,
+    Baseline,
+    ConstraintCost,
     PlanOption,
     PlanSettings,
     Predictions,
@@ -247,13 +249,13 @@ def test_accuracy_target_binds_and_one_more_point_costs_energy():
     result = make_plan(preds, PlanSettings(accuracy_target=0.6))
     assert result.energy_j == pytest.approx(20.0)
     assert result.assignments == {"a@gpu": 5, "b@gpu": 5}
-    cost = next(c for c in result.constraint_costs if c["constraint"] == "accuracy")
-    assert cost["binding"] is True
-    assert cost["delta_energy_j"] == pytest.approx(2.0)
+    cost = next(c for c in result.constraint_costs if c.constraint == "accuracy")
+    assert cost.binding is True
+    assert cost.delta_energy_j == pytest.approx(2.0)
 
     loose = make_plan(preds, PlanSettings(accuracy_target=0.3))
-    cost = next(c for c in loose.constraint_costs if c["constraint"] == "accuracy")
-    assert loose.energy_j == pytest.approx(10.0) and cost["binding"] is False
+    cost = next(c for c in loose.constraint_costs if c.constraint == "accuracy")
+    assert loose.energy_j == pytest.approx(10.0) and cost.binding is False
 
 
 def test_device_deadline_binds_and_more_time_saves_energy():
@@ -265,10 +267,10 @@ def test_device_deadline_binds_and_more_time_saves_energy():
     result = make_plan(preds, PlanSettings(deadline_s=1000.0, deadlines_s={"slow": 100.0}))
     assert result.energy_j == pytest.approx(60.0)
     assert result.per_device_runtime_s == pytest.approx({"slow": 100.0, "fast": 10.0})
-    costs = {c["constraint"]: c for c in result.constraint_costs}
-    assert costs["deadline slow"]["binding"] is True
-    assert costs["deadline slow"]["delta_energy_j"] == pytest.approx(-4.0)
-    assert costs["deadline fast"]["binding"] is False
+    costs = {c.constraint: c for c in result.constraint_costs}
+    assert costs["deadline slow"].binding is True
+    assert costs["deadline slow"].delta_energy_j == pytest.approx(-4.0)
+    assert costs["deadline fast"].binding is False
 
 
 def test_min_share_forces_a_model_to_take_its_share():
@@ -310,7 +312,7 @@ def test_load_costs_count_once_per_used_option_and_shift_start_times():
     assert result.per_device_runtime_s == pytest.approx({"dev0": 12.0, "dev1": 10.0})
     # The baselines count the loads too: every query on b would be 8·3 + 10 J (but needs 18 s).
     only_b = result.baselines["only b@dev1"]
-    assert only_b["energy_j"] == pytest.approx(34.0) and only_b["feasible"] is False
+    assert only_b.energy_j == pytest.approx(34.0) and only_b.feasible is False
 
 
 def test_an_unused_option_pays_no_load():
@@ -397,9 +399,9 @@ def test_baselines_are_named_recomputable_and_never_beat_the_plan(seed):
     names = {f"only {o.key}" for o in preds.options} | {"round-robin", "random", "greedy cheapest-first"}
     assert set(result.baselines) == names
     for name, baseline in result.baselines.items():
-        assert {"energy_j", "accuracy", "makespan_s", "feasible"} <= set(baseline)
-        if baseline["feasible"]:
-            assert result.energy_j <= baseline["energy_j"] * (1 + 1e-9), name
+        assert {"energy_j", "accuracy", "makespan_s", "feasible"} <= set(baseline.to_json())
+        if baseline.feasible:
+            assert result.energy_j <= baseline.energy_j * (1 + 1e-9), name
     # Round-robin: query i takes the (i mod |pool|)-th option it may use.
     allowed = allowed_options(preds, min_accuracy)
     n = len(preds.output_tokens)
@@ -407,11 +409,11 @@ def test_baselines_are_named_recomputable_and_never_beat_the_plan(seed):
     energy = preds.energy_j[np.arange(n), choice].sum()
     if settings.count_load:
         energy += sum(preds.options[k].load_energy_j for k in set(choice.tolist()))
-    assert result.baselines["round-robin"]["energy_j"] == pytest.approx(energy, rel=1e-12)
+    assert result.baselines["round-robin"].energy_j == pytest.approx(energy, rel=1e-12)
     # Every query on one option: its column's sum.
     for k, o in enumerate(preds.options):
         expected = preds.energy_j[:, k].sum() + (o.load_energy_j if settings.count_load else 0.0)
-        assert result.baselines[f"only {o.key}"]["energy_j"] == pytest.approx(expected, rel=1e-12)
+        assert result.baselines[f"only {o.key}"].energy_j == pytest.approx(expected, rel=1e-12)
 
 
 def test_greedy_without_deadlines_is_each_querys_cheapest_allowed_option():
@@ -422,7 +424,7 @@ def test_greedy_without_deadlines_is_each_querys_cheapest_allowed_option():
     floor = np.where(rng.random(12) < 0.5, 0.6, np.nan)  # half may not use a
     result = make_plan(preds, PlanSettings(), min_accuracy=floor, explain=False)
     cheapest = np.where(allowed_options(preds, floor), energy, np.inf).min(axis=1).sum()
-    assert result.baselines["greedy cheapest-first"]["energy_j"] == pytest.approx(cheapest)
+    assert result.baselines["greedy cheapest-first"].energy_j == pytest.approx(cheapest)
     assert result.energy_j == pytest.approx(cheapest, rel=1e-3)  # no targets: the plan is the same
 
 
@@ -479,11 +481,13 @@ def test_validate_lists_every_bad_setting_at_once():
     with pytest.raises(InputError) as caught:
         settings.validate()
     wheres = [p.where for p in caught.value.problems]
-    assert wheres.count("--accuracy-target") == 1
-    assert wheres.count("--accuracy-mode") == 1
-    assert wheres.count("--deadline-s") == 1
-    assert wheres.count("--zeta") == 1
-    assert wheres.count("--min-share") == 1  # the sum 1.3 > 1; each share alone is fine
+    # Named by the setting, not by a CLI flag (the Plan page shows them too).
+    assert wheres.count("accuracy target") == 1
+    assert wheres.count("accuracy mode") == 1
+    assert wheres.count("deadline") == 1
+    assert wheres.count("zeta") == 1
+    assert wheres.count("minimum share") == 1  # the sum 1.3 > 1; each share alone is fine
+    assert not any(where.startswith("--") for where in wheres)
     assert len(wheres) == 5
 
 
@@ -546,6 +550,61 @@ def test_plan_workload_stores_a_plan_that_loads_back_the_same(reference_store: S
     assert written.read_text(encoding="utf-8") == schedule_csv(result.schedule)
     with pytest.raises(InputError):
         load_plan(reference_store, result.plan_id + 100)
+
+
+def test_stored_plan_loads_back_typed_baselines_and_constraint_costs(reference_store: Store):
+    result = plan_workload(reference_store, token_workload(), PlanSettings(accuracy_target=0.6, deadline_s=3600.0))
+    assert result.constraint_costs and result.baselines
+    row, _ = load_plan(reference_store, result.plan_id)
+    assert all(isinstance(b, Baseline) for b in row["baselines"].values())
+    assert row["baselines"] == result.baselines  # every field, through the database and back
+    assert all(isinstance(c, ConstraintCost) for c in row["params"]["constraint_costs"])
+    assert row["params"]["constraint_costs"] == result.constraint_costs
+    assert {c.unit for c in result.constraint_costs} == {"fraction", "s"}
+
+
+def test_plans_stored_in_the_old_dict_shape_still_load(reference_store: Store):
+    # Before the typed results, a plan stored each baseline as {energy_j, accuracy, makespan_s,
+    # feasible} and each constraint cost as a dict without delta_energy_j where none was measured.
+    result = plan_workload(reference_store, token_workload(), PlanSettings(accuracy_target=0.6, deadline_s=3600.0))
+    old_baselines = {name: {"energy_j": b.energy_j, "accuracy": b.accuracy, "makespan_s": b.makespan_s,
+                            "feasible": b.feasible} for name, b in result.baselines.items()}
+    old_costs = []
+    for cost in result.constraint_costs:
+        entry = {"constraint": cost.constraint, "binding": cost.binding, "value": cost.value, "limit": cost.limit,
+                 "text": cost.text}
+        if cost.delta_energy_j is not None:
+            entry["delta_energy_j"] = cost.delta_energy_j
+        old_costs.append(entry)
+    params = json.loads(reference_store.query_one("SELECT CAST(params AS VARCHAR) FROM plans WHERE id = ?",
+                                                  [result.plan_id])[0])
+    params["constraint_costs"] = old_costs
+    reference_store.execute("UPDATE plans SET baselines = ?, params = ? WHERE id = ?",
+                            [json.dumps(old_baselines), json.dumps(params), result.plan_id])
+    row, schedule = load_plan(reference_store, result.plan_id)
+    assert len(schedule) == 40
+    for name, baseline in result.baselines.items():
+        loaded = row["baselines"][name]
+        assert (loaded.energy_j, loaded.accuracy, loaded.makespan_s, loaded.feasible) == \
+            (baseline.energy_j, baseline.accuracy, baseline.makespan_s, baseline.feasible)
+        assert loaded.per_device_runtime_s == {} and loaded.note == ""  # not stored then
+        assert loaded.to_json() == baseline.to_json()
+    assert row["params"]["constraint_costs"] == result.constraint_costs
+
+
+def test_plan_json_keeps_the_dict_shapes_of_the_typed_results(reference_store: Store):
+    result = plan_workload(reference_store, token_workload(20, seed=2),
+                           PlanSettings(accuracy_target=0.6, deadline_s=3600.0), save=False)
+    document = json.loads(json.dumps(result.to_json(), allow_nan=False))
+    for name, baseline in document["baselines"].items():
+        # DESIGN.md: {name: {energy_j, accuracy, makespan_s}}, plus feasible; nothing else.
+        assert set(baseline) == {"energy_j", "accuracy", "makespan_s", "feasible"}
+        typed = result.baselines[name]
+        assert baseline == {"energy_j": typed.energy_j, "accuracy": typed.accuracy, "makespan_s": typed.makespan_s,
+                            "feasible": typed.feasible}
+    for entry, typed in zip(document["constraint_costs"], result.constraint_costs, strict=True):
+        assert {"constraint", "binding", "value", "limit", "text"} <= set(entry)
+        assert entry["text"] == typed.text and entry["binding"] is typed.binding
 
 
 def test_plan_json_has_the_design_contract(reference_store: Store):

@@ -15,7 +15,8 @@ from streamlit.testing.v1 import AppTest
 
 from engine.cli import main
 from engine.fitting import load_reference_profiles, published_catalog_rows
-from engine.planning import format_energy, list_plans
+from engine.formatting import format_energy
+from engine.planning import list_plans
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

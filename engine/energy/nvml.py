@@ -224,41 +224,19 @@ def resolve_cuda_device(cuda_index: int, nvml: Any, *, env: Mapping[str, str] | 
     gpus = _all_gpus(nvml)
     if not gpus:
         raise SensorUnavailableError("nvml", "NVML found no NVIDIA GPU", None)
-
-    def identity(gpu: tuple[int, Any, str, str], mapped_by: str, warnings: tuple[str, ...] = ()):
-        index, handle, uuid, name = gpu
-        return GpuIdentity(device, index, uuid, name, architecture_name(_architecture_code(nvml, handle)),
-                           mapped_by, warnings), handle
-
-    def by_uuid(prefix: str, mapped_by: str):
-        wanted = _normalise_uuid(prefix)
-        matches = [g for g in gpus if _normalise_uuid(g[2]).startswith(wanted)]
-        if len(matches) != 1:
-            found = "no" if not matches else "several"
-            raise SensorUnavailableError("nvml", f"{device} is GPU {prefix} ({mapped_by}), but {found} NVML device "
-                                         "has that UUID", "Check CUDA_VISIBLE_DEVICES against `nvidia-smi -L`.")
-        return identity(matches[0], mapped_by)
-
     uuid = cuda_uuid or _torch_cuda_uuid(cuda_index)
     if uuid:
-        return by_uuid(uuid, "torch UUID" if cuda_uuid is None else "CUDA UUID")
-
+        mapped_by = "torch UUID" if cuda_uuid is None else "CUDA UUID"
+        return _identity(nvml, device, _gpu_by_uuid(gpus, uuid, device, mapped_by), mapped_by)
     visible = parse_cuda_visible_devices(env.get("CUDA_VISIBLE_DEVICES"))
-    if visible is not None:
-        if cuda_index >= len(visible):
-            raise SensorUnavailableError(
-                "nvml", f"{device} is not visible: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r} "
-                f"makes {len(visible)} GPU(s) visible", "Pick a visible device or change CUDA_VISIBLE_DEVICES.")
-        entry = visible[cuda_index]
-        if entry.lower().startswith("mig-"):
-            raise SensorUnavailableError(
-                "nvml", f"{device} is the MIG instance {entry}: NVML measures energy for whole GPUs only, "
-                "which other instances share", "Profile on a whole GPU (MIG disabled) for measured energy.")
-        if entry.lower().startswith("gpu-"):
-            return by_uuid(entry, "CUDA_VISIBLE_DEVICES UUID")
-        nvml_index, mapped_by = int(entry), "CUDA_VISIBLE_DEVICES index"
-    else:
+    if visible is None:
         nvml_index, mapped_by = cuda_index, "index"
+    else:
+        entry = _visible_entry(visible, cuda_index, device, env.get("CUDA_VISIBLE_DEVICES"))
+        if entry.lower().startswith("gpu-"):
+            mapped_by = "CUDA_VISIBLE_DEVICES UUID"
+            return _identity(nvml, device, _gpu_by_uuid(gpus, entry, device, mapped_by), mapped_by)
+        nvml_index, mapped_by = int(entry), "CUDA_VISIBLE_DEVICES index"
     if nvml_index >= len(gpus):
         raise SensorUnavailableError("nvml", f"{device} would be NVML GPU {nvml_index}, but NVML lists {len(gpus)}",
                                      "Check CUDA_VISIBLE_DEVICES against `nvidia-smi -L`.")
@@ -266,7 +244,46 @@ def resolve_cuda_device(cuda_index: int, nvml: Any, *, env: Mapping[str, str] | 
     if env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and len({g[3] for g in gpus}) > 1:
         warnings = ("this host has different GPU models and CUDA numbers them fastest first, NVML in PCI order: "
                     f"{device} may not be NVML GPU {nvml_index}; set CUDA_DEVICE_ORDER=PCI_BUS_ID",)
-    return identity(gpus[nvml_index], mapped_by, warnings)
+    return _identity(nvml, device, gpus[nvml_index], mapped_by, warnings)
+
+
+def _identity(nvml: Any, device: str, gpu: tuple[int, Any, str, str], mapped_by: str,
+              warnings: tuple[str, ...] = ()) -> tuple[GpuIdentity, Any]:
+    """The identity of one of :func:`_all_gpus`' GPUs as ``device``, and its handle."""
+    index, handle, uuid, name = gpu
+    identity = GpuIdentity(cuda_device=device, nvml_index=index, uuid=uuid, name=name,
+                           architecture=architecture_name(_architecture_code(nvml, handle)), mapped_by=mapped_by,
+                           warnings=warnings)
+    return identity, handle
+
+
+def _gpu_by_uuid(gpus: list[tuple[int, Any, str, str]], prefix: str, device: str,
+                 mapped_by: str) -> tuple[int, Any, str, str]:
+    """The one GPU whose UUID starts with ``prefix`` (CUDA may give a prefix)."""
+    wanted = _normalise_uuid(prefix)
+    matches = [g for g in gpus if _normalise_uuid(g[2]).startswith(wanted)]
+    if len(matches) != 1:
+        found = "no" if not matches else "several"
+        raise SensorUnavailableError("nvml", f"{device} is GPU {prefix} ({mapped_by}), but {found} NVML device "
+                                     "has that UUID", "Check CUDA_VISIBLE_DEVICES against `nvidia-smi -L`.")
+    return matches[0]
+
+
+def _visible_entry(visible: list[str], cuda_index: int, device: str, variable: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES entry behind ``cuda:<cuda_index>``: a UUID (prefix) or an index.
+
+    Raises SensorUnavailableError when the index is not visible or the entry is a MIG instance.
+    """
+    if cuda_index >= len(visible):
+        raise SensorUnavailableError(
+            "nvml", f"{device} is not visible: CUDA_VISIBLE_DEVICES={variable!r} "
+            f"makes {len(visible)} GPU(s) visible", "Pick a visible device or change CUDA_VISIBLE_DEVICES.")
+    entry = visible[cuda_index]
+    if entry.lower().startswith("mig-"):
+        raise SensorUnavailableError(
+            "nvml", f"{device} is the MIG instance {entry}: NVML measures energy for whole GPUs only, "
+            "which other instances share", "Profile on a whole GPU (MIG disabled) for measured energy.")
+    return entry
 
 
 def cuda_label_for_nvml_index(nvml_index: int, uuid: str, env: Mapping[str, str] | None = None) -> str:

@@ -2,7 +2,8 @@
 
 Public API (the CLI's ``fit``/``predict`` and the Models page use only these):
 
-- :func:`fit_all` (store) / :func:`fit_frame` (DataFrame) -> list[:class:`FitResult`]
+- :func:`fit_all` (store) / :func:`fit_frame` (DataFrame) -> list[:class:`FitResult`], each with
+  the forms it compared as :class:`FormCandidate`
 - :func:`save_fits`, :func:`load_latest_fits`, :func:`load_fit`
 - :func:`predict`, :func:`surface_grid`, :func:`residuals`, :func:`suggest_points`
 - :func:`load_trials`, :func:`measurement_groups`
@@ -36,12 +37,12 @@ from engine.fitting.reference import (
     published_fits,
     store_published_fits,
 )
-from engine.fitting.result import FitResult
+from engine.fitting.result import FitResult, FormCandidate
 from engine.fitting.selection import cross_validated_predictions, mape, point_groups, r2, score_form
 from engine.fitting.storage import fit_all, fit_frame, load_fit, load_latest_fits, load_trials, save_fits
 
 __all__ = [
-    "DEFAULT_FORMS", "ENERGY_SCOPES", "FORMS_BY_NAME", "FitResult", "ModelForm", "OverheadKV", "OverheadKVDecode2",
+    "DEFAULT_FORMS", "ENERGY_SCOPES", "FORMS_BY_NAME", "FitResult", "FormCandidate", "ModelForm", "OverheadKV", "OverheadKVDecode2",
     "OverheadKVPrefill2", "OverheadKVQuadratic", "OverheadLinear", "PREDICTION_COLUMNS", "PUBLISHED_DEVICE",
     "PUBLISHED_LABEL", "PUBLISHED_MODELS", "PaperForm", "PaperTermsNonneg", "SOURCE_FILTERS",
     "cross_validated_predictions", "energy_model_card", "expand_id_ranges", "fit_all", "fit_frame", "fits_from_card",

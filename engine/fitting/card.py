@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from engine.errors import InputError, Problem
-from engine.fitting.result import UNCERTAINTY_MEANING, FitResult, clean_json
+from engine.fitting.result import UNCERTAINTY_MEANING, FitResult
+from engine.formatting import json_safe
 
 CARD_KIND = "joule-planner energy model card"
 CARD_VERSION = 1
@@ -67,7 +68,7 @@ def energy_model_card(fits: Iterable[FitResult]) -> dict:
         "software": first.details.get("software", {}),
         "fits": [f.to_dict() for f in ordered],
     }
-    return clean_json(card)
+    return json_safe(card)
 
 
 def fits_from_card(card: dict) -> list[FitResult]:

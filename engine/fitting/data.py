@@ -123,9 +123,9 @@ def _trials_word(n: int) -> str:
 def check_arguments(energy_scope: str, source_filter: str | None) -> None:
     problems = []
     if energy_scope not in ENERGY_SCOPES:
-        problems.append(Problem("energy_scope", f"{energy_scope!r} is not an energy scope", None, "total or dynamic"))
+        problems.append(Problem("energy scope", f"{energy_scope!r} is not an energy scope", None, "total or dynamic"))
     if source_filter is not None and source_filter not in SOURCE_FILTERS:
-        problems.append(Problem("source_filter", f"{source_filter!r} is not an energy source", None,
+        problems.append(Problem("energy source", f"{source_filter!r} is not an energy source", None,
                                 "measured, estimated, or none"))
     if problems:
         raise InputError(problems)
@@ -173,26 +173,58 @@ def _maybe_json(text: str):
 
 def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str, source_filter: str | None,
                  problems: list[Problem]) -> TrialSet | None:
+    """The checked trials of one (model, device), or None with its problems added to ``problems``."""
     where = f"measurements of {model!r} on {device!r}"
     warnings: list[str] = []
     n_before = len(problems)
-    if "batch_size" in group.columns:
-        batched = group["batch_size"].fillna(1).to_numpy() != 1
-        if batched.any():
-            warnings.append(f"{_trials_word(int(batched.sum()))} at batch size > 1 left out (the surfaces are per request)")
-            group = group[~batched]
-        if group.empty:
-            problems.append(Problem(where, "has no trials at batch size 1", "batch_size",
-                                    "profile at batch size 1 (the surfaces are per request)"))
-            return None
-
+    group = _batch_size_one(group, where, warnings, problems)
+    if group is None:
+        return None
     ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
     X = group[["input_tokens", "output_tokens"]].to_numpy(dtype=float)
     runtime = group["runtime_s"].to_numpy(dtype=float)
     energy = group["energy_j"].to_numpy(dtype=float)
     missing = (group["energy_missing"].to_numpy(dtype=bool) if "energy_missing" in group.columns
                else np.isnan(energy))
+    bad_energy = _check_values(where, ids, X, runtime, energy, missing, problems)
+    energy_source, energy_rows = _energy_rows(where, group, ~missing & ~bad_energy, bad_energy.any(), source_filter,
+                                              problems)
+    sensor: dict = {"energy_scope": energy_scope, "energy_source": energy_source}
+    y_energy = energy.copy()
+    if energy_scope == "dynamic" and energy_rows.any():
+        y_energy, energy_rows = _dynamic_energy(where, group, ids, energy, runtime, energy_rows, sensor, warnings,
+                                                problems)
+    if len(problems) > n_before:
+        return None
+    for column in ("has_gpu", "has_cpu", "has_dram"):
+        if column in group.columns:
+            sensor[column.removeprefix("has_") + "_energy"] = bool(group[column].to_numpy(dtype=bool)[energy_rows].any())
+    energy_trials = (TargetTrials(X=X[energy_rows], y=y_energy[energy_rows], ids=ids[energy_rows])
+                     if energy_rows.any() else None)
+    return TrialSet(model=model, device=device, energy_scope=energy_scope, energy_source=energy_source,
+                    energy=energy_trials, runtime=TargetTrials(X=X, y=runtime, ids=ids), sensor=sensor,
+                    warnings=warnings)
 
+
+def _batch_size_one(group: pd.DataFrame, where: str, warnings: list[str], problems: list[Problem]) -> pd.DataFrame | None:
+    """The trials at batch size 1 (the surfaces are per request); None, with a problem, when there are none."""
+    if "batch_size" not in group.columns:
+        return group
+    batched = group["batch_size"].fillna(1).to_numpy() != 1
+    if batched.any():
+        warnings.append(f"{_trials_word(int(batched.sum()))} at batch size > 1 left out (the surfaces are per request)")
+        group = group[~batched]
+    if group.empty:
+        problems.append(Problem(where, "has no trials at batch size 1", "batch_size",
+                                "profile at batch size 1 (the surfaces are per request)"))
+        return None
+    return group
+
+
+def _check_values(where: str, ids: np.ndarray, X: np.ndarray, runtime: np.ndarray, energy: np.ndarray,
+                  missing: np.ndarray, problems: list[Problem]) -> np.ndarray:
+    """Problems for token counts, runtimes and energies no measurement can have; returns
+    which trials have such an energy (NaN, infinite, 0 or negative, where one was stored)."""
     bad_tokens = ~np.isfinite(X).all(axis=1) | (X <= 0).any(axis=1)
     if bad_tokens.any():
         problems.append(Problem(where, f"{_trials_word(int(bad_tokens.sum()))} (ids {_ids(ids[bad_tokens])}) have token "
@@ -214,65 +246,65 @@ def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str
         problems.append(Problem(where, f"{_trials_word(int(bad_energy.sum()))} (ids {_ids(ids[bad_energy])}) have an "
                                 f"energy that is {' or '.join(kinds)}", "energy_j",
                                 "a positive number of joules, or empty (NULL) when it was not measured"))
+    return bad_energy
 
-    has_energy = ~missing & ~bad_energy
+
+def _energy_rows(where: str, group: pd.DataFrame, has_energy: np.ndarray, any_bad_energy: bool,
+                 source_filter: str | None, problems: list[Problem]) -> tuple[str | None, np.ndarray]:
+    """The energy source of the fit and which trials' energy it uses: one source only,
+    the one ``source_filter`` asks for when the trials mix them."""
     sources = group["energy_source"].where(group["energy_source"].notna(), "measured").to_numpy(dtype=object) \
         if "energy_source" in group.columns else np.full(len(group), "measured", dtype=object)
-    energy_source = None
     energy_rows = has_energy.copy()
-    if has_energy.any():
-        present = sorted(set(sources[has_energy].tolist()))
-        if source_filter is None and len(present) > 1:
-            counts = ", ".join(f"{s} ({_trials_word(int((sources[has_energy] == s).sum()))})" for s in present)
-            problems.append(Problem(where, f"mixes energy sources: {counts}; a surface fitted to both would "
-                                    "pass estimates off as measurements", "energy_source",
-                                    "one source: pass source_filter='measured' or 'estimated' "
-                                    "(CLI: --energy-source), or remove the other trials"))
-        elif source_filter is not None:
-            energy_rows &= sources == source_filter
-            if not energy_rows.any():
-                problems.append(Problem(where, f"has no {source_filter} energy (sources here: {', '.join(present)})",
-                                        "energy_source", f"trials with energy_source = {source_filter}, or another "
-                                        "source filter"))
-            energy_source = source_filter
-        else:
-            energy_source = present[0]
-    elif not bad_energy.any():
-        problems.append(Problem(where, f"has no energy measurements (energy_j is empty in all "
-                                f"{_trials_word(len(group))}); runtime alone cannot be planned with", "energy_j",
-                                "trials with a measured or estimated energy"))
+    if not has_energy.any():
+        if not any_bad_energy:
+            problems.append(Problem(where, f"has no energy measurements (energy_j is empty in all "
+                                    f"{_trials_word(len(group))}); runtime alone cannot be planned with", "energy_j",
+                                    "trials with a measured or estimated energy"))
+        return None, energy_rows
+    present = sorted(set(sources[has_energy].tolist()))
+    if source_filter is None and len(present) > 1:
+        counts = ", ".join(f"{s} ({_trials_word(int((sources[has_energy] == s).sum()))})" for s in present)
+        problems.append(Problem(where, f"mixes energy sources: {counts}; a surface fitted to both would "
+                                "pass estimates off as measurements", "energy_source",
+                                "one energy source: fit only the measured or only the estimated trials (the energy "
+                                "source setting), or remove the other trials"))
+        return None, energy_rows
+    if source_filter is None:
+        return present[0], energy_rows
+    energy_rows &= sources == source_filter
+    if not energy_rows.any():
+        problems.append(Problem(where, f"has no {source_filter} energy (sources here: {', '.join(present)})",
+                                "energy_source", f"trials with energy_source = {source_filter}, or another "
+                                "energy source"))
+    return source_filter, energy_rows
 
-    y_energy = energy.copy()
-    sensor: dict = {"energy_scope": energy_scope, "energy_source": energy_source}
-    if energy_scope == "dynamic" and energy_rows.any():
-        idle = group["idle_power_w"].to_numpy(dtype=float)
-        known = np.isfinite(idle) & (idle >= 0)
-        if not (energy_rows & known).any():
-            problems.append(Problem(where, "has no idle power, so dynamic energy (total − idle power × runtime) "
-                                    "cannot be computed", "idle_power_w",
-                                    "measurements with idle_power_w, or energy_scope='total'"))
-        else:
-            left_out = int((energy_rows & ~known).sum())
-            if left_out:
-                warnings.append(f"{_trials_word(left_out)} without idle power left out of the dynamic energy fit")
-            energy_rows &= known
-            y_energy = energy - np.where(known, idle, 0.0) * runtime
-            not_positive = energy_rows & ~(y_energy > 0)
-            if not_positive.any():
-                problems.append(Problem(where, f"{_trials_word(int(not_positive.sum()))} (ids "
-                                        f"{_ids(ids[not_positive])}) have idle power × runtime ≥ their total "
-                                        "energy, so no dynamic energy remains", "idle_power_w",
-                                        "an idle power below the power drawn while running, or energy_scope='total'"))
-            sensor["idle_power_w"] = float(np.median(idle[energy_rows])) if energy_rows.any() else None
 
-    if len(problems) > n_before:
-        return None
-    for column in ("has_gpu", "has_cpu", "has_dram"):
-        if column in group.columns:
-            sensor[column.removeprefix("has_") + "_energy"] = bool(group[column].to_numpy(dtype=bool)[energy_rows].any())
-    energy_trials = TargetTrials(X[energy_rows], y_energy[energy_rows], ids[energy_rows]) if energy_rows.any() else None
-    return TrialSet(model, device, energy_scope, energy_source, energy_trials, TargetTrials(X, runtime, ids),
-                    sensor=sensor, warnings=warnings)
+def _dynamic_energy(where: str, group: pd.DataFrame, ids: np.ndarray, energy: np.ndarray, runtime: np.ndarray,
+                    energy_rows: np.ndarray, sensor: dict, warnings: list[str],
+                    problems: list[Problem]) -> tuple[np.ndarray, np.ndarray]:
+    """Total − idle power × runtime, on the trials whose idle power is known; returns the
+    values and the trials they are fitted on (and notes the median idle power in ``sensor``)."""
+    idle = group["idle_power_w"].to_numpy(dtype=float)
+    known = np.isfinite(idle) & (idle >= 0)
+    if not (energy_rows & known).any():
+        problems.append(Problem(where, "has no idle power, so dynamic energy (total − idle power × runtime) "
+                                "cannot be computed", "idle_power_w",
+                                "measurements with idle_power_w, or the total energy scope"))
+        return energy.copy(), energy_rows
+    left_out = int((energy_rows & ~known).sum())
+    if left_out:
+        warnings.append(f"{_trials_word(left_out)} without idle power left out of the dynamic energy fit")
+    energy_rows = energy_rows & known
+    dynamic = energy - np.where(known, idle, 0.0) * runtime
+    not_positive = energy_rows & ~(dynamic > 0)
+    if not_positive.any():
+        problems.append(Problem(where, f"{_trials_word(int(not_positive.sum()))} (ids "
+                                f"{_ids(ids[not_positive])}) have idle power × runtime ≥ their total "
+                                "energy, so no dynamic energy remains", "idle_power_w",
+                                "an idle power below the power drawn while running, or the total energy scope"))
+    sensor["idle_power_w"] = float(np.median(idle[energy_rows])) if energy_rows.any() else None
+    return dynamic, energy_rows
 
 
 def id_ranges(ids) -> list[list[int]]:

@@ -60,17 +60,46 @@ def predict(fits: Iterable[FitResult], points: pd.DataFrame, energy_scope: str |
                                  None, "columns " + ", ".join(required)))
     frame = points.reset_index(drop=True).copy()
     problems: list[Problem] = []
-    tokens = {}
-    for column in ("input_tokens", "output_tokens"):
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
-        bad = ~np.isfinite(values) | (values <= 0) | (np.round(values) != values)
-        for row in np.flatnonzero(bad):
-            problems.append(Problem(f"{where}:{first_line + row}", f"{frame[column].iloc[row]!r} is not a token count",
-                                    column, "a whole number > 0"))
-        tokens[column] = values
-    scope_note = f" in the {energy_scope} energy scope" if energy_scope else ""
+    tokens = {column: _token_counts(frame, column, where, first_line, problems)
+              for column in ("input_tokens", "output_tokens")}
     keys = pd.DataFrame({"model": frame["model"].astype(str), "device": frame["device"].astype(str)})
     groups = {key: np.asarray(rows) for key, rows in keys.groupby(["model", "device"], sort=False).indices.items()}
+    problems += _missing_fits(index, groups, energy_scope, where, first_line)
+    if problems:
+        raise InputError(sorted(problems, key=lambda p: int(p.where.rsplit(":", 1)[1])))
+
+    values = _predict_groups(index, groups, tokens["input_tokens"], tokens["output_tokens"], len(frame))
+    result = frame
+    result["input_tokens"] = tokens["input_tokens"].astype(np.int64)
+    result["output_tokens"] = tokens["output_tokens"].astype(np.int64)
+    result["energy_j"] = np.maximum(values["energy_j_raw"], 0.0)
+    result["runtime_s"] = np.maximum(values["runtime_s_raw"], 0.0)
+    for column in ("energy_j_uncertainty", "runtime_s_uncertainty", "in_domain", "energy_estimated", "energy_scope",
+                   "source", "energy_j_raw", "runtime_s_raw"):
+        result[column] = values[column]
+    result["clamped"] = (values["energy_j_raw"] < 0) | (values["runtime_s_raw"] < 0)
+    result["warning"] = _warnings(result["clamped"].to_numpy(), values["in_domain"], values["energy_estimated"],
+                                  values["source"] == "published")
+    extra = [c for c in result.columns if c not in PREDICTION_COLUMNS]
+    return result[extra + list(PREDICTION_COLUMNS)]
+
+
+def _token_counts(frame: pd.DataFrame, column: str, where: str, first_line: int,
+                  problems: list[Problem]) -> np.ndarray:
+    """The column as floats, with a problem for every row that is not a whole number > 0."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values) | (values <= 0) | (np.round(values) != values)
+    for row in np.flatnonzero(bad):
+        problems.append(Problem(f"{where}:{first_line + row}", f"{frame[column].iloc[row]!r} is not a token count",
+                                column, "a whole number > 0"))
+    return values
+
+
+def _missing_fits(index: dict[tuple[str, str], dict[str, FitResult]], groups: dict[tuple[str, str], np.ndarray],
+                  energy_scope: str | None, where: str, first_line: int) -> list[Problem]:
+    """One problem per row whose (model, device) lacks an energy or a runtime fit."""
+    scope_note = f" in the {energy_scope} energy scope" if energy_scope else ""
+    problems = []
     for (model, device), rows in groups.items():
         slot = index.get((model, device), {})
         lacking = [t for t in ("energy", "runtime") if t not in slot]
@@ -78,55 +107,40 @@ def predict(fits: Iterable[FitResult], points: pd.DataFrame, energy_scope: str |
             problems.append(Problem(f"{where}:{first_line + row}",
                                     f"no {' or '.join(lacking)} fit for model {model!r} on device {device!r}{scope_note}",
                                     "model", "a (model, device) that has been fitted (python -m engine fit)"))
-    if problems:
-        raise InputError(sorted(problems, key=lambda p: int(p.where.rsplit(":", 1)[1])))
+    return problems
 
-    n = len(frame)
+
+def _predict_groups(index: dict[tuple[str, str], dict[str, FitResult]], groups: dict[tuple[str, str], np.ndarray],
+                    input_tokens: np.ndarray, output_tokens: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Per row: raw values, uncertainties, in_domain, energy_estimated, energy_scope and
+    source, each (model, device) predicted by its fits in one go."""
     out = {c: np.full(n, np.nan) for c in ("energy_j_raw", "runtime_s_raw", "energy_j_uncertainty",
                                             "runtime_s_uncertainty")}
-    in_domain = np.zeros(n, dtype=bool)
-    estimated = np.zeros(n, dtype=bool)
-    scope = np.empty(n, dtype=object)
-    source = np.empty(n, dtype=object)
-    published_label = np.zeros(n, dtype=bool)
+    out["in_domain"] = np.zeros(n, dtype=bool)
+    out["energy_estimated"] = np.zeros(n, dtype=bool)
+    out["energy_scope"] = np.empty(n, dtype=object)
+    out["source"] = np.empty(n, dtype=object)
     for key, rows in groups.items():
         energy_fit, runtime_fit = index[key]["energy"], index[key]["runtime"]
-        tin, tout = tokens["input_tokens"][rows], tokens["output_tokens"][rows]
+        tin, tout = input_tokens[rows], output_tokens[rows]
         out["energy_j_raw"][rows] = energy_fit.predict_raw(tin, tout)
         out["runtime_s_raw"][rows] = runtime_fit.predict_raw(tin, tout)
         out["energy_j_uncertainty"][rows] = energy_fit.uncertainty(tin, tout)
         out["runtime_s_uncertainty"][rows] = runtime_fit.uncertainty(tin, tout)
-        in_domain[rows] = energy_fit.in_domain(tin, tout) & runtime_fit.in_domain(tin, tout)
-        estimated[rows] = energy_fit.energy_estimated
-        scope[rows] = energy_fit.energy_scope
-        source[rows] = "published" if "published" in (energy_fit.source, runtime_fit.source) else "measured"
-        published_label[rows] = source[rows] == "published"
+        out["in_domain"][rows] = energy_fit.in_domain(tin, tout) & runtime_fit.in_domain(tin, tout)
+        out["energy_estimated"][rows] = energy_fit.energy_estimated
+        out["energy_scope"][rows] = energy_fit.energy_scope
+        out["source"][rows] = "published" if "published" in (energy_fit.source, runtime_fit.source) else "measured"
+    return out
 
-    energy = np.maximum(out["energy_j_raw"], 0.0)
-    runtime = np.maximum(out["runtime_s_raw"], 0.0)
-    clamped = (out["energy_j_raw"] < 0) | (out["runtime_s_raw"] < 0)
-    # One sentence per combination of flags (16 at most), looked up per row.
-    flags = clamped * 1 + (~in_domain) * 2 + estimated * 4 + published_label * 8
+
+def _warnings(clamped: np.ndarray, in_domain: np.ndarray, estimated: np.ndarray, published: np.ndarray) -> np.ndarray:
+    """Per row, the sentence of its flags ("" when none): one sentence per combination of
+    flags (16 at most), looked up per row."""
+    flags = clamped * 1 + (~in_domain) * 2 + estimated * 4 + published * 8
     sentences = np.array(["; ".join(text for bit, text in enumerate(_WARNINGS) if code >> bit & 1)
                           for code in range(16)], dtype=object)
-    warnings = sentences[flags.astype(int)]
-    result = frame
-    result["input_tokens"] = tokens["input_tokens"].astype(np.int64)
-    result["output_tokens"] = tokens["output_tokens"].astype(np.int64)
-    result["energy_j"] = energy
-    result["runtime_s"] = runtime
-    result["energy_j_uncertainty"] = out["energy_j_uncertainty"]
-    result["runtime_s_uncertainty"] = out["runtime_s_uncertainty"]
-    result["in_domain"] = in_domain
-    result["energy_estimated"] = estimated
-    result["energy_scope"] = scope
-    result["source"] = source
-    result["energy_j_raw"] = out["energy_j_raw"]
-    result["runtime_s_raw"] = out["runtime_s_raw"]
-    result["clamped"] = clamped
-    result["warning"] = warnings
-    extra = [c for c in result.columns if c not in PREDICTION_COLUMNS]
-    return result[extra + list(PREDICTION_COLUMNS)]
+    return sentences[flags.astype(int)]
 
 
 def surface_grid(fit: FitResult, n: int = 30, log: bool = True, extend: float = 1.0) -> pd.DataFrame:

@@ -12,33 +12,62 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from engine.fitting.forms import ModelForm, form_from_coefficients, term_unit
+from engine.formatting import json_safe
 
 #: z for a two-sided 90% interval.
 Z_90 = 1.6448536269514722
 UNCERTAINTY_MEANING = "half-width of a 90% prediction interval for one request (same unit as the value)"
 
 
-def clean_json(value: Any) -> Any:
-    """The value with NaN/inf as None and numpy scalars as Python numbers (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return clean_json(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+@dataclass(frozen=True)
+class FormCandidate:
+    """One form tried for a surface, and how it scored (see :mod:`engine.fitting.selection`).
+
+    form: the form's name; n_terms: its number of coefficients; selectable: it may be
+    chosen (the paper's unconstrained form is scored for comparison only); offered: the
+    measured points can tell its terms apart (when not, ``reason`` says why and there are
+    no scores); chosen: it is the fit's form.
+    cv_mape: MAPE over held-out trials, grouped by design point (a fraction, 0.05 = 5%);
+    cv_r2: R² of those held-out predictions; r2: in-sample R²; cv_total_ratio: the held-out
+    predictions' sum over the measured sum. coefficients: the form fitted on every trial
+    (units as :attr:`FitResult.units`); min_prediction: its smallest prediction at a measured
+    point, in the target's unit (J or s).
+
+    Fits stored before this type existed hold each candidate as a dict with a subset of
+    these keys: :meth:`from_dict` reads them.
+    """
+
+    form: str
+    n_terms: int
+    selectable: bool
+    offered: bool
+    chosen: bool = False
+    reason: str | None = None
+    cv_mape: float | None = None
+    cv_r2: float | None = None
+    r2: float | None = None
+    cv_total_ratio: float | None = None
+    coefficients: dict[str, float] = field(default_factory=dict)
+    min_prediction: float | None = None
+
+    def to_dict(self) -> dict:
+        """Every field, strict-JSON-safe."""
+        return json_safe(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FormCandidate":
+        coefficients = {str(k): float(v) for k, v in (data.get("coefficients") or {}).items()}
+        return cls(form=str(data["form"]), n_terms=int(data.get("n_terms", len(coefficients))),
+                   selectable=bool(data.get("selectable", True)), offered=bool(data.get("offered", True)),
+                   chosen=bool(data.get("chosen", False)), reason=data.get("reason"),
+                   cv_mape=_float_or_none(data.get("cv_mape")), cv_r2=_float_or_none(data.get("cv_r2")),
+                   r2=_float_or_none(data.get("r2")), cv_total_ratio=_float_or_none(data.get("cv_total_ratio")),
+                   coefficients=coefficients, min_prediction=_float_or_none(data.get("min_prediction")))
 
 
 @dataclass
@@ -57,8 +86,8 @@ class FitResult:
         domain: {input_tokens: [lo, hi], output_tokens: [lo, hi]} that was measured.
         source: 'measured' (fitted here) or 'published' (the paper's coefficients).
         energy_source: 'measured' or 'estimated' for energy fits, None for runtime.
-        candidates: every form tried: {form, cv_mape, r2, cv_r2, n_terms, selectable,
-            chosen, coefficients}; not offered forms have cv_mape None and a reason.
+        candidates: every form tried (:class:`FormCandidate`); forms not offered have no
+            scores and a reason.
         coef_cov: bootstrap covariance of the coefficients (None when published).
         noise_rel_sd: relative trial-to-trial standard deviation (None when published).
         details: everything else (cv scheme, weighting, noise floor, measurement id
@@ -80,7 +109,7 @@ class FitResult:
     domain: dict[str, list[int]]
     source: str = "measured"
     energy_source: str | None = None
-    candidates: list[dict] = field(default_factory=list)
+    candidates: list[FormCandidate] = field(default_factory=list)
     coef_cov: list[list[float]] | None = None
     noise_rel_sd: float | None = None
     details: dict = field(default_factory=dict)
@@ -172,7 +201,7 @@ class FitResult:
         units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
         r2, cv_r2, chosen, offered}], warnings.
         """
-        return clean_json({
+        return json_safe({
             "model": self.model, "device": self.device, "target": self.target, "form": self.form,
             "coefficients": dict(self.coefficients), "r2": self.r2, "cv_mape": self.cv_mape,
             "n_points": self.n_points, "domain": self.domain,
@@ -180,23 +209,21 @@ class FitResult:
             "energy_source": self.energy_source, "energy_estimated": self.energy_estimated, "label": self.label,
             "units": self.units, "n_trials": self.n_trials,
             "uncertainty": {"meaning": UNCERTAINTY_MEANING, "noise_rel_sd": self.noise_rel_sd},
-            "candidates": [{"form": c["form"], "cv_mape": c.get("cv_mape"), "r2": c.get("r2"),
-                            "cv_r2": c.get("cv_r2"), "chosen": c.get("chosen", False),
-                            "offered": c.get("offered", True)} for c in self.candidates],
+            "candidates": [{"form": c.form, "cv_mape": c.cv_mape, "r2": c.r2, "cv_r2": c.cv_r2, "chosen": c.chosen,
+                            "offered": c.offered} for c in self.candidates],
             "warnings": list(self.details.get("warnings", [])),
         })
 
     def to_dict(self) -> dict:
         """Every field, strict-JSON-serialisable; :meth:`from_dict` restores it exactly."""
-        data = asdict(self)
-        data["terms"] = list(self.terms)
-        return clean_json(data)
+        return json_safe(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "FitResult":
         fields = dict(data)
         fields["terms"] = tuple(fields["terms"])
         fields["coefficients"] = {k: float(v) for k, v in fields["coefficients"].items()}
+        fields["candidates"] = [FormCandidate.from_dict(c) for c in fields.get("candidates") or []]
         return cls(**fields)
 
     #: Columns of the fits table filled from a FitResult (id and created_at are the table's).
@@ -205,13 +232,13 @@ class FitResult:
 
     def to_row(self) -> dict:
         """The fits-table row: JSON columns as strings; the rest of the fields in ``details``."""
-        details = clean_json({**self.details, "terms": list(self.terms), "n_trials": self.n_trials,
-                              "energy_source": self.energy_source, "candidates": self.candidates,
-                              "coef_cov": self.coef_cov, "noise_rel_sd": self.noise_rel_sd})
+        details = json_safe({**self.details, "terms": list(self.terms), "n_trials": self.n_trials,
+                             "energy_source": self.energy_source, "candidates": self.candidates,
+                             "coef_cov": self.coef_cov, "noise_rel_sd": self.noise_rel_sd})
         return {"model": self.model, "device": self.device, "energy_scope": self.energy_scope, "target": self.target,
-                "form": self.form, "coefficients": json.dumps(clean_json(self.coefficients)),
+                "form": self.form, "coefficients": json.dumps(json_safe(self.coefficients)),
                 "r2": _float_or_none(self.r2), "cv_mape": _float_or_none(self.cv_mape), "n_points": int(self.n_points),
-                "domain": json.dumps(clean_json(self.domain)), "source": self.source,
+                "domain": json.dumps(json_safe(self.domain)), "source": self.source,
                 "details": json.dumps(details)}
 
     @classmethod
@@ -226,7 +253,8 @@ class FitResult:
             r2=_float_or_none(row.get("r2")), cv_mape=_float_or_none(row.get("cv_mape")),
             n_points=int(row["n_points"]) if row.get("n_points") is not None else 0,
             n_trials=int(details.pop("n_trials", 0) or 0), domain=_json(row["domain"]), source=row["source"],
-            energy_source=details.pop("energy_source", None), candidates=details.pop("candidates", []) or [],
+            energy_source=details.pop("energy_source", None),
+            candidates=[FormCandidate.from_dict(c) for c in details.pop("candidates", None) or []],
             coef_cov=details.pop("coef_cov", None), noise_rel_sd=details.pop("noise_rel_sd", None), details=details,
             fit_id=int(row["id"]) if row.get("id") is not None else None,
             created_at=created.isoformat() if hasattr(created, "isoformat") else (str(created) if created else None),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.base import clone
@@ -34,7 +35,7 @@ from sklearn.model_selection import GroupKFold
 from engine.errors import InputError, Problem
 from engine.fitting.data import TargetTrials, TrialSet, id_ranges
 from engine.fitting.forms import DEFAULT_FORMS, ModelForm, point_index
-from engine.fitting.result import FitResult
+from engine.fitting.result import FitResult, FormCandidate
 
 DEFAULT_N_SPLITS = 5
 DEFAULT_N_BOOTSTRAP = 200
@@ -81,15 +82,16 @@ def cross_validated_predictions(form: ModelForm, X: np.ndarray, y: np.ndarray, g
 
 
 def score_form(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int = DEFAULT_N_SPLITS,
-               random_state: int | None = 0) -> dict:
-    """CV MAPE, CV R² and in-sample R² of one form, and its fit on all trials."""
+               random_state: int | None = 0) -> tuple[FormCandidate, ModelForm]:
+    """CV MAPE, CV R² and in-sample R² of one form, and the form fitted on all trials."""
     held_out = cross_validated_predictions(form, X, y, groups, n_splits, random_state)
     fitted = clone(form).fit(X, y)
-    return {"form": form.name, "n_terms": len(form.terms), "selectable": bool(form.selectable),
-            "offered": True, "cv_mape": mape(y, held_out), "cv_r2": r2(y, held_out),
-            "cv_total_ratio": float(np.sum(held_out) / np.sum(y)),
-            "r2": r2(y, fitted.predict(X)), "coefficients": dict(fitted.coefficients_),
-            "min_prediction": float(fitted.predict(X).min()), "estimator": fitted}
+    in_sample = fitted.predict(X)
+    candidate = FormCandidate(form=form.name, n_terms=len(form.terms), selectable=bool(form.selectable), offered=True,
+                              cv_mape=mape(y, held_out), cv_r2=r2(y, held_out),
+                              cv_total_ratio=float(np.sum(held_out) / np.sum(y)), r2=r2(y, in_sample),
+                              coefficients=dict(fitted.coefficients_), min_prediction=float(in_sample.min()))
+    return candidate, fitted
 
 
 def relative_noise(y: np.ndarray, inverse: np.ndarray, n_points: int) -> tuple[float | None, float | None]:
@@ -157,58 +159,25 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
     """
     X, y = trials.X, trials.y
     points, inverse = point_index(X)
-    groups = inverse
     estimators = [f if isinstance(f, ModelForm) else f() for f in forms]
-    where = f"measurements of {model!r} on {device!r}"
-    candidates, scored = [], []
-    for form in estimators:
-        reason = form.unsupported_reason(X)
-        if reason is not None:
-            candidates.append({"form": form.name, "n_terms": len(form.terms), "selectable": bool(form.selectable),
-                               "offered": False, "reason": reason, "cv_mape": None, "cv_r2": None, "r2": None,
-                               "chosen": False})
-            continue
-        result = score_form(form, X, y, groups, n_splits, random_state)
-        scored.append(result)
-        candidates.append(result)
-    selectable = [c for c in scored if c["selectable"]]
+    candidates, fitted = _score_forms(estimators, X, y, inverse, n_splits, random_state)
+    selectable = [i for i, c in enumerate(candidates) if c.offered and c.selectable]
     if not selectable:
-        simplest = min((f for f in estimators if f.selectable), key=lambda f: f.min_points, default=None)
-        need = f"at least {simplest.min_points} distinct points" if simplest else "more distinct points"
-        distinct_in, distinct_out = len(np.unique(points[:, 0])), len(np.unique(points[:, 1]))
-        raise InputError(Problem(
-            where, f"has {len(points)} distinct (input_tokens, output_tokens) point"
-            f"{'' if len(points) == 1 else 's'} with {target_label or target} (distinct input counts: {distinct_in}, "
-            f"output counts: {distinct_out}); no form can be fitted to that", "input_tokens/output_tokens",
-            f"{need} with at least 2 different input and 2 different output counts (e.g. profile the quick design)"))
-    best = min(selectable, key=lambda c: (round(c["cv_mape"], 12), c["n_terms"]))
-    best["chosen"] = True
-    chosen: ModelForm = best["estimator"]
+        raise _no_form_problem(estimators, points, f"measurements of {model!r} on {device!r}", target_label or target)
+    best = min(selectable, key=lambda i: (round(candidates[i].cv_mape, 12), candidates[i].n_terms))
+    candidates[best] = replace(candidates[best], chosen=True)
+    chosen: ModelForm = fitted[best]
 
-    rng = np.random.default_rng(random_state)
     can_bootstrap = n_bootstrap > 0 and hasattr(chosen, "solver_")  # custom forms may lack the linear solver
-    coef_cov = bootstrap_covariance(chosen, n_bootstrap, rng) if can_bootstrap else None
-    noise_rel_sd, noise_mape = relative_noise(y, inverse, len(points))
-    noise_basis = "replicate trials"
-    if noise_rel_sd is None:  # one trial per point: the fit's relative residuals stand in for the noise
-        fitted_mean = chosen.predict(points)
-        k = len(chosen.terms)
-        noise_rel_sd = float(np.sqrt(np.sum((chosen.stats_.mean / fitted_mean - 1) ** 2) / max(len(points) - k, 1)))
-        noise_basis = "fit residuals (no repeated trials)"
-
-    clean_candidates = [{k: v for k, v in c.items() if k != "estimator"} for c in candidates]
-    for c in clean_candidates:
-        c.setdefault("chosen", False)
+    coef_cov = bootstrap_covariance(chosen, n_bootstrap, np.random.default_rng(random_state)) if can_bootstrap else None
+    noise = _noise(chosen, y, inverse, points)
     details = {
         "description": chosen.description,
         "weighting": chosen.weighting,
-        "cv": {"scheme": ("leave-one-point-out" if fold_count(len(points), n_splits) == len(points)
-                          else "GroupKFold by (input_tokens, output_tokens) point, shuffled"),
-               "n_splits": fold_count(len(points), n_splits), "random_state": random_state,
-               "metric": "MAPE over held-out trials"},
-        "cv_r2": best["cv_r2"],
-        "noise_mape": noise_mape,
-        "noise_basis": noise_basis,
+        "cv": _cv_scheme(len(points), n_splits, random_state),
+        "cv_r2": candidates[best].cv_r2,
+        "noise_mape": noise.mape,
+        "noise_basis": noise.basis,
         "n_bootstrap": int(n_bootstrap),
         "points": points.astype(int).tolist(),
         "measurement_id_ranges": id_ranges(trials.ids),
@@ -217,15 +186,75 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
         "warnings": list(warnings or []),
         "fitted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }
-    if best["min_prediction"] < 0:  # impossible for NNLS on non-negative terms; a guard for custom forms
+    if candidates[best].min_prediction < 0:  # impossible for NNLS on non-negative terms; a guard for custom forms
         details["warnings"].append("the chosen form predicts negative values at measured points")
     return FitResult(
         model=model, device=device, energy_scope=energy_scope, target=target, form=chosen.name,
-        terms=tuple(chosen.terms), coefficients=dict(chosen.coefficients_), r2=best["r2"], cv_mape=best["cv_mape"],
-        n_points=int(chosen.n_points_), n_trials=int(chosen.n_trials_), domain=chosen.domain_, source="measured",
-        energy_source=energy_source if target == "energy" else None, candidates=clean_candidates,
-        coef_cov=coef_cov.tolist() if coef_cov is not None else None, noise_rel_sd=noise_rel_sd, details=details,
+        terms=tuple(chosen.terms), coefficients=dict(chosen.coefficients_), r2=candidates[best].r2,
+        cv_mape=candidates[best].cv_mape, n_points=int(chosen.n_points_), n_trials=int(chosen.n_trials_),
+        domain=chosen.domain_, source="measured", energy_source=energy_source if target == "energy" else None,
+        candidates=candidates, coef_cov=coef_cov.tolist() if coef_cov is not None else None,
+        noise_rel_sd=noise.rel_sd, details=details,
     )
+
+
+def _score_forms(estimators: list[ModelForm], X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int,
+                 random_state: int | None) -> tuple[list[FormCandidate], list[ModelForm | None]]:
+    """Every form as a candidate (scored when the points can tell its terms apart), and
+    each offered form fitted on all trials (None for the others), in the forms' order."""
+    candidates, fitted = [], []
+    for form in estimators:
+        reason = form.unsupported_reason(X)
+        if reason is not None:
+            candidates.append(FormCandidate(form=form.name, n_terms=len(form.terms), selectable=bool(form.selectable),
+                                            offered=False, reason=reason))
+            fitted.append(None)
+            continue
+        candidate, estimator = score_form(form, X, y, groups, n_splits, random_state)
+        candidates.append(candidate)
+        fitted.append(estimator)
+    return candidates, fitted
+
+
+def _no_form_problem(estimators: list[ModelForm], points: np.ndarray, where: str, what: str) -> InputError:
+    """The error for points no selectable form can be fitted to: how many there are, and how many it would take."""
+    simplest = min((f for f in estimators if f.selectable), key=lambda f: f.min_points, default=None)
+    need = f"at least {simplest.min_points} distinct points" if simplest else "more distinct points"
+    distinct_in, distinct_out = len(np.unique(points[:, 0])), len(np.unique(points[:, 1]))
+    return InputError(Problem(
+        where, f"has {len(points)} distinct (input_tokens, output_tokens) point"
+        f"{'' if len(points) == 1 else 's'} with {what} (distinct input counts: {distinct_in}, "
+        f"output counts: {distinct_out}); no form can be fitted to that", "input_tokens/output_tokens",
+        f"{need} with at least 2 different input and 2 different output counts (e.g. profile the quick design)"))
+
+
+def _cv_scheme(n_points: int, n_splits: int, random_state: int | None) -> dict:
+    """How the forms were cross-validated, for the fit's details and its model card."""
+    folds = fold_count(n_points, n_splits)
+    return {"scheme": ("leave-one-point-out" if folds == n_points
+                       else "GroupKFold by (input_tokens, output_tokens) point, shuffled"),
+            "n_splits": folds, "random_state": random_state, "metric": "MAPE over held-out trials"}
+
+
+@dataclass(frozen=True)
+class _Noise:
+    """Trial-to-trial noise of a surface: relative SD, the noise-floor MAPE (None without
+    repeated trials) and what the SD was estimated from."""
+
+    rel_sd: float
+    mape: float | None
+    basis: str
+
+
+def _noise(chosen: ModelForm, y: np.ndarray, inverse: np.ndarray, points: np.ndarray) -> _Noise:
+    rel_sd, noise_mape = relative_noise(y, inverse, len(points))
+    if rel_sd is not None:
+        return _Noise(rel_sd=rel_sd, mape=noise_mape, basis="replicate trials")
+    # One trial per point: the fit's relative residuals stand in for the noise.
+    fitted_mean = chosen.predict(points)
+    k = len(chosen.terms)
+    rel_sd = float(np.sqrt(np.sum((chosen.stats_.mean / fitted_mean - 1) ** 2) / max(len(points) - k, 1)))
+    return _Noise(rel_sd=rel_sd, mape=noise_mape, basis="fit residuals (no repeated trials)")
 
 
 def fit_trial_sets(trial_sets: Sequence[TrialSet], *, forms: Sequence[type[ModelForm] | ModelForm] = DEFAULT_FORMS,

@@ -7,7 +7,8 @@ Public API (the CLI's ``plan`` and the Plan page use only these):
   :func:`load_workload`, :func:`list_workloads`
 - options and predictions: :func:`load_options`, :func:`options_from_fits`, :func:`predict_options`
 - the plan: :class:`PlanSettings`, :func:`make_plan`, :func:`plan_workload`,
-  :func:`pareto_curve`, :func:`baselines`, :func:`evaluate`
+  :func:`pareto_curve`, :func:`baselines`, :func:`evaluate`; its typed parts
+  :class:`PlanResult`, :class:`Baseline`, :class:`ConstraintCost`
 - stored plans: :func:`store_plan`, :func:`list_plans`, :func:`load_plan`,
   :func:`schedule_csv`, :func:`write_schedule`
 - the solver: :func:`solve`, :class:`AssignmentProblem`, :class:`CouplingRow`
@@ -15,13 +16,13 @@ Public API (the CLI's ``plan`` and the Plan page use only these):
 
 from engine.planning.options import PlanOption, Predictions, load_options, options_from_fits, predict_options
 from engine.planning.plan import (
+    Baseline,
+    ConstraintCost,
     PlanResult,
     PlanSettings,
     allowed_options,
     baselines,
     evaluate,
-    format_duration,
-    format_energy,
     make_plan,
     pareto_curve,
 )
@@ -49,9 +50,9 @@ from engine.planning.workload import (
 )
 
 __all__ = [
-    "AssignmentProblem", "CouplingRow", "PlanOption", "PlanResult", "PlanSettings", "Predictions", "SCHEDULE_COLUMNS",
-    "Solution", "Workload", "allowed_options", "baselines", "check_assignment", "choose_options", "evaluate",
-    "format_duration", "format_energy", "list_plans", "list_workloads", "load_options", "load_plan", "load_workload",
+    "AssignmentProblem", "Baseline", "ConstraintCost", "CouplingRow", "PlanOption", "PlanResult", "PlanSettings",
+    "Predictions", "SCHEDULE_COLUMNS", "Solution", "Workload", "allowed_options", "baselines", "check_assignment",
+    "choose_options", "evaluate", "list_plans", "list_workloads", "load_options", "load_plan", "load_workload",
     "make_plan", "options_from_fits", "parse_workload", "pareto_curve", "plan_workload", "planning_tokens",
     "predict_options", "read_workload", "read_workload_upload", "schedule_csv", "solve", "store_plan",
     "store_workload", "workload_from_frame", "write_schedule",

@@ -6,7 +6,7 @@ counted by each model's own tokenizer where the workload gives prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -69,7 +69,8 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
         if entry is None:
             notes.append(f"{model} on {device} is fitted but not in the catalog (no accuracy score), so plans leave it out")
             continue
-        options.append(PlanOption(model, device, float(entry.accuracy), slot["energy"], slot["runtime"]))
+        options.append(PlanOption(model=model, device=device, accuracy=float(entry.accuracy),
+                                  energy_fit=slot["energy"], runtime_fit=slot["runtime"]))
     return options, notes
 
 
@@ -97,9 +98,7 @@ def with_load_costs(options: list[PlanOption], load_costs: dict[str, tuple[float
         raise InputError(problems)
     for option in options:
         cost = load_costs.get(option.key, load_costs.get(option.model))
-        out.append(option if cost is None else PlanOption(option.model, option.device, option.accuracy,
-                                                          option.energy_fit, option.runtime_fit,
-                                                          float(cost[0]), float(cost[1])))
+        out.append(option if cost is None else replace(option, load_s=float(cost[0]), load_energy_j=float(cost[1])))
     return out
 
 
@@ -168,5 +167,6 @@ def predict_options(options: list[PlanOption], input_tokens: dict[str, np.ndarra
     if outside.any():
         warnings.append(f"{int(outside.any(axis=1).sum()):,} queries lie outside the measured token range of at least "
                         "one option; their predictions are extrapolated")
-    return Predictions(options, tin, tout, np.maximum(energy_raw, 0.0), np.maximum(runtime_raw, 0.0), in_domain,
-                       clamped, warnings)
+    return Predictions(options=options, input_tokens=tin, output_tokens=tout, energy_j=np.maximum(energy_raw, 0.0),
+                       runtime_s=np.maximum(runtime_raw, 0.0), in_domain=in_domain, clamped=clamped,
+                       warnings=warnings)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
 from engine.errors import InputError, PlannerError, Problem
+from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.planning.options import PlanOption, Predictions, predict_options
 from engine.planning.solver import AssignmentProblem, CouplingRow, Solution, check_assignment, solve
 
@@ -54,30 +55,30 @@ class PlanSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        """InputError naming every bad setting."""
+        """InputError naming every bad setting (by the setting's name: the CLI maps them to its flags)."""
         problems = []
         if self.accuracy_target is not None and not (_finite(self.accuracy_target) and 0 <= self.accuracy_target <= 1):
-            problems.append(Problem("--accuracy-target", f"{self.accuracy_target!r} is not an accuracy", None,
+            problems.append(Problem("accuracy target", f"{self.accuracy_target!r} is not an accuracy", None,
                                     "a fraction between 0 and 1 (0.55 for 55%)"))
         if self.accuracy_mode not in ACCURACY_MODES:
-            problems.append(Problem("--accuracy-mode", f"{self.accuracy_mode!r} is not a mode", None, "query or token"))
-        deadlines = dict(self.deadlines_s)
-        if self.deadline_s is not None:
-            deadlines["every device"] = self.deadline_s
-        for device, seconds in deadlines.items():
+            problems.append(Problem("accuracy mode", f"{self.accuracy_mode!r} is not a mode", None, "query or token"))
+        if self.deadline_s is not None and not (_finite(self.deadline_s) and self.deadline_s > 0):
+            problems.append(Problem("deadline", f"{self.deadline_s!r} for every device is not a deadline", None,
+                                    "a number of seconds > 0"))
+        for device, seconds in self.deadlines_s.items():
             if not (_finite(seconds) and seconds > 0):
-                problems.append(Problem("--deadline-s", f"{seconds!r} for {device} is not a deadline", None,
+                problems.append(Problem("device deadline", f"{seconds!r} for {device} is not a deadline", None,
                                         "a number of seconds > 0"))
         if self.objective not in OBJECTIVES:
             problems.append(Problem("objective", f"{self.objective!r} is not an objective", None, "energy or zeta"))
         if self.objective == "zeta" and not (self.zeta is not None and _finite(self.zeta) and 0 <= self.zeta <= 1):
-            problems.append(Problem("--zeta", f"{self.zeta!r} is not a weight", None, "a number between 0 and 1"))
+            problems.append(Problem("zeta", f"{self.zeta!r} is not a weight", None, "a number between 0 and 1"))
         for model, share in self.min_share.items():
             if not (_finite(share) and 0 <= share <= 1):
-                problems.append(Problem("--min-share", f"{share!r} for {model} is not a share", None,
+                problems.append(Problem("minimum share", f"{share!r} for {model} is not a share", None,
                                         "a fraction between 0 and 1"))
         if sum(self.min_share.values()) > 1 + 1e-12:
-            problems.append(Problem("--min-share", "the minimum shares add up to more than 1", None,
+            problems.append(Problem("minimum share", "the minimum shares add up to more than 1", None,
                                     "shares whose sum is at most 1"))
         if not (_finite(self.gap_target) and 0 < self.gap_target < 1):
             problems.append(Problem("gap target", f"{self.gap_target!r}", None, "a fraction between 0 and 1"))
@@ -139,8 +140,8 @@ def build_problem(predictions: Predictions, settings: PlanSettings, allowed: np.
     rows = []
     if settings.accuracy_target is not None:
         weights = accuracy_weights(predictions, settings.accuracy_mode)
-        rows.append(CouplingRow("accuracy", (predictions.accuracy[None, :] - settings.accuracy_target) * weights,
-                                ">=", 0.0, "accuracy"))
+        rows.append(CouplingRow(name="accuracy", kind="accuracy", sense=">=", rhs=0.0,
+                                coef=(predictions.accuracy[None, :] - settings.accuracy_target) * weights))
     device_of = np.array([o.device for o in predictions.options])
     load_s = np.array([o.load_s for o in predictions.options])
     for device in predictions.devices:
@@ -148,25 +149,26 @@ def build_problem(predictions: Predictions, settings: PlanSettings, allowed: np.
         if limit is None:
             continue
         on_device = device_of == device
-        rows.append(CouplingRow(f"deadline {device}", np.where(on_device[None, :], predictions.runtime_s, 0.0), "<=",
-                                float(limit), "deadline",
-                                np.where(on_device, load_s, 0.0) if settings.count_load else None))
+        rows.append(CouplingRow(name=f"deadline {device}", kind="deadline", sense="<=", rhs=float(limit),
+                                coef=np.where(on_device[None, :], predictions.runtime_s, 0.0),
+                                open_coef=np.where(on_device, load_s, 0.0) if settings.count_load else None))
     model_of = np.array([o.model for o in predictions.options])
     for model, share in settings.min_share.items():
         if share > 0:
-            rows.append(CouplingRow(f"share {model}", np.broadcast_to((model_of == model)[None, :], (n, k)).astype(float),
-                                    ">=", math.ceil(share * n - 1e-9), "share"))
+            rows.append(CouplingRow(name=f"share {model}", kind="share", sense=">=", rhs=math.ceil(share * n - 1e-9),
+                                    coef=np.broadcast_to((model_of == model)[None, :], (n, k)).astype(float)))
     open_cost = None
     if settings.count_load:
         open_cost = np.array([o.load_energy_j for o in predictions.options])
         if settings.objective == "zeta":  # the same normalisation as the per-query energy
             open_cost = settings.zeta * open_cost / (float(predictions.energy_j.max()) or 1.0)
-    return AssignmentProblem(objective_costs(predictions, settings), allowed, rows, open_cost)
+    return AssignmentProblem(cost=objective_costs(predictions, settings), allowed=allowed, rows=rows,
+                             open_cost=open_cost)
 
 
 # -- evaluating any assignment ---------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
     """What an assignment costs, recomputed from the predictions alone."""
 
@@ -205,37 +207,85 @@ def evaluate(predictions: Predictions, settings: PlanSettings, allowed: np.ndarr
                           or per_device[d] <= settings.device_deadline(d) + 1e-7 * max(1.0, settings.device_deadline(d))
                           for d in per_device)
     meets_accuracy = settings.accuracy_target is None or accuracy >= settings.accuracy_target - 1e-7
-    return Outcome(energy, accuracy, per_device, max(per_device.values()), meets_accuracy, meets_deadlines,
-                   bool(allowed[rows, choice].all()))
+    return Outcome(energy_j=energy, accuracy=accuracy, per_device_runtime_s=per_device,
+                   makespan_s=max(per_device.values()), meets_accuracy=meets_accuracy,
+                   meets_deadlines=meets_deadlines, meets_min_accuracy=bool(allowed[rows, choice].all()))
 
 
 # -- baselines -------------------------------------------------------------------------------
 
-def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> dict[str, dict]:
+@dataclass(frozen=True)
+class Baseline:
+    """An obvious alternative schedule, costed on the plan's own predictions.
+
+    energy_j: its energy (J of the plan's energy scope, load energy included when counted).
+    accuracy: its mean accuracy (a fraction, weighted as the plan's accuracy mode).
+    makespan_s: the busiest device's time (s). per_device_runtime_s: each device's time (s).
+    feasible: it meets the accuracy target, every deadline and every query's minimum accuracy.
+    note: how it was built, in words.
+
+    Plans stored before this type existed hold only energy_j, accuracy, makespan_s and
+    feasible: :meth:`from_dict` reads them with the rest empty.
+    """
+
+    energy_j: float
+    accuracy: float
+    makespan_s: float
+    feasible: bool
+    per_device_runtime_s: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        """The ``plan --json`` shape of DESIGN.md: energy_j, accuracy, makespan_s (and feasible)."""
+        return json_safe({"energy_j": self.energy_j, "accuracy": self.accuracy, "makespan_s": self.makespan_s,
+                          "feasible": self.feasible})
+
+    def to_dict(self) -> dict:
+        """Every field, strict-JSON-safe (what a stored plan keeps)."""
+        return json_safe(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Baseline":
+        return cls(energy_j=_float(data.get("energy_j")), accuracy=_float(data.get("accuracy")),
+                   makespan_s=_float(data.get("makespan_s")), feasible=bool(data.get("feasible", False)),
+                   per_device_runtime_s={str(k): _float(v) for k, v in (data.get("per_device_runtime_s") or {}).items()},
+                   note=str(data.get("note") or ""))
+
+
+def _float(value) -> float:
+    """A stored number back as a float (NaN where JSON held null)."""
+    return math.nan if value is None else float(value)
+
+
+def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> dict[str, Baseline]:
     """The obvious alternatives on the same predictions: every single option, round-robin,
     random (seeded) and greedy cheapest-first (each query, in order, to its cheapest allowed
     option whose device still has time before its deadline)."""
     n, k = predictions.energy_j.shape
-    results: dict[str, dict] = {}
 
-    def record(name: str, choice: np.ndarray, note: str) -> None:
-        outcome = evaluate(predictions, settings, np.ones_like(allowed), choice)
-        meets_min = bool(allowed[np.arange(n), choice].all())
-        results[name] = {"energy_j": outcome.energy_j, "accuracy": outcome.accuracy, "makespan_s": outcome.makespan_s,
-                         "per_device_runtime_s": outcome.per_device_runtime_s,
-                         "meets_accuracy": outcome.meets_accuracy, "meets_deadlines": outcome.meets_deadlines,
-                         "meets_min_accuracy": meets_min,
-                         "feasible": outcome.meets_accuracy and outcome.meets_deadlines and meets_min, "note": note}
+    def costed(choice: np.ndarray, note: str) -> Baseline:
+        outcome = evaluate(predictions, settings, allowed, choice)
+        return Baseline(energy_j=outcome.energy_j, accuracy=outcome.accuracy, makespan_s=outcome.makespan_s,
+                        feasible=outcome.feasible, per_device_runtime_s=outcome.per_device_runtime_s, note=note)
 
-    for column, option in enumerate(predictions.options):
-        record(f"only {option.key}", np.full(n, column), "every query on one option")
+    results = {f"only {option.key}": costed(np.full(n, column), "every query on one option")
+               for column, option in enumerate(predictions.options)}
     # Round-robin and random draw among each query's allowed options (all of them if none is).
     pools = [np.flatnonzero(row) if row.any() else np.arange(k) for row in allowed]
-    record("round-robin", np.array([pool[i % len(pool)] for i, pool in enumerate(pools)]),
-           "queries in turn over the options each may use")
+    results["round-robin"] = costed(np.array([pool[i % len(pool)] for i, pool in enumerate(pools)]),
+                                    "queries in turn over the options each may use")
     rng = np.random.default_rng(settings.seed)
-    record("random", np.array([pool[rng.integers(len(pool))] for pool in pools]),
-           f"uniformly at random over the options each may use (seed {settings.seed})")
+    results["random"] = costed(np.array([pool[rng.integers(len(pool))] for pool in pools]),
+                               f"uniformly at random over the options each may use (seed {settings.seed})")
+    results["greedy cheapest-first"] = costed(
+        _greedy_cheapest_first(predictions, settings, allowed),
+        "each query to its cheapest allowed option whose device still has time; accuracy target not considered")
+    return results
+
+
+def _greedy_cheapest_first(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> np.ndarray:
+    """Each query, in order, to its cheapest allowed option whose device still has time."""
+    n = len(predictions.output_tokens)
     remaining = {d: settings.device_deadline(d) if settings.device_deadline(d) is not None else math.inf
                  for d in predictions.devices}
     device_of = [o.device for o in predictions.options]
@@ -247,9 +297,7 @@ def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndar
         pick = (fitting or candidates)[0]
         choice[i] = pick
         remaining[device_of[pick]] -= predictions.runtime_s[i, pick]
-    record("greedy cheapest-first", choice,
-           "each query to its cheapest allowed option whose device still has time; accuracy target not considered")
-    return results
+    return choice
 
 
 # -- the plan --------------------------------------------------------------------------------
@@ -274,11 +322,11 @@ class PlanResult:
     accuracy: float | None = None
     per_device_runtime_s: dict[str, float] = field(default_factory=dict)
     assignments: dict[str, int] = field(default_factory=dict)
-    baselines: dict[str, dict] = field(default_factory=dict)
+    baselines: dict[str, Baseline] = field(default_factory=dict)
     schedule: pd.DataFrame | None = None
     diagnosis: list[str] = field(default_factory=list)
     best_achievable: dict[str, float] = field(default_factory=dict)
-    constraint_costs: list[dict] = field(default_factory=list)
+    constraint_costs: list[ConstraintCost] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
@@ -298,29 +346,15 @@ class PlanResult:
             "status": self.status, "energy_j": self.energy_j, "lower_bound_j": self.lower_bound_j, "gap": self.gap,
             "solve_s": self.solve_s, "accuracy": self.accuracy, "per_device_runtime_s": self.per_device_runtime_s,
             "n_queries": self.n_queries, "assignments": self.assignments,
-            "baselines": {name: {key: value[key] for key in ("energy_j", "accuracy", "makespan_s", "feasible")}
-                          for name, value in self.baselines.items()},
+            "baselines": {name: baseline.to_json() for name, baseline in self.baselines.items()},
             "plan_s": self.plan_s, "energy_scope": self.energy_scope, "energy_estimated": self.energy_estimated,
             "objective": self.settings.objective, "objective_value": self.objective_value,
             "objective_lower_bound": self.objective_lower_bound, "diagnosis": self.diagnosis,
-            "best_achievable": self.best_achievable, "constraint_costs": self.constraint_costs,
+            "best_achievable": self.best_achievable,
+            "constraint_costs": [cost.to_dict() for cost in self.constraint_costs],
             "warnings": self.warnings, "plan_id": self.plan_id, "settings": asdict(self.settings),
         }
-        return _clean(document)
-
-
-def _clean(value):
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
+        return json_safe(document)
 
 
 def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np.ndarray | None = None,
@@ -340,9 +374,9 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
     unknown = sorted(set(settings.min_share) - {o.model for o in predictions.options})
     unknown_devices = sorted(set(settings.deadlines_s) - set(predictions.devices))
     if unknown or unknown_devices:
-        raise InputError([Problem("--min-share", f"{m!r} is not a model with fitted options", None,
+        raise InputError([Problem("minimum share", f"{m!r} is not a model with fitted options", None,
                                   ", ".join(sorted({o.model for o in predictions.options}))) for m in unknown]
-                         + [Problem("--device-deadline", f"{d!r} is not a device of the options", None,
+                         + [Problem("device deadline", f"{d!r} is not a device of the options", None,
                                     ", ".join(predictions.devices)) for d in unknown_devices])
     query_ids = np.asarray(query_ids if query_ids is not None else [str(i + 1) for i in range(n)], dtype=object)
     allowed = allowed_options(predictions, min_accuracy)
@@ -421,133 +455,213 @@ def schedule_frame(predictions: Predictions, settings: PlanSettings, choice: np.
 
 # -- what each constraint costs ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ConstraintCost:
+    """What one constraint of a solved plan costs, measured by re-solving.
+
+    constraint: "accuracy" or "deadline <device>". binding: the schedule sits at the limit.
+    value and limit: what the schedule reaches and what the constraint asks, in the
+    constraint's own unit (:attr:`unit`: a fraction for accuracy, seconds for a deadline).
+    delta_energy_j: how the optimal energy changes when the constraint is relaxed (deadline,
+    10% longer: negative, a saving) or tightened (accuracy, one point more), in J; None
+    when that was not measured. text: the sentence a planner reads.
+    """
+
+    constraint: str
+    binding: bool
+    value: float
+    limit: float
+    text: str
+    delta_energy_j: float | None = None
+
+    @property
+    def unit(self) -> str:
+        return "fraction" if self.constraint == "accuracy" else "s"
+
+    def to_dict(self) -> dict:
+        """Every field, strict-JSON-safe (the ``constraint_costs`` of ``plan --json``)."""
+        return json_safe(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConstraintCost":
+        delta = data.get("delta_energy_j")
+        return cls(constraint=str(data["constraint"]), binding=bool(data["binding"]), value=_float(data.get("value")),
+                   limit=_float(data.get("limit")), text=str(data.get("text") or ""),
+                   delta_energy_j=None if delta is None else float(delta))
+
+
 def constraint_costs(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
-                     result: PlanResult) -> list[dict]:
+                     result: PlanResult) -> list[ConstraintCost]:
     """Per constraint: binding or not, and what relaxing it by one step is worth, measured by
     re-solving (one accuracy point; 10% more time on a device). Energy objective only."""
     if settings.objective != "energy" or result.energy_j is None:
         return []
+    quick = replace(settings, time_limit_s=min(settings.time_limit_s, 10.0))
     costs = []
-    quick = PlanSettings(**{**asdict(settings), "time_limit_s": min(settings.time_limit_s, 10.0)})
     if settings.accuracy_target is not None:
-        slack = result.accuracy - settings.accuracy_target
-        harder = PlanSettings(**{**asdict(quick), "accuracy_target": settings.accuracy_target + ACCURACY_STEP})
-        entry = {"constraint": "accuracy", "binding": slack < 1e-3, "value": result.accuracy,
-                 "limit": settings.accuracy_target}
-        if settings.accuracy_target + ACCURACY_STEP > 1:
-            entry["text"] = "The accuracy target is at its maximum."
-        else:
-            other = solve(build_problem(predictions, harder, allowed), gap_target=quick.gap_target,
-                          time_limit_s=quick.time_limit_s)
-            if other.status in ("optimal", "feasible"):
-                extra = evaluate(predictions, harder, allowed, other.choice).energy_j - result.energy_j
-                entry["delta_energy_j"] = extra
-                entry["text"] = (f"One more accuracy point ({settings.accuracy_target:.2f} → "
-                                 f"{settings.accuracy_target + ACCURACY_STEP:.2f}) costs {format_energy(extra)}.")
-            else:
-                entry["text"] = (f"One more accuracy point ({settings.accuracy_target + ACCURACY_STEP:.2f}) "
-                                 "cannot be reached under the other constraints.")
-        if not entry["binding"]:
-            entry["text"] = (f"The accuracy target is not binding: the cheapest schedule already reaches "
-                             f"{result.accuracy:.3f}. " + entry["text"])
-        costs.append(entry)
+        costs.append(_accuracy_cost(predictions, quick, allowed, result))
     for device in predictions.devices:
-        limit = settings.device_deadline(device)
-        if limit is None:
-            continue
-        used = result.per_device_runtime_s.get(device, 0.0)
-        entry = {"constraint": f"deadline {device}", "binding": used >= limit * (1 - 1e-3), "value": used,
-                 "limit": limit}
-        if entry["binding"]:
-            looser = PlanSettings(**{**asdict(quick), "deadlines_s": {**settings.deadlines_s,
-                                                                         device: limit * (1 + DEADLINE_STEP)}})
-            other = solve(build_problem(predictions, looser, allowed), gap_target=quick.gap_target,
-                          time_limit_s=quick.time_limit_s)
-            saved = result.energy_j - evaluate(predictions, looser, allowed, other.choice).energy_j \
-                if other.status in ("optimal", "feasible") else math.nan
-            entry["delta_energy_j"] = -saved
-            entry["text"] = (f"The {device} deadline is binding: {DEADLINE_STEP:.0%} more time there "
-                             f"({format_duration(limit * DEADLINE_STEP)}) would save {format_energy(saved)}.")
-        else:
-            entry["text"] = (f"The {device} deadline is not binding: the schedule uses {used / limit:.0%} of it "
-                             f"({format_duration(used)} of {format_duration(limit)}).")
-        costs.append(entry)
+        if settings.device_deadline(device) is not None:
+            costs.append(_deadline_cost(predictions, quick, allowed, result, device))
     return costs
+
+
+def _resolved_energy_j(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> float | None:
+    """The optimal energy under ``settings`` (a re-solve), or None when there is no schedule."""
+    other = solve(build_problem(predictions, settings, allowed), gap_target=settings.gap_target,
+                  time_limit_s=settings.time_limit_s)
+    if other.status not in ("optimal", "feasible"):
+        return None
+    return evaluate(predictions, settings, allowed, other.choice).energy_j
+
+
+def _accuracy_cost(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
+                   result: PlanResult) -> ConstraintCost:
+    target = settings.accuracy_target
+    binding = result.accuracy - target < 1e-3
+    delta = None
+    if target + ACCURACY_STEP > 1:
+        text = "The accuracy target is at its maximum."
+    else:
+        harder = _resolved_energy_j(predictions, replace(settings, accuracy_target=target + ACCURACY_STEP), allowed)
+        if harder is not None:
+            delta = harder - result.energy_j
+            text = (f"One more accuracy point ({target:.2f} → {target + ACCURACY_STEP:.2f}) costs "
+                    f"{format_energy(delta, unknown='an unknown amount')}.")
+        else:
+            text = (f"One more accuracy point ({target + ACCURACY_STEP:.2f}) cannot be reached under the other "
+                    "constraints.")
+    if not binding:
+        text = f"The accuracy target is not binding: the cheapest schedule already reaches {result.accuracy:.3f}. " + text
+    return ConstraintCost(constraint="accuracy", binding=binding, value=result.accuracy, limit=target, text=text,
+                          delta_energy_j=delta)
+
+
+def _deadline_cost(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, result: PlanResult,
+                   device: str) -> ConstraintCost:
+    limit = settings.device_deadline(device)
+    used = result.per_device_runtime_s.get(device, 0.0)
+    binding = used >= limit * (1 - 1e-3)
+    delta = None
+    if binding:
+        looser = replace(settings, deadlines_s={**settings.deadlines_s, device: limit * (1 + DEADLINE_STEP)})
+        relaxed = _resolved_energy_j(predictions, looser, allowed)
+        delta = None if relaxed is None else relaxed - result.energy_j
+        saved = format_energy(None if delta is None else -delta, unknown="an unknown amount")
+        text = (f"The {device} deadline is binding: {format_percent(DEADLINE_STEP, 0)} more time there "
+                f"({format_duration(limit * DEADLINE_STEP)}) would save {saved}.")
+    else:
+        text = (f"The {device} deadline is not binding: the schedule uses {format_percent(used / limit, 0)} of it "
+                f"({format_duration(used)} of {format_duration(limit)}).")
+    return ConstraintCost(constraint=f"deadline {device}", binding=binding, value=used, limit=limit, text=text,
+                          delta_energy_j=delta)
 
 
 # -- when there is no schedule ---------------------------------------------------------------
 
 def _diagnose(result: PlanResult, predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
               solution: Solution, query_ids: np.ndarray) -> None:
-    """Say which constraint makes the plan infeasible and the best value that can be reached."""
-    lines = result.diagnosis
+    """Say which constraint makes the plan infeasible and the best value that can be reached.
+
+    The causes are tried from the plainest (a query no model may serve) to the subtlest
+    (constraints that clash only together); the first one that explains it is reported.
+    """
     if solution.status == "no_option":
-        stuck = solution.unassignable
-        shown = ", ".join(str(q) for q in query_ids[stuck[:8]]) + (f" and {len(stuck) - 8} more" if len(stuck) > 8 else "")
-        best = float(predictions.accuracy.max())
-        lines.append(f"{len(stuck)} quer{'y' if len(stuck) == 1 else 'ies'} ({shown}) ask for a minimum accuracy above "
-                     f"every available model (the best is {best:.3f}); lower their min_accuracy or add a better model.")
-        result.best_achievable["min_accuracy"] = best
-        return
+        _explain_unservable(result, predictions, solution, query_ids)
+    elif _explain_accuracy_out_of_reach(result, predictions, settings, allowed):
+        pass
+    elif _explain_deadlines(result, predictions, settings, allowed):
+        pass
+    elif settings.min_share:
+        result.diagnosis.append("The minimum shares per model cannot be met together with the other constraints; "
+                                "lower them.")
+    elif solution.status == "unsolved":
+        result.diagnosis.append(f"No schedule was found within the time limit of "
+                                f"{format_duration(settings.time_limit_s)}; try a longer time limit.")
+    else:
+        violated = ", ".join(solution.violations) or ", ".join(solution.capped_rows)
+        result.diagnosis.append(f"These constraints cannot be met together: {violated}.")
+
+
+def _explain_unservable(result: PlanResult, predictions: Predictions, solution: Solution,
+                        query_ids: np.ndarray) -> None:
+    """Queries whose minimum accuracy no model reaches."""
+    stuck = solution.unassignable
+    shown = ", ".join(str(q) for q in query_ids[stuck[:8]]) + (f" and {len(stuck) - 8} more" if len(stuck) > 8 else "")
+    best = float(predictions.accuracy.max())
+    result.diagnosis.append(f"{len(stuck)} quer{'y' if len(stuck) == 1 else 'ies'} ({shown}) ask for a minimum "
+                            f"accuracy above every available model (the best is {best:.3f}); lower their "
+                            "min_accuracy or add a better model.")
+    result.best_achievable["min_accuracy"] = best
+
+
+def _explain_accuracy_out_of_reach(result: PlanResult, predictions: Predictions, settings: PlanSettings,
+                                   allowed: np.ndarray) -> bool:
+    """True (and said) when the target is above every query on its most accurate model."""
     weights = accuracy_weights(predictions, settings.accuracy_mode)
     rows = np.arange(len(predictions.output_tokens))
     most_accurate = np.argmax(np.where(allowed, predictions.accuracy[None, :], -np.inf), axis=1)
     best_accuracy = float((predictions.accuracy[most_accurate] * weights[rows, most_accurate]).sum()
                           / weights[rows, most_accurate].sum())
-    has_deadlines = any(settings.device_deadline(d) is not None for d in predictions.devices)
     target = settings.accuracy_target
-    if target is not None and target > best_accuracy + 1e-9:
-        lines.append(f"The accuracy target {target:.3f} is above the best achievable {best_accuracy:.3f} "
-                     f"(every query on the most accurate model it may use, {settings.accuracy_mode}-weighted).")
-        result.best_achievable["accuracy"] = best_accuracy
-        return
-    def needed_deadlines(scale: float) -> dict[str, float]:
-        return {d: settings.device_deadline(d) * scale for d in predictions.devices
-                if settings.device_deadline(d) is not None}
+    if target is None or target <= best_accuracy + 1e-9:
+        return False
+    result.diagnosis.append(f"The accuracy target {target:.3f} is above the best achievable {best_accuracy:.3f} "
+                            f"(every query on the most accurate model it may use, {settings.accuracy_mode}-weighted).")
+    result.best_achievable["accuracy"] = best_accuracy
+    return True
 
-    def describe(needed: dict[str, float]) -> str:
-        return ", ".join(f"{d} {format_duration(s)}" for d, s in needed.items())
 
-    if has_deadlines:
-        no_target = PlanSettings(**{**asdict(settings), "accuracy_target": None, "min_share": {}})
-        alone = _minimum_deadline_scale(predictions, no_target, allowed)
-        if alone is None or alone > 1:
-            if alone is None:
-                lines.append("The deadlines cannot be met even ignoring accuracy, not even 1000 times longer.")
-                return
-            needed = needed_deadlines(alone)
-            lines.append("The deadlines cannot be met even ignoring accuracy: the fastest schedule needs them about "
-                         f"{alone:.2f} times longer ({describe(needed)}).")
-            result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
-            return
-    if has_deadlines and target is not None:
-        # The most accurate schedule the deadlines allow.
-        problem = build_problem(predictions, no_target, allowed)
-        problem.cost = -(predictions.accuracy[None, :] * weights)
-        best = solve(problem, time_limit_s=min(settings.time_limit_s, 10.0))
-        if best.status in ("optimal", "feasible"):
-            reachable = evaluate(predictions, no_target, allowed, best.choice).accuracy
-            if reachable < target - 1e-9:
-                lines.append(f"With these deadlines the accuracy target {target:.3f} cannot be met: the most accurate "
-                             f"schedule that meets every deadline reaches {reachable:.3f}.")
-                result.best_achievable["accuracy"] = reachable
-        scale = _minimum_deadline_scale(predictions, PlanSettings(**{**asdict(settings), "min_share": {}}), allowed)
-        if scale is not None and scale > 1:
-            needed = needed_deadlines(scale)
-            lines.append("To reach the accuracy target, the deadlines must grow by a factor of about "
-                         f"{scale:.2f}: {describe(needed)}.")
-            result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
-        if lines:
-            return
-    if settings.min_share:
-        lines.append("The minimum shares per model cannot be met together with the other constraints; lower them.")
-        return
-    if solution.status == "unsolved":
-        lines.append(f"No schedule was found within the time limit of {settings.time_limit_s:.0f} s; "
-                     "try a longer time limit.")
-    else:
-        violated = ", ".join(solution.violations) or ", ".join(solution.capped_rows)
-        lines.append(f"These constraints cannot be met together: {violated}.")
+def _scaled_deadlines(predictions: Predictions, settings: PlanSettings, scale: float) -> dict[str, float]:
+    """Every device's deadline times ``scale`` (devices without one left out)."""
+    return {d: settings.device_deadline(d) * scale for d in predictions.devices
+            if settings.device_deadline(d) is not None}
+
+
+def _describe_deadlines(deadlines_s: dict[str, float]) -> str:
+    return ", ".join(f"{device} {format_duration(seconds)}" for device, seconds in deadlines_s.items())
+
+
+def _explain_deadlines(result: PlanResult, predictions: Predictions, settings: PlanSettings,
+                       allowed: np.ndarray) -> bool:
+    """True (and said) when the deadlines are to blame: alone, or together with the accuracy target."""
+    if not any(settings.device_deadline(d) is not None for d in predictions.devices):
+        return False
+    lines = result.diagnosis
+    no_target = replace(settings, accuracy_target=None, min_share={})
+    alone = _minimum_deadline_scale(predictions, no_target, allowed)
+    if alone is None:
+        lines.append("The deadlines cannot be met even ignoring accuracy, not even 1000 times longer.")
+        return True
+    if alone > 1:
+        needed = _scaled_deadlines(predictions, settings, alone)
+        lines.append("The deadlines cannot be met even ignoring accuracy: the fastest schedule needs them about "
+                     f"{alone:.2f} times longer ({_describe_deadlines(needed)}).")
+        result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
+        return True
+    target = settings.accuracy_target
+    if target is None:
+        return False
+    # The most accurate schedule the deadlines allow.
+    problem = build_problem(predictions, no_target, allowed)
+    problem.cost = -(predictions.accuracy[None, :] * accuracy_weights(predictions, settings.accuracy_mode))
+    best = solve(problem, time_limit_s=min(settings.time_limit_s, 10.0))
+    found = False
+    if best.status in ("optimal", "feasible"):
+        reachable = evaluate(predictions, no_target, allowed, best.choice).accuracy
+        if reachable < target - 1e-9:
+            lines.append(f"With these deadlines the accuracy target {target:.3f} cannot be met: the most accurate "
+                         f"schedule that meets every deadline reaches {reachable:.3f}.")
+            result.best_achievable["accuracy"] = reachable
+            found = True
+    scale = _minimum_deadline_scale(predictions, replace(settings, min_share={}), allowed)
+    if scale is not None and scale > 1:
+        needed = _scaled_deadlines(predictions, settings, scale)
+        lines.append("To reach the accuracy target, the deadlines must grow by a factor of about "
+                     f"{scale:.2f}: {_describe_deadlines(needed)}.")
+        result.best_achievable.update({f"deadline_s {d}": s for d, s in needed.items()})
+        found = True
+    return found
 
 
 def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
@@ -555,10 +669,9 @@ def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, al
     """The smallest factor on every deadline that makes the plan feasible (bisection on
     whole solves), or None when even 1000x is not enough."""
     def feasible(scale: float) -> bool:
-        scaled = PlanSettings(**{**asdict(settings),
-                                 "deadline_s": None if settings.deadline_s is None else settings.deadline_s * scale,
-                                 "deadlines_s": {d: s * scale for d, s in settings.deadlines_s.items()},
-                                 "time_limit_s": min(settings.time_limit_s, 5.0)})
+        scaled = replace(settings, deadline_s=None if settings.deadline_s is None else settings.deadline_s * scale,
+                         deadlines_s={d: s * scale for d, s in settings.deadlines_s.items()},
+                         time_limit_s=min(settings.time_limit_s, 5.0))
         return solve(build_problem(predictions, scaled, allowed), time_limit_s=scaled.time_limit_s).status \
             in ("optimal", "feasible")
 
@@ -602,7 +715,7 @@ def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.n
     for value in values:
         changed = {"accuracy_target": float(value)} if vary == "accuracy" else {"deadline_s": float(value),
                                                                               "deadlines_s": {}}
-        varied = PlanSettings(**{**asdict(settings), **changed, "time_limit_s": min(settings.time_limit_s, 10.0)})
+        varied = replace(settings, **changed, time_limit_s=min(settings.time_limit_s, 10.0))
         solution = solve(build_problem(predictions, varied, allowed), gap_target=varied.gap_target,
                          time_limit_s=varied.time_limit_s)
         if solution.status in ("optimal", "feasible"):
@@ -615,30 +728,6 @@ def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.n
     return pd.DataFrame(rows)
 
 
-# -- formatting --------------------------------------------------------------------------
-
-def format_energy(joules: float) -> str:
-    """J, kJ or MJ with the kWh beside large values."""
-    if joules is None or not math.isfinite(joules):
-        return "an unknown amount"
-    magnitude = abs(joules)
-    if magnitude < 1e3:
-        return f"{joules:,.1f} J"
-    if magnitude < 1e6:
-        return f"{joules / 1e3:,.2f} kJ"
-    return f"{joules / 1e6:,.2f} MJ ({joules / 3.6e6:,.2f} kWh)"
-
-
-def format_duration(seconds: float) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "unknown"
-    if seconds < 120:
-        return f"{seconds:,.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:,.1f} min"
-    return f"{seconds / 3600:,.1f} h"
-
-
-__all__ = ["PlanOption", "PlanResult", "PlanSettings", "Predictions", "baselines", "build_problem",
-           "check_assignment", "constraint_costs", "evaluate", "make_plan", "pareto_curve", "predict_options",
-           "schedule_frame"]
+__all__ = ["Baseline", "ConstraintCost", "PlanOption", "PlanResult", "PlanSettings", "Predictions", "baselines",
+           "build_problem", "check_assignment", "constraint_costs", "evaluate", "make_plan", "pareto_curve",
+           "predict_options", "schedule_frame"]

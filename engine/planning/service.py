@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pandas as pd
 from engine.catalog import get_model
 from engine.errors import InputError, Problem
 from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
-from engine.planning.plan import PlanResult, PlanSettings, make_plan
+from engine.formatting import json_safe
+from engine.planning.plan import Baseline, ConstraintCost, PlanResult, PlanSettings, make_plan
 from engine.planning.workload import Workload, planning_tokens, store_workload
 from engine.store import Store, append_frame
 
@@ -82,17 +82,22 @@ def plan_workload(store: Store, workload: Workload, settings: PlanSettings, *,
 # -- storage ----------------------------------------------------------------------------
 
 def _json(value) -> str:
-    return json.dumps(value, default=str, allow_nan=False)
+    return json.dumps(json_safe(value), allow_nan=False)
 
 
 def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int:
-    """The plan, its settings and baselines, and (when it has one) its schedule, in one transaction."""
+    """The plan, its settings and baselines, and (when it has one) its schedule, in one transaction.
+
+    Baselines are stored whole (:meth:`Baseline.to_dict`); :func:`load_plan` also reads the
+    shorter shape of plans stored before (energy_j, accuracy, makespan_s, feasible).
+    """
     document = result.to_json()
     params = {key: document[key] for key in ("settings", "warnings", "diagnosis", "best_achievable",
                                              "constraint_costs", "plan_s", "energy_estimated", "objective_value",
                                              "objective_lower_bound", "per_device_runtime_s", "assignments")}
     params["options"] = result.options
-    params["solver"] = _clean_solver(result.solver)
+    params["solver"] = result.solver
+    baselines = {name: baseline.to_dict() for name, baseline in result.baselines.items()}
     settings = result.settings
     with store.transaction() as con:
         plan_id = int(con.execute(
@@ -101,18 +106,12 @@ def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
             [workload_id, settings.objective, settings.energy_scope, settings.accuracy_target, settings.accuracy_mode,
              settings.deadline_s, settings.zeta, result.status, document["energy_j"], document["lower_bound_j"],
-             document["gap"], result.solve_s, document["accuracy"], _json(params),
-             _json(document["baselines"])]).fetchone()[0])
+             document["gap"], result.solve_s, document["accuracy"], _json(params), _json(baselines)]).fetchone()[0])
         if result.schedule is not None:
             rows = result.schedule.rename(columns={"id": "query_id"}).drop(columns=["clamped"])  # flagged in params
             rows.insert(0, "plan_id", plan_id)
             append_frame(con, "plan_assignments", rows)
     return plan_id
-
-
-def _clean_solver(solver: dict) -> dict:
-    return {k: ({name: (float(v) if math.isfinite(v) else None) for name, v in value.items()}
-                if isinstance(value, dict) else value) for k, value in solver.items()}
 
 
 def list_plans(store: Store) -> pd.DataFrame:
@@ -125,14 +124,20 @@ def list_plans(store: Store) -> pd.DataFrame:
 
 
 def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
-    """A stored plan's row (with params and baselines decoded) and its schedule in device order."""
+    """A stored plan's row and its schedule in device order.
+
+    The row's ``params`` is decoded, with ``params["constraint_costs"]`` as
+    :class:`ConstraintCost`; its ``baselines`` are ``{name: Baseline}``. Plans stored before
+    these types existed load the same way.
+    """
     frame = store.query_df("SELECT *, CAST(params AS VARCHAR) AS params_text, CAST(baselines AS VARCHAR) AS "
                            "baselines_text FROM plans WHERE id = ?", [int(plan_id)])
     if frame.empty:
         raise InputError(Problem("plan", f"no plan with id {plan_id}", None, "an id from the list of plans"))
     row = frame.iloc[0].to_dict()
     row["params"] = json.loads(row.pop("params_text") or "{}")
-    row["baselines"] = json.loads(row.pop("baselines_text") or "{}")
+    row["params"]["constraint_costs"] = [ConstraintCost.from_dict(c) for c in row["params"].get("constraint_costs") or []]
+    row["baselines"] = {name: Baseline.from_dict(b) for name, b in json.loads(row.pop("baselines_text") or "{}").items()}
     schedule = store.query_df(
         """SELECT query_id AS id, model, device, input_tokens, output_tokens, predicted_energy_j, predicted_runtime_s,
                   accuracy, device_start_s, in_domain

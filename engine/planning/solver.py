@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mip
 import numpy as np
@@ -91,7 +91,7 @@ class AssignmentProblem:
         return self.cost.shape
 
 
-@dataclass
+@dataclass(frozen=True)
 class Solution:
     """What :func:`solve` found.
 
@@ -103,7 +103,9 @@ class Solution:
     lower_bound: proven lower bound on the optimum. gap: (objective − lower_bound) / |objective|.
     prices: per row, the marginal objective per unit of its right-hand side (LP dual, ≥ 0).
     row_values: per row, its left-hand side under ``choice``. violations: per row, how far
-    ``choice`` misses it (only rows that are missed).
+    ``choice`` misses it (only rows that are missed). capped_rows: rows whose price reached the
+    cap (the LP relaxation cannot meet them). method, n_groups, n_free_groups,
+    dual_iterations, mip_status: how it was solved (for the plan's report).
     """
 
     status: str
@@ -275,18 +277,27 @@ def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarra
     return value, usage - norm.rhs, reduced
 
 
-def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
-                   max_iterations: int = 200) -> tuple[float, np.ndarray, np.ndarray, int]:
-    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip.
+@dataclass(frozen=True)
+class _DualBound:
+    """The best point of the dual found: L(λ) (scaled; a valid lower bound), its prices λ (m,),
+    the reduced costs under them (G, K), and the cutting-plane iterations it took."""
 
-    Returns the best L found (a valid lower bound), its λ, its reduced costs, iterations.
-    """
+    lower_scaled: float
+    prices: np.ndarray
+    reduced: np.ndarray
+    iterations: int
+
+
+def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
+                   max_iterations: int = 200) -> _DualBound:
+    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip."""
     m = len(norm.rhs)
     prices = np.zeros(m)
     value, subgradient, reduced = _lagrangian(norm, prices)
     best = (value, prices.copy(), reduced)
     if m == 0 or (subgradient <= 1e-12).all():
-        return best[0], best[1], best[2], 1  # the unconstrained choice already meets every row
+        # The unconstrained choice already meets every row.
+        return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=1)
     master = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     master.verbose = 0
     master.threads = 1
@@ -309,7 +320,7 @@ def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
         iterations += 1
         if value > best[0]:
             best = (value, prices.copy(), reduced)
-    return best[0], best[1], best[2], iterations
+    return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=iterations)
 
 
 def _free_groups(reduced: np.ndarray, allowed: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
@@ -328,68 +339,117 @@ def _free_groups(reduced: np.ndarray, allowed: np.ndarray, n_free: int) -> tuple
     return free, offered
 
 
-def _restricted_mip(problem: AssignmentProblem, norm: _Normalised, base_choice: np.ndarray,
-                    free: np.ndarray, offered: np.ndarray, time_limit_s: float,
-                    slack_price: float, relative_gap: float, absolute_gap: float) -> tuple[np.ndarray | None, str, float | None, np.ndarray]:
-    """CBC on the free groups (integer counts per offered option), the rest fixed at
-    ``base_choice``. Returns per-group option counts (G, K), CBC's status, its bound
-    (scaled, only meaningful when nothing was fixed) and the slacks (scaled)."""
+@dataclass(frozen=True)
+class _FixedGroups:
+    """What the groups left at their base choice add to the restricted problem (scaled)."""
+
+    groups: np.ndarray        # their indices
+    usage: np.ndarray         # (m,) their part of each row
+    cost: float               # their part of the objective
+    opened: np.ndarray        # (K,) bool: the options they use
+
+
+def _fixed_groups(norm: _Normalised, base_choice: np.ndarray, free: np.ndarray) -> _FixedGroups:
     g, k = norm.cost.shape
-    m = len(norm.rhs)
     fixed = np.ones(g, dtype=bool)
     fixed[free] = False
-    fixed_usage = np.zeros(m)
-    fixed_cost = 0.0
-    fixed_open = np.zeros(k, dtype=bool)
-    fixed_groups = np.flatnonzero(fixed)
-    if len(fixed_groups):
-        chosen = base_choice[fixed_groups]
-        fixed_usage = np.einsum("mg,g->m", norm.coef[:, fixed_groups, chosen], norm.counts[fixed_groups])
-        fixed_cost = float(norm.cost[fixed_groups, chosen] @ norm.counts[fixed_groups])
-        fixed_open[np.unique(chosen)] = True
+    groups = np.flatnonzero(fixed)
+    usage, cost, opened = np.zeros(len(norm.rhs)), 0.0, np.zeros(k, dtype=bool)
+    if len(groups):
+        chosen = base_choice[groups]
+        usage = np.einsum("mg,g->m", norm.coef[:, groups, chosen], norm.counts[groups])
+        cost = float(norm.cost[groups, chosen] @ norm.counts[groups])
+        opened[np.unique(chosen)] = True
+    return _FixedGroups(groups=groups, usage=usage, cost=cost, opened=opened)
 
-    model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
-    model.verbose = 0
-    model.threads = 1
-    terms_cost, terms_rows = [], [[] for _ in range(m)]
-    per_option: list[list] = [[] for _ in range(k)]
-    variables = []
+
+@dataclass
+class _Terms:
+    """The restricted model's linear pieces, collected while its variables are added."""
+
+    cost: list = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)          # per row
+    per_option: list[list] = field(default_factory=list)    # per option, its count variables
+    variables: list[tuple[int, int, mip.Var]] = field(default_factory=list)  # (group, option, variable)
+
+
+def _add_counts(model: mip.Model, norm: _Normalised, free: np.ndarray, offered: np.ndarray) -> _Terms:
+    """One integer count per (free group, offered option); each group's counts add up to its size."""
+    g, k = norm.cost.shape
+    m = len(norm.rhs)
+    terms = _Terms(rows=[[] for _ in range(m)], per_option=[[] for _ in range(k)])
     for position, group in enumerate(free):
-        options = np.flatnonzero(offered[position])
         count = int(norm.counts[group])
         group_vars = []
-        for option in options:
+        for option in np.flatnonzero(offered[position]):
             var = model.add_var(var_type=mip.INTEGER, lb=0, ub=count)
             group_vars.append(var)
-            variables.append((group, option, var))
-            terms_cost.append(float(norm.cost[group, option]) * var)
-            per_option[option].append(var)
+            terms.variables.append((group, option, var))
+            terms.cost.append(float(norm.cost[group, option]) * var)
+            terms.per_option[option].append(var)
             for j in range(m):
                 c = float(norm.coef[j, group, option])
                 if c != 0.0:
-                    terms_rows[j].append(c * var)
+                    terms.rows[j].append(c * var)
         model += mip.xsum(group_vars) == count
+    return terms
+
+
+def _add_open_costs(model: mip.Model, problem: AssignmentProblem, norm: _Normalised, terms: _Terms,
+                    fixed_opened: np.ndarray) -> tuple[list, list[list]]:
+    """The one-off cost (and row terms) of each option in use: a binary per option the free
+    groups may open, a constant 1 for an option the fixed groups already use. Returns the
+    objective terms and, per row, its terms."""
+    m, k = len(norm.rhs), norm.cost.shape[1]
     open_terms, open_rows = [], [[] for _ in range(m)]
-    if problem.open_cost is not None or any(r.open_coef is not None for r in problem.rows):
-        open_cost = problem.open_cost if problem.open_cost is not None else np.zeros(k)
-        for option in range(k):
-            if not per_option[option] and not fixed_open[option]:
-                continue
-            if fixed_open[option]:
-                opened: object = 1.0
-            else:
-                y = model.add_var(var_type=mip.BINARY)
-                free_count = sum(int(norm.counts[gr]) for gr, op, _ in variables if op == option)
-                model += mip.xsum(per_option[option]) <= free_count * y
-                opened = y
-            open_terms.append(float(open_cost[option]) / norm.cost_scale * opened)
-            for j, row in enumerate(problem.rows):
-                if row.open_coef is not None and row.open_coef[option] != 0.0:
-                    open_rows[j].append(float(norm.row_sign[j] * row.open_coef[option] / norm.row_scale[j]) * opened)
+    if problem.open_cost is None and all(r.open_coef is None for r in problem.rows):
+        return open_terms, open_rows
+    open_cost = problem.open_cost if problem.open_cost is not None else np.zeros(k)
+    for option in range(k):
+        if not terms.per_option[option] and not fixed_opened[option]:
+            continue
+        if fixed_opened[option]:
+            opened: object = 1.0
+        else:
+            y = model.add_var(var_type=mip.BINARY)
+            free_count = sum(int(norm.counts[gr]) for gr, op, _ in terms.variables if op == option)
+            model += mip.xsum(terms.per_option[option]) <= free_count * y
+            opened = y
+        open_terms.append(float(open_cost[option]) / norm.cost_scale * opened)
+        for j, row in enumerate(problem.rows):
+            if row.open_coef is not None and row.open_coef[option] != 0.0:
+                open_rows[j].append(float(norm.row_sign[j] * row.open_coef[option] / norm.row_scale[j]) * opened)
+    return open_terms, open_rows
+
+
+@dataclass(frozen=True)
+class _MipResult:
+    """What CBC made of a restricted problem: per-group option counts (G, K; None without a
+    solution), its status, its bound (scaled; only meaningful when nothing was fixed, None
+    unless optimal) and each row's slack (scaled)."""
+
+    counts: np.ndarray | None
+    status: str
+    bound: float | None
+    slack: np.ndarray
+
+
+def _restricted_mip(problem: AssignmentProblem, norm: _Normalised, base_choice: np.ndarray,
+                    free: np.ndarray, offered: np.ndarray, time_limit_s: float,
+                    slack_price: float, relative_gap: float, absolute_gap: float) -> _MipResult:
+    """CBC on the free groups (integer counts per offered option), the rest fixed at ``base_choice``."""
+    g, k = norm.cost.shape
+    m = len(norm.rhs)
+    fixed = _fixed_groups(norm, base_choice, free)
+    model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+    model.verbose = 0
+    model.threads = 1
+    terms = _add_counts(model, norm, free, offered)
+    open_terms, open_rows = _add_open_costs(model, problem, norm, terms, fixed.opened)
     slacks = [model.add_var(lb=0.0) for _ in range(m)]
     for j in range(m):
-        model += mip.xsum(terms_rows[j] + open_rows[j]) + float(fixed_usage[j]) - slacks[j] <= float(norm.rhs[j])
-    model.objective = mip.minimize(mip.xsum(terms_cost + open_terms) + fixed_cost
+        model += mip.xsum(terms.rows[j] + open_rows[j]) + float(fixed.usage[j]) - slacks[j] <= float(norm.rhs[j])
+    model.objective = mip.minimize(mip.xsum(terms.cost + open_terms) + fixed.cost
                                    + mip.xsum(slack_price * s for s in slacks))
     # The proof of the plan's gap comes from the Lagrangian bound (or from CBC's own bound
     # when nothing is fixed); CBC only has to close the part of the gap it owns.
@@ -397,14 +457,14 @@ def _restricted_mip(problem: AssignmentProblem, norm: _Normalised, base_choice: 
     model.max_mip_gap_abs = absolute_gap
     status = _optimize(model, max_seconds=max(time_limit_s, 0.5))
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
-        return None, status.name.lower(), None, np.zeros(m)
+        return _MipResult(counts=None, status=status.name.lower(), bound=None, slack=np.zeros(m))
     counts = np.zeros((g, k), dtype=np.int64)
-    counts[fixed_groups, base_choice[fixed_groups]] = norm.counts[fixed_groups]
-    for group, option, var in variables:
+    counts[fixed.groups, base_choice[fixed.groups]] = norm.counts[fixed.groups]
+    for group, option, var in terms.variables:
         counts[group, option] = int(round(var.x))
-    slack = np.array([max(s.x, 0.0) for s in slacks])
-    bound = float(model.objective_bound) if status == mip.OptimizationStatus.OPTIMAL else None
-    return counts, status.name.lower(), bound, slack
+    return _MipResult(counts=counts, status=status.name.lower(),
+                      bound=float(model.objective_bound) if status == mip.OptimizationStatus.OPTIMAL else None,
+                      slack=np.array([max(s.x, 0.0) for s in slacks]))
 
 
 def _disaggregate(norm: _Normalised, counts: np.ndarray, n: int) -> np.ndarray:
@@ -423,57 +483,85 @@ def solve(problem: AssignmentProblem, *, gap_target: float = DEFAULT_GAP_TARGET,
         return _solve(problem, gap_target, time_limit_s, full_mip_max_vars)
 
 
-def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int) -> Solution:
-    started = time.perf_counter()
-    deadline = started + time_limit_s
-    n, k = problem.shape
+_NEAR_TIES = "Lagrangian prices + CBC on the near-ties"
+_WHOLE_PROBLEM = "whole problem in CBC"
+#: Price of one normalised unit of slack in the restricted problems: above any row's price cap.
+_SLACK_PRICE = PRICE_CAP * 10.0
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One schedule the search found, checked from scratch (:func:`check_assignment`)."""
+
+    choice: np.ndarray
+    objective: float
+    row_values: dict[str, float]
+    violations: dict[str, float]
+
+    @property
+    def rank(self) -> tuple[bool, float]:
+        """Schedules that meet every row first, then the cheaper."""
+        return (bool(self.violations), self.objective)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """Where the search over growing free sets ended: the best schedule (None if none was
+    found), the proven lower bound (unscaled), the free set's size asked for and used, whether
+    CBC saw the whole problem, and CBC's last status."""
+
+    best: _Candidate | None
+    lower_bound: float
+    n_free: int
+    n_free_groups: int
+    everything_free: bool
+    mip_status: str
+
+
+def _judgeable(problem: AssignmentProblem) -> AssignmentProblem:
+    """The problem with every option that cannot be judged (a non-finite cost or row
+    coefficient) disallowed: a NaN coefficient would abort CBC."""
     allowed = problem.allowed & np.isfinite(problem.cost)
-    for row in problem.rows:  # a NaN coefficient would abort CBC; such an option cannot be judged
+    for row in problem.rows:
         allowed &= np.isfinite(row.coef)
-    if allowed is not problem.allowed:
-        problem = AssignmentProblem(problem.cost, allowed, problem.rows, problem.open_cost)
-    stranded = np.flatnonzero(~allowed.any(axis=1))
-    if n == 0 or len(stranded):
-        return Solution("no_option", np.full(n, -1), math.nan, math.nan, math.nan,
-                        time.perf_counter() - started, unassignable=stranded)
-    norm = _normalise(problem)
+    return replace(problem, allowed=allowed)
+
+
+def _search(problem: AssignmentProblem, norm: _Normalised, dual: _DualBound, proven_infeasible: bool,
+            gap_target: float, deadline: float, full_mip_max_vars: int) -> _Search:
+    """Restricted integer problems over a growing free set, from the near-ties, until the
+    proven gap is small enough, the rows can be met, or the whole problem is in CBC (only
+    when it is small enough)."""
     g = len(norm.counts)
-    lower_scaled, prices, reduced, iterations = _maximise_dual(norm, deadline)
-    capped = [problem.rows[j].name for j in range(len(prices)) if prices[j] >= PRICE_CAP * (1 - 1e-9)]
     group_allowed = np.isfinite(norm.cost)
-    base_choice = np.argmin(reduced, axis=1)
-    slack_price = PRICE_CAP * 10.0
+    base_choice = np.argmin(dual.reduced, axis=1)
     n_pairs = int(group_allowed.sum())
-    method = "Lagrangian prices + CBC on the near-ties"
-    # Start from the near-ties; grow the free set until the proven gap is small enough, the
-    # rows can be met, or the whole problem is in CBC (only when it is small enough).
     n_free = min(g, max(64, 8 * (len(norm.rhs) + 1) ** 2))
     if n_pairs <= full_mip_max_vars // 8:
         n_free = g  # tiny: CBC proves it directly
-    proven_infeasible = bool(capped)
-    lower = lower_scaled * norm.cost_scale
-    best: tuple | None = None  # (violates, objective, choice, row values, violations)
+    lower = dual.lower_scaled * norm.cost_scale
+    best: _Candidate | None = None
     while True:
-        free, offered = _free_groups(reduced, group_allowed, n_free)
+        free, offered = _free_groups(dual.reduced, group_allowed, n_free)
         if n_free >= g:
             offered = group_allowed[free]
         everything_free = n_free >= g and int(offered.sum()) == n_pairs
         remaining = deadline - time.perf_counter()
         # CBC must close only the part of the gap it owns: with everything free its own bound
         # is the proof (relative gap); otherwise the Lagrangian bound is (absolute gap).
-        counts, mip_status, bound, slack = _restricted_mip(
+        found = _restricted_mip(
             problem, norm, base_choice, free, offered, min(remaining, 3.0) if proven_infeasible else remaining,
-            slack_price, relative_gap=0.5 * gap_target if everything_free else 1e-6,
-            absolute_gap=0.1 * gap_target * max(abs(lower_scaled), 1e-9))
-        if counts is not None:
-            choice = _disaggregate(norm, counts, n)
+            _SLACK_PRICE, relative_gap=0.5 * gap_target if everything_free else 1e-6,
+            absolute_gap=0.1 * gap_target * max(abs(dual.lower_scaled), 1e-9))
+        if found.counts is not None:
+            choice = _disaggregate(norm, found.counts, problem.shape[0])
             objective, values, violations = check_assignment(problem, choice)
-            if everything_free and bound is not None and not violations:
-                lower = max(lower, bound * norm.cost_scale)  # CBC's bound on the whole problem
-            candidate = (bool(violations), objective, choice, values, violations)
-            if best is None or candidate[:2] < best[:2]:
+            if everything_free and found.bound is not None and not violations:
+                lower = max(lower, found.bound * norm.cost_scale)  # CBC's bound on the whole problem
+            candidate = _Candidate(choice=choice, objective=objective, row_values=values, violations=violations)
+            if best is None or candidate.rank < best.rank:
                 best = candidate
-            if not best[0] and (best[1] - lower) / max(abs(best[1]), 1e-12) <= 0.2 * gap_target:
+            if not best.violations and (best.objective - lower) / max(abs(best.objective), 1e-12) <= 0.2 * gap_target:
                 break
         if everything_free or proven_infeasible or time.perf_counter() >= deadline:
             break
@@ -481,22 +569,40 @@ def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, f
         if grown == g and n_pairs > full_mip_max_vars:
             break  # the whole problem is too big for CBC in one piece; report what was found
         n_free = grown
+    return _Search(best=best, lower_bound=lower, n_free=n_free, n_free_groups=len(free),
+                   everything_free=everything_free, mip_status=found.status)
+
+
+def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int) -> Solution:
+    started = time.perf_counter()
+    deadline = started + time_limit_s
+    n = problem.shape[0]
+    problem = _judgeable(problem)
+    stranded = np.flatnonzero(~problem.allowed.any(axis=1))
+    if n == 0 or len(stranded):
+        return Solution(status="no_option", choice=np.full(n, -1), objective=math.nan, lower_bound=math.nan,
+                        gap=math.nan, solve_s=time.perf_counter() - started, unassignable=stranded)
+    norm = _normalise(problem)
+    dual = _maximise_dual(norm, deadline)
+    capped = [problem.rows[j].name for j in range(len(dual.prices)) if dual.prices[j] >= PRICE_CAP * (1 - 1e-9)]
+    search = _search(problem, norm, dual, bool(capped), gap_target, deadline, full_mip_max_vars)
+    g = len(norm.counts)
+    how = dict(capped_rows=capped, n_groups=g, n_free_groups=search.n_free_groups, dual_iterations=dual.iterations,
+               mip_status=search.mip_status)
+    best = search.best
     if best is None:
-        return Solution("unsolved", np.full(n, -1), math.nan, lower, math.nan, time.perf_counter() - started,
-                        capped_rows=capped, method=method, n_groups=g, n_free_groups=len(free),
-                        dual_iterations=iterations, mip_status=mip_status)
-    _, objective, choice, values, violations = best
-    lower = min(lower, objective)
-    gap = (objective - lower) / max(abs(objective), 1e-12)
-    price_values = {row.name: float(prices[j] * norm.cost_scale / norm.row_scale[j])
-                    for j, row in enumerate(problem.rows)}
-    if n_free >= g:
-        method = "whole problem in CBC"
-    if violations:
+        return Solution(status="unsolved", choice=np.full(n, -1), objective=math.nan, lower_bound=search.lower_bound,
+                        gap=math.nan, solve_s=time.perf_counter() - started, method=_NEAR_TIES, **how)
+    lower = min(search.lower_bound, best.objective)
+    gap = (best.objective - lower) / max(abs(best.objective), 1e-12)
+    if best.violations:
         # Proven only when the LP itself needs the slack or CBC saw the whole problem.
-        status = "infeasible" if (everything_free or proven_infeasible) else "unsolved"
+        status = "infeasible" if (search.everything_free or capped) else "unsolved"
         gap = math.nan
     else:
         status = "optimal" if gap <= gap_target else "feasible"
-    return Solution(status, choice, objective, lower, gap, time.perf_counter() - started, price_values, values,
-                    violations, capped, None, method, g, len(free), iterations, mip_status)
+    prices = {row.name: float(dual.prices[j] * norm.cost_scale / norm.row_scale[j])
+              for j, row in enumerate(problem.rows)}
+    return Solution(status=status, choice=best.choice, objective=best.objective, lower_bound=lower, gap=gap,
+                    solve_s=time.perf_counter() - started, prices=prices, row_values=best.row_values,
+                    violations=best.violations, method=_WHOLE_PROBLEM if search.n_free >= g else _NEAR_TIES, **how)
