@@ -404,6 +404,14 @@ def test_only_the_newest_backups_are_kept_and_nothing_else_is_deleted(store: Sto
     assert chosen.exists() and len(list_backups(store.path)) == KEEP_BACKUPS
 
 
+def test_the_cli_backs_up_beside_the_database(store: Store, capsys):
+    from engine.cli import main
+
+    store.schema_version()
+    assert main(["backup", "--db", str(store.path)]) == 0
+    [made] = list_backups(store.path)
+    assert capsys.readouterr().out.strip() == f"backed up to {made}"
+
 
 # -- a full disk ---------------------------------------------------------------------------
 
