@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where to write them (default data/models)")
     demo.add_argument("--no-register", action="store_true", help="generate only; leave the catalog alone")
     demo.set_defaults(handler=cmd_demo_models)
+
+    backup = sub.add_parser("backup", parents=[common], help="copy the database, read through whole, to a backup file")
+    backup.add_argument("--to", metavar="PATH", help="file or folder (default: beside the database, keeping the newest 3)")
+    backup.set_defaults(handler=cmd_backup)
     return parser
 
 
@@ -689,4 +693,9 @@ def cmd_reference_profiles(args: argparse.Namespace) -> int:
     added = load_reference_profiles(_store(args))
     print(f"reference profiles loaded (published coefficients, no measurements); catalog: added "
           f"{len(added)} models" + (f" ({', '.join(added)})" if added else ""))
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    print(f"backed up to {_store(args).backup(args.to)}")
     return EXIT_OK

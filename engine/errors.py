@@ -8,6 +8,7 @@ Every message says what was wrong and what to do about it. The CLI turns
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class PlannerError(Exception):
@@ -55,6 +56,30 @@ class DatabaseBusyError(PlannerError):
 
 class SchemaError(PlannerError):
     """The database file has a schema this version cannot use."""
+
+
+class DatabaseDamagedError(PlannerError):
+    """The database file, or the write-ahead log beside it, is damaged; nothing was written to it.
+
+    ``path`` is the database file, ``backup`` the newest backup found beside it (None
+    when there is none); the message says how to restore it or start anew.
+    """
+
+    def __init__(self, message: str, *, path: Path, backup: Path | None = None):
+        super().__init__(message)
+        self.path = path
+        self.backup = backup
+
+
+class DatabaseWriteError(PlannerError):
+    """The operating system refused to write the database (read-only disk, I/O error, ...).
+
+    The change that failed was not written; what was stored before is kept.
+    """
+
+
+class DiskFullError(DatabaseWriteError):
+    """The disk holding the database is full (or the user's quota is spent)."""
 
 
 class ModelLoadError(PlannerError):

@@ -4,6 +4,13 @@ Connections are short-lived: each operation opens the file, does its work and cl
 it, so the app, the CLI and a profiling worker can take turns writing. DuckDB lets one
 process at a time hold the file; a process that finds it held retries for a moment and
 then gets one clear sentence (:class:`DatabaseBusyError`), never a traceback.
+
+The first time a process opens a file, it reads the whole of it once
+(:func:`~engine.store.health.verify_readable`) before anything is written: a damaged file
+is refused with :class:`DatabaseDamagedError`, and stays refused in this process until the
+file is replaced. Before a schema upgrade of an existing file, a backup is copied beside
+it (:mod:`engine.store.backups`). DuckDB's storage errors met later (a damaged block, a
+full disk) become sentences too (:func:`~engine.store.health.translate`).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from engine.errors import DatabaseBusyError, SchemaError
+from engine.errors import DatabaseBusyError, DatabaseDamagedError, DatabaseWriteError, InputError, Problem, SchemaError
 from engine.paths import resolve_db_path
+from engine.store import backups
+from engine.store.health import translate, translate_os_error, verify_readable
 from engine.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE, Migration
 
 _LOCK_PATTERN = re.compile(r"Could not set lock on file|Conflicting lock", re.IGNORECASE)
@@ -31,9 +40,14 @@ _ATTACH_RACE_PATTERN = re.compile(r"Unique file handle conflict|already attached
 _open_close_lock = threading.Lock()
 _PID_PATTERN = re.compile(r"\(PID (\d+)\)")
 
-# Paths this process has already brought to the latest schema (checked once per process).
-_migrated_paths: set[Path] = set()
-_migrate_lock = threading.Lock()
+# Files this process has read through once and brought to the latest schema, by path, with
+# the (device, inode, size) they had then: a file replaced under the same name, or cut
+# short, is checked again (a file grows a block at a time, so this is rare for our own writes).
+_checked_files: dict[Path, tuple[int, int, int]] = {}
+_check_lock = threading.Lock()
+# Files found damaged, with what they looked like then and the sentence: refused without
+# opening them again until they change (a backup copied over them, a log moved away).
+_damaged_files: dict[Path, tuple[tuple, DatabaseDamagedError]] = {}
 
 
 class Store:
@@ -58,19 +72,26 @@ class Store:
             raise SchemaError(f"{self.path} is a directory; --db needs a database file.")
         if not self.path.parent.exists():
             raise SchemaError(f"The folder {self.path.parent} does not exist; create it or choose another --db path.")
+        existed = self.path.exists()
         deadline = time.monotonic() + self.busy_timeout_s
         delay_s = 0.05
         while True:
             try:
                 with _open_close_lock:
                     return duckdb.connect(str(self.path))
-            except duckdb.IOException as exc:
-                if not _LOCK_PATTERN.search(str(exc)):
-                    raise SchemaError(f"Cannot open the database {self.path} ({_first_line(exc)}); choose another --db path.") from exc
-                if time.monotonic() >= deadline:
-                    raise DatabaseBusyError(_busy_sentence(self.path, str(exc))) from None
             except duckdb.Error as exc:
-                if not _ATTACH_RACE_PATTERN.search(str(exc)) or time.monotonic() >= deadline:
+                in_words = translate(exc, self.path)
+                if isinstance(in_words, DatabaseWriteError) and not existed:
+                    _remove_empty_leftover(self.path)  # a full disk leaves an empty file DuckDB would then refuse
+                if in_words is not None:
+                    raise in_words from exc
+                if isinstance(exc, duckdb.IOException):
+                    if not _LOCK_PATTERN.search(str(exc)):
+                        raise SchemaError(f"Cannot open the database {self.path} ({_first_line(exc)}); "
+                                          "choose another --db path.") from exc
+                    if time.monotonic() >= deadline:
+                        raise DatabaseBusyError(_busy_sentence(self.path, str(exc))) from None
+                elif not _ATTACH_RACE_PATTERN.search(str(exc)) or time.monotonic() >= deadline:
                     raise SchemaError(
                         f"{self.path} is not a Joule Planner database that DuckDB can open "
                         f"({_first_line(exc)}); choose another --db path."
@@ -80,13 +101,32 @@ class Store:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the file (at the latest schema), yield a connection, close it afterwards."""
+        """Open the file (read through once per process, at the latest schema), yield a
+        connection, close it afterwards.
+
+        A damaged file raises :class:`DatabaseDamagedError` and is never written to; DuckDB's
+        storage errors inside the block (a damaged block, a full disk) become sentences.
+        """
+        key = self.path.resolve()
+        _refuse_known_damage(key, self.path)
         if not self.path.exists():  # a new (or deleted and re-created) file needs its schema again
-            _migrated_paths.discard(self.path.resolve())
-        con = self._open()
+            _checked_files.pop(key, None)
         try:
-            self._ensure_schema(con)
+            con = self._open()
+        except DatabaseDamagedError as exc:
+            _remember_damage(key, self.path, exc)
+            raise
+        try:
+            self._check(con, key)
             yield con
+        except duckdb.Error as exc:
+            in_words = translate(exc, self.path)
+            if in_words is None:
+                raise
+            if isinstance(in_words, DatabaseDamagedError):
+                _keep_from_writing(con)
+                _remember_damage(key, self.path, in_words)
+            raise in_words from exc
         finally:
             with _open_close_lock:
                 con.close()
@@ -99,25 +139,63 @@ class Store:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                _roll_back(con)
                 raise
             con.execute("COMMIT")
 
     # -- schema ------------------------------------------------------------------------
 
-    def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        key = self.path.resolve()
-        if key in _migrated_paths and self.migrations == MIGRATIONS:
+    def _check(self, con: duckdb.DuckDBPyConnection, key: Path) -> None:
+        """Once per process and file: read it all through, back it up before an upgrade, migrate."""
+        identity = _identity(self.path)
+        if _checked_files.get(key) == identity and self.migrations == MIGRATIONS:
             return
-        with _migrate_lock:
+        with _check_lock:
+            if _checked_files.get(key) != identity:
+                verify_readable(con)
+            version = current_version(con)
+            latest = self.migrations[-1].version if self.migrations else 0
+            if 0 < version < latest:
+                self._backup_with(con, version, None)
             migrate(con, self.migrations, self.path)
             if self.migrations == MIGRATIONS:
-                _migrated_paths.add(key)
+                _checked_files[key] = identity
 
     def schema_version(self) -> int:
         """The version the file is at (the latest, once opened through this class)."""
         with self.connect() as con:
             return current_version(con)
+
+    # -- backups -----------------------------------------------------------------------
+
+    def backup(self, path: str | Path | None = None) -> Path:
+        """Copy the whole database, read through and checkpointed, and return where it went.
+
+        Without ``path`` the copy goes beside the file as ``<file>.backup-v<version>-<UTC
+        time>`` and only the newest backups there are kept; a ``path`` that is a folder
+        gets that name inside it; an existing file is never overwritten.
+        """
+        with self.connect() as con:
+            verify_readable(con)
+            return self._backup_with(con, current_version(con), path)
+
+    def _backup_with(self, con: duckdb.DuckDBPyConnection, version: int, path: str | Path | None) -> Path:
+        if path is None:
+            destination = backups.next_backup_path(self.path, version)
+        else:
+            destination = Path(path).expanduser()
+            if destination.is_dir():
+                destination = backups.next_backup_path(destination / self.path.name, version)
+            if destination.exists() or destination.resolve() == self.path.resolve():
+                raise InputError(Problem(where=str(destination), message="already exists",
+                                         expected="a new file name for the backup"))
+        try:
+            backups.write_backup(con, self.path, destination)
+        except OSError as exc:
+            raise translate_os_error(exc, self.path, f"copy {self.path} to {destination}") from exc
+        if path is None:
+            backups.prune_backups(self.path)
+        return destination
 
     # -- reading and writing -----------------------------------------------------------
 
@@ -217,6 +295,63 @@ def _reject_foreign_file(con: duckdb.DuckDBPyConnection, path: Path | None) -> N
             f"{path or 'The database'} holds {tables} tables but no Joule Planner schema; "
             "it looks like another program's database, so it was not changed. Choose another --db file."
         )
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size
+
+
+def _looks(path: Path) -> tuple:
+    """What a file and its log look like now: changed when either is replaced, moved or written."""
+    looks = []
+    for file in (path, backups.wal_path(path)):
+        try:
+            stat = file.stat()
+            looks.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            looks.append(None)
+    return tuple(looks)
+
+
+def _refuse_known_damage(key: Path, path: Path) -> None:
+    known = _damaged_files.get(key)
+    if known is None:
+        return
+    looks, error = known
+    if looks == _looks(path):
+        raise DatabaseDamagedError(str(error), path=error.path, backup=error.backup)
+    _damaged_files.pop(key, None)  # the file was replaced or its log moved away: look at it afresh
+    _checked_files.pop(key, None)
+
+
+def _remember_damage(key: Path, path: Path, error: DatabaseDamagedError) -> None:
+    _damaged_files[key] = (_looks(path), error)
+    _checked_files.pop(key, None)
+
+
+def _roll_back(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back, without hiding the error that got us here behind the rollback's own."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # DuckDB already aborted it (a failed commit, a connection it invalidated)
+
+
+def _keep_from_writing(con: duckdb.DuckDBPyConnection) -> None:
+    """Closing the last connection folds a replayed log into the file: not into a damaged one."""
+    try:
+        con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    except duckdb.Error:
+        pass  # a connection DuckDB has already given up on writes nothing either
+
+
+def _remove_empty_leftover(path: Path) -> None:
+    try:
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _busy_sentence(path: Path, message: str) -> str:
