@@ -42,7 +42,7 @@ from engine.execution import (
 from engine.execution.worker import ExecutionCancelled, run_execution
 from engine.fitting import fit_all, save_fits
 from engine.planning import PlanSettings, plan_workload, workload_from_frame
-from engine.profiling.jobs import host_name
+from engine.runs import host_name
 from engine.store import Store, append_frame
 
 #: The demo models' files, as the fake backends see them, and the catalog names they stand for.

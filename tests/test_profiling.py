@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import catalog
+from engine import catalog, runs
 from engine.backends.base import GenerationResult
 from engine.energy import EnergyMeter, ReplayMeter
 from engine.errors import InputError, PlannerError, TokenCountMismatchError
@@ -149,7 +149,7 @@ def test_failure_mid_job_keeps_the_trials_and_resume_completes(demo_store: Store
                 meter_factory=replay_meter)
     kept = demo_store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job.id])[0]
     assert kept == 3  # 1 warm-up + 3 stored trials, then the fourth request failed
-    jobs.set_status(demo_store, job.id, "failed", "test")
+    runs.set_status(demo_store, runs.PROFILING, job.id, "failed", "test")
     jobs.resume_job(demo_store, job.id)
     resumed = FakeBackend("fake", "x")
     run_job(demo_store, jobs.get_job(demo_store, job.id), backend_factory=lambda *a, **k: resumed,
@@ -190,7 +190,7 @@ def test_job_refusals(demo_store: Store):
             jobs.create_job(demo_store, **kwargs)
     with pytest.raises(InputError, match="exceed the model's context|no point fits"):
         jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[4090], outputs=[64])
-    with pytest.raises(InputError, match="--max-trials"):
+    with pytest.raises(InputError, match="maximum trials"):
         jobs.create_job(demo_store, "demo-small", "cpu", settings=jobs.ProfileSettings(min_trials=5, max_trials=2))
     assert demo_store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
 
