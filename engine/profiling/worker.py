@@ -199,17 +199,21 @@ def _measure_point(bench: _Bench, point: DesignPoint, previous: pd.DataFrame | N
 
 # -- the process ----------------------------------------------------------------------------------
 
-def _work(store: Store, job_id: int) -> None:
+def work_on_job(store: Store, job_id: int, **measuring) -> None:
+    """What the worker process does: hold the job's device, run the job, and stop at a SIGTERM.
+
+    ``measuring`` goes to :func:`measure_job` (a test's worker passes its fakes here).
+    """
     cancel = _CancelFlag()
     signal.signal(signal.SIGTERM, cancel.handler)
     job = get_job(store, job_id)
     with runs.device_lock(store, job.device):
-        run_job(store, job, cancel=cancel, progress=lambda line: print(line, flush=True))
+        run_job(store, job, cancel=cancel, progress=lambda line: print(line, flush=True), **measuring)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the worker process; its exit code tells the watcher how it ended."""
-    return runs.worker_main(PROFILING, _work, argv)
+    return runs.worker_main(PROFILING, work_on_job, argv)
 
 
 if __name__ == "__main__":
