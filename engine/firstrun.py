@@ -41,6 +41,7 @@ class FirstRunState:
 
 
 def read_state(store: Store) -> FirstRunState | None:
+    """The first run's state (None before any); a running one whose process is gone is stored as failed."""
     row = store.query_one("SELECT value FROM settings WHERE key = ?", [STATE_KEY])
     if row is None:
         return None
@@ -52,6 +53,7 @@ def read_state(store: Store) -> FirstRunState | None:
 
 
 def write_state(store: Store, state: FirstRunState) -> None:
+    """Store the first run's state, replacing the one before."""
     store.execute("INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, ?, current_timestamp)",
                   [STATE_KEY, json.dumps(asdict(state))])
 
@@ -111,6 +113,7 @@ def run_first_run(store: Store, pid: int) -> FirstRunState:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the first run's process; the outcome is in its stored state."""
     parser = argparse.ArgumentParser(description="Profile and fit the demo models (the app's first run).")
     parser.add_argument("--db", required=True)
     args = parser.parse_args(argv)
