@@ -19,7 +19,7 @@ from engine.runs.lifecycle import (
     cancel,
     check_resumable,
     close_orphan,
-    default_launcher,
+    current_launcher,
     mark_done,
     mark_running,
     reconcile,
@@ -36,6 +36,6 @@ from engine.runs.worker import RunCancelled, worker_main
 __all__ = [
     "ACTIVE", "BusyRun", "EXECUTION", "FINISHED", "LocalProcessLauncher", "PROFILING", "RUN_KINDS", "RunCancelled",
     "RunHandle", "RunKind", "RunLauncher", "cancel", "check_device", "check_resumable", "close_orphan",
-    "default_launcher", "device_lock", "exit_reason", "host_name", "mark_done", "mark_running", "reconcile",
+    "current_launcher", "device_lock", "exit_reason", "host_name", "mark_done", "mark_running", "reconcile",
     "requeue", "run_on_device", "set_status", "start", "stored_count", "watch_until_done", "worker_log_path", "worker_main",
 ]

@@ -2,10 +2,10 @@
 
 A run's worker stores every result the moment it is measured and closes its run itself
 (done, failed with the reason, or cancelled). When the worker dies before that, whoever
-started it and watches it (:func:`watch`) closes the run with how the worker ended; a run
-whose worker is gone while nobody watched (the app restarted) is found by
-:func:`reconcile`. Nothing stored is ever lost: a failed or cancelled run is resumed with
-:func:`requeue`, and its worker runs only what is left.
+started it and watches it (:func:`watch_until_done`) closes the run with how the worker
+ended; a run whose worker is gone while nobody watched (the app restarted) is found by
+:func:`reconcile`. Nothing stored is ever lost: a failed or cancelled run is queued again
+(:func:`check_resumable`, then :func:`requeue`), and its worker runs only what is left.
 
 One device runs one run at a time, whatever its kind (:func:`run_on_device`): a profiling
 job and an execution on one device would measure each other.
@@ -31,12 +31,12 @@ from engine.store import Store
 #: A queued run without a worker is left alone this long: its starter is about to record the worker.
 START_GRACE_S = 30.0
 
-_launcher: RunLauncher = LocalProcessLauncher()
+_LOCAL = LocalProcessLauncher()
 
 
-def default_launcher() -> RunLauncher:
-    """The launcher runs use unless one is given: worker processes on this host."""
-    return _launcher
+def current_launcher() -> RunLauncher:
+    """Where runs execute: today always worker processes on this host."""
+    return _LOCAL
 
 
 def _placeholders(values: tuple) -> str:
@@ -112,10 +112,9 @@ def close_orphan(store: Store, kind: RunKind, run_id: int, why: str) -> None:
 
 # -- workers ---------------------------------------------------------------------------------------
 
-def start(store: Store, kind: RunKind, run_id: int, *, watch: bool = True,
-          launcher: RunLauncher | None = None) -> RunHandle:
+def start(store: Store, kind: RunKind, run_id: int, *, watch: bool = True) -> RunHandle:
     """Start the worker of a queued run; with ``watch``, a thread records how it ended."""
-    handle = (launcher or _launcher).start(kind, store, run_id)
+    handle = current_launcher().start(kind, store, run_id)
     store.execute(f"UPDATE {kind.table} SET pid = ? WHERE id = ?", [handle.pid, int(run_id)])
     if watch:
         threading.Thread(target=watch_until_done, args=(store, kind, run_id, handle), daemon=True,
@@ -128,9 +127,9 @@ def watch_until_done(store: Store, kind: RunKind, run_id: int, handle: RunHandle
     close_orphan(store, kind, run_id, exit_reason(handle.wait()))
 
 
-def reconcile(store: Store, kinds: tuple[RunKind, ...] = RUN_KINDS, *, launcher: RunLauncher | None = None) -> None:
+def reconcile(store: Store, kinds: tuple[RunKind, ...] = RUN_KINDS) -> None:
     """Close the active runs of this host whose worker is gone (killed while nobody watched)."""
-    launcher = launcher or _launcher
+    launcher = current_launcher()
     for kind in kinds:
         frame = store.query_df(f"SELECT id, pid, created_at FROM {kind.table} WHERE host = ? "
                                f"AND status IN ({_placeholders(ACTIVE)})", [host_name(), *ACTIVE])
@@ -152,15 +151,14 @@ def _why_orphaned(kind: RunKind, row, launcher: RunLauncher) -> str | None:
     return f"the worker process {int(row.pid)} ended unexpectedly (killed or crashed)"
 
 
-def cancel(store: Store, kind: RunKind, run_id: int, *, grace_s: float,
-           launcher: RunLauncher | None = None) -> None:
+def cancel(store: Store, kind: RunKind, run_id: int, *, grace_s: float) -> None:
     """Stop a run within seconds: ask its worker to stop, end it if it does not; what it stored is kept."""
     row = _row(store, kind, run_id)
     if row["status"] not in ACTIVE:
         raise InputError(Problem(kind.noun, f"{kind.label(run_id)} is {row['status']}, not running", None,
                                  f"a running {kind.noun}"))
     set_status(store, kind, run_id, "cancelling", "cancel requested", only_if=ACTIVE)
-    (launcher or _launcher).stop(kind, run_id, row["pid"], grace_s)
+    current_launcher().stop(kind, run_id, row["pid"], grace_s)
     set_status(store, kind, run_id, "cancelled", cancelled_reason(store, kind, run_id),
                only_if=("cancelling", "queued", "running"))
 
@@ -196,12 +194,12 @@ class BusyRun:
         return self.kind.label(self.run_id)
 
 
-def run_on_device(store: Store, device: str, *, launcher: RunLauncher | None = None) -> BusyRun | None:
+def run_on_device(store: Store, device: str) -> BusyRun | None:
     """The run of any kind that holds a device of this host, if one does.
 
     Runs whose worker is gone are closed first, so they do not count.
     """
-    reconcile(store, launcher=launcher)
+    reconcile(store)
     for kind in RUN_KINDS:
         row = store.query_one(
             f"SELECT id FROM {kind.table} WHERE host = ? AND status IN ({_placeholders(ACTIVE)}) "
