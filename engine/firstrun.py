@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import psutil
-
+from engine import runs
 from engine.errors import PlannerError
-from engine.paths import PROJECT_ROOT
+from engine.runs.local import is_process_of, log_path, spawn
 from engine.store import Store
 
 STATE_KEY = "first_run"
+MODULE = "engine.firstrun"
 DEVICE = "cpu"
 QUICK_SETTINGS = {"max_trials": 5, "idle_s": 2.0, "warmup_runs": 1}
 
@@ -41,29 +41,26 @@ class FirstRunState:
 
 
 def read_state(store: Store) -> FirstRunState | None:
+    """The first run's state (None before any); a running one whose process is gone is stored as failed."""
     row = store.query_one("SELECT value FROM settings WHERE key = ?", [STATE_KEY])
     if row is None:
         return None
     state = FirstRunState(**json.loads(row[0]))
-    if state.status == "running" and not _alive(state.pid):
+    if state.status == "running" and not is_process_of(state.pid, MODULE, _arguments(store)):
         state.status, state.reason = "failed", "the first-run process ended unexpectedly; start it again"
         write_state(store, state)
     return state
 
 
 def write_state(store: Store, state: FirstRunState) -> None:
+    """Store the first run's state, replacing the one before."""
     store.execute("INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, ?, current_timestamp)",
                   [STATE_KEY, json.dumps(asdict(state))])
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "engine.firstrun" in " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+def _arguments(store: Store) -> list[str]:
+    """The first run's arguments; the last ones tell its process apart from another database's."""
+    return ["--db", str(store.path.resolve())]
 
 
 def demo_model_names(store: Store) -> list[str]:
@@ -79,9 +76,7 @@ def start_first_run(store: Store) -> FirstRunState:
     if not demo_model_names(store):
         raise PlannerError("There are no demo models in the catalog; run `make run` (it generates them) or add a "
                            "model on the Models page.")
-    process = subprocess.Popen([sys.executable, "-m", "engine.firstrun", "--db", str(store.path.resolve())],
-                               cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = spawn(MODULE, _arguments(store), log_path(store, "first-run"))
     state = FirstRunState("running", "starting", pid=process.pid, started=time.time())
     write_state(store, state)
     return state
@@ -96,10 +91,9 @@ def run_first_run(store: Store, pid: int) -> FirstRunState:
     write_state(store, state)
     models = demo_model_names(store)
     for model in models:
-        jobs.reconcile_jobs(store)
-        busy = jobs.active_job_on(store, DEVICE)
+        busy = runs.run_on_device(store, DEVICE)
         if busy is not None:
-            raise PlannerError(f"profiling job {busy} is running on {DEVICE}; try again when it is done")
+            raise PlannerError(f"{busy} is running on {DEVICE}; try again when it is done")
         settings = jobs.ProfileSettings(**QUICK_SETTINGS)
         job = jobs.create_job(store, model, DEVICE, "quick", settings=settings)
         state.jobs[model] = job.id
@@ -119,8 +113,7 @@ def run_first_run(store: Store, pid: int) -> FirstRunState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
+    """Entry point of the first run's process; the outcome is in its stored state."""
     parser = argparse.ArgumentParser(description="Profile and fit the demo models (the app's first run).")
     parser.add_argument("--db", required=True)
     args = parser.parse_args(argv)

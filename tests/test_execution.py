@@ -24,7 +24,7 @@ import pytest
 from engine import catalog, cli
 from engine.backends.base import GenerationResult, TextResult
 from engine.energy import EnergyMeter, ReplayMeter
-from engine.errors import InputError, ModelLoadError
+from engine.errors import InputError, ModelLoadError, PlannerError
 from engine.execution import (
     cancel_execution,
     compare,
@@ -39,10 +39,10 @@ from engine.execution import (
     resume_execution,
     start_worker,
 )
-from engine.execution.worker import ExecutionCancelled, run_execution
+from engine.execution.worker import ExecutionCancelled, ResultSink, queries_left, run_devices, run_execution
 from engine.fitting import fit_all, save_fits
 from engine.planning import PlanSettings, plan_workload, workload_from_frame
-from engine.profiling.jobs import host_name
+from engine.runs import host_name
 from engine.store import Store, append_frame
 
 #: The demo models' files, as the fake backends see them, and the catalog names they stand for.
@@ -380,6 +380,43 @@ def test_stop_after_k_queries_keeps_them_and_resume_runs_only_the_rest(fitted_st
     assert list(results.id) == ["c1", "c2", "c3", "c4", "c5"]
     assert fitted_store.query_one("SELECT count(*) FROM measurements WHERE origin = 'executed'")[0] == 5
     assert get_execution(fitted_store, execution.id).status == "done"
+
+
+class ListSink(ResultSink):
+    """Keeps what the measuring hands over, in memory."""
+
+    def __init__(self):
+        self.results = []
+
+    def add_result(self, result, measurement):
+        self.results.append((result, measurement))
+
+
+def test_measuring_hands_every_result_to_its_sink_and_never_touches_the_database(fitted_store: Store, tmp_path: Path):
+    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", CPU_SCHEDULE))
+    execution = create_execution(fitted_store, plan_id)
+    left = queries_left(fitted_store, execution.id, plan_id)
+    entries = {model: catalog.get_model(fitted_store, model) for model in left.model.unique()}
+    fitted_store.path.rename(fitted_store.path.with_suffix(".away"))  # any use of the database would now fail
+    sink, host = ListSink(), FakeHost(fail={20: MemoryError("out of memory")})
+    run_devices(execution.id, left, entries, sink, threading.Event(), backend_factory=host.backend,
+                meter_factory=replay_meter, idle_s=IDLE_S)
+    assert [r["query_id"] for r, _ in sink.results] == ["c1", "c4", "c2", "c3", "c5"]  # the run order
+    failed = {r["query_id"]: m for r, m in sink.results if r.get("error")}
+    assert list(failed) == ["c2"] and failed["c2"] is None  # a failed query has no measurement
+    measured = [(r, m) for r, m in sink.results if m is not None]
+    assert len(measured) == 4 and all(m["origin"] == "executed" and m["energy_j"] == r["energy_j"] for r, m in measured)
+    assert not fitted_store.path.exists()
+
+
+def test_a_model_gone_from_the_catalog_stops_its_device_when_it_is_reached(fitted_store: Store, tmp_path: Path):
+    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", CPU_SCHEDULE))
+    execution = create_execution(fitted_store, plan_id)
+    catalog.remove_model(fitted_store, "demo-small")
+    host = FakeHost()
+    with pytest.raises(PlannerError, match="model demo-small is no longer in the catalog"):
+        run(fitted_store, execution.id, host)
+    assert sorted(execution_results(fitted_store, execution.id).id) == ["c1", "c4"]  # demo-large's ran first
 
 
 def test_executed_queries_count_in_a_refit_only_when_asked(fitted_store: Store):

@@ -11,14 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import catalog
+from engine import catalog, runs
 from engine.backends.base import GenerationResult
 from engine.energy import EnergyMeter, ReplayMeter
 from engine.errors import InputError, PlannerError, TokenCountMismatchError
 from engine.profiling import jobs
 from engine.profiling.design import DesignPoint, build_design, parse_token_list, run_order
 from engine.profiling.stopping import StopRule, point_complete, relative_half_width
-from engine.profiling.worker import JobCancelled, _CancelFlag, run_job
+from engine.profiling.worker import JobCancelled, TrialSink, _CancelFlag, measure_job, run_job
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_failure_mid_job_keeps_the_trials_and_resume_completes(demo_store: Store
                 meter_factory=replay_meter)
     kept = demo_store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job.id])[0]
     assert kept == 3  # 1 warm-up + 3 stored trials, then the fourth request failed
-    jobs.set_status(demo_store, job.id, "failed", "test")
+    runs.set_status(demo_store, runs.PROFILING, job.id, "failed", "test")
     jobs.resume_job(demo_store, job.id)
     resumed = FakeBackend("fake", "x")
     run_job(demo_store, jobs.get_job(demo_store, job.id), backend_factory=lambda *a, **k: resumed,
@@ -177,6 +177,35 @@ def test_cancel_stops_between_trials_and_keeps_what_was_measured(demo_store: Sto
     assert demo_store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job.id])[0] == 3
 
 
+class ListSink(TrialSink):
+    """Keeps what the measuring hands over, in memory."""
+
+    def __init__(self):
+        self.trials, self.points_done = [], []
+
+    def add_trial(self, row):
+        self.trials.append(row)
+
+    def point_done(self, points_done):
+        self.points_done.append(points_done)
+
+
+def test_measuring_hands_every_trial_to_its_sink_and_never_touches_the_database(demo_store: Store):
+    job = jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[8, 32], outputs=[8], settings=FAST)
+    stored_before = pd.DataFrame({"input_tokens": [8] * 3, "output_tokens": [8] * 3, "trial": [1, 2, 3],
+                                  "runtime_s": [0.002] * 3, "energy_j": [0.02] * 3})  # (8, 8) is complete
+    sink, backend = ListSink(), FakeBackend("fake", "x")
+    demo_store.path.rename(demo_store.path.with_suffix(".away"))  # any use of the database would now fail
+    measure_job(job, "fake", Path("x"), stored_before, sink, backend_factory=lambda *a, **k: backend,
+                meter_factory=replay_meter)
+    assert {(t["input_tokens"], t["output_tokens"]) for t in sink.trials} == {(32, 8)}  # only what was left
+    assert [t["trial"] for t in sink.trials] == list(range(1, len(sink.trials) + 1))
+    assert 3 <= len(sink.trials) <= 5 and backend.calls == FAST.warmup_runs + len(sink.trials)
+    assert sink.points_done == [1, 2]
+    assert all(t["job_id"] == job.id and t["energy_source"] == "estimated" for t in sink.trials)
+    assert not demo_store.path.exists()
+
+
 def test_job_refusals(demo_store: Store):
     catalog.add_model(demo_store, name="remote", accuracy=0.5)
     cases = [
@@ -190,7 +219,7 @@ def test_job_refusals(demo_store: Store):
             jobs.create_job(demo_store, **kwargs)
     with pytest.raises(InputError, match="exceed the model's context|no point fits"):
         jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[4090], outputs=[64])
-    with pytest.raises(InputError, match="--max-trials"):
+    with pytest.raises(InputError, match="maximum trials"):
         jobs.create_job(demo_store, "demo-small", "cpu", settings=jobs.ProfileSettings(min_trials=5, max_trials=2))
     assert demo_store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
 

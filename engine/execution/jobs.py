@@ -1,39 +1,32 @@
-"""Executions of a schedule: their state in the database and the worker process that runs them.
+"""Executions of a schedule: their state in the database, and what they measured.
 
 An execution runs a stored plan (or a schedule CSV, stored as a plan first) on this host:
 every query on its assigned model and device, devices in parallel, each device's queries in
 the schedule's order, each model loaded once per device. Like profiling, inference runs in
 a worker process (``python -m engine.execution.worker``) that stores every query's result
 the moment it is measured, so a crash or kill loses at most the query in flight, the app
-stays up, and :func:`resume_execution` runs only what is left. A device that a profiling
-job or another execution holds is refused.
+stays up, and :func:`resume_execution` runs only what is left. Starting, watching,
+cancelling and resuming it is the lifecycle every long run shares (:mod:`engine.runs`). A
+device that a profiling job or another execution holds is refused.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from engine import catalog
+from engine import catalog, runs
 from engine.backends.base import parse_device
 from engine.csvio import read_csv_rows
-from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
-from engine.paths import PROJECT_ROOT
+from engine.errors import DeviceUnavailableError, InputError, Problem
 from engine.planning.workload import MAX_TOKENS_PER_QUERY
-from engine.profiling.jobs import active_job_on, check_device, exit_reason, host_name, reconcile_jobs
+from engine.runs import ACTIVE, EXECUTION, FINISHED
 from engine.store import Store, append_frame
-from engine.workers import is_worker, stop_worker
 
-ACTIVE = ("queued", "running", "cancelling")
-FINISHED = ("done", "failed", "cancelled")
-WORKER_MODULE = "engine.execution.worker"
 SCHEDULE_REQUIRED = ("id", "model", "device", "input_tokens", "output_tokens")
 SCHEDULE_KNOWN = SCHEDULE_REQUIRED + ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s",
                                       "in_domain")
@@ -61,7 +54,7 @@ def get_execution(store: Store, execution_id: int) -> Execution:
                          "coalesce(queries_done, 0) AS queries_done, created_at, started_at, finished_at "
                          "FROM executions WHERE id = ?", [int(execution_id)])
     if row.empty:
-        raise InputError(Problem("--execution", f"no execution with id {execution_id}", None, "an execution id"))
+        raise InputError(Problem("execution", f"no execution with id {execution_id}", None, "an execution id"))
     data = row.iloc[0].to_dict()
     data["pid"] = None if pd.isna(data["pid"]) else int(data["pid"])
     return Execution(**{k: (int(v) if k in ("id", "plan_id", "queries_total", "queries_done") else v)
@@ -71,17 +64,6 @@ def get_execution(store: Store, execution_id: int) -> Execution:
 def list_executions(store: Store, limit: int = 50) -> pd.DataFrame:
     return store.query_df("SELECT id, plan_id, status, queries_done, queries_total, reason, created_at, started_at, "
                           "finished_at FROM executions ORDER BY id DESC LIMIT ?", [int(limit)])
-
-
-def set_status(store: Store, execution_id: int, status: str, reason: str | None = None, *,
-               only_if: tuple[str, ...] = ()) -> bool:
-    finished = "current_timestamp" if status in FINISHED else "finished_at"
-    condition = f" AND status IN ({', '.join('?' * len(only_if))})" if only_if else ""
-    with store.connect() as con:
-        changed = con.execute(
-            f"UPDATE executions SET status = ?, reason = ?, finished_at = {finished} WHERE id = ?{condition} "
-            "RETURNING id", [status, reason, int(execution_id), *only_if]).fetchall()
-    return bool(changed)
 
 
 # -- what to run ------------------------------------------------------------------------------
@@ -165,7 +147,7 @@ def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[st
     model files that moved, devices this host lacks or that are busy. Returns the devices."""
     problems: list[Problem] = []
     if queries.empty:
-        raise InputError(Problem("--plan", f"plan {plan_id} has no schedule to run", None,
+        raise InputError(Problem("plan", f"plan {plan_id} has no schedule to run", None,
                                  "a plan whose status is optimal or feasible"))
     for model in queries["model"].unique():
         entry = catalog.get_model(store, model)
@@ -179,137 +161,66 @@ def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[st
             problems.append(Problem("plan", f"the files of {model!r} are no longer at {entry.path}", "model",
                                     "move them back, or give the new path on the Models page"))
     devices = []
-    reconcile_jobs(store)
-    reconcile_executions(store)
     for device in queries["device"].unique():
         try:
-            stored = check_device(device)
+            stored = runs.check_device(device)
         except DeviceUnavailableError as exc:
             problems.append(Problem("plan", str(exc), "device", "a device of this host"))
             continue
         devices.append(stored)
-        busy_job = active_job_on(store, stored)
-        busy_execution = active_execution_on(store, stored)
-        if busy_job is not None:
-            problems.append(Problem("plan", f"profiling job {busy_job} is running on {stored}", "device",
-                                    "wait for it to finish, or cancel it"))
-        if busy_execution is not None:
-            problems.append(Problem("plan", f"execution {busy_execution} is running on {stored}", "device",
+        busy = runs.run_on_device(store, stored)
+        if busy is not None:
+            problems.append(Problem("plan", f"{busy} is running on {stored}", "device",
                                     "wait for it to finish, or cancel it"))
     if problems:
         raise InputError(problems)
     return devices
 
 
-def active_execution_on(store: Store, device: str) -> int | None:
-    frame = store.query_df(
-        f"SELECT e.id, CAST(e.settings AS VARCHAR) AS settings FROM executions e WHERE e.host = ? "
-        f"AND e.status IN ({', '.join('?' * len(ACTIVE))})", [host_name(), *ACTIVE])
-    for row in frame.itertuples():
-        if device in json.loads(row.settings or "{}").get("devices", []):
-            return int(row.id)
-    return None
-
-
 def create_execution(store: Store, plan_id: int) -> Execution:
     """Check that the plan can run here and queue its execution."""
     queries = plan_queries(store, plan_id)
     if store.query_one("SELECT id FROM plans WHERE id = ?", [int(plan_id)]) is None:
-        raise InputError(Problem("--plan", f"no plan with id {plan_id}", None, "a plan id (Plan page or plan --json)"))
+        raise InputError(Problem("plan", f"no plan with id {plan_id}", None, "a plan id (Plan page or plan --json)"))
     devices = check_runnable(store, plan_id, queries)
     with store.connect() as con:
         execution_id = int(con.execute(
             "INSERT INTO executions (plan_id, host, status, queries_total, queries_done, settings) "
             "VALUES (?, ?, 'queued', ?, 0, ?) RETURNING id",
-            [int(plan_id), host_name(), len(queries), json.dumps({"devices": devices})]).fetchone()[0])
+            [int(plan_id), runs.host_name(), len(queries), json.dumps({"devices": devices})]).fetchone()[0])
     return get_execution(store, execution_id)
 
 
-# -- the worker process -------------------------------------------------------------------------
+# -- the lifecycle, for executions (see engine.runs) ------------------------------------------
 
 def worker_log_path(store: Store, execution_id: int) -> Path:
-    folder = store.path.resolve().parent / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"execution-{execution_id}.log"
+    """Where an execution's worker writes its own output (library messages, a crash's last words)."""
+    return runs.worker_log_path(store, EXECUTION, execution_id)
 
 
-def start_worker(store: Store, execution_id: int, *, watch: bool = True) -> subprocess.Popen:
+def start_worker(store: Store, execution_id: int, *, watch: bool = True) -> runs.RunHandle:
     """Start the worker of a queued execution; with ``watch``, a thread records how it ended."""
-    log = worker_log_path(store, execution_id).open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", WORKER_MODULE, "--db", str(store.path.resolve()), "--execution", str(execution_id)],
-        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    store.execute("UPDATE executions SET pid = ? WHERE id = ?", [process.pid, int(execution_id)])
-    if watch:
-        threading.Thread(target=watch_worker, args=(store, execution_id, process), daemon=True,
-                         name=f"watch-execution-{execution_id}").start()
-    return process
-
-
-def watch_worker(store: Store, execution_id: int, process: subprocess.Popen) -> None:
-    _close_orphan(store, execution_id, exit_reason(process.wait()))
-
-
-def _close_orphan(store: Store, execution_id: int, why: str) -> None:
-    execution = get_execution(store, execution_id)
-    done = _done_count(store, execution_id)
-    if execution.status == "cancelling":
-        set_status(store, execution_id, "cancelled", f"cancelled; {done} queries stored", only_if=("cancelling",))
-    else:
-        set_status(store, execution_id, "failed",
-                   f"{why} after {done} of {execution.queries_total} queries; their results are stored; resume "
-                   "to run the rest", only_if=("queued", "running"))
-
-
-def _done_count(store: Store, execution_id: int) -> int:
-    return int(store.query_one("SELECT count(*) FROM execution_results WHERE execution_id = ?",
-                               [int(execution_id)])[0])
-
-
-def _is_our_worker(pid: int | None, execution_id: int) -> bool:
-    return is_worker(pid, WORKER_MODULE, "--execution", execution_id)
+    return runs.start(store, EXECUTION, execution_id, watch=watch)
 
 
 def reconcile_executions(store: Store) -> None:
     """Close the active executions of this host whose worker is gone."""
-    frame = store.query_df(
-        f"SELECT id, pid, created_at FROM executions WHERE host = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
-        [host_name(), *ACTIVE])
-    for row in frame.itertuples():
-        pid = None if pd.isna(row.pid) else int(row.pid)
-        if pid is None:
-            created = pd.Timestamp(row.created_at)
-            if (pd.Timestamp.now(tz=created.tz) - created).total_seconds() < 30:
-                continue
-            _close_orphan(store, row.id, "no worker process was started")
-        elif not _is_our_worker(pid, row.id):
-            _close_orphan(store, row.id, f"the worker process {pid} ended unexpectedly (killed or crashed)")
+    runs.reconcile(store, (EXECUTION,))
 
 
 def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) -> Execution:
     """Stop an execution within seconds (after the query in flight); what ran is kept."""
-    execution = get_execution(store, execution_id)
-    if execution.status not in ACTIVE:
-        raise InputError(Problem("--execution", f"execution {execution_id} is {execution.status}, not running", None,
-                                 "a running execution"))
-    set_status(store, execution_id, "cancelling", "cancel requested", only_if=ACTIVE)
-    stop_worker(execution.pid, WORKER_MODULE, "--execution", execution_id, grace_s)
-    set_status(store, execution_id, "cancelled", f"cancelled; {_done_count(store, execution_id)} queries stored",
-               only_if=("cancelling", "queued", "running"))
+    get_execution(store, execution_id)
+    runs.cancel(store, EXECUTION, execution_id, grace_s=grace_s)
     return get_execution(store, execution_id)
 
 
 def resume_execution(store: Store, execution_id: int) -> Execution:
     """Queue a failed or cancelled execution again; its worker runs only the queries left."""
-    reconcile_executions(store)
     execution = get_execution(store, execution_id)
-    if execution.status not in ("failed", "cancelled"):
-        raise InputError(Problem("--resume", f"execution {execution_id} is {execution.status}", None,
-                                 "a failed or cancelled execution"))
+    runs.check_resumable(store, EXECUTION, execution_id)
     check_runnable(store, execution.plan_id, plan_queries(store, execution.plan_id))
-    store.execute("UPDATE executions SET status = 'queued', reason = NULL, pid = NULL, finished_at = NULL, "
-                  "created_at = current_timestamp WHERE id = ?", [int(execution_id)])
+    runs.requeue(store, EXECUTION, execution_id)
     return get_execution(store, execution_id)
 
 

@@ -9,29 +9,34 @@ measurement row (origin 'executed') so a refit can learn from it. A query that f
 (out of memory, too long for the context) is stored with its error and the run goes on.
 SIGTERM stops every device after its query in flight. Queries already stored are skipped
 (resume).
+
+The measuring (:func:`run_devices`, :func:`run_device`) never touches the database: it is
+given the queries left and hands every result to a :class:`ResultSink`; here the sink
+writes it to the database (:class:`StoreResultSink`, one transaction a query).
 """
 
 from __future__ import annotations
 
-import argparse
+import abc
 import json
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from engine import __version__, catalog
+from engine import __version__, catalog, runs
 from engine.backends import open_backend
-from engine.energy import measure_idle_power, open_meter
+from engine.backends.base import Backend
+from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
 from engine.errors import InputError, PlannerError, TokenCountMismatchError
-from engine.execution.jobs import get_execution, plan_queries, set_status
+from engine.execution.jobs import get_execution, plan_queries
 from engine.fitting import load_latest_fits
-from engine.profiling.jobs import host_name
-from engine.profiling.worker import device_lock
+from engine.runs import EXECUTION
 from engine.store import Store, append_frame
 
 IDLE_S = 2.0
@@ -40,9 +45,39 @@ IDLE_S = 2.0
 _WRITE_LOCK = threading.Lock()
 
 
-class ExecutionCancelled(Exception):
+class ExecutionCancelled(runs.RunCancelled):
     """The execution was asked to stop."""
 
+
+# -- where results go ----------------------------------------------------------------------------
+
+class ResultSink(abc.ABC):
+    """Where an execution's query results go, one at a time, the moment each is measured."""
+
+    @abc.abstractmethod
+    def add_result(self, result: dict[str, Any], measurement: dict[str, Any] | None) -> None:
+        """Keep one query's result (a row of execution_results) and, when the query generated
+        tokens, its measurement (a row of measurements, which the result then refers to)."""
+
+
+class StoreResultSink(ResultSink):
+    """Writes each result (and its measurement) to the database as it comes, in one transaction."""
+
+    def __init__(self, store: Store, execution_id: int) -> None:
+        self.store, self.execution_id = store, execution_id
+
+    def add_result(self, result: dict[str, Any], measurement: dict[str, Any] | None) -> None:
+        with _WRITE_LOCK, self.store.transaction() as con:
+            if measurement is not None:
+                measurement_id = con.execute("SELECT nextval('measurement_id_seq')").fetchone()[0]
+                append_frame(con, "measurements", pd.DataFrame([{"id": measurement_id, **measurement}]))
+                result = {**result, "measurement_id": measurement_id}
+            append_frame(con, "execution_results", pd.DataFrame([result]))
+            con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
+                        "WHERE execution_id = ?) WHERE id = ?", [self.execution_id, self.execution_id])
+
+
+# -- what is left to run ---------------------------------------------------------------------------
 
 def _uncertainty(store: Store, queries: pd.DataFrame) -> np.ndarray:
     """Half-width of the 90% prediction interval of each query's energy, from the current fits (NaN if none)."""
@@ -55,40 +90,106 @@ def _uncertainty(store: Store, queries: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def run_device(store: Store, execution_id: int, device: str, queries: pd.DataFrame, stop: threading.Event, *,
-               backend_factory: Callable = open_backend, meter_factory: Callable = open_meter,
-               idle_s: float = IDLE_S, progress: Callable[[str], None] = lambda line: None) -> None:
-    """Run one device's queries (already in order, those done removed). Raises on a failure
-    that stops the device (a model that cannot load); per-query failures are stored."""
-    with device_lock(store, device):
-        meter = meter_factory(device)
+def queries_left(store: Store, execution_id: int, plan_id: int) -> pd.DataFrame:
+    """The plan's queries not yet stored for this execution, in run order, with their position and band."""
+    queries = plan_queries(store, plan_id)
+    queries["position"] = queries.groupby("device").cumcount()
+    queries["uncertainty_j"] = _uncertainty(store, queries)
+    done = set(store.query_df("SELECT query_id FROM execution_results WHERE execution_id = ?",
+                              [int(execution_id)])["query_id"])
+    return queries[~queries["query_id"].isin(done)]
+
+
+def run_execution(store: Store, execution_id: int, stop: threading.Event, *, sink: ResultSink | None = None,
+                  **measuring) -> None:
+    """Run (or continue) an execution to the end. Raises the first device failure.
+
+    ``measuring`` goes to :func:`run_device` (factories, idle time, progress).
+    """
+    execution = get_execution(store, execution_id)
+    runs.mark_running(store, EXECUTION, execution_id)
+    left = queries_left(store, execution_id, execution.plan_id)
+    entries = {model: catalog.get_model(store, model) for model in left["model"].unique()}
+    run_devices(execution_id, left, entries, sink or StoreResultSink(store, execution_id), stop,
+                hold_device=lambda device: runs.device_lock(store, device), **measuring)
+    runs.mark_done(store, EXECUTION, execution_id)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+def run_devices(execution_id: int, queries: pd.DataFrame, entries: dict[str, catalog.CatalogEntry | None],
+                sink: ResultSink, stop: threading.Event, *,
+                hold_device: Callable[[str], AbstractContextManager] = lambda device: nullcontext(),
+                **measuring) -> None:
+    """Run the queries, one thread per device, each holding its device (``hold_device``) while it runs.
+
+    One device failing stops the others at their next query; raises the first failure, or
+    :class:`ExecutionCancelled` when stopped. Never touches the database.
+    """
+    errors: list[BaseException] = []
+
+    def device_thread(device: str, part: pd.DataFrame) -> None:
         try:
-            for model in dict.fromkeys(queries["model"]):
-                if stop.is_set():
-                    raise ExecutionCancelled()
-                entry = catalog.get_model(store, model)
-                if entry is None:
-                    raise PlannerError(f"model {model} is no longer in the catalog")
-                options = {"trust_remote_code": True} if entry.trust_remote_code else {}
-                progress(f"{device}: loading {model}")
-                backend = backend_factory(entry.backend, catalog.resolve_model_path(entry.path), device, **options)
-                backend.load()  # once per model and device
-                try:
-                    idle = measure_idle_power(meter, idle_s)
-                    versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description,
-                                           "origin": "execution", "execution_id": execution_id})
-                    for row in queries[queries["model"] == model].itertuples():
-                        if stop.is_set():
-                            raise ExecutionCancelled()
-                        _run_query(store, execution_id, device, backend, meter, idle, versions, row)
-                        progress(f"{device}: {row.query_id} done")
-                finally:
-                    backend.close()
-        finally:
-            meter.close()
+            with hold_device(device):
+                run_device(execution_id, device, part, entries, sink, stop, **measuring)
+        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
+            errors.append(exc)
+            if not isinstance(exc, ExecutionCancelled):
+                stop.set()
+
+    threads = [threading.Thread(target=device_thread, args=(device, part), name=f"execute-{device}")
+               for device, part in queries.groupby("device", sort=False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # short joins, so that SIGTERM's handler runs meanwhile
+            thread.join(timeout=0.2)
+    failures = [e for e in errors if not isinstance(e, ExecutionCancelled)]
+    if failures:
+        raise failures[0]
+    if errors or stop.is_set():
+        raise ExecutionCancelled()
 
 
-def _run_query(store: Store, execution_id: int, device: str, backend, meter, idle, versions: str, row) -> None:
+def run_device(execution_id: int, device: str, queries: pd.DataFrame, entries: dict[str, catalog.CatalogEntry | None],
+               sink: ResultSink, stop: threading.Event, *, backend_factory: Callable = open_backend,
+               meter_factory: Callable = open_meter, idle_s: float = IDLE_S,
+               progress: Callable[[str], None] = lambda line: None) -> None:
+    """Run one device's queries (already in order, those done removed), model by model.
+
+    Raises on a failure that stops the device (a model gone from the catalog or that
+    cannot load); a query that fails alone is a result with its error.
+    """
+    meter = meter_factory(device)
+    try:
+        for model in dict.fromkeys(queries["model"]):
+            if stop.is_set():
+                raise ExecutionCancelled()
+            entry = entries.get(model)
+            if entry is None:
+                raise PlannerError(f"model {model} is no longer in the catalog")
+            options = {"trust_remote_code": True} if entry.trust_remote_code else {}
+            progress(f"{device}: loading {model}")
+            backend = backend_factory(entry.backend, catalog.resolve_model_path(entry.path), device, **options)
+            backend.load()  # once per model and device
+            try:
+                idle = measure_idle_power(meter, idle_s)
+                versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description,
+                                       "origin": "execution", "execution_id": execution_id})
+                for row in queries[queries["model"] == model].itertuples():
+                    if stop.is_set():
+                        raise ExecutionCancelled()
+                    sink.add_result(*_measure_query(execution_id, device, backend, meter, idle, versions, row))
+                    progress(f"{device}: {row.query_id} done")
+            finally:
+                backend.close()
+    finally:
+        meter.close()
+
+
+def _measure_query(execution_id: int, device: str, backend: Backend, meter: EnergyMeter, idle: IdleBaseline,
+                   versions: str, row) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run one query: its result row and, when it generated tokens, its measurement row."""
     prompt = row.prompt if isinstance(row.prompt, str) and row.prompt.strip() else None
     error = None
     text = stopped = None
@@ -116,92 +217,32 @@ def _run_query(store: Store, execution_id: int, device: str, backend, meter, idl
     }
     if error is not None:
         record.update(input_tokens=int(row.input_tokens), output_tokens=0, error=error)
-        with _WRITE_LOCK, store.transaction() as con:
-            append_frame(con, "execution_results", pd.DataFrame([record]))
-            _count_done(con, execution_id)
-        return
+        return record, None
     record.update(input_tokens=got_in, output_tokens=got_out, runtime_s=runtime, energy_j=columns["energy_j"],
                   energy_source=columns["energy_source"], energy_method=columns["energy_method"],
                   idle_power_w=columns["idle_power_w"], generated_text=text, stopped=stopped)
+    if got_out < 1:  # a measurement needs at least one generated token
+        return record, None
     measurement = {
-        "origin": "executed", "model": row.model, "device": device, "host": host_name(), "input_tokens": got_in,
-        "output_tokens": max(got_out, 1), "batch_size": 1, "trial": 1, "runtime_s": runtime,
+        "origin": "executed", "model": row.model, "device": device, "host": runs.host_name(), "input_tokens": got_in,
+        "output_tokens": got_out, "batch_size": 1, "trial": 1, "runtime_s": runtime,
         "library_versions": versions, "started_at": window.result.started_at,
         "finished_at": window.result.finished_at, **columns,
     }
-    with _WRITE_LOCK, store.transaction() as con:
-        if got_out >= 1:  # a measurement needs at least one generated token
-            measurement_id = con.execute("SELECT nextval('measurement_id_seq')").fetchone()[0]
-            append_frame(con, "measurements", pd.DataFrame([{"id": measurement_id, **measurement}]))
-            record["measurement_id"] = measurement_id
-        append_frame(con, "execution_results", pd.DataFrame([record]))
-        _count_done(con, execution_id)
+    return record, measurement
 
 
-def _count_done(con, execution_id: int) -> None:
-    con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
-                "WHERE execution_id = ?) WHERE id = ?", [execution_id, execution_id])
+# -- the process ----------------------------------------------------------------------------------
 
-
-def run_execution(store: Store, execution_id: int, stop: threading.Event, **kwargs) -> None:
-    """Run (or continue) an execution to the end. Raises the first device failure."""
-    execution = get_execution(store, execution_id)
-    set_status(store, execution_id, "running", None, only_if=("queued", "running"))
-    store.execute("UPDATE executions SET started_at = coalesce(started_at, current_timestamp) WHERE id = ?",
-                  [execution_id])
-    queries = plan_queries(store, execution.plan_id)
-    queries["position"] = queries.groupby("device").cumcount()
-    queries["uncertainty_j"] = _uncertainty(store, queries)
-    done = set(store.query_df("SELECT query_id FROM execution_results WHERE execution_id = ?",
-                              [execution_id])["query_id"])
-    left = queries[~queries["query_id"].isin(done)]
-    errors: list[BaseException] = []
-
-    def device_thread(device: str, part: pd.DataFrame) -> None:
-        try:
-            run_device(store, execution_id, device, part, stop, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
-            errors.append(exc)
-            if not isinstance(exc, ExecutionCancelled):
-                stop.set()  # one device failing stops the others at their next query
-
-    threads = [threading.Thread(target=device_thread, args=(device, part), name=f"execute-{device}")
-               for device, part in left.groupby("device", sort=False)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(timeout=0.2)
-    failures = [e for e in errors if not isinstance(e, ExecutionCancelled)]
-    if failures:
-        raise failures[0]
-    if errors or stop.is_set():
-        raise ExecutionCancelled()
-    set_status(store, execution_id, "done", None, only_if=("running",))
+def _work(store: Store, execution_id: int) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    run_execution(store, execution_id, stop, progress=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one execution (started by the app or the CLI).")
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--execution", type=int, required=True)
-    args = parser.parse_args(argv)
-    store = Store(args.db, busy_timeout_s=30)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        run_execution(store, args.execution, stop, progress=lambda line: print(line, flush=True))
-    except ExecutionCancelled:
-        done = store.query_one("SELECT count(*) FROM execution_results WHERE execution_id = ?", [args.execution])[0]
-        set_status(store, args.execution, "cancelled", f"cancelled; {done} queries stored")
-        return 0
-    except Exception as exc:  # noqa: BLE001 (every failure is recorded in words)
-        if not isinstance(exc, PlannerError):
-            traceback.print_exc()
-        done = store.query_one("SELECT count(*) FROM execution_results WHERE execution_id = ?", [args.execution])[0]
-        set_status(store, args.execution, "failed",
-                   f"{exc} (after {done} queries; their results are stored; resume to run the rest)")
-        return 1
-    return 0
+    """Entry point of the worker process; its exit code tells the watcher how it ended."""
+    return runs.worker_main(EXECUTION, _work, argv)
 
 
 if __name__ == "__main__":

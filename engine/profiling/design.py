@@ -83,7 +83,7 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
     used) of ``space-filling``.
     """
     if kind not in DESIGN_KINDS:
-        raise InputError(Problem("--design", f"unknown design {kind!r}", None, " or ".join(DESIGN_KINDS)))
+        raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(DESIGN_KINDS)))
     if kind == "quick":
         points = [DesignPoint(i, o) for i in QUICK_TOKENS for o in QUICK_TOKENS]
     elif kind == "paper-grid":
@@ -92,8 +92,8 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
         points = sorted({DesignPoint(i, 32) for i in PAPER_POWERS} | {DesignPoint(32, o) for o in PAPER_POWERS + (4096,)})
     elif kind == "custom":
         if not inputs or not outputs:
-            raise InputError(Problem("--inputs/--outputs", "a custom design needs both lists", None,
-                                     "e.g. --inputs 8,32,128 --outputs 8,32"))
+            raise InputError(Problem("inputs/outputs", "a custom design needs both lists", None,
+                                     "e.g. inputs 8,32,128 and outputs 8,32"))
         points = [DesignPoint(i, o) for i in inputs for o in outputs]
     else:
         points = space_filling(inputs or [8, 2048], outputs or [8, 512], n_points, seed)
@@ -112,7 +112,7 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
 def space_filling(inputs: list[int], outputs: list[int], n_points: int, seed: int) -> list[DesignPoint]:
     """A Latin hypercube in (log2 input, log2 output), rounded to whole tokens, without repeats."""
     if not 2 <= n_points <= 400:
-        raise InputError(Problem("--points", f"{n_points} points", None, "2 to 400 points for a space-filling design"))
+        raise InputError(Problem("points", f"{n_points} points", None, "2 to 400 points for a space-filling design"))
     rng = np.random.default_rng(seed)
     lo_in, hi_in = math.log2(min(inputs)), math.log2(max(inputs))
     lo_out, hi_out = math.log2(min(outputs)), math.log2(max(outputs))

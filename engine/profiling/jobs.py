@@ -1,46 +1,27 @@
-"""Profiling jobs: their state in the database, and the worker processes that run them.
+"""Profiling jobs: their settings, their state in the database, and their progress.
 
 Inference runs in a separate worker process (``python -m engine.profiling.worker``) so
-that a crash, hang or kill of a backend cannot take the app or the CLI down. The worker
-stores every trial as soon as it is measured; whoever started it watches it and, when
-it dies without finishing, marks the job failed with the reason. A job whose worker is
-gone while nobody watched (the app restarted) is found by :func:`reconcile_jobs`.
-
-Two jobs on one device would measure each other: :func:`create_job` refuses a second
-one, and the worker holds a lock file for the device while it runs.
+that a crash, hang or kill of a backend cannot take the app or the CLI down. Starting,
+watching, cancelling and resuming it is the lifecycle every long run shares
+(:mod:`engine.runs`); this module names it for jobs. A device runs one run at a time:
+:func:`create_job` refuses a device that a job or an execution holds.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from engine import catalog
-from engine.backends.base import MAX_BATCH_SIZE, parse_device
+from engine import catalog, runs
+from engine.backends.base import MAX_BATCH_SIZE
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
-from engine.paths import PROJECT_ROOT
 from engine.profiling.design import Design, build_design
 from engine.profiling.stopping import StopRule
+from engine.runs import ACTIVE, FINISHED, PROFILING
 from engine.store import Store
-from engine.workers import is_worker, stop_worker
-
-ACTIVE = ("queued", "running", "cancelling")
-FINISHED = ("done", "failed", "cancelled")
-WORKER_MODULE = "engine.profiling.worker"
-
-
-def host_name() -> str:
-    """This host's name, as stored with jobs and measurements."""
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -65,14 +46,15 @@ class ProfileSettings:
         """The settings, or InputError naming each one out of range."""
         problems = []
         checks = [
-            ("--rel-ci", 0 < self.rel_bound <= 1, f"{self.rel_bound}", "a fraction in (0, 1], e.g. 0.05 for ±5%"),
-            ("--min-trials", 1 <= self.min_trials <= 1000, f"{self.min_trials}", "1 to 1000"),
-            ("--max-trials", self.min_trials <= self.max_trials <= 1000, f"{self.max_trials}",
-             f"from --min-trials ({self.min_trials}) to 1000"),
-            ("--warmup", 0 <= self.warmup_runs <= 100, f"{self.warmup_runs}", "0 to 100"),
-            ("--cooldown-s", 0 <= self.cooldown_s <= 600, f"{self.cooldown_s}", "0 to 600 seconds"),
-            ("--idle-s", 0.5 <= self.idle_s <= 600, f"{self.idle_s}", "0.5 to 600 seconds"),
-            ("--batch-size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"{self.batch_size}", f"1 to {MAX_BATCH_SIZE}"),
+            ("relative CI bound", 0 < self.rel_bound <= 1, f"{self.rel_bound}",
+             "a fraction in (0, 1], e.g. 0.05 for ±5%"),
+            ("minimum trials", 1 <= self.min_trials <= 1000, f"{self.min_trials}", "1 to 1000"),
+            ("maximum trials", self.min_trials <= self.max_trials <= 1000, f"{self.max_trials}",
+             f"from the minimum trials ({self.min_trials}) to 1000"),
+            ("warm-up runs", 0 <= self.warmup_runs <= 100, f"{self.warmup_runs}", "0 to 100"),
+            ("cool-down", 0 <= self.cooldown_s <= 600, f"{self.cooldown_s}", "0 to 600 seconds"),
+            ("idle baseline", 0.5 <= self.idle_s <= 600, f"{self.idle_s}", "0.5 to 600 seconds"),
+            ("batch size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"{self.batch_size}", f"1 to {MAX_BATCH_SIZE}"),
         ]
         for where, ok, value, expected in checks:
             if not ok:
@@ -115,7 +97,7 @@ def get_job(store: Store, job_id: int) -> Job:
     """One job, or InputError when there is none with that id."""
     frame = store.query_df("SELECT * FROM profiling_jobs WHERE id = ?", [int(job_id)])
     if frame.empty:
-        raise InputError(Problem("--job", f"no profiling job {job_id}", None, "an id from the job list"))
+        raise InputError(Problem("job", f"no profiling job {job_id}", None, "an id from the job list"))
     return _job_from_row(frame.iloc[0].to_dict())
 
 
@@ -143,35 +125,6 @@ def model_context_length(entry: catalog.CatalogEntry) -> int | None:
     return int(value) if value else None
 
 
-def check_device(device: str) -> str:
-    """The device string, or DeviceUnavailableError when this host has no such device."""
-    spec = parse_device(device)
-    if spec.kind == "cpu":
-        return "cpu"
-    from engine.energy.discovery import discover_sensors
-
-    sensors = discover_sensors()
-    gpus = [s for s in sensors if s.device.startswith("cuda:")]
-    index = spec.index or 0
-    if not gpus:
-        reasons = "; ".join(s.detail for s in sensors if s.source.startswith("nvml"))
-        raise DeviceUnavailableError(f"{device}: this host has no usable NVIDIA GPU ({reasons or 'NVML found none'}).")
-    if index >= len(gpus):
-        raise DeviceUnavailableError(f"{device}: this host has {len(gpus)} NVIDIA GPU(s), cuda:0 to cuda:{len(gpus) - 1}.")
-    return f"cuda:{index}"
-
-
-def active_job_on(store: Store, device: str, host: str | None = None) -> int | None:
-    """The id of a job that is running (or about to) on this device of this host, if any.
-
-    Call :func:`reconcile_jobs` first, so that a job whose worker died does not count.
-    """
-    row = store.query_one(
-        f"SELECT id FROM profiling_jobs WHERE host = ? AND device = ? AND status IN ({', '.join('?' * len(ACTIVE))}) "
-        "ORDER BY id LIMIT 1", [host or host_name(), device, *ACTIVE])
-    return None if row is None else int(row[0])
-
-
 def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,
                 n_points: int = 16, settings: ProfileSettings | None = None
                 ) -> tuple[catalog.CatalogEntry, str, Design, ProfileSettings]:
@@ -179,23 +132,23 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     settings = (settings or ProfileSettings()).validate()
     entry = catalog.get_model(store, model)
     if entry is None:
-        raise InputError(Problem("--model", f"no model named {model!r} in the catalog", None, "a name from `models list`"))
+        raise InputError(Problem("model", f"no model named {model!r} in the catalog", None, "a name from `models list`"))
     if entry.backend == "external" or not entry.path:
-        raise InputError(Problem("--model", f"{model} has no local weights (external), so it cannot be profiled here",
+        raise InputError(Problem("model", f"{model} has no local weights (external), so it cannot be profiled here",
                                  None, "a model with a path; import its measurements instead"))
     if entry.path.startswith(catalog.HUB_PREFIX):
-        raise InputError(Problem("--model", f"{model} is a hub id; download it and add its local directory", None,
+        raise InputError(Problem("model", f"{model} is a hub id; download it and add its local directory", None,
                                  "a local model directory or .gguf file"))
     if entry.backend == "llama.cpp" and settings.batch_size != 1:
-        raise InputError(Problem("--batch-size", f"{settings.batch_size}: the llama.cpp backend runs one request at a time",
+        raise InputError(Problem("batch size", f"{settings.batch_size}: the llama.cpp backend runs one request at a time",
                                  None, "batch size 1 for a .gguf model"))
     if not catalog.resolve_model_path(entry.path).exists():
-        raise InputError(Problem("--model", f"{model}'s files are gone from {entry.path}", None,
+        raise InputError(Problem("model", f"{model}'s files are gone from {entry.path}", None,
                                  "restore them, or `models remove` and add it again"))
     try:
-        device = check_device(device)
+        device = runs.check_device(device)
     except DeviceUnavailableError as exc:
-        raise InputError(Problem("--device", str(exc), None, "cpu, or cuda:N for a GPU this host has")) from None
+        raise InputError(Problem("device", str(exc), None, "cpu, or cuda:N for a GPU this host has")) from None
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
                           context_length=model_context_length(entry), seed=settings.seed)
     return entry, device, design, settings
@@ -205,129 +158,51 @@ def create_job(store: Store, model: str, device: str, design_kind: str = "quick"
     """Validate and store a new queued job; refuses a second job on a busy device."""
     settings = options.pop("settings", None)
     entry, device, design, settings = prepare_job(store, model, device, design_kind, settings=settings, **options)
-    reconcile_jobs(store)
-    busy = active_job_on(store, device)
+    busy = runs.run_on_device(store, device)
     if busy is not None:
-        raise PlannerError(f"Profiling job {busy} is already running on {device}; two jobs on one device would "
+        raise PlannerError(f"{str(busy).capitalize()} is already running on {device}; two runs on one device would "
                            "measure each other. Wait for it to finish or cancel it.")
     with store.transaction() as con:
         job_id = con.execute(
             """INSERT INTO profiling_jobs (model, device, host, design, settings, status, points_total)
                VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id""",
-            [entry.name, device, host_name(), json.dumps(design.to_dict()), json.dumps(asdict(settings)),
+            [entry.name, device, runs.host_name(), json.dumps(design.to_dict()), json.dumps(asdict(settings)),
              len(design.points)]).fetchone()[0]
     return get_job(store, job_id)
 
 
-def set_status(store: Store, job_id: int, status: str, reason: str | None = None, *, only_if: tuple[str, ...] = ()) -> bool:
-    """Move a job to a status (finished ones get their finish time); returns whether it changed."""
-    finished = "current_timestamp" if status in FINISHED else "finished_at"
-    condition = f" AND status IN ({', '.join('?' * len(only_if))})" if only_if else ""
-    with store.connect() as con:
-        changed = con.execute(
-            f"UPDATE profiling_jobs SET status = ?, reason = ?, finished_at = {finished} WHERE id = ?{condition} RETURNING id",
-            [status, reason, int(job_id), *only_if]).fetchall()
-    return bool(changed)
+# -- the lifecycle, for jobs (see engine.runs) ------------------------------------------------
+
+def start_worker(store: Store, job_id: int, *, watch: bool = True) -> runs.RunHandle:
+    """Start the worker of a queued job; with ``watch``, a thread records how it ended."""
+    return runs.start(store, PROFILING, job_id, watch=watch)
 
 
-# -- worker processes ---------------------------------------------------------------------
-
-def worker_log_path(store: Store, job_id: int) -> Path:
-    """Where a worker's own output goes (library messages, a crash's last words)."""
-    folder = store.path.resolve().parent / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"profiling-job-{job_id}.log"
-
-
-def start_worker(store: Store, job_id: int, *, watch: bool = True) -> subprocess.Popen:
-    """Start the worker process of a queued job; with ``watch``, a thread records how it ended."""
-    log = worker_log_path(store, job_id).open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", WORKER_MODULE, "--db", str(store.path.resolve()), "--job", str(job_id)],
-        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,  # a Ctrl-C or a restart of the app does not reach the worker
-    )
-    log.close()
-    store.execute("UPDATE profiling_jobs SET pid = ? WHERE id = ?", [process.pid, int(job_id)])
-    if watch:
-        threading.Thread(target=watch_worker, args=(store, job_id, process), daemon=True,
-                         name=f"watch-profiling-job-{job_id}").start()
-    return process
-
-
-def exit_reason(returncode: int) -> str:
-    """How a process ended, in words."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"the worker process was killed ({name})"
-    return f"the worker process exited with code {returncode} without finishing"
-
-
-def watch_worker(store: Store, job_id: int, process: subprocess.Popen) -> None:
-    """Wait for a worker; if it ended without closing its job, close it with the reason."""
-    returncode = process.wait()
-    _close_orphan(store, job_id, exit_reason(returncode))
-
-
-def _close_orphan(store: Store, job_id: int, why: str) -> None:
-    trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [int(job_id)])[0]
-    job = get_job(store, job_id)
-    if job.status == "cancelling":
-        set_status(store, job_id, "cancelled", f"cancelled; {trials} trials stored", only_if=("cancelling",))
-    else:
-        set_status(store, job_id, "failed",
-                   f"{why} after {job.points_done} of {job.points_total} points; the {trials} trials measured "
-                   "before are stored; resume to complete the rest", only_if=("queued", "running"))
-
-
-def _is_our_worker(pid: int | None, job_id: int) -> bool:
-    return is_worker(pid, WORKER_MODULE, "--job", job_id)
+def watch_worker(store: Store, job_id: int, handle: runs.RunHandle) -> None:
+    """Wait for a job's worker; if it ended without closing its job, close it with the reason."""
+    runs.watch_until_done(store, PROFILING, job_id, handle)
 
 
 def reconcile_jobs(store: Store) -> None:
     """Close the active jobs of this host whose worker is gone (killed while nobody watched)."""
-    frame = store.query_df(
-        f"SELECT id, pid, created_at FROM profiling_jobs WHERE host = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
-        [host_name(), *ACTIVE])
-    for row in frame.itertuples():
-        pid = None if pd.isna(row.pid) else int(row.pid)
-        if pid is None:
-            # Queued but never started: give the starter a moment to record the pid.
-            created = pd.Timestamp(row.created_at)
-            if (pd.Timestamp.now(tz=created.tz) - created).total_seconds() < 30:
-                continue
-            _close_orphan(store, row.id, "no worker process was started")
-        elif not _is_our_worker(pid, row.id):
-            _close_orphan(store, row.id, f"the worker process {pid} ended unexpectedly (killed or crashed)")
+    runs.reconcile(store, (PROFILING,))
 
 
 def cancel_job(store: Store, job_id: int, *, grace_s: float = 5.0) -> Job:
     """Stop a job within seconds: ask its worker to stop, and kill it if it does not."""
-    job = get_job(store, job_id)
-    if job.status not in ACTIVE:
-        raise InputError(Problem("--job", f"job {job_id} is {job.status}, not running", None, "a running job"))
-    set_status(store, job_id, "cancelling", "cancel requested", only_if=ACTIVE)
-    stop_worker(job.pid, WORKER_MODULE, "--job", job_id, grace_s)
-    trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [int(job_id)])[0]
-    set_status(store, job_id, "cancelled", f"cancelled; {trials} trials stored", only_if=("cancelling", "queued", "running"))
+    get_job(store, job_id)
+    runs.cancel(store, PROFILING, job_id, grace_s=grace_s)
     return get_job(store, job_id)
 
 
 def resume_job(store: Store, job_id: int) -> Job:
     """Queue a failed or cancelled job again; its worker skips the points already complete."""
-    reconcile_jobs(store)
     job = get_job(store, job_id)
-    if job.status not in ("failed", "cancelled"):
-        raise InputError(Problem("--resume", f"job {job_id} is {job.status}", None, "a failed or cancelled job"))
-    busy = active_job_on(store, job.device)
+    runs.check_resumable(store, PROFILING, job_id)
+    busy = runs.run_on_device(store, job.device)
     if busy is not None:
-        raise PlannerError(f"Profiling job {busy} is running on {job.device}; resume job {job_id} when it is done.")
-    # started_at restarts: elapsed and remaining time are about this run, not the pause before it.
-    store.execute("UPDATE profiling_jobs SET status = 'queued', reason = NULL, pid = NULL, finished_at = NULL, "
-                  "started_at = NULL, created_at = current_timestamp WHERE id = ?", [int(job_id)])
+        raise PlannerError(f"{str(busy).capitalize()} is running on {job.device}; resume job {job_id} when it is done.")
+    runs.requeue(store, PROFILING, job_id)
     return get_job(store, job_id)
 
 

@@ -2,37 +2,43 @@
 
 It loads the model, measures the idle baseline, discards warm-up runs, then runs the
 job's points in their seeded random order, repeating each until the stop rule is met.
-Every trial is stored the moment it is measured, so a kill loses at most the trial in
-flight. SIGTERM (cancel) stops it at the next safe point: never in the middle of a write.
 Points already complete from an earlier run of the same job are skipped (resume).
+
+The measuring (:func:`measure_job`) never touches the database: it is given the trials
+stored before and hands every new trial to a :class:`TrialSink` the moment it is
+measured. Here the sink writes it to the database (:class:`StoreTrialSink`, one
+transaction a trial), so a kill loses at most the trial in flight. SIGTERM (cancel) stops
+the worker at the next safe point: never in the middle of a write.
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
+import abc
 import json
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from engine import __version__, catalog
+from engine import __version__, catalog, runs
 from engine.backends import open_backend
-from engine.energy import measure_idle_power, open_meter
+from engine.backends.base import Backend
+from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
 from engine.errors import PlannerError
-from engine.profiling.design import run_order
-from engine.profiling.jobs import Job, get_job, host_name, set_status
+from engine.profiling.design import DesignPoint, run_order
+from engine.profiling.jobs import Job, get_job
 from engine.profiling.stopping import point_complete
+from engine.runs import PROFILING
 from engine.store import Store, append_frame
 
 
-class JobCancelled(Exception):
+class JobCancelled(runs.RunCancelled):
     """The job was asked to stop."""
 
 
@@ -62,23 +68,32 @@ class _CancelFlag:
             raise JobCancelled()
 
 
-@contextmanager
-def device_lock(store: Store, device: str):
-    """Hold the lock file of a device while a job runs on it (released by the OS if we die)."""
-    folder = store.path.resolve().parent / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{host_name()}-{device.replace(':', '_')}.lock"
-    handle = path.open("w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise PlannerError(f"another job holds {device} on this host; two jobs on one device would measure each other")
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+# -- where trials go ----------------------------------------------------------------------------
+
+class TrialSink(abc.ABC):
+    """Where a job's trials go, one at a time, the moment each is measured."""
+
+    @abc.abstractmethod
+    def add_trial(self, row: dict[str, Any]) -> None:
+        """Keep one trial: a row of the measurements table (column name to value)."""
+
+    @abc.abstractmethod
+    def point_done(self, points_done: int) -> None:
+        """The first ``points_done`` points of the run order are complete."""
+
+
+class StoreTrialSink(TrialSink):
+    """Writes each trial to the database as it comes, in a transaction of its own."""
+
+    def __init__(self, store: Store, job_id: int) -> None:
+        self.store, self.job_id = store, job_id
+
+    def add_trial(self, row: dict[str, Any]) -> None:
+        with self.store.transaction() as con:
+            append_frame(con, "measurements", pd.DataFrame([row]))
+
+    def point_done(self, points_done: int) -> None:
+        self.store.execute("UPDATE profiling_jobs SET points_done = ? WHERE id = ?", [points_done, self.job_id])
 
 
 def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
@@ -87,105 +102,118 @@ def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
                           "WHERE job_id = ? ORDER BY id", [int(job_id)])
 
 
-def run_job(store: Store, job: Job, *, backend_factory: Callable = open_backend, meter_factory: Callable = open_meter,
-            cancel: _CancelFlag | None = None, progress: Callable[[str], None] = lambda line: None,
-            sleep: Callable[[float], None] = time.sleep) -> None:
-    """Run (or continue) a job to the end, storing every trial. Raises on failure; the caller records it."""
-    cancel = cancel or _CancelFlag()
+# -- measuring ----------------------------------------------------------------------------------
+
+def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, **measuring) -> None:
+    """Run (or continue) a job to the end, storing every trial. Raises on failure; the caller records it.
+
+    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep).
+    """
     entry = catalog.get_model(store, job.model)
     if entry is None:
         raise PlannerError(f"model {job.model} is no longer in the catalog")
+    runs.mark_running(store, PROFILING, job.id)
+    measure_job(job, entry.backend, catalog.resolve_model_path(entry.path), stored_trials(store, job.id),
+                sink or StoreTrialSink(store, job.id), **measuring)
+    runs.mark_done(store, PROFILING, job.id)
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every trial of a job needs: the loaded model, the meter, the idle baseline."""
+
+    job: Job
+    backend: Backend
+    meter: EnergyMeter
+    idle: IdleBaseline
+    versions: str  # the measurements' library_versions
+
+
+def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFrame, sink: TrialSink, *,
+                backend_factory: Callable = open_backend, meter_factory: Callable = open_meter,
+                cancel: _CancelFlag | None = None, progress: Callable[[str], None] = lambda line: None,
+                sleep: Callable[[float], None] = time.sleep) -> None:
+    """Measure the points of a job not complete in ``stored`` (the trials kept before), trial by trial into ``sink``.
+
+    Never touches the database. Raises on failure, :class:`JobCancelled` on a cancel.
+    """
+    cancel = cancel or _CancelFlag()
     settings = job.settings
-    rule = settings.stop_rule
-    set_status(store, job.id, "running", None, only_if=("queued", "running"))
-    store.execute("UPDATE profiling_jobs SET started_at = coalesce(started_at, current_timestamp) WHERE id = ?", [job.id])
-
-    done = stored_trials(store, job.id)
-    by_point = {key: group for key, group in done.groupby(["input_tokens", "output_tokens"])}
     order = run_order(job.design.points, settings.seed)
-
-    progress(f"loading {job.model} ({entry.backend}) on {job.device}")
-    backend = backend_factory(entry.backend, catalog.resolve_model_path(entry.path), job.device,
-                              batch_size=settings.batch_size, **settings.backend_options)
+    progress(f"loading {job.model} ({backend_name}) on {job.device}")
+    backend = backend_factory(backend_name, model_path, job.device, batch_size=settings.batch_size,
+                              **settings.backend_options)
     backend.load()
-    for point in order:  # fail before measuring anything when a point cannot run
-        backend.check_request(point.input_tokens, point.output_tokens)
-    meter = meter_factory(job.device)
     try:
-        progress(f"measuring idle power for {settings.idle_s:g} s")
-        idle = measure_idle_power(meter, settings.idle_s)
-        cancel.check()
-        for _ in range(settings.warmup_runs):  # discarded: first runs pay one-off costs
-            backend.generate(order[0].input_tokens, order[0].output_tokens)
-        versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description})
-        points_done = 0
-        for number, point in enumerate(order, start=1):
-            key = (point.input_tokens, point.output_tokens)
-            previous = by_point.get(key)
-            runtimes = [] if previous is None else previous.runtime_s.tolist()
-            energies = [] if previous is None else [None if pd.isna(e) else e for e in previous.energy_j]
-            while not point_complete(runtimes, energies, rule):
-                cancel.check()
-                with meter.window() as window:
-                    result = backend.generate(point.input_tokens, point.output_tokens)
-                columns = window.result.measurement_columns(idle)
-                row = {
-                    "job_id": job.id, "origin": "profiled", "model": job.model, "device": job.device,
-                    "host": host_name(), "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-                    "batch_size": settings.batch_size, "trial": len(runtimes) + 1, "runtime_s": result.runtime_s,
-                    "library_versions": versions, "started_at": window.result.started_at,
-                    "finished_at": window.result.finished_at, **columns,
-                }
+        for point in order:  # fail before measuring anything when a point cannot run
+            backend.check_request(point.input_tokens, point.output_tokens)
+        meter = meter_factory(job.device)
+        try:
+            progress(f"measuring idle power for {settings.idle_s:g} s")
+            idle = measure_idle_power(meter, settings.idle_s)
+            cancel.check()
+            for _ in range(settings.warmup_runs):  # discarded: first runs pay one-off costs
+                backend.generate(order[0].input_tokens, order[0].output_tokens)
+            versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description})
+            bench = _Bench(job, backend, meter, idle, versions)
+            by_point = {key: group for key, group in stored.groupby(["input_tokens", "output_tokens"])}
+            for number, point in enumerate(order, start=1):
+                previous = by_point.get((point.input_tokens, point.output_tokens))
+                trials = _measure_point(bench, point, previous, sink, cancel, sleep)
                 with cancel.writing():
-                    with store.transaction() as con:
-                        append_frame(con, "measurements", pd.DataFrame([row]))
-                runtimes.append(result.runtime_s)
-                energies.append(columns["energy_j"])
-                if settings.cooldown_s:
-                    sleep(settings.cooldown_s)
-            points_done += 1
-            with cancel.writing():
-                store.execute("UPDATE profiling_jobs SET points_done = ? WHERE id = ?", [points_done, job.id])
-            progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
-                     f"{len(runtimes)} trials")
+                    sink.point_done(number)
+                progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
+                         f"{trials} trials")
+        finally:
+            meter.close()
     finally:
-        meter.close()
         backend.close()
-    set_status(store, job.id, "done", None, only_if=("running",))
+
+
+def _measure_point(bench: _Bench, point: DesignPoint, previous: pd.DataFrame | None, sink: TrialSink,
+                   cancel: _CancelFlag, sleep: Callable[[float], None]) -> int:
+    """Run trials of one point until the stop rule holds (counting the trials stored before); returns its trials."""
+    settings = bench.job.settings
+    runtimes = [] if previous is None else previous.runtime_s.tolist()
+    energies = [] if previous is None else [None if pd.isna(e) else e for e in previous.energy_j]
+    while not point_complete(runtimes, energies, settings.stop_rule):
+        cancel.check()
+        with bench.meter.window() as window:
+            result = bench.backend.generate(point.input_tokens, point.output_tokens)
+        columns = window.result.measurement_columns(bench.idle)
+        row = {
+            "job_id": bench.job.id, "origin": "profiled", "model": bench.job.model, "device": bench.job.device,
+            "host": runs.host_name(), "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+            "batch_size": settings.batch_size, "trial": len(runtimes) + 1, "runtime_s": result.runtime_s,
+            "library_versions": bench.versions, "started_at": window.result.started_at,
+            "finished_at": window.result.finished_at, **columns,
+        }
+        with cancel.writing():
+            sink.add_trial(row)
+        runtimes.append(result.runtime_s)
+        energies.append(columns["energy_j"])
+        if settings.cooldown_s:
+            sleep(settings.cooldown_s)
+    return len(runtimes)
+
+
+# -- the process ----------------------------------------------------------------------------------
+
+def work_on_job(store: Store, job_id: int, **measuring) -> None:
+    """What the worker process does: hold the job's device, run the job, and stop at a SIGTERM.
+
+    ``measuring`` goes to :func:`measure_job` (a test's worker passes its fakes here).
+    """
+    cancel = _CancelFlag()
+    signal.signal(signal.SIGTERM, cancel.handler)
+    job = get_job(store, job_id)
+    with runs.device_lock(store, job.device):
+        run_job(store, job, cancel=cancel, progress=lambda line: print(line, flush=True), **measuring)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the worker process; its exit code tells the watcher how it ended."""
-    parser = argparse.ArgumentParser(description="Run one profiling job (started by the app or the CLI).")
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--job", type=int, required=True)
-    args = parser.parse_args(argv)
-    store = Store(Path(args.db), busy_timeout_s=30)
-    cancel = _CancelFlag()
-    signal.signal(signal.SIGTERM, cancel.handler)
-    job = get_job(store, args.job)
-    try:
-        with device_lock(store, job.device):
-            run_job(store, job, cancel=cancel, progress=lambda line: print(line, flush=True))
-    except JobCancelled:
-        trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job.id])[0]
-        set_status(store, job.id, "cancelled", f"cancelled; {trials} trials stored")
-        return 0
-    except PlannerError as exc:
-        set_status(store, job.id, "failed", _failure(store, job.id, str(exc)))
-        return 1
-    except Exception as exc:
-        traceback.print_exc()
-        set_status(store, job.id, "failed", _failure(store, job.id, f"{type(exc).__name__}: {exc}"))
-        return 1
-    return 0
-
-
-def _failure(store: Store, job_id: int, why: str) -> str:
-    job = get_job(store, job_id)
-    trials = store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job_id])[0]
-    return (f"{why} (after {job.points_done} of {job.points_total} points; the {trials} trials measured before "
-            "are stored; resume to complete the rest)")
+    return runs.worker_main(PROFILING, work_on_job, argv)
 
 
 if __name__ == "__main__":

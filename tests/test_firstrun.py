@@ -1,0 +1,123 @@
+"""engine/firstrun: its state in the database, how a dead first run is noticed, and its refusals.
+
+A first run's process is recognised like a worker: by its module and its last arguments
+(``--db`` and this database's path). Stand-ins are sleeping processes whose command line
+ends that way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import catalog, firstrun, runs
+from engine.errors import PlannerError
+from engine.execution import create_execution, import_schedule
+from engine.firstrun import FirstRunState, read_state, start_first_run, write_state
+from engine.store import Store
+
+
+@pytest.fixture
+def processes():
+    """Processes a test starts; each is ended afterwards, by its own pid."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def look_alike(arguments: list[str]) -> subprocess.Popen:
+    """A sleeping process whose command line ends with ``arguments``."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *arguments])
+
+
+def first_run_of(store: Store, processes: list) -> subprocess.Popen:
+    """A stand-in for the first run of this database, recorded as running."""
+    process = look_alike([firstrun.MODULE, "--db", str(store.path.resolve())])
+    processes.append(process)
+    write_state(store, FirstRunState("running", "profiling demo-small (job 1)", pid=process.pid, started=time.time()))
+    return process
+
+
+def stored_state(store: Store) -> dict:
+    return json.loads(store.query_one("SELECT value FROM settings WHERE key = ?", [firstrun.STATE_KEY])[0])
+
+
+def test_no_state_before_a_first_run(store: Store):
+    assert read_state(store) is None
+
+
+def test_state_is_written_and_read_back(store: Store):
+    state = FirstRunState("done", "done", pid=None, jobs={"demo-small": 1, "demo-large": 2}, started=10.0,
+                          finished=70.5)
+    write_state(store, state)
+    assert read_state(store) == state
+    state.status, state.reason = "failed", "profiling demo-large failed"
+    write_state(store, state)  # replaces, never adds a second row
+    assert read_state(store).reason == "profiling demo-large failed"
+    assert store.query_one("SELECT count(*) FROM settings WHERE key = ?", [firstrun.STATE_KEY])[0] == 1
+
+
+def test_a_live_first_run_is_reported_running(store: Store, processes):
+    first_run_of(store, processes)
+    time.sleep(0.2)  # let the stand-in's command line be in place
+    assert read_state(store).status == "running"
+    assert stored_state(store)["status"] == "running"
+
+
+def test_a_dead_first_run_is_reported_failed_and_the_failure_stored(store: Store):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    write_state(store, FirstRunState("running", "fitting", pid=ended.pid, started=time.time()))
+    state = read_state(store)
+    assert state.status == "failed" and "ended unexpectedly" in state.reason
+    assert stored_state(store)["status"] == "failed"
+
+
+@pytest.mark.parametrize("arguments", [["sleep-of-some-other-program"],
+                                       [firstrun.MODULE, "--db", "/elsewhere/another.duckdb"]])
+def test_a_pid_now_of_another_process_is_not_taken_for_the_first_run(store: Store, processes, arguments):
+    # A live process holds the recorded pid: a stranger, or the first run of another database.
+    stranger = look_alike(arguments)
+    processes.append(stranger)
+    write_state(store, FirstRunState("running", "fitting", pid=stranger.pid, started=time.time()))
+    time.sleep(0.2)
+    assert read_state(store).status == "failed"
+    assert stranger.poll() is None  # noticed, not touched
+
+
+def test_start_is_refused_while_a_first_run_is_going(store: Store, demo_models, processes):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    first_run_of(store, processes)
+    time.sleep(0.2)
+    with pytest.raises(PlannerError, match="already going"):
+        start_first_run(store)
+    assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def test_start_is_refused_without_demo_models(store: Store):
+    catalog.add_model(store, name="mine", accuracy=0.5)  # a model, but not a demo one
+    with pytest.raises(PlannerError, match="no demo models in the catalog"):
+        start_first_run(store)
+    assert read_state(store) is None  # nothing started, nothing recorded
+
+
+def test_the_first_run_refuses_a_cpu_that_an_execution_holds(store: Store, demo_models, tmp_path, processes):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    schedule = tmp_path / "schedule.csv"
+    schedule.write_text("id,model,device,input_tokens,output_tokens\nq1,demo-small,cpu,8,2\n", encoding="utf-8")
+    execution = create_execution(store, import_schedule(store, schedule))
+    worker = look_alike(["engine.execution.worker", "--execution", str(execution.id)])
+    processes.append(worker)
+    store.execute("UPDATE executions SET status = 'running', pid = ? WHERE id = ?", [worker.pid, execution.id])
+    time.sleep(0.2)
+    assert runs.run_on_device(store, "cpu") == runs.BusyRun(runs.EXECUTION, execution.id)
+    with pytest.raises(PlannerError, match=f"execution {execution.id} is running on cpu"):
+        firstrun.run_first_run(store, pid=0)
+    assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0  # no job was started beside it
