@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from pathlib import Path
 
 from engine.errors import InputError, Problem
 
 DEFAULT_MAX_BYTES = 50_000_000
+#: The most columns a header may have. Our formats have at most a dozen; a header of
+#: thousands is not one of them, and refusing it before any per-column work keeps a
+#: hostile file (10⁶ columns in 9 MB) from costing more than reading it.
+MAX_COLUMNS = 1_000
+#: The longest cell, in characters: as long as the largest file any reader accepts, so
+#: a long prompt (a 130,000-token prompt is about 500,000 characters) is one cell, not
+#: the csv module's "field larger than field limit (131072)". The reader's buffer grows
+#: by doubling, so a huge cell costs linear time.
+MAX_CELL_CHARS = 100_000_000
+csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
 
 
 def decode_upload(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
@@ -57,9 +68,10 @@ def parse_csv_text(text: str, label: str, required: tuple[str, ...],
         raise InputError(Problem(label, "is empty", None, f"a header row with {', '.join(required)}")) from None
     except csv.Error as exc:
         raise InputError(Problem(f"{label}:1", f"cannot be read as CSV ({exc})", None, "comma-separated values")) from None
+    check_column_count(len(header), label)
     columns = [c.strip().lower() for c in header]
     problems = []
-    duplicated = sorted({c for c in columns if columns.count(c) > 1 and c})
+    duplicated = duplicated_columns(columns)
     if duplicated:
         problems.append(Problem(f"{label}:1", f"columns appear more than once: {', '.join(duplicated)}", None, "each column once"))
     missing = [c for c in required if c not in columns]
@@ -72,6 +84,7 @@ def parse_csv_text(text: str, label: str, required: tuple[str, ...],
     extra = [c for c in columns if c not in known]
     if extra:
         warnings.append(f"{label}: ignored column{'s' if len(extra) > 1 else ''} {', '.join(repr(c) for c in extra)}")
+    kept = [(i, c) for i, c in enumerate(columns) if c in known]  # so each row costs the known columns, not all
     rows = []
     try:
         for record in reader:
@@ -79,10 +92,10 @@ def parse_csv_text(text: str, label: str, required: tuple[str, ...],
                 continue
             line = reader.line_num
             if len(record) > len(columns):
-                problems.append(Problem(f"{label}:{line}", f"has {len(record)} fields but the header has {len(columns)}",
+                problems.append(Problem(f"{label}:{line}", f"has {len(record):,} fields but the header has {len(columns)}",
                                         None, f"{len(columns)} comma-separated fields (quote fields that contain commas)"))
                 continue
-            rows.append((line, {c: (record[i].strip() if i < len(record) else "") for i, c in enumerate(columns) if c in known}))
+            rows.append((line, {c: (record[i].strip() if i < len(record) else "") for i, c in kept}))
     except csv.Error as exc:
         problems.append(Problem(f"{label}:{reader.line_num}", f"cannot be read as CSV ({exc})", None, "comma-separated values"))
     if problems:
@@ -92,3 +105,16 @@ def parse_csv_text(text: str, label: str, required: tuple[str, ...],
     return rows, warnings
 
 
+
+
+def check_column_count(n_columns: int, label: str) -> None:
+    """Refuse a header of more than :data:`MAX_COLUMNS` columns, before any per-column work."""
+    if n_columns > MAX_COLUMNS:
+        raise InputError(Problem(f"{label}:1", f"has {n_columns:,} columns, more than the {MAX_COLUMNS:,} a CSV file "
+                                 "here may have", None, "the columns of the format (a dozen at most); extra columns "
+                                 "are ignored, but not thousands of them"))
+
+
+def duplicated_columns(columns: list[str]) -> list[str]:
+    """The non-empty column names that appear more than once, sorted (linear time)."""
+    return sorted(name for name, n in Counter(columns).items() if n > 1 and name)
