@@ -45,8 +45,6 @@ Decisions, so that a person can predict what an import does:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from engine import safe_write
 from engine.catalog import validate_name
 from engine.csvio import DEFAULT_MAX_BYTES, decode_upload, parse_csv_text, read_csv_rows
 from engine.errors import InputError, Problem
@@ -469,23 +468,19 @@ def measurements_csv(frame: pd.DataFrame) -> str:
 
 
 def export_measurements(store: Store, path: str | Path, model: str | None = None, device: str | None = None, *,
-                        overwrite: bool = False) -> int:
+                        overwrite: bool = False, inputs: dict[str, str | Path] | None = None) -> int:
     """Write the stored measurements (all, or of one model and/or device) as a measurements
     CSV file; returns the number of rows written.
 
-    Refuses (:class:`InputError`, nothing written) an existing file unless ``overwrite``,
-    a folder that does not exist, and a selection with no measurements.
+    The file is written by :func:`engine.safe_write.write_text`: a regular file or a new
+    one, all or nothing, never through a symbolic link, never over the database or over
+    another of ``inputs``. Refuses (:class:`InputError`, nothing written) an existing
+    file unless ``overwrite``, a folder that does not exist, and a selection with no
+    measurements.
     """
     path = Path(path)
-    label = str(path)
-    if path.is_dir():
-        raise InputError(Problem(label, "is a directory", None, "a file name for the CSV file"))
-    if not path.parent.is_dir():
-        raise InputError(Problem(label, f"the folder {path.parent} does not exist", None,
-                                 "a path in an existing folder (create the folder first)"))
-    if path.exists() and not overwrite:
-        raise InputError(Problem(label, "already exists, so it was not replaced", None,
-                                 "a new file name, or --overwrite to replace it"))
+    inputs = {**safe_write.database_inputs(store.path), **(inputs or {})}
+    safe_write.check_destination(path, overwrite=overwrite, inputs=inputs)
     frame = measurements_frame(store, model, device)
     if frame.empty:
         chosen = " and ".join(part for part in (f"model {model!r}" if model else "", f"device {device!r}" if device else "")
@@ -493,35 +488,5 @@ def export_measurements(store: Store, path: str | Path, model: str | None = None
         raise InputError(Problem("export", f"no measurements{' for ' + chosen if chosen else ''} in the database, "
                                  "so no file was written", None,
                                  "a model and device that have measurements (see the Home page or `fit`)"))
-    _write_text(path, measurements_csv(frame), overwrite)
+    safe_write.write_text(path, measurements_csv(frame), overwrite=overwrite, inputs=inputs)
     return len(frame)
-
-
-def _write_text(path: Path, text: str, overwrite: bool) -> None:
-    """Write all of ``text`` or nothing: never a half-written file left at ``path``."""
-    exists_problem = Problem(str(path), "already exists, so it was not replaced", None,
-                             "a new file name, or --overwrite to replace it")
-    temporary: str | None = None
-    created = False
-    try:
-        if overwrite:  # a complete new file replaces the old one in one step
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent,
-                                             prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-                temporary = handle.name
-                handle.write(text)
-            os.replace(temporary, path)
-            temporary = None
-        else:  # "x": fails if the file appeared since the check, so nothing is ever replaced by accident
-            with open(path, "x", encoding="utf-8", newline="") as handle:
-                created = True
-                handle.write(text)
-    except FileExistsError:
-        raise InputError(exists_problem) from None
-    except OSError as exc:
-        if created:
-            path.unlink(missing_ok=True)
-        raise InputError(Problem(str(path), f"cannot be written ({exc.strerror or exc})", None,
-                                 "a path in a folder you can write to")) from None
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)

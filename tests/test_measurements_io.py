@@ -350,6 +350,38 @@ def test_export_does_not_replace_a_file_unless_asked(store: Store, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "planner.duckdb"]  # no temporary file left
 
 
+def test_export_overwrite_writes_a_regular_file_only_never_through_a_link_or_a_fifo(store: Store, tmp_path: Path):
+    seed_profiled(store)
+    target = write(tmp_path / "elsewhere.csv", "not ours\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match="is a symbolic link"):
+        mio.export_measurements(store, link, overwrite=True)
+    assert link.is_symlink() and target.read_text() == "not ours\n"
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="named pipe"):
+        mio.export_measurements(store, fifo, overwrite=True)
+    assert os.path.exists(fifo) and not fifo.is_file()
+    with pytest.raises(InputError, match="is the database"):
+        mio.export_measurements(store, store.path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.csv", "link.csv", "pipe.csv", "planner.duckdb"]
+
+
+def test_export_gets_the_users_umask_and_a_replaced_file_keeps_its_mode(store: Store, tmp_path: Path):
+    seed_profiled(store)
+    old = os.umask(0o022)
+    try:
+        mio.export_measurements(store, tmp_path / "new.csv")
+        replaced = write(tmp_path / "old.csv", "old\n")
+        replaced.chmod(0o664)
+        mio.export_measurements(store, replaced, overwrite=True)  # was written as a 0o600 temporary file
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o644
+    assert replaced.stat().st_mode & 0o777 == 0o664 and replaced.read_text().startswith("model,")
+
+
 def test_export_refuses_a_missing_folder_and_a_directory(store: Store, tmp_path: Path):
     seed_profiled(store)
     with pytest.raises(InputError, match="does not exist") as excinfo:

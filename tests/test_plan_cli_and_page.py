@@ -166,6 +166,31 @@ def test_out_must_be_a_file_in_an_existing_folder_and_options_must_exist(referen
     assert stored_counts(reference_db) == (0, 0)
 
 
+def test_out_never_replaces_the_workload_and_an_existing_file_only_with_overwrite(reference_db: Path, tmp_path: Path,
+                                                                                  capfd):
+    workload = tmp_path / "w.csv"
+    workload.write_bytes(SAMPLE_TOKENS.read_bytes())
+    for extra in ([], ["--overwrite"]):  # the workload is an input: not even --overwrite replaces it
+        assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(workload),
+                    *extra) == 2
+        err = capfd.readouterr().err
+        assert err.startswith(f"--out: {workload} is the workload (--workload), an input of this command"), err
+    assert plan(reference_db, "--workload", str(workload), "--out", str(reference_db), "--overwrite") == 2
+    assert "is the database" in capfd.readouterr().err
+    assert workload.read_bytes() == SAMPLE_TOKENS.read_bytes() and stored_counts(reference_db) == (0, 0)
+
+    out = tmp_path / "schedule.csv"
+    out.write_text("precious\n")
+    assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(out)) == 2
+    assert "already exists, so it was not replaced" in capfd.readouterr().err
+    assert out.read_text() == "precious\n" and stored_counts(reference_db) == (0, 0)  # refused before planning
+    assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(out),
+                "--overwrite") == 0
+    capfd.readouterr()
+    assert out.read_text().startswith(",".join(SCHEDULE_HEADER))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["planner.duckdb", "schedule.csv", "w.csv"]
+
+
 def test_unreadable_number_is_refused_by_the_parser(isolated_db: Path, capsys):
     with pytest.raises(SystemExit) as caught:
         plan(isolated_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "abc")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from engine import safe_write
 from engine.catalog import get_model
 from engine.errors import InputError, Problem
 from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
@@ -153,12 +155,8 @@ def schedule_csv(schedule: pd.DataFrame) -> str:
     return buffer.getvalue()
 
 
-def write_schedule(schedule: pd.DataFrame, path: str | Path) -> Path:
-    """Write the schedule CSV; refuses a directory and a missing parent folder."""
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(Problem(str(target), "is a directory", None, "a file path for the schedule CSV"))
-    if not target.parent.exists():
-        raise InputError(Problem(str(target), "its folder does not exist", None, "a path in an existing folder"))
-    target.write_text(schedule_csv(schedule), encoding="utf-8")
-    return target
+def write_schedule(schedule: pd.DataFrame, path: str | Path, *, overwrite: bool = False,
+                   inputs: Mapping[str, str | Path] | None = None, where: str | None = None) -> Path:
+    """Write the schedule CSV by :func:`engine.safe_write.write_text`: a regular file or a
+    new one, all or nothing; an existing file only with ``overwrite``, never one of ``inputs``."""
+    return safe_write.write_text(Path(path), schedule_csv(schedule), overwrite=overwrite, inputs=inputs, where=where)
