@@ -665,7 +665,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from engine import safe_write
-    from engine.csvio import read_csv_rows
+    from engine.csvio import csv_text, read_csv_rows
     from engine.fitting import load_latest_fits, predict
 
     path = Path(args.points)
@@ -680,11 +680,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     frame = pd.DataFrame([row for _, row in rows], columns=list(columns))
     result = predict(load_latest_fits(store), frame, where=str(path))
     if args.out:
-        out = safe_write.write_text(Path(args.out), result.to_csv(index=False), overwrite=args.overwrite,
-                                    inputs=inputs, where="--out")
+        out = safe_write.write_text(Path(args.out), csv_text(result), overwrite=args.overwrite, inputs=inputs,
+                                    where="--out")
         print(f"wrote {len(result)} predictions to {out}", file=sys.stderr)
     else:
-        result.to_csv(sys.stdout, index=False)
+        sys.stdout.write(csv_text(result))
     return EXIT_OK
 
 

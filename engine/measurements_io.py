@@ -55,7 +55,7 @@ import pandas as pd
 
 from engine import safe_write
 from engine.catalog import validate_name
-from engine.csvio import DEFAULT_MAX_BYTES, decode_upload, parse_csv_text, read_csv_rows
+from engine.csvio import DEFAULT_MAX_BYTES, csv_text, decode_upload, parse_csv_text, read_csv_rows
 from engine.errors import InputError, Problem
 from engine.store import Store, append_frame
 
@@ -463,8 +463,9 @@ def measurements_frame(store: Store, model: str | None = None, device: str | Non
 
 
 def measurements_csv(frame: pd.DataFrame) -> str:
-    """The CSV text of a :func:`measurements_frame` (what export writes; for a download button)."""
-    return frame.to_csv(index=False, lineterminator="\n", na_rep="")
+    """The CSV text of a :func:`measurements_frame` (what export writes; for a download button),
+    text cells neutralised against spreadsheet formulas (:func:`engine.csvio.csv_text`)."""
+    return csv_text(frame, na_rep="")
 
 
 def export_measurements(store: Store, path: str | Path, model: str | None = None, device: str | None = None, *,

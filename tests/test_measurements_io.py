@@ -88,6 +88,29 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_rows(store: Sto
     assert fresh.query_one("SELECT count(*) FROM measurements WHERE isnan(energy_j) OR energy_j = 0")[0] == 0
 
 
+FORMULA_DEVICES = ['=HYPERLINK("http://evil")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "'=1", "''",
+                   "'plain", "a100:0"]
+
+
+def test_export_neutralises_formulas_in_text_cells_and_import_gives_them_back_exactly(store: Store, tmp_path: Path):
+    n = len(FORMULA_DEVICES)
+    store.append("measurements", pd.DataFrame({
+        "origin": "profiled", "model": "m", "device": FORMULA_DEVICES, "input_tokens": 8, "output_tokens": 8,
+        "trial": pd.array([1] * n, dtype="Int64"), "runtime_s": 1.5, "energy_j": 3.0, "energy_source": "measured"}))
+    path = tmp_path / "out.csv"
+    mio.export_measurements(store, path)
+    records = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    assert all(r["device"][:1] not in "=+-@\t\r" for r in records)  # nothing a spreadsheet runs
+    assert {r["device"] for r in records} == {"'=HYPERLINK(\"http://evil\")", "'+cmd|' /C calc'!A0", "'-2+3",
+                                              "'@SUM(A1)", "''=1", "'''", "''plain", "a100:0"}
+    assert {r["runtime_s"] for r in records} == {"1.5"}  # numbers stay numbers
+
+    fresh = Store(tmp_path / "fresh.duckdb")
+    mio.import_measurements(fresh, path)
+    assert sorted(stored(fresh).device) == sorted(FORMULA_DEVICES)
+    pd.testing.assert_frame_equal(mio.measurements_frame(fresh), mio.measurements_frame(store))
+
+
 def test_export_layout_is_the_documented_columns_with_empty_cells_for_unknown_energy(store: Store, tmp_path: Path):
     seed_profiled(store)
     path = tmp_path / "out.csv"

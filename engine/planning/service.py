@@ -3,7 +3,6 @@ the Plan page share, and how plans are stored, listed, loaded and written out.""
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ import pandas as pd
 
 from engine import safe_write
 from engine.catalog import get_model
+from engine.csvio import csv_text
 from engine.errors import InputError, Problem
 from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.formatting import json_safe
@@ -148,11 +148,10 @@ def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
 
 
 def schedule_csv(schedule: pd.DataFrame) -> str:
-    """The schedule CSV of DESIGN.md (plus in_domain), as text."""
+    """The schedule CSV of DESIGN.md (plus in_domain), as text; ids and names that start like a
+    spreadsheet formula get a leading quote (:func:`engine.csvio.csv_text`), which import removes."""
     columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain", "clamped") if c in schedule.columns]
-    buffer = io.StringIO()
-    schedule[columns].to_csv(buffer, index=False, float_format="%.6g")
-    return buffer.getvalue()
+    return csv_text(schedule[columns], float_format="%.6g")
 
 
 def write_schedule(schedule: pd.DataFrame, path: str | Path, *, overwrite: bool = False,
