@@ -45,7 +45,7 @@ def seed_profiled(store: Store) -> None:
         "device": ["cpu", "cpu", "cpu", "cuda:0", "a100:0"],
         "input_tokens": [8, 8, 32, 128, 128], "output_tokens": [16, 16, 8, 64, 64],
         "trial": pd.array([1, 2, None, 1, 1], dtype="Int64"),
-        "runtime_s": [0.1 + 0.2, 0.5, 1 / 3, 0.0, 12.25],
+        "runtime_s": [0.1 + 0.2, 0.5, 1 / 3, 1e3 / 7, 12.25],
         "energy_j": [12.5, np.nan, 2.5e-3, 1e5 / 3, 301.0],
         "energy_source": ["estimated", "estimated", "measured", "measured", "measured"],
         "energy_method": "nvml-counter [cuda:0]",
@@ -146,7 +146,7 @@ def test_import_reads_every_documented_column(store: Store, tmp_path: Path):
                  "model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source,gpu_energy_j,"
                  "cpu_energy_j,dram_energy_j,idle_power_w,started_at,note\n"
                  "known,cuda:0,8.0,16,0.5,12.5,1,Estimated,10,2.5,0,40.5,2024-05-01T14:00:00+02:00,hello\n"
-                 "newcomer,a100:0,32,8,0,,,,,,,,2024-05-01T12:00:00,\n")
+                 "newcomer,a100:0,32,8,0.25,,,,,,,,2024-05-01T12:00:00,\n")
     report = mio.import_measurements(store, path)
 
     assert report.n_rows == 2 and report.models_not_in_catalog == ["newcomer"]
@@ -157,7 +157,7 @@ def test_import_reads_every_documented_column(store: Store, tmp_path: Path):
     assert first.input_tokens == 8 and first.energy_source == "estimated" and first.trial == 1
     assert (first.gpu_energy_j, first.cpu_energy_j, first.dram_energy_j, first.idle_power_w) == (10, 2.5, 0, 40.5)
     assert pd.isna(second.energy_j) and second.energy_source == "measured" and pd.isna(second.trial)
-    assert second.runtime_s == 0.0 and second.batch_size == 1
+    assert second.runtime_s == 0.25 and second.batch_size == 1
     times = store.query_df("SELECT strftime(timezone('UTC', started_at), '%Y-%m-%dT%H:%M') AS t FROM measurements "
                            "ORDER BY id").t.tolist()
     assert times == ["2024-05-01T12:00", "2024-05-01T12:00"]  # +02:00 converted; no offset read as UTC
@@ -227,6 +227,16 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     ("dram_energy_j", "x", "is not a number"),
     ("idle_power_w", "-2", "is negative"),
     ("started_at", "yesterday", "is not an ISO 8601 time"),
+    # physical bounds (engine/bounds.py): unit mistakes and corrupt numbers
+    ("runtime_s", "0", "'0' s is below 1e-06 s"),
+    ("runtime_s", "2e6", "is above 1e+06 s"),
+    ("energy_j", "1e200", "'1e200' J is above 1e+09 J"),
+    ("energy_j", "1e-200", "'1e-200' J is below 1e-09 J"),
+    ("energy_j", "5e5", "J is above 100000 W on average over its runtime"),   # over 1 s
+    ("energy_j", "1e-8", "J is below 1e-06 W on average over its runtime"),   # over 1 s
+    ("gpu_energy_j", "1e10", "is above 1e+09 J"),
+    ("idle_power_w", "1e6", "is above 100000 W"),
+    ("input_tokens", "20000000", "more than 10,000,000 tokens"),
     ("started_at", "2024-13-01", "is not an ISO 8601 time"),
     ("model", "", "the model name is missing"),
     ("model", "a@b", "is not a usable model name"),
@@ -435,9 +445,10 @@ def test_rows_at_batch_size_above_one_are_not_exported_as_batch_one(store: Store
 def test_twenty_thousand_rows_import_in_well_under_the_budget(store: Store, tmp_path: Path):
     n = 20_000
     rng = np.random.default_rng(1)
+    runtime_s = rng.uniform(0.01, 30, n)
     frame = pd.DataFrame({"model": "m", "device": rng.choice(["cpu", "cuda:0"], n),
                           "input_tokens": rng.integers(1, 4096, n), "output_tokens": rng.integers(1, 1024, n),
-                          "runtime_s": rng.uniform(0.01, 30, n), "energy_j": rng.uniform(1, 5000, n),
+                          "runtime_s": runtime_s, "energy_j": runtime_s * rng.uniform(10, 700, n),  # 10 to 700 W
                           "trial": np.arange(1, n + 1)})
     frame.loc[::7, "energy_j"] = np.nan
     path = tmp_path / "big.csv"
