@@ -11,6 +11,9 @@ Decisions, so that a person can predict what an import does:
 - **All or nothing.** Every row is checked first; any problem refuses the whole file and
   every problem is reported at once (``file:line``, column, what is wrong, what is
   expected). Nothing is written until all rows pass, then they land in one transaction.
+- **trial** is a whole number counted from 0 or from 1, or empty: the trials of a design
+  point (model, device, input_tokens, output_tokens) whose smallest trial is 0 are
+  stored counted from 1, with a warning (tools write both; the database counts from 1).
 - **Token counts** are whole numbers from 1 to 10⁷. ``8.0`` is read as 8 (spreadsheets
   and pandas write whole numbers that way when a column has gaps); ``8.5`` is an error.
 - **energy_j** is a number of joules > 0. An empty cell means "not measured" and is
@@ -127,6 +130,10 @@ def _import_rows(store: Store, rows: list[tuple[int, dict[str, str]]], warnings:
     raw = pd.DataFrame({c: [row.get(c, "") for _, row in rows] for c in MEASUREMENTS_COLUMNS}, dtype=object)
     frame = validate_rows(raw, lines, label)
     warnings = list(warnings)
+    n_renumbered = count_trials_from_one(frame)
+    if n_renumbered:
+        warnings.append(f"{label}: trials counted from 0 at {n_renumbered:,} design point"
+                        f"{'' if n_renumbered == 1 else 's'}; stored counted from 1 (trial 0 is stored as 1)")
     n_without_energy = int(frame["energy_j"].isna().sum())
     if n_without_energy:
         warnings.append(f"{label}: {_rows(n_without_energy)} without energy_j; stored as not measured (NULL), "
@@ -387,7 +394,8 @@ def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFr
         out[column] = _whole_numbers(findings, column, what, required=True, maximum=int(bounds.TOKENS.high),
                                      too_large=f"is too large: more than {bounds.TOKENS.high:,.0f} tokens, "
                                                f"{bounds.TOKENS.too_large}")
-    out["trial"] = _whole_numbers(findings, "trial", "the trial number, or empty", required=False)
+    out["trial"] = _whole_numbers(findings, "trial", "the trial number (counted from 0 or from 1), or empty",
+                                  required=False, minimum=0)
     out["runtime_s"] = _non_negative(findings, "runtime_s", f"seconds: a number from {bounds.RUNTIME_S.describe()}",
                                      required=True)
     out["energy_j"] = _energies(findings)
@@ -403,6 +411,23 @@ def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFr
     if problems:
         raise InputError(problems)
     return out
+
+
+def count_trials_from_one(frame: pd.DataFrame) -> int:
+    """Renumber, in place, the trials of each design point counted from 0 so they count from 1.
+
+    Tools number trials from 0 or from 1 (the paper's published CSVs from 0); the database
+    counts from 1. A point (model, device, input_tokens, output_tokens) whose smallest
+    trial is 0 has all its trials moved up by one; other points are left as they are.
+    Returns how many points were renumbered.
+    """
+    key = [frame["model"], frame["device"], frame["input_tokens"], frame["output_tokens"]]
+    first = frame["trial"].groupby(key, dropna=False).transform("min")
+    from_zero = (first == 0).fillna(False).to_numpy(dtype=bool)
+    if not from_zero.any():
+        return 0
+    frame.loc[from_zero, "trial"] = frame.loc[from_zero, "trial"] + 1
+    return int(frame.loc[from_zero, ["model", "device", "input_tokens", "output_tokens"]].drop_duplicates().shape[0])
 
 
 def _model_names(findings: _Findings) -> pd.Series:

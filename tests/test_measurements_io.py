@@ -197,6 +197,23 @@ def test_upload_bytes_with_a_bom(store: Store):
 
 # -- import: bad input -------------------------------------------------------------------
 
+def test_trials_counted_from_zero_are_stored_counted_from_one_per_design_point(store: Store, tmp_path: Path):
+    path = write(tmp_path / "paper.csv", f"{HEADER},trial\n"
+                 "m,a100:0,8,8,1,2,0\nm,a100:0,8,8,1.1,2.1,1\nm,a100:0,8,8,1.2,2.2,2\n"   # counted from 0
+                 "m,a100:0,16,8,1,2,1\nm,a100:0,16,8,1.1,2.1,2\n"                     # counted from 1
+                 "m,a100:1,8,8,1,2,0\n"                                               # another device, from 0
+                 "m,a100:0,32,8,1,2,\n")                                              # no trial number
+    report = mio.import_measurements(store, path)
+    rows = store.query_df("SELECT device, input_tokens, trial FROM measurements ORDER BY id")
+    assert rows.trial.tolist()[:6] == [1, 2, 3, 1, 2, 1] and pd.isna(rows.trial.iloc[6])
+    assert any("trials counted from 0 at 2 design points; stored counted from 1" in w for w in report.warnings)
+    with pytest.raises(InputError, match="7 of its 7 rows are already in the database"):  # the same file again
+        mio.import_measurements(store, path)
+    exported = tmp_path / "out.csv"
+    mio.export_measurements(store, exported)
+    assert sorted(int(r["trial"]) for r in csv.DictReader(exported.open()) if r["trial"]) == [1, 1, 1, 2, 2, 3]
+
+
 def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     path = write(tmp_path / "m.csv", f"{HEADER}\nm,cpu,8,8,1,0\nm,cpu,8,8,1,-3\n")
     with pytest.raises(InputError) as excinfo:
@@ -220,7 +237,7 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     ("runtime_s", "1,5", "is not a number"),
     ("energy_j", "inf", "is not a finite number"),
     ("energy_j", "12 J", "is not a number"),
-    ("trial", "0", "is not > 0"),
+    ("trial", "-1", "is not >= 0"),
     ("trial", "first", "is not a number"),
     ("energy_source", "sensor", "is not an energy source"),
     ("gpu_energy_j", "-1", "is negative"),
