@@ -114,6 +114,39 @@ def test_fit_predict_and_reference_profiles(isolated_db: Path, tmp_path: Path):
     assert again.returncode == 0 and "added 0 models" in again.stdout
 
 
+def test_predict_out_refuses_its_points_file_and_an_existing_file_unless_overwrite(isolated_db: Path, tmp_path: Path):
+    assert run_cli("import-measurements", str(write_grid_csv(tmp_path / "grid.csv")), db=isolated_db).returncode == 0
+    assert run_cli("fit", db=isolated_db).returncode == 0
+    points = tmp_path / "points.csv"
+    points.write_text("model,device,input_tokens,output_tokens\nsim,gpu0,64,64\n")
+    for extra in ([], ["--overwrite"]):
+        same = run_cli("predict", "--points", str(points), "--out", str(points), *extra, db=isolated_db)
+        assert same.returncode == 2 and "is the points file (--points), an input of this command" in same.stderr
+    assert points.read_text() == "model,device,input_tokens,output_tokens\nsim,gpu0,64,64\n"
+    out = tmp_path / "predictions.csv"
+    out.write_text("precious\n")
+    kept = run_cli("predict", "--points", str(points), "--out", str(out), db=isolated_db)
+    assert kept.returncode == 2 and "already exists" in kept.stderr and out.read_text() == "precious\n"
+    replaced = run_cli("predict", "--points", str(points), "--out", str(out), "--overwrite", db=isolated_db)
+    assert replaced.returncode == 0, replaced.stderr
+    assert out.read_text().startswith("model,device,input_tokens,output_tokens,energy_j")
+
+
+def test_export_measurements_refuses_a_symlink_and_the_database(isolated_db: Path, tmp_path: Path):
+    assert run_cli("import-measurements", str(write_grid_csv(tmp_path / "grid.csv")), db=isolated_db).returncode == 0
+    target = tmp_path / "target.csv"
+    target.write_text("keep\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    through = run_cli("export-measurements", str(link), "--overwrite", db=isolated_db)
+    assert through.returncode == 2 and "is a symbolic link" in through.stderr and "Traceback" not in through.stderr
+    assert link.is_symlink() and target.read_text() == "keep\n"
+    over_db = run_cli("export-measurements", str(isolated_db), "--overwrite", db=isolated_db)
+    assert over_db.returncode == 2 and "is the database" in over_db.stderr
+    written = run_cli("export-measurements", str(tmp_path / "all.csv"), db=isolated_db)
+    assert written.returncode == 0 and "wrote 36 measurements" in written.stdout
+
+
 def test_fit_with_nothing_measured_exits_2(isolated_db: Path):
     result = run_cli("fit", db=isolated_db)
     assert result.returncode == 2 and "Traceback" not in result.stderr
