@@ -427,7 +427,7 @@ def test_a_query_no_option_can_hold_is_named_in_the_diagnosis():
     assert "1 query (q2: 130,100 tokens) is longer than the context of every option" in text
     assert "8,192 tokens" in text and "q1" not in text
     # q3 fits, but asks for more accuracy than any model: named for that, separately.
-    assert "1 query (q3) ask for a minimum accuracy" in text and "0.700" in text
+    assert "1 query (q3) asks for a minimum accuracy" in text and "0.700" in text
     assert result.best_achievable == {"context_tokens": 8192.0, "min_accuracy": 0.7}
 
 
@@ -437,7 +437,7 @@ def test_a_query_too_demanding_for_the_models_that_can_hold_it_says_so():
     preds = predictions(opts, np.ones((1, 2)), 1.0, np.array([50_000]), np.array([100]))
     result = make_plan(preds, PlanSettings(), query_ids=np.array(["q1"], dtype=object), min_accuracy=np.array([0.8]))
     assert result.status == "no_option"
-    assert "above every available model that can hold them (the best is 0.500)" in " ".join(result.diagnosis)
+    assert "above every available model that can hold it (the best is 0.500)" in " ".join(result.diagnosis)
     assert result.best_achievable == {"min_accuracy": 0.5}
 
 

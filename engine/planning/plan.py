@@ -607,10 +607,12 @@ def _explain_unservable(result: PlanResult, predictions: Predictions, solution: 
     if len(too_demanding):
         holds = predictions.fits_context[too_demanding]  # every one fits some option
         best = float(predictions.accuracy[holds.any(axis=0)].max())
-        holding = "" if holds.all() else " that can hold them"
-        result.diagnosis.append(f"{_count_queries(too_demanding)} ({_name_queries(query_ids, too_demanding)}) ask for "
-                                f"a minimum accuracy above every available model{holding} (the best is {best:.3f}); "
-                                "lower their min_accuracy or add a better model.")
+        one = len(too_demanding) == 1
+        holding = "" if holds.all() else f" that can hold {'it' if one else 'them'}"
+        result.diagnosis.append(f"{_count_queries(too_demanding)} ({_name_queries(query_ids, too_demanding)}) "
+                                f"{'asks' if one else 'ask'} for a minimum accuracy above every available model"
+                                f"{holding} (the best is {best:.3f}); lower {'its' if one else 'their'} min_accuracy "
+                                "or add a better model.")
         result.best_achievable["min_accuracy"] = best
 
 
@@ -619,9 +621,10 @@ def _count_queries(indices: np.ndarray) -> str:
 
 
 def _name_queries(query_ids: np.ndarray, indices: np.ndarray, tokens: np.ndarray | None = None) -> str:
-    """The first eight queries by id (with their τin + τout when given), and how many more."""
-    names = [str(query_ids[i]) + ("" if tokens is None else f": {int(t):,} tokens")
-             for i, t in zip(indices[:8], tokens[:8] if tokens is not None else indices[:8])]
+    """The first eight queries by id (each with its τin + τout when ``tokens`` are given), and how many more."""
+    names = [str(query_ids[i]) for i in indices[:8]]
+    if tokens is not None:
+        names = [f"{name}: {int(count):,} tokens" for name, count in zip(names, tokens)]
     return ", ".join(names) + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
 
 
