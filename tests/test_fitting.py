@@ -243,6 +243,7 @@ def test_fit_all_save_and_load_round_trip(store):
 def test_fit_json_has_the_design_contract_keys(store):
     insert(store, measurements_frame())
     document = json.loads(json.dumps([f.to_json_dict() for f in fit_all(store)]))
+    assert {item["target"] for item in document} == {"energy", "runtime"}  # the loop below has items to check
     for item in document:
         assert {"model", "device", "target", "form", "coefficients", "r2", "cv_mape", "n_points", "domain"} <= set(item)
         assert item["target"] in ("energy", "runtime") and 0 < item["cv_mape"] < 1
