@@ -398,9 +398,12 @@ class LlamaCppBackend(Backend):
             current.close()
             self._batch_context = None
         self.check_batch_memory(batch_size, input_tokens, output_tokens)
-        self._batch_context = _BatchContext(self._llm, batch_size, _padded_context(need), self._n_batch_option(),
-                                            self.path.name)
-        return self._batch_context
+        context = _BatchContext(self._llm, batch_size, _padded_context(need), self._n_batch_option(), self.path.name)
+        # Freed with the model, before it, however the Llama goes (close() or garbage collection):
+        # a context must never outlive the weights it points to.
+        self._llm._stack.callback(context.close)
+        self._batch_context = context
+        return context
 
     def _read_back_batch(self, context: _BatchContext, requests: tuple[BatchRequest, ...],
                          ids_per_request: list[list[int]], fed: list[list[int]],
