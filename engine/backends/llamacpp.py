@@ -315,7 +315,6 @@ class LlamaCppBackend(Backend):
         return TextResult(text=text, input_tokens=len(ids), output_tokens=len(output_ids),
                           runtime_s=finished - started, stopped=stopped)
 
-
     def generate_batch(self, requests: Sequence[BatchRequest]) -> BatchResult:
         """Run the requests as one batch of llama.cpp sequences, one sequence id each.
 
@@ -330,32 +329,32 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         requests, ids_per_request = self.prepare_batch(requests)
-        limits = [output_limit(r) for r in requests]
-        context = self._context_for(len(requests), max(map(len, ids_per_request)), max(limits))
-        eog = np.asarray(self._eog_ids, dtype=np.intp)
-        suppress = [isinstance(r, ExactRequest) for r in requests]
-        outputs: list[list[int]] = [[] for _ in requests]
-        done = [False] * len(requests)
-
-        def pick(sequence: int, output_index: int) -> None:
-            """Append the greedy token of ``sequence`` from the logits of output ``output_index``."""
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, output_index),
-                                           shape=(context.n_vocab,))
-            if suppress[sequence] and eog.size:
-                logits = logits.copy()
-                logits[eog] = -np.inf
-            token = int(np.argmax(logits))
-            outputs[sequence].append(token)
-            finished_by_eog = not suppress[sequence] and token in self._eog_set
-            done[sequence] = finished_by_eog or len(outputs[sequence]) >= limits[sequence]
-
+        answers = _GreedyAnswers(requests, self._eog_ids)
+        context = self._context_for(len(requests), max(map(len, ids_per_request)), max(answers.limits))
         llama_cpp.llama_memory_clear(context.memory, True)  # the previous batch, if any
         llama_cpp.llama_perf_context_reset(context.ctx)
         started = time.perf_counter()
-        # Prefill: every prompt token, in passes of at most n_batch; logits only for each prompt's last.
+        fed = self._prefill(context, ids_per_request, answers)
+        first_token_at = time.perf_counter()
+        steps = 1 + self._decode(context, ids_per_request, answers)
+        finished = time.perf_counter()
+
+        results = self._read_back_batch(context, requests, ids_per_request, fed, answers.outputs)
+        self.last_batch_prompt_ids, self.last_batch_fed_ids = ids_per_request, fed
+        self.last_batch_output_ids = answers.outputs
+        return BatchResult(requests=results, runtime_s=finished - started,
+                           time_to_first_token_s=first_token_at - started, decode_steps=steps)
+
+    def _prefill(self, context: _BatchContext, ids_per_request: list[list[int]],
+                 answers: _GreedyAnswers) -> list[list[int]]:
+        """Decode every prompt token, in passes of at most ``n_batch``, and pick each request's
+        first token from the logits of its prompt's last (the only logits asked for).
+
+        Returns the ids placed in the batch for each sequence, in order.
+        """
         tokens = [(sequence, position, token) for sequence, ids in enumerate(ids_per_request)
                   for position, token in enumerate(ids)]
-        fed: list[list[int]] = [[] for _ in requests]
+        fed: list[list[int]] = [[] for _ in ids_per_request]
         for first in range(0, len(tokens), context.n_batch):
             chunk = tokens[first:first + context.n_batch]
             last_of = [position == len(ids_per_request[sequence]) - 1 for sequence, position, _ in chunk]
@@ -363,24 +362,21 @@ class LlamaCppBackend(Backend):
             for index, ((sequence, _, token), wanted) in enumerate(zip(chunk, last_of, strict=True)):
                 fed[sequence].append(token)
                 if wanted:
-                    pick(sequence, index)
-        first_token_at = time.perf_counter()
-        # Decode: one token per unfinished request per step, at the position after its last.
-        steps = 1
-        while not all(done):
-            active = [sequence for sequence in range(len(requests)) if not done[sequence]]
-            step = [(sequence, len(ids_per_request[sequence]) + len(outputs[sequence]) - 1, outputs[sequence][-1])
-                    for sequence in active]
+                    answers.pick(sequence, context.logits(index))
+        return fed
+
+    def _decode(self, context: _BatchContext, ids_per_request: list[list[int]], answers: _GreedyAnswers) -> int:
+        """Decode one token per unfinished request per step, at the position after its last,
+        until every request is done; returns the steps run."""
+        steps = 0
+        while active := answers.active():
+            step = [(sequence, len(ids_per_request[sequence]) + len(answers.outputs[sequence]) - 1,
+                     answers.outputs[sequence][-1]) for sequence in active]
             context.decode(step, [True] * len(step), self.path.name)
             for index, sequence in enumerate(active):
-                pick(sequence, index)
+                answers.pick(sequence, context.logits(index))
             steps += 1
-        finished = time.perf_counter()
-
-        results = self._read_back_batch(context, requests, ids_per_request, fed, outputs)
-        self.last_batch_prompt_ids, self.last_batch_fed_ids, self.last_batch_output_ids = ids_per_request, fed, outputs
-        return BatchResult(requests=results, runtime_s=finished - started,
-                           time_to_first_token_s=first_token_at - started, decode_steps=steps)
+        return steps
 
     def _context_for(self, batch_size: int, input_tokens: int, output_tokens: int) -> _BatchContext:
         """A batch context of exactly ``batch_size`` sequences, each with room for
@@ -457,6 +453,36 @@ class LlamaCppBackend(Backend):
         return frozenset(self._eog_ids)
 
 
+class _GreedyAnswers:
+    """The answers of a batch as they grow: each request's greedy tokens, and which requests are done.
+
+    An exact request has its end-of-generation tokens masked and is done at its count; a
+    prompt is done at an end-of-generation token (kept in its answer) or at its cap.
+    """
+
+    def __init__(self, requests: tuple[BatchRequest, ...], eog_ids: list[int]) -> None:
+        self.limits = [output_limit(r) for r in requests]
+        self.suppress = [isinstance(r, ExactRequest) for r in requests]
+        self.eog_ids = np.asarray(eog_ids, dtype=np.intp)
+        self.eog_set = frozenset(eog_ids)
+        self.outputs: list[list[int]] = [[] for _ in requests]
+        self.done = [False] * len(requests)
+
+    def pick(self, sequence: int, logits: np.ndarray) -> None:
+        """Append the greedy token of ``sequence`` from its ``logits``."""
+        if self.suppress[sequence] and self.eog_ids.size:
+            logits = logits.copy()  # a view of llama.cpp's buffer: leave it as it was
+            logits[self.eog_ids] = -np.inf
+        token = int(np.argmax(logits))
+        self.outputs[sequence].append(token)
+        ended = not self.suppress[sequence] and token in self.eog_set
+        self.done[sequence] = ended or len(self.outputs[sequence]) >= self.limits[sequence]
+
+    def active(self) -> list[int]:
+        """The sequences still generating."""
+        return [sequence for sequence, done in enumerate(self.done) if not done]
+
+
 class _BatchContext:
     """A llama.cpp context for batches: ``n_seq_max`` sequences over the loaded model's weights.
 
@@ -514,6 +540,12 @@ class _BatchContext:
             reason = {1: "no room left in the KV cache", 2: "aborted"}.get(status, "an error")
             raise InferenceError(f"{model_name}: llama.cpp could not decode a batch of {len(tokens)} tokens "
                                  f"(llama_decode returned {status}: {reason}).")
+
+    def logits(self, output_index: int) -> np.ndarray:
+        """The logits of output ``output_index`` of the last decode call: a view, valid until the next call."""
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, output_index), shape=(self.n_vocab,))
 
     def close(self) -> None:
         """Free the batch and the context (the model stays loaded)."""
