@@ -416,7 +416,7 @@ def open_meter(device: str = "cpu", *, powercap_root: Path = POWERCAP_ROOT, read
         except SensorUnavailableError as exc:
             estimate = CpuEstimateMeter(cpu_model, process_cpu=process_cpu, reason=exc.detail)
             meters.append(estimate)
-            notes.append(f"CPU energy is estimated ({estimate.model.method}) because {exc.detail}"
+            notes.append(f"CPU energy is estimated ({estimate.method}) because {exc.detail}"
                          + (f". To measure it: {exc.fix}" if exc.fix else ""))
     except BaseException:
         for meter in meters:
