@@ -8,9 +8,10 @@ grouped by model so each model is loaded once; after each load the device does w
 profiling job does (idle baseline, then discarded warm-up runs: the first query is not
 cold), and the load and warm-up are measured and kept as the model's load cost
 (:mod:`engine.energy.load_cost`). A prompt is answered as given (capped at the planned
-output length), a token-count query runs a synthetic prompt of exactly that length. Each query's result (answer, actual token counts, runtime, energy with
-its source, the prediction it had) is stored the moment it is measured, together with a
-measurement row (origin 'executed') so a refit can learn from it. A query that fails alone
+output length), a token-count query runs a synthetic prompt of exactly that length. Each
+query's result (answer, actual token counts, runtime, energy with its source, the
+prediction it had) is stored the moment it is measured, together with a measurement row
+(origin 'executed') so a refit can learn from it. A query that fails alone
 (out of memory, too long for the context) is stored with its error and the run goes on.
 SIGTERM stops every device after its query in flight. Queries already stored are skipped
 (resume).
@@ -61,8 +62,8 @@ from engine.runs import EXECUTION
 from engine.store import Store, append_frame
 
 IDLE_S = IDLE_BASELINE_S  # as a profiling job's default: one rule for both
-# Device threads write one at a time: two transactions updating the execution's row at once
-# would conflict in DuckDB and roll one back.
+# Device threads (or the threads relaying device processes' results) write one at a time: two
+# transactions updating the execution's row at once would conflict in DuckDB and roll one back.
 _WRITE_LOCK = threading.Lock()
 
 
