@@ -123,9 +123,24 @@ class LocalCluster:
         self._record_pids()
 
     def remove_node(self, name: str) -> None:
-        """Kill node ``name``'s processes at once (SIGKILL): a host lost, not shut down."""
+        """Kill node ``name``'s processes at once (SIGKILL), its workers too: a host lost, not shut down.
+
+        Ray's own removal kills the node's raylet and agents only; a worker would go on for a
+        second or two until it noticed, which a host that died does not do.
+        """
         self._record_pids()
-        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        node = self.nodes.pop(name)
+        raylet = node.all_processes["raylet"][0].process.pid
+        try:
+            processes = [*psutil.Process(raylet).children(recursive=True), psutil.Process(raylet)]
+        except psutil.NoSuchProcess:
+            processes = []
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                continue
+        self.cluster.remove_node(node, allow_graceful=False)
 
     def _record_pids(self) -> None:
         """Remember this process's Ray descendants (never its other children: a run's driver is not ours to kill)."""

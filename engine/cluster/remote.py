@@ -32,7 +32,6 @@ from engine.cluster.facts import node_facts
 from engine.cluster.naming import NODE_LABEL, QualifiedDevice
 from engine.cluster.protocol import FLUSH_S, HEARTBEAT_S, MAX_CALLS, Batch, End, RemoteWork, stream_work
 from engine.cluster.scheduler import ClusterInterface, Part
-from engine.cluster.work import missing_model_files
 
 #: Seconds to wait for one batch once Ray said it is there, and for a probe's answer.
 GET_TIMEOUT_S = 30.0
@@ -62,6 +61,8 @@ class DeviceActor:
 
     def run(self, work: RemoteWork, max_calls: int = MAX_CALLS, flush_s: float = FLUSH_S,
             heartbeat_s: float = HEARTBEAT_S) -> Iterator[Batch]:
+        from engine.cluster.work import missing_model_files  # the measuring code: loaded with the work, not the probe
+
         missing = missing_model_files(work, self.node)
         if missing is not None:
             yield Batch(end=End("failed", reason=missing))
