@@ -33,7 +33,7 @@ from engine.cluster.driver import drive_execution, drive_profiling
 from engine.cluster.errors import (ClusterConfigError, ClusterUnreachableError, NodeLostError,
                                    NodeUnavailableError)
 from engine.cluster.facts import DeviceFacts, NodeFacts, detect_devices
-from engine.cluster.inventory import ClusterInventory, nodes_from_records
+from engine.cluster.inventory import ClusterInventory, describe, nodes_from_records
 from engine.cluster.protocol import Batch, End, SinkCall, forwarding_sink, stream_work
 from engine.cluster.runstate import DevicePart, move_device, part_states, placement
 from engine.cluster.scheduler import ClusterInterface, Part, StoringSink, drive
@@ -671,6 +671,11 @@ def test_the_inventory_shows_live_nodes_with_their_facts_and_a_node_that_left():
     assert not nodes["apphost"].joule and nodes["apphost"].devices == ()
     assert "not started by the node agent" in nodes["apphost"].note
     inventory = ClusterInventory("h:1", tuple(nodes.values()))
+    lines = describe(ClusterInventory("h:1", tuple(nodes_from_records(records, facts))))
+    assert lines[0] == "cluster at h:1: 4 of 5 nodes alive"
+    assert "nodeC (left, left the cluster (health check failed))" in lines
+    assert "    nodeA/cuda:0: NVIDIA A100-SXM4-80GB, 80 GiB" in lines
+    assert "    sensor nvml-counter (cuda:0): measured: A100: counter" in lines
     assert inventory.same_type("nodeA/cpu", "nodeB/cpu") is None  # one model, as the node and as its label spell it
     assert inventory.same_type("nodeA/cuda:0", "nodeB/cpu").startswith("nodeA/cuda:0 is a NVIDIA A100")
     assert inventory.same_type("nodeA/cpu", "nodeC/cpu") == "node nodeC has left the cluster"

@@ -17,6 +17,7 @@ process is killed instead, Ray ends its actors itself.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -175,9 +176,22 @@ def _work(kind: RunKind, address: str | None, store: Store, run_id: int) -> None
     from engine.cluster.remote import RayCluster
 
     try:
-        DRIVERS[kind.table](store, run_id, RayCluster(), stop_requested=stop.is_set, progress=_log)
+        DRIVERS[kind.table](store, run_id, RayCluster(), stop_requested=stop.is_set, progress=_log,
+                            stall_s=_stall_s())
     finally:
         disconnect()
+
+
+#: Seconds a node may send nothing, not even a heartbeat, before its part fails (a model load that holds
+#: Python's lock for longer needs more).
+STALL_ENV = "PLANNER_CLUSTER_STALL_S"
+
+
+def _stall_s() -> float:
+    try:
+        return max(5.0, float(os.environ.get(STALL_ENV, STALL_S)))
+    except ValueError:
+        return STALL_S
 
 
 def _log(line: str) -> None:

@@ -160,3 +160,44 @@ def read_inventory(address: str | None = None, *, probe: bool = True) -> Cluster
         for name, answer in probe_nodes(live).items():
             facts[name] = NodeFacts.from_dict(answer) if isinstance(answer, dict) else answer
     return ClusterInventory(str(head), tuple(nodes_from_records(records, facts)))
+
+
+def describe(inventory: ClusterInventory) -> list[str]:
+    """The inventory in lines of text: each node, its state, its devices and its sensors."""
+    lines = [f"cluster at {inventory.head}: {sum(n.alive for n in inventory.nodes)} of {len(inventory.nodes)} "
+             "nodes alive"]
+    for node in inventory.nodes:
+        lines.append(f"{node.name} ({node.status}{', ' + node.note if node.note else ''})")
+        for device in node.devices:
+            memory = f", {device.memory_bytes / 2**30:.0f} GiB" if device.memory_bytes else ""
+            lines.append(f"    {device.name}: {device.model}{memory}")
+        for sensor in node.sensors:
+            lines.append(f"    sensor {sensor.source} ({sensor.device}): {sensor.status}: {sensor.detail}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.cluster.inventory [--address HOST:PORT] [--json]``: list the cluster's nodes."""
+    import argparse
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from engine.errors import PlannerError
+
+    parser = argparse.ArgumentParser(prog="python -m engine.cluster.inventory",
+                                     description="The cluster's nodes, their devices and sensors, alive or gone.")
+    parser.add_argument("--address", help="the head's HOST:PORT (default: $PLANNER_RAY_ADDRESS)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        inventory = read_inventory(args.address)
+    except PlannerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(inventory), indent=2) if args.json else "\n".join(describe(inventory)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -171,7 +171,7 @@ class LocalCluster:
                 shutil.rmtree(self.folder, ignore_errors=True)
         return killed
 
-    def leftovers(self, wait_s: float = 5.0) -> list[psutil.Process]:
+    def leftovers(self, wait_s: float = 10.0) -> list[psutil.Process]:
         """Processes this cluster started that are still alive (waiting up to ``wait_s`` for them to go)."""
         deadline = time.monotonic() + wait_s
         while True:
