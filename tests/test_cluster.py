@@ -358,15 +358,19 @@ def test_records_already_stored_before_the_run_are_skipped():
     assert [r["query_id"] for r in collect.rows] == ["q1", "q3"]
 
 
-def test_a_silent_node_and_a_node_declared_dead_fail_their_device():
+def test_a_silent_node_a_node_that_never_starts_and_a_node_declared_dead_fail_their_device():
     collect = Collect()
-    cluster = FakeCluster({"nodeA/cpu": {"silent_after": 1}, "nodeB/cpu": {"dead_after": 1}})
+    cluster = FakeCluster({"nodeA/cpu": {"silent_after": 1}, "nodeB/cpu": {"dead_after": 1},
+                           "nodeC/cpu": {"silent_after": 0}})
     started = time.monotonic()
-    outcome = drive(cluster, [Part("nodeA/cpu", ListWork(5)), Part("nodeB/cpu", ListWork(50, pause_s=0.01))],
-                    collect.storing.deliver, poll_s=0.01, stall_s=0.3, liveness_s=0.05)
+    outcome = drive(cluster, [Part("nodeA/cpu", ListWork(5)), Part("nodeB/cpu", ListWork(50, pause_s=0.01)),
+                              Part("nodeC/cpu", ListWork(5))],
+                    collect.storing.deliver, poll_s=0.01, stall_s=0.3, start_s=0.6, liveness_s=0.05)
     assert time.monotonic() - started < 5
-    assert outcome["nodeA/cpu"].status == "failed" and "no word from node nodeA for 0.3 s" in outcome["nodeA/cpu"].reason
+    assert outcome["nodeA/cpu"].reason == ("nodeA/cpu: no word from node nodeA for 0.3 s (frozen, or its network "
+                                           "is gone); its work there was stopped")
     assert outcome["nodeB/cpu"].reason == "nodeB/cpu: node nodeB was declared dead by the cluster"
+    assert outcome["nodeC/cpu"].reason.startswith("nodeC/cpu: node nodeC did not start the work within 0.6 s")
     assert all(s.stopped for s in cluster.streams)
 
 

@@ -11,7 +11,8 @@
 - ``scheduler``: the driver's loop over every device's stream, against :class:`ClusterInterface`;
 - ``remote``: the Ray actor, the node probe and :class:`RayCluster` (imports Ray);
 - ``runstate``: an execution's per-device parts and where its devices run;
-- ``driver``: the driver process, the database's only writer.
+- ``driver``: the driver process, the database's only writer;
+- ``localcluster``: a whole cluster on this host's loopback, for tests and benchmarks.
 
 Only ``connection``, ``remote``, ``inventory`` (when it lists) and the processes import Ray,
 and only when used; a single-host installation never loads it. Where runs start is

@@ -28,6 +28,9 @@ from engine.cluster.protocol import Batch, End, RemoteWork, SinkCall
 POLL_S = 0.5
 #: Seconds without any batch (heartbeats come every 2 s) after which a node counts as lost.
 STALL_S = 30.0
+#: Seconds a part may take to send its first batch: an actor starts a process and imports the engine, and waits
+#: while another run holds its device.
+START_S = 120.0
 #: Seconds between two asks whether the cluster has declared a running part's node dead.
 LIVENESS_S = 2.0
 
@@ -135,8 +138,8 @@ def drive(cluster: ClusterInterface, parts: list[Part], deliver: Callable[[Part,
           stop_requested: Callable[[], bool] = lambda: False,
           on_end: Callable[[PartResult], None] = lambda result: None,
           progress: Callable[[str], None] = lambda line: None,
-          poll_s: float = POLL_S, stall_s: float = STALL_S, liveness_s: float = LIVENESS_S,
-          clock: Callable[[], float] = time.monotonic) -> dict[str, PartResult]:
+          poll_s: float = POLL_S, stall_s: float = STALL_S, start_s: float = START_S,
+          liveness_s: float = LIVENESS_S, clock: Callable[[], float] = time.monotonic) -> dict[str, PartResult]:
     """Run every part on its device until each has ended; returns each device's result.
 
     ``on_end`` hears of each part as it ends (the driver marks a lost device failed at once).
@@ -144,7 +147,8 @@ def drive(cluster: ClusterInterface, parts: list[Part], deliver: Callable[[Part,
     """
     results: dict[str, PartResult] = {}
     running: dict[int, tuple[Part, Any]] = {}
-    heard: dict[int, float] = {}
+    heard: dict[int, float] = {}  # when each part last sent anything
+    started: set[int] = set()  # the parts that sent their first batch
 
     def end(part: Part, status: str, reason: str | None = None, value: Any = None) -> None:
         result = PartResult(part.device, status, reason, value)
@@ -173,6 +177,7 @@ def drive(cluster: ClusterInterface, parts: list[Part], deliver: Callable[[Part,
         for handle in ready:
             part, _ = running[id(handle)]
             heard[id(handle)] = clock()
+            started.add(id(handle))
             try:
                 batch = cluster.take(handle)
             except NodeLostError as exc:
@@ -200,11 +205,16 @@ def drive(cluster: ClusterInterface, parts: list[Part], deliver: Callable[[Part,
                 cluster.stop(handle)
                 end(part, "failed", f"{part.device}: {why}")
         for key, (part, handle) in list(running.items()):
-            if clock() - heard[key] > stall_s:
-                cluster.stop(handle)
-                del running[key]
-                end(part, "failed", f"{part.device}: no word from node {part.where.node} for {stall_s:g} s "
-                                    "(frozen, or its network is gone); its work there was stopped")
+            if key in started and clock() - heard[key] > stall_s:
+                why = f"no word from node {part.where.node} for {stall_s:g} s (frozen, or its network is gone)"
+            elif key not in started and clock() - heard[key] > start_s:
+                why = (f"node {part.where.node} did not start the work within {start_s:g} s (another run may hold "
+                       "the device, or the node is overloaded)")
+            else:
+                continue
+            cluster.stop(handle)
+            del running[key]
+            end(part, "failed", f"{part.device}: {why}; its work there was stopped")
     return results
 
 
