@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -178,6 +179,7 @@ def main() -> int:
             print(f"  node loss reported after {seen_s:.1f} s (seen here; the driver's log says {logged_s:.0f} s)")
     finally:
         killed = cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     frame = pd.DataFrame(rows)
     print(f"\nafter: {load()}; processes of the cluster left to kill after its shutdown: {killed or 'none'}")
     print(frame.round(3).to_string(index=False))
