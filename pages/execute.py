@@ -10,7 +10,8 @@ from engine import execution
 from engine.errors import PlannerError
 from engine.formatting import format_duration, format_energy, format_percent, format_timestamp
 from engine.planning import list_plans
-from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
+from ui.common import flash, get_store, show_error, show_flash
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Execute")

@@ -12,7 +12,8 @@ from engine.fitting import load_reference_profiles
 from engine.overview import read_overview
 from engine.profiling import jobs
 from engine.formatting import format_accuracy, format_duration, format_parameters
-from pages.common import ensure_app_navigation, get_store, show_error
+from ui.common import get_store, show_error
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Joule Planner")

@@ -26,7 +26,8 @@ from engine.planning import (
     read_workload_upload,
     schedule_csv,
 )
-from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
+from ui.common import flash, get_store, show_error, show_flash
+from ui.navigation import ensure_app_navigation
 
 SAMPLE_WORKLOAD = PROJECT_ROOT / "data" / "workloads" / "sample_50.csv"
 TIMELINE_MAX_BARS = 400

@@ -14,7 +14,8 @@ from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
 from engine.formatting import format_duration
-from pages.common import ensure_app_navigation, get_store, show_error
+from ui.common import get_store, show_error
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Profile")

@@ -16,7 +16,7 @@ from engine.errors import PlannerError
 from engine.fitting import (energy_model_card, fit_all, load_latest_fits, load_reference_profiles, load_trials,
                             residuals, save_fits, suggest_points, surface_grid)
 from engine.formatting import format_percent
-from pages.common import show_error
+from ui.common import show_error
 
 
 def _surface_figure(fit, trials: pd.DataFrame | None, view: str, log_axes: bool) -> go.Figure:
