@@ -166,6 +166,47 @@ def test_out_must_be_a_file_in_an_existing_folder_and_options_must_exist(referen
     assert stored_counts(reference_db) == (0, 0)
 
 
+def store_executed_lengths(db: Path, lengths: dict[str, list[int]]) -> None:
+    """Execution results of prompts whose answers had these output lengths, per category."""
+    from engine.store import append_frame
+
+    rows = [{"execution_id": 1, "query_id": f"{category}-{i}", "model": "llama-2-7b", "device": "a100-swing",
+             "input_tokens": 20, "output_tokens": length, "prompt_kind": "text", "category": category,
+             "stopped": "end of answer"}
+            for category, values in lengths.items() for i, length in enumerate(values)]
+    with Store(db).transaction() as con:
+        append_frame(con, "execution_results", pd.DataFrame(rows))
+
+
+def test_learned_output_lengths_fill_queries_without_one(reference_db: Path, tmp_path: Path, capfd):
+    store_executed_lengths(reference_db, {"chat": [30, 40, 50], "code": [200, 220, 240]})
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens,output_tokens,category\na,100,7,chat\nb,100,,chat\nc,100,,code\n"
+                        "d,100,,poetry\n", encoding="utf-8")
+    out = tmp_path / "schedule.csv"
+    code = plan(reference_db, "--workload", str(workload), "--learned-output-lengths", "--out", str(out), "--no-save")
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    lengths = pd.read_csv(out, dtype={"id": str}).set_index("id").output_tokens.to_dict()
+    # Given stays; chat and code get their medians; poetry (none learned) the median of all six answers.
+    assert lengths == {"a": 7, "b": 40, "c": 220, "d": 125}
+    assert "warning: 3 queries planned with output lengths learned from executed prompts" in captured.err
+
+    code = plan(reference_db, "--workload", str(workload), "--out", str(tmp_path / "default.csv"), "--no-save",
+                "--default-output-tokens", "64")
+    assert code == 0
+    assert pd.read_csv(tmp_path / "default.csv", dtype={"id": str}).set_index("id").output_tokens.to_dict() == \
+        {"a": 7, "b": 64, "c": 64, "d": 64}
+
+
+def test_learned_output_lengths_with_nothing_learned_says_so(reference_db: Path, tmp_path: Path, capfd):
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens\na,100\n", encoding="utf-8")
+    assert plan(reference_db, "--workload", str(workload), "--learned-output-lengths", "--no-save",
+                "--default-output-tokens", "64") == 0
+    assert "no output lengths have been learned yet" in capfd.readouterr().err
+
+
 def test_unreadable_number_is_refused_by_the_parser(isolated_db: Path, capsys):
     with pytest.raises(SystemExit) as caught:
         plan(isolated_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "abc")
