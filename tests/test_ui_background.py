@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.apptest_wait import run_until
 from ui.background import TaskCancelled, TaskProgress
-
-
-def run_until(at: AppTest, done: Callable[[AppTest], bool], timeout_s: float = 120.0, pause_s: float = 0.3) -> AppTest:
-    """Rerun ``at`` until ``done(at)`` (the outcome of background work shows), or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not done(at):
-        assert not at.exception, at.exception
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not done after {timeout_s} s; the page shows: "
-                                 + " | ".join(str(e.value) for e in list(at.info) + list(at.error) + list(at.markdown)))
-        time.sleep(pause_s)
-        at.run()
-    return at
 
 
 def script():

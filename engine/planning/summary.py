@@ -10,11 +10,43 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from engine.formatting import format_duration
+from engine.formatting import format_accuracy, format_duration, format_percent
+from engine.planning.options import PlanOption
 from engine.planning.plan import Baseline, PlanResult, PlanSettings
 
 #: Relative slack when checking a deadline (the solver's own tolerance).
 _DEADLINE_TOLERANCE = 1e-7
+
+
+#: Where an option's surfaces come from, as the Plan page's option table says it.
+SOURCE_MEASURED, SOURCE_PUBLISHED, SOURCE_DEMO = "measured", "published", "demo"
+
+
+def option_table(options: list[PlanOption], demo_models: set[str]) -> pd.DataFrame:
+    """The options a plan may use, one readable row each, and whether each is used by default.
+
+    Columns: option (model@device), model, device, source (measured, published: the
+    paper's coefficients, demo: a demo model with random weights), accuracy (text),
+    energy (measured, estimated or published), fit (form and CV MAPE), use. Demo models
+    are not mixed with real ones: while any option is measured or published, demo options
+    start unused (a person may still tick them).
+    """
+    rows = []
+    for option in options:
+        source = (SOURCE_PUBLISHED if option.published else SOURCE_DEMO if option.model in demo_models
+                  else SOURCE_MEASURED)
+        fit = option.energy_fit
+        rows.append({
+            "option": option.key, "model": option.model, "device": option.device, "source": source,
+            "accuracy": format_accuracy(option.accuracy),
+            "energy": ("published, no measurements" if option.published else
+                       "estimated (no sensor)" if option.energy_estimated else "measured"),
+            "fit": f"{fit.form}, CV MAPE {format_percent(fit.cv_mape)}" if fit.cv_mape is not None else fit.form,
+        })
+    table = pd.DataFrame(rows, columns=["option", "model", "device", "source", "accuracy", "energy", "fit"])
+    real = table["source"] != SOURCE_DEMO
+    table.insert(0, "use", real if real.any() else True)
+    return table
 
 
 def timeline_blocks(schedule: pd.DataFrame) -> pd.DataFrame:
@@ -101,4 +133,5 @@ def _finite(value) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ = ["BaselineComparison", "baseline_misses", "compare_with_baselines", "timeline_blocks"]
+__all__ = ["SOURCE_DEMO", "SOURCE_MEASURED", "SOURCE_PUBLISHED", "BaselineComparison", "baseline_misses",
+           "compare_with_baselines", "option_table", "timeline_blocks"]
