@@ -255,9 +255,12 @@ def cmd_sensors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine.overview import read_overview
+    from engine import runs
+    from engine.overview import latest_work, read_overview
 
-    view = read_overview(_store(args))
+    store = _store(args)
+    runs.reconcile(store)  # a run whose worker was killed is failed, not "running"
+    view = read_overview(store)
     document = {
         "db": view.db_path, "schema_version": view.schema_version,
         "models": json_safe(view.models.to_dict("records")),
@@ -271,8 +274,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"database {view.db_path} (schema version {view.schema_version})")
     print(f"{len(view.models)} models, {view.n_measurements} measurements "
           f"({view.n_measurements_estimated} with estimated energy)")
-    for key in ("latest_job", "latest_fit", "latest_plan", "latest_execution"):
-        print(f"{key.replace('_', ' ')}: {document[key] or 'none yet'}")
+    for line in latest_work(view):
+        print(f"latest {line.kind.lower()}: {line.text}")
     return EXIT_OK
 
 

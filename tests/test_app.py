@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import catalog
+from engine.energy import discover_sensors
 from engine.store import Store
 from tests.conftest import write_grid_csv
 
@@ -34,6 +37,10 @@ def test_every_page_renders_on_an_empty_database(page: str):
     assert not at.exception, at.exception
 
 
+def sensor_rows(at: AppTest) -> pd.DataFrame:
+    return next(t.value for t in at.table if "Source" in t.value.columns)
+
+
 def test_home_shows_demo_models_and_sensors(store: Store, demo_models):
     catalog.register_demo_models(store, list(demo_models.values()))
     at = app().run()
@@ -42,7 +49,70 @@ def test_home_shows_demo_models_and_sensors(store: Store, demo_models):
     for demo in demo_models.values():
         assert demo.name in text
     assert "Energy sensors on this host" in text
-    assert "rapl" in text  # the sensor table lists RAPL, found or missing with its reason
+    # What the page says about RAPL is what this host has, with the reason (missing on a VM or container).
+    expected = {s.source: (s.status, s.detail) for s in discover_sensors() if s.source.startswith("rapl")}
+    rows = sensor_rows(at).set_index("Source")
+    assert expected and {source: tuple(rows.loc[source, ["Status", "Detail"]]) for source in expected} == expected
+    assert all(detail for _status, detail in expected.values())  # found or missing, always with the reason
+    no_cpu_sensor = all(status == "missing" for status, _detail in expected.values())
+    assert no_cpu_sensor == any("No CPU energy sensor here" in w.value for w in at.warning)
+
+
+def test_home_says_rapl_is_missing_and_why(store: Store, monkeypatch, tmp_path: Path):
+    """A host without a powercap tree (a VM): RAPL missing with the reason, CPU energy estimated."""
+    import engine.energy
+
+    monkeypatch.setattr(engine.energy, "discover_sensors",
+                        partial(engine.energy.discover_sensors, powercap_root=tmp_path / "powercap", nvml=None))
+    at = app().run()
+    assert not at.exception, at.exception
+    rows = sensor_rows(at).set_index("Source")
+    assert rows.loc["rapl", "Status"] == "missing"
+    assert rows.loc["rapl", "Detail"].startswith(f"{tmp_path / 'powercap'} does not exist")
+    assert "kernel modules" in rows.loc["rapl", "How to fix"]
+    assert rows.loc["estimate", "Status"] == "estimated"
+    assert any("No CPU energy sensor here" in w.value for w in at.warning)
+    assert not at.success
+
+
+def test_home_says_rapl_measures_where_the_kernel_exposes_it(store: Store, monkeypatch, tmp_path: Path):
+    import engine.energy
+    from tests.test_energy_rapl import make_zone
+
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    monkeypatch.setattr(engine.energy, "discover_sensors",
+                        partial(engine.energy.discover_sensors, powercap_root=tmp_path, nvml=None))
+    at = app().run()
+    assert not at.exception, at.exception
+    rows = sensor_rows(at).set_index("Source")
+    assert rows.loc["rapl-package", "Status"] == "measured" and "estimate" not in rows.index
+    assert rows.loc["rapl-dram", "Status"] == "missing" and "no DRAM domain" in rows.loc["rapl-dram", "Detail"]
+    assert [s.value for s in at.success] == ["1 energy sensor measures here: rapl-package"]
+    assert not any("No CPU energy sensor here" in w.value for w in at.warning)
+
+
+def test_home_after_a_run_keeps_the_start_box_and_shows_formatted_figures(store: Store, demo_models, tmp_path: Path):
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    import_measurements(store, write_grid_csv(tmp_path / "grid.csv", "estimated"))
+    save_fits(store, fit_all(store))
+    with store.transaction() as con:
+        con.execute("INSERT INTO plans (objective, energy_scope, status, energy_j, accuracy) "
+                    "VALUES ('energy', 'total', 'optimal', 292.76300189240584, 0.5612345)")
+    at = app().run()
+    assert not at.exception, at.exception
+    assert any(s.value == "Start here" for s in at.subheader)
+    labels = [b.label for b in at.button]
+    assert "Plan the sample workload" in labels and "Explore the paper's published A100 profiles" in labels
+    assert "Profile the demo models and plan" not in labels
+    latest = "\n".join(m.value for m in at.markdown if m.value.startswith("**"))
+    assert "**Plan:** #1 optimal: 292.8 J predicted (total energy), mean accuracy 0.5612" in latest
+    assert "**Fit:** #2 sim on gpu0, runtime: form " in latest and "CV MAPE " in latest and "%" in latest
+    assert "292.763" not in latest and "0.5612345" not in latest and "cv_mape" not in latest
+    pairs = next(d.value for d in at.dataframe if "trials" in d.value.columns)
+    assert all(len(text) == len("2024-05-01 14:00") for text in pairs["first"])  # to the minute, no ISO "T"
 
 
 def test_models_page_adds_a_model(store: Store):
