@@ -142,9 +142,10 @@ def import_schedule(store: Store, path: str | Path) -> int:
     return plan_id
 
 
-def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[str]:
+def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame, *, busy: bool = True) -> list[str]:
     """Problems that stop a plan from running here: models not in the catalog or not local,
-    model files that moved, devices this host lacks or that are busy. Returns the devices."""
+    model files that moved, devices this host lacks or (with ``busy``) that a run holds now.
+    Returns the devices."""
     problems: list[Problem] = []
     if queries.empty:
         raise InputError(Problem("plan", f"plan {plan_id} has no schedule to run", None,
@@ -168,13 +169,23 @@ def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[st
             problems.append(Problem("plan", str(exc), "device", "a device of this host"))
             continue
         devices.append(stored)
-        busy = runs.run_on_device(store, stored)
-        if busy is not None:
-            problems.append(Problem("plan", f"{busy} is running on {stored}", "device",
+        holder = runs.run_on_device(store, stored) if busy else None
+        if holder is not None:
+            problems.append(Problem("plan", f"{holder} is running on {stored}", "device",
                                     "wait for it to finish, or cancel it"))
     if problems:
         raise InputError(problems)
     return devices
+
+
+def why_plan_cannot_run_here(store: Store, plan_id: int) -> list[Problem]:
+    """What stops a stored plan from ever running on this host (a model without local files, a
+    device this host lacks); empty when it can. A device busy right now does not count."""
+    try:
+        check_runnable(store, plan_id, plan_queries(store, plan_id), busy=False)
+    except InputError as exc:
+        return list(exc.problems)
+    return []
 
 
 def create_execution(store: Store, plan_id: int) -> Execution:
@@ -233,6 +244,9 @@ class ExecutionProgress:
     ``devices`` has per device: done, total, measured_energy_j (NaN while none is known),
     predicted_done_j (the predictions of the queries done), predicted_total_j, elapsed_s,
     remaining_s (from the measured pace against the predicted runtimes).
+    ``elapsed_s`` is the running time of the whole execution across its runs: the current
+    (or last) run's wall-clock time plus the time the queries of earlier runs took (on the
+    busiest device, as devices run in parallel; the pauses between runs do not count).
     """
 
     execution: Execution
@@ -249,6 +263,8 @@ class ExecutionProgress:
 
 def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
     execution = get_execution(store, execution_id)
+    started = None if execution.started_at is None or pd.isna(execution.started_at) \
+        else pd.Timestamp(execution.started_at)
     per_device = store.query_df(
         """SELECT a.device, count(*) AS total, count(r.query_id) AS done,
                   sum(r.energy_j) AS measured_energy_j,
@@ -256,16 +272,21 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
                   sum(a.predicted_energy_j) AS predicted_total_j,
                   sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_runtime_s END) AS predicted_done_s,
                   sum(a.predicted_runtime_s) AS predicted_total_s, sum(r.runtime_s) AS runtime_s,
+                  coalesce(sum(r.runtime_s) FILTER (WHERE ? IS NULL OR r.started_at < ?), 0) AS earlier_runtime_s,
                   bool_or(r.energy_source = 'estimated') AS estimated
            FROM plan_assignments a
            LEFT JOIN execution_results r ON r.execution_id = ? AND r.query_id = a.query_id
-           WHERE a.plan_id = ? GROUP BY a.device ORDER BY a.device""", [execution.id, execution.plan_id])
+           WHERE a.plan_id = ? GROUP BY a.device ORDER BY a.device""",
+        [started, started, execution.id, execution.plan_id])
+    earlier_s = float(per_device.earlier_runtime_s.max()) if len(per_device) else 0.0
+    per_device = per_device.drop(columns=["earlier_runtime_s"])
     elapsed = remaining = None
-    if execution.started_at is not None and not pd.isna(execution.started_at):
-        started = pd.Timestamp(execution.started_at)
+    if started is not None:
         end = pd.Timestamp(execution.finished_at) if execution.status in FINISHED and \
             not pd.isna(execution.finished_at) else pd.Timestamp.now(tz=started.tz)
-        elapsed = max(0.0, (end - started).total_seconds())
+        elapsed = max(0.0, (end - started).total_seconds()) + earlier_s
+    elif earlier_s:
+        elapsed = earlier_s  # queued again after a pause: the runs so far
     if execution.status in ACTIVE and len(per_device):
         left = []
         for row in per_device.itertuples():
@@ -299,3 +320,12 @@ def execution_results(store: Store, execution_id: int) -> pd.DataFrame:
                   predicted_energy_uncertainty_j, energy_source, energy_method, idle_power_w, category, error,
                   generated_text, started_at, finished_at
            FROM execution_results WHERE execution_id = ? ORDER BY device, position""", [int(execution_id)])
+
+
+def execution_energy_scope(store: Store, execution_id: int) -> str:
+    """The energy scope (total or dynamic) of the plan an execution runs; its comparison uses the same."""
+    row = store.query_one("SELECT p.energy_scope FROM plans p JOIN executions e ON e.plan_id = p.id WHERE e.id = ?",
+                          [int(execution_id)])
+    if row is None:
+        raise InputError(Problem("execution", f"no execution with id {execution_id}", None, "an execution id"))
+    return row[0] or "total"
