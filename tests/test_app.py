@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import catalog
+from engine import catalog, runs
 from engine.energy import discover_sensors
 from engine.store import Store
 from tests.conftest import write_grid_csv
@@ -148,8 +148,12 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
     from engine.profiling import jobs
 
     catalog.register_demo_models(store, list(demo_models.values()))
+    earlier = jobs.create_job(store, "demo-small", "cpu", "custom", inputs=[8], outputs=[4])
+    runs.set_status(store, runs.PROFILING, earlier.id, "done")
     at = app().run()
     at.switch_page("pages/profile.py").run()
+    assert at.selectbox(key="profile_watch").value == earlier.id  # the panel shows the earlier, finished job
+    assert not any(b.label == "Cancel job" for b in at.button)
     at.selectbox(key="profile_model").set_value("demo-small")
     at.radio(key="profile_design").set_value("custom")
     at.text_input(key="profile_inputs").set_value("8")
@@ -160,14 +164,24 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     job_id = int(store.query_one("SELECT max(id) FROM profiling_jobs")[0])
+    # At once: the panel shows the new job, with Cancel, and the list has it.
+    assert job_id != earlier.id and at.selectbox(key="profile_watch").value == job_id
+    assert any(b.label == "Cancel job" for b in at.button)
+    listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
+    assert listed.loc[f"#{job_id}", "status"] in jobs.ACTIVE
     deadline = time.monotonic() + 120
     while jobs.get_job(store, job_id).status in jobs.ACTIVE and time.monotonic() < deadline:
         time.sleep(0.5)
     assert jobs.get_job(store, job_id).status == "done"
     at.run()
-    assert any("Done: " in s.value for s in at.success)
+    assert any("Done: 6 trials over 2 points" in s.value for s in at.success)
     assert any(m.label == "Trials" and m.value == "6" for m in at.metric)  # 2 points x 3 trials
+    assert any(m.label == "Remaining" and m.value == "—" for m in at.metric)
     assert any("estimated" in c.value for c in at.caption)
+    # The selector and the list agree with the panel: done, not queued.
+    assert at.selectbox(key="profile_watch").options[0] == f"#{job_id} demo-small on cpu (done)"
+    listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
+    assert listed.loc[f"#{job_id}", "status"] == "done" and listed.loc[f"#{job_id}", "points"] == "2 / 2"
 
 
 def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_models):
