@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from engine import catalog, runs
 from engine.energy import discover_sensors
 from engine.store import Store
+from tests.apptest_wait import run_until
 from tests.conftest import write_grid_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,12 +206,19 @@ def test_models_page_fits_and_shows_surfaces(store: Store, tmp_path: Path):
     at.switch_page("pages/models.py").run()
     assert any("No fits yet" in i.value for i in at.info)
     next(b for b in at.button if b.label == "Fit all measured models").click().run()
-    assert not at.exception, at.exception
+    run_until(at, lambda a: bool(a.success))  # fitting runs in the background
     assert any("Fitted 2 surfaces" in s.value for s in at.success)
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 4  # two surfaces and two residual plots
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    (surface,) = [spec for spec in specs if spec["data"][0]["type"] == "surface"]  # one 3-D chart at a time
+    assert "energy (J, estimated)" in surface["layout"]["title"]["text"]  # energy first
+    assert sum(spec["data"][0]["type"] == "scatter" for spec in specs) == 2  # the two residual plots
     assert any("estimated" in i.value for i in at.info)
     assert any("CV MAPE" in m.value for m in at.markdown)
+    at.get("segmented_control")[0].set_value("runtime").run()
+    assert not at.exception, at.exception
+    surface = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                   if json.loads(c.proto.spec)["data"][0]["type"] == "surface")
+    assert "runtime (s)" in surface["layout"]["title"]["text"]
 
 
 def test_models_page_loads_the_published_profiles(store: Store):
