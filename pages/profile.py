@@ -128,8 +128,10 @@ with st.expander("Import or export measurements (CSV)"):
 
 
 def job_label(history: pd.DataFrame, job_id: int) -> str:
+    """A job's name in the selector. Never its status: the browser keeps showing the label a
+    choice was made under, so a label that changes ("queued", then "done") would go stale there."""
     row = history.set_index("id").loc[job_id]
-    return f"#{job_id} {row.model} on {row.device} ({row.status})"
+    return f"#{job_id} {row.model} on {row.device}"
 
 
 def jobs_table(history: pd.DataFrame) -> pd.DataFrame:
