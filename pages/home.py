@@ -87,10 +87,15 @@ def first_run_progress() -> None:
 running = first is not None and first.status == "running"
 with st.container(border=True):
     st.subheader("Start here")
-    left, right = st.columns(2)
-    if not view.has_measured_fits or running:
+    first_time = not view.has_measured_fits or running
+    if first_time:
         st.markdown("One click profiles the two demo models on this CPU with a quick design (a few minutes), fits "
                     "their energy and runtime, and opens the Plan page with the sample workload loaded.")
+    else:
+        st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
+                    "Profile page, or compare with the published A100 profiles.")
+    left, right = st.columns(2)
+    if first_time:
         if left.button("Profile the demo models and plan", type="primary", disabled=running, key="first_run"):
             try:
                 firstrun.start_first_run(store)
@@ -98,11 +103,8 @@ with st.container(border=True):
                 st.rerun()
             except PlannerError as exc:
                 show_error(exc)
-    else:
-        st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
-                    "Profile page, or compare with the published A100 profiles.")
-        if left.button("Plan the sample workload", type="primary", key="plan_sample"):
-            open_plan_with_sample()
+    elif left.button("Plan the sample workload", type="primary", key="plan_sample"):
+        open_plan_with_sample()
     if right.button("Explore the paper's published A100 profiles", key="home_reference",
                     help="Seven LLMs on an A100 server, from Wilkins et al. (published coefficients, no "
                          "measurements): data-centre-scale what-ifs without a GPU."):

@@ -26,7 +26,8 @@ from ui import background
 from ui.common import flash, get_store, problems_table, show_error, show_flash
 from ui.navigation import ensure_app_navigation
 from ui.plan_view import (PlanRequest, accuracy_range_text, choose_options, show_assignment, show_baselines,
-                          show_curves, show_extrapolation, show_headline, timeline_figure, workload_key)
+                          show_curves, show_extrapolation, show_headline, stored_plans_table, timeline_figure,
+                          workload_key)
 
 SAMPLE_WORKLOAD = PROJECT_ROOT / "data" / "workloads" / "sample_50.csv"
 CURVE_POINTS = 9
@@ -173,14 +174,18 @@ chosen_options = [o for o in options if o.key in set(chosen)]
 st.subheader("3. Targets")
 accuracies = [o.accuracy for o in chosen_options]
 suggested = round(float(np.mean(accuracies)), 2) if accuracies else 0.5
-# The target follows the chosen options until the user sets it, and never changes unannounced.
+# The target starts at the chosen options' mean score and never changes unannounced. Its widget's key
+# carries the suggestion, so a new set of options starts a fresh widget (a form widget's value set
+# through session state is not reliably what the browser then submits); a target the user typed is
+# carried over.
 previous = st.session_state.get("plan_target_suggested")
-if "plan_target" not in st.session_state:
-    st.session_state["plan_target"] = suggested
-elif previous is not None and suggested != previous and np.isclose(st.session_state["plan_target"], previous):
-    st.info(f"Accuracy target set to {suggested:.3f}, the mean score of the chosen options "
-            f"(it was {st.session_state['plan_target']:.3f}).")
-    st.session_state["plan_target"] = suggested
+initial = suggested
+if previous is not None and previous != suggested:
+    before = st.session_state.get(f"plan_target_{previous:.2f}", previous)
+    typed = not np.isclose(before, previous)
+    initial = before if typed else suggested
+    if not typed:
+        st.info(f"Accuracy target set to {suggested:.3f}, the mean score of the chosen options (it was {before:.3f}).")
 st.session_state["plan_target_suggested"] = suggested
 devices = list(dict.fromkeys(o.device for o in chosen_options or options))
 error = st.session_state.pop("plan_error", None)
@@ -189,8 +194,9 @@ with st.form("plan_settings", enter_to_submit=False):  # Enter in a field does n
     left, middle, right = st.columns(3)
     with left:
         use_target = st.checkbox("Require a mean accuracy", value=True, key="plan_use_target")
-        target = st.number_input("Accuracy target (fraction)", min_value=0.0, max_value=1.0, step=0.01,
-                                 format="%.3f", key="plan_target", help=accuracy_range_text(accuracies))
+        target = st.number_input("Accuracy target (fraction)", min_value=0.0, max_value=1.0, value=float(initial),
+                                 step=0.01, format="%.3f", key=f"plan_target_{suggested:.2f}",
+                                 help=accuracy_range_text(accuracies))
         mode = st.radio("Accuracy weighting", ["query", "token"], horizontal=True, key="plan_mode",
                         help="query: every query counts once. token: weighted by τin + τout, the paper's "
                              "A_K·(τin + τout).")
@@ -314,8 +320,9 @@ with st.expander("Stored plans"):
     if plans.empty:
         st.caption("No plans stored yet.")
     else:
-        st.dataframe(plans, hide_index=True, width="stretch")
-        plan_id = st.selectbox("Download the schedule of plan", plans.id.tolist(), key="stored_plan")
+        st.dataframe(stored_plans_table(plans), hide_index=True, width="stretch")
+        plan_id = st.selectbox("Download the schedule of plan", plans.id.tolist(), key="stored_plan",
+                               format_func=lambda i: f"#{i}")
         try:
             row, stored_schedule = load_plan(store, int(plan_id))
             if stored_schedule.empty:

@@ -229,17 +229,23 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     expect(page.get_by_role("heading", name="Plan", exact=True)).to_be_visible(timeout=60_000)
     page.get_by_text("Sample workload (sample_50.csv)").click()
     expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=30_000)
+    target = page.get_by_role("spinbutton", name="Accuracy target (fraction)")
+    mean_score = round(float(catalog.list_models(store).accuracy.mean()), 2)  # the two demo models' mean
+    expect(target).to_have_value(f"{mean_score:.3f}")
     page.get_by_role("button", name="Plan", exact=True).click()
     expect(page.get_by_text("Proven gap")).to_be_visible(timeout=120_000)
     expect(page.get_by_text("Compared with the obvious alternatives")).to_be_visible()
     expect(page.get_by_text("What each constraint costs")).to_be_visible()
+    assert float(store.query_one("SELECT accuracy_target FROM plans ORDER BY id DESC LIMIT 1")[0]) == mean_score
     with page.expect_download() as download_info:
         page.get_by_role("button", name="Download the schedule (CSV)").click()
     schedule = download_info.value.path().read_text()
     assert schedule.splitlines()[0].startswith("id,model,device,input_tokens,output_tokens,predicted_energy_j")
     assert len(schedule.splitlines()) == 51
     page.get_by_role("button", name="Draw energy against the accuracy target and the deadline").click()
-    expect(page.get_by_text("Energy against the accuracy target")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Drawing the trade-offs")).to_be_visible(timeout=30_000)  # in the background
+    expect(page.locator(".js-plotly-plot").filter(has_text="Energy against the deadline")).to_be_visible(
+        timeout=300_000)
     page.mouse.wheel(0, -20_000)  # back to the top of the page for the picture
     page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
     page.screenshot(path=str(screenshot_path("plan.png", tmp_path)), full_page=True)
@@ -325,8 +331,9 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         expect(page.get_by_text(re.compile(r"^Fit: #\d+ .*CV MAPE \d+\.\d%; \d{4}-\d\d-\d\d \d\d:\d\d$"))).to_be_visible()
         expect(page.get_by_text(re.compile(r"^Execution: #\d+ of plan #\d+, done \(50 of 50 queries\)"))).to_be_visible()
         expect(page.get_by_text(re.compile(r"cv_mape|energy_j|\d\.\d{7}|T\d\d:\d\d:\d\d"))).to_have_count(0)
+        page.get_by_text("Latest work").scroll_into_view_if_needed()
         page.wait_for_timeout(1500)
-        page.screenshot(path=str(screenshot_path("home_after_run.png", tmp_path)), full_page=True)
+        page.screenshot(path=str(screenshot_path("home_after_run.png", tmp_path)))
         page.close()
     store = Store(db)
     assert store.query_one("SELECT count(*) FROM execution_results WHERE error IS NULL")[0] == 50

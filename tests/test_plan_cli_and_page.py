@@ -242,6 +242,10 @@ def option_table(at: AppTest) -> pd.DataFrame:
     return next(d.value for d in at.data_editor if "source" in d.value.columns)
 
 
+def target_input(at: AppTest):
+    return next(n for n in at.number_input if n.label == "Accuracy target (fraction)")
+
+
 def use_sample_workload(at: AppTest) -> None:
     source = at.radio(key="plan_source")
     source.set_value(next(o for o in source.options if o.startswith("Sample workload"))).run()
@@ -273,7 +277,7 @@ def test_page_plans_the_sample_workload(store: Store):
     at = plan_page()
     use_sample_workload(at)
     assert any("50 queries read from" in s.value for s in at.success)
-    target = at.number_input(key="plan_target").value
+    target = target_input(at).value
     button(at, "Plan").click().run()
     run_until(at, has_metric("Energy"))  # the plan is made in the background
     assert not at.error, [e.value for e in at.error]
@@ -291,6 +295,9 @@ def test_page_plans_the_sample_workload(store: Store):
 
     downloads = at.get("download_button")
     assert any(d.label == "Download the schedule (CSV)" for d in downloads)
+    listed = next(d.value for d in at.dataframe if "solved in" in d.value.columns).iloc[0]  # the stored plans, in words
+    assert (listed.plan, listed.energy, listed.queries) == ("#1", format_energy(stored.energy_j), "50")
+    assert listed.gap == f"{stored.gap:.4%}" and "T" not in listed.created
     baselines = next(d.value for d in at.dataframe if "schedule" in d.value.columns)
     names = set(baselines.schedule)
     assert {"round-robin", "random", "greedy cheapest-first"} <= names
@@ -389,14 +396,14 @@ def test_demo_models_are_not_mixed_with_published_ones_and_the_target_change_is_
     at = plan_page()
     table = option_table(at)
     assert table[["model", "source"]].values.tolist() == [["demo-small", "demo"]] and table.use.all()
-    demo_target = at.number_input(key="plan_target").value
+    demo_target = target_input(at).value
 
     load_reference_profiles(store)  # the published A100 profiles arrive (the Home or Models page)
     at.run()
     table = option_table(at).set_index("model")
     assert table.loc["demo-small", "source"] == "demo" and not table.loc["demo-small", "use"]
     assert table.drop(index="demo-small").use.all() and len(table) == 8
-    new_target = at.number_input(key="plan_target").value
+    new_target = target_input(at).value
     assert new_target != demo_target
     assert any(f"Accuracy target set to {new_target:.3f}" in i.value and f"(it was {demo_target:.3f})" in i.value
                for i in at.info)

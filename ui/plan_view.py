@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.formatting import (format_accuracy, format_count, format_duration, format_energy, format_percent,
-                               format_watt_hours)
+                               format_timestamp, format_watt_hours)
 from engine.planning import PlanResult, PlanSettings, Workload
 from engine.planning.summary import SOURCE_DEMO, compare_with_baselines, timeline_blocks
 
@@ -237,3 +237,16 @@ def accuracy_range_text(accuracies: list[float]) -> str:
     if np.isclose(low, high):
         return f"The chosen options score {format_accuracy(low)}."
     return f"The chosen options score {format_accuracy(low)} to {format_accuracy(high)}."
+
+
+def stored_plans_table(plans: pd.DataFrame) -> pd.DataFrame:
+    """Stored plans in words: local times, energies with units, the gap and times as such."""
+    return pd.DataFrame({
+        "plan": plans.id.map(lambda i: f"#{i}"), "created": plans.created_at.map(format_timestamp),
+        "workload": plans.workload.fillna("schedule file"),
+        "queries": plans.n_queries.map(lambda n: "" if pd.isna(n) else f"{int(n):,}"), "status": plans.status,
+        "energy": plans.energy_j.map(format_energy), "scope": plans.energy_scope,
+        "accuracy": plans.accuracy.map(lambda a: "—" if pd.isna(a) else f"{a:.4f}"),
+        "target": plans.accuracy_target.map(lambda a: "none" if pd.isna(a) else f"{a:.3f}"),
+        "deadline": plans.deadline_s.map(lambda d: format_duration(d, unknown="none")),
+        "gap": plans.gap.map(lambda g: format_percent(g, 4)), "solved in": plans.solve_s.map(format_duration)})
