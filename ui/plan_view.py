@@ -173,13 +173,25 @@ def energy_unit(joules: pd.Series | list[float]) -> tuple[float, str]:
     return (1e6, "MJ") if top >= 1e6 else (1e3, "kJ") if top >= 1e3 else (1.0, "J")
 
 
+#: Round durations for a log axis of seconds: 1 s to 1 day.
+_ROUND_DURATIONS_S = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 4 * 3600, 12 * 3600, 86400)
+
+
+def _short_duration(seconds: float) -> str:
+    """``30 s``, ``5 min``, ``2 h``: a round duration as a tick label."""
+    if seconds < 60:
+        return f"{seconds:g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"
+
+
 def duration_ticks(low_s: float, high_s: float) -> tuple[list[float], list[str]]:
-    """Readable ticks for a log axis of seconds: 1-2-5 steps, written as durations ("30 s", "2 min 00 s")."""
-    values = [m * 10.0 ** e for e in range(-3, 8) for m in (1, 2, 5)]
-    inside = [v for v in values if low_s / 1.2 <= v <= high_s * 1.2]
-    if len(inside) > 8:
+    """Readable ticks for a log axis of seconds: round durations ("30 s", "5 min", "2 h") in the range."""
+    inside = [v for v in _ROUND_DURATIONS_S if low_s / 1.5 <= v <= high_s * 1.5]
+    while len(inside) > 7:
         inside = inside[::2]
-    return inside, [format_duration(v) for v in inside]
+    return [float(v) for v in inside], [_short_duration(v) for v in inside]
 
 
 def curve_figures(result: PlanResult, by_accuracy: pd.DataFrame, by_deadline: pd.DataFrame
