@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use only these options (repeatable; default every fitted one)")
     plan.add_argument("--default-output-tokens", type=int,
                       help="output length for queries with neither output_tokens nor max_output_tokens")
+    plan.add_argument("--learned-output-lengths", action="store_true",
+                      help="queries without an output length get the one learned from executed prompts (per "
+                      "category where known) instead of --default-output-tokens")
     plan.add_argument("--energy-scope", choices=("total", "dynamic"), default="total",
                       help="optimise total energy, or dynamic (total minus idle); default total")
     plan.add_argument("--drop-bad-rows", action="store_true", help="plan the good rows of a workload with bad ones")
@@ -254,9 +257,12 @@ def cmd_sensors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine.overview import read_overview
+    from engine import runs
+    from engine.overview import latest_work, read_overview
 
-    view = read_overview(_store(args))
+    store = _store(args)
+    runs.reconcile(store)  # a run whose worker was killed is failed, not "running"
+    view = read_overview(store)
     document = {
         "db": view.db_path, "schema_version": view.schema_version,
         "models": json_safe(view.models.to_dict("records")),
@@ -270,8 +276,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"database {view.db_path} (schema version {view.schema_version})")
     print(f"{len(view.models)} models, {view.n_measurements} measurements "
           f"({view.n_measurements_estimated} with estimated energy)")
-    for key in ("latest_job", "latest_fit", "latest_plan", "latest_execution"):
-        print(f"{key.replace('_', ' ')}: {document[key] or 'none yet'}")
+    for line in latest_work(view):
+        print(f"latest {line.kind.lower()}: {line.text}")
     return EXIT_OK
 
 
@@ -563,6 +569,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for problem in workload.dropped:
         print(f"dropped: {problem}", file=sys.stderr)
+    if args.learned_output_lengths:
+        workload = _with_learned_output_lengths(store, workload)
     with _plan_flags():
         result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
                                only=args.option or None, load_costs=loads or None, save=not args.no_save,
@@ -601,6 +609,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _with_learned_output_lengths(store: Store, workload):
+    """``plan --learned-output-lengths``: fill the queries without an output length, and say what was done."""
+    from engine.execution import learned_output_lengths
+    from engine.planning.output_lengths import fill_learned_output_lengths, missing_output_lengths
+
+    workload, fill = fill_learned_output_lengths(workload, learned_output_lengths(store))
+    if fill is None and missing_output_lengths(workload).any():
+        print("warning: no output lengths have been learned yet (execute a plan of prompts first); queries without "
+              "one use the default output length", file=sys.stderr)
+    return workload
 
 
 def cmd_execute(args: argparse.Namespace) -> int:

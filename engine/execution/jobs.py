@@ -200,10 +200,11 @@ class _Refusal:
     expected: str
 
 
-def _refusals(store: Store, queries: pd.DataFrame) -> tuple[list[tuple[int, _Refusal]], list[str]]:
+def _refusals(store: Store, queries: pd.DataFrame, *, busy: bool = True) -> tuple[list[tuple[int, _Refusal]], list[str]]:
     """(row position, why) for every row that cannot run on this host now: its model is not in
     the catalog or has no local files, its τin + τout exceeds the model's context, its device
-    is not on this host or another run holds it. Also the devices, as stored, that are here."""
+    is not on this host or (with ``busy``) another run holds it now. Also the devices, as stored,
+    that are here."""
     by_model: dict[str, _Refusal | None] = {}
     contexts: dict[str, int | None] = {}
     for model in queries["model"].unique():
@@ -220,9 +221,9 @@ def _refusals(store: Store, queries: pd.DataFrame) -> tuple[list[tuple[int, _Ref
             by_device[device] = _Refusal("device", str(exc).rstrip("."), "a device of this host")
             continue
         here.append(stored)
-        busy = runs.run_on_device(store, stored)
-        by_device[device] = None if busy is None else _Refusal("device", f"{busy} is running on {stored}",
-                                                                  "wait for it to finish, or cancel it")
+        holder = runs.run_on_device(store, stored) if busy else None
+        by_device[device] = None if holder is None else _Refusal("device", f"{holder} is running on {stored}",
+                                                                    "wait for it to finish, or cancel it")
     refusals = []
     for position, row in enumerate(queries[["model", "device", "input_tokens", "output_tokens"]].itertuples(index=False)):
         context = contexts[row.model]
@@ -266,14 +267,14 @@ def _row_problems(refusals: list[tuple[int, _Refusal]], wheres: list[str], label
     return [problem for _, problem in sorted(problems, key=lambda item: item[0])] + summaries
 
 
-def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[str]:
+def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame, *, busy: bool = True) -> list[str]:
     """Problems that stop a plan from running here: models not in the catalog or not local,
     model files that moved, queries longer than their model's context, devices this host
-    lacks or that are busy. Returns the devices."""
+    lacks or (with ``busy``) that a run holds now. Returns the devices."""
     if queries.empty:
         raise InputError(Problem("plan", f"plan {plan_id} has no schedule to run", None,
                                  "a plan whose status is optimal or feasible"))
-    refusals, devices = _refusals(store, queries)
+    refusals, devices = _refusals(store, queries, busy=busy)
     if refusals:
         ids = queries["query_id"].astype(str).tolist()
         by_reason: dict[_Refusal, list[str]] = {}
@@ -288,6 +289,16 @@ def _queries_named(ids: list[str]) -> str:
     """``query q1``, ``queries q1, q2``, ``queries q1, q2, q3 and 12 more``."""
     shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
     return f"quer{'y' if len(ids) == 1 else 'ies'} {shown}"
+
+
+def why_plan_cannot_run_here(store: Store, plan_id: int) -> list[Problem]:
+    """What stops a stored plan from ever running on this host (a model without local files, a
+    device this host lacks); empty when it can. A device busy right now does not count."""
+    try:
+        check_runnable(store, plan_id, plan_queries(store, plan_id), busy=False)
+    except InputError as exc:
+        return list(exc.problems)
+    return []
 
 
 def create_execution(store: Store, plan_id: int) -> Execution:
@@ -346,6 +357,9 @@ class ExecutionProgress:
     ``devices`` has per device: done, total, measured_energy_j (NaN while none is known),
     predicted_done_j (the predictions of the queries done), predicted_total_j, elapsed_s,
     remaining_s (from the measured pace against the predicted runtimes).
+    ``elapsed_s`` is the running time of the whole execution across its runs: the current
+    (or last) run's wall-clock time plus the time the queries of earlier runs took (on the
+    busiest device, as devices run in parallel; the pauses between runs do not count).
     """
 
     execution: Execution
@@ -362,6 +376,8 @@ class ExecutionProgress:
 
 def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
     execution = get_execution(store, execution_id)
+    started = None if execution.started_at is None or pd.isna(execution.started_at) \
+        else pd.Timestamp(execution.started_at)
     per_device = store.query_df(
         """SELECT a.device, count(*) AS total, count(r.query_id) AS done,
                   sum(r.energy_j) AS measured_energy_j,
@@ -369,16 +385,21 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
                   sum(a.predicted_energy_j) AS predicted_total_j,
                   sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_runtime_s END) AS predicted_done_s,
                   sum(a.predicted_runtime_s) AS predicted_total_s, sum(r.runtime_s) AS runtime_s,
+                  coalesce(sum(r.runtime_s) FILTER (WHERE ? IS NULL OR r.started_at < ?), 0) AS earlier_runtime_s,
                   bool_or(r.energy_source = 'estimated') AS estimated
            FROM plan_assignments a
            LEFT JOIN execution_results r ON r.execution_id = ? AND r.query_id = a.query_id
-           WHERE a.plan_id = ? GROUP BY a.device ORDER BY a.device""", [execution.id, execution.plan_id])
+           WHERE a.plan_id = ? GROUP BY a.device ORDER BY a.device""",
+        [started, started, execution.id, execution.plan_id])
+    earlier_s = float(per_device.earlier_runtime_s.max()) if len(per_device) else 0.0
+    per_device = per_device.drop(columns=["earlier_runtime_s"])
     elapsed = remaining = None
-    if execution.started_at is not None and not pd.isna(execution.started_at):
-        started = pd.Timestamp(execution.started_at)
+    if started is not None:
         end = pd.Timestamp(execution.finished_at) if execution.status in FINISHED and \
             not pd.isna(execution.finished_at) else pd.Timestamp.now(tz=started.tz)
-        elapsed = max(0.0, (end - started).total_seconds())
+        elapsed = max(0.0, (end - started).total_seconds()) + earlier_s
+    elif earlier_s:
+        elapsed = earlier_s  # queued again after a pause: the runs so far
     if execution.status in ACTIVE and len(per_device):
         left = []
         for row in per_device.itertuples():
@@ -412,3 +433,12 @@ def execution_results(store: Store, execution_id: int) -> pd.DataFrame:
                   predicted_energy_uncertainty_j, energy_source, energy_method, idle_power_w, category, error,
                   generated_text, started_at, finished_at
            FROM execution_results WHERE execution_id = ? ORDER BY device, position""", [int(execution_id)])
+
+
+def execution_energy_scope(store: Store, execution_id: int) -> str:
+    """The energy scope (total or dynamic) of the plan an execution runs; its comparison uses the same."""
+    row = store.query_one("SELECT p.energy_scope FROM plans p JOIN executions e ON e.plan_id = p.id WHERE e.id = ?",
+                          [int(execution_id)])
+    if row is None:
+        raise InputError(Problem("execution", f"no execution with id {execution_id}", None, "an execution id"))
+    return row[0] or "total"

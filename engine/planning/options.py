@@ -182,7 +182,7 @@ def predict_options(options: list[PlanOption], input_tokens: dict[str, np.ndarra
         where = sorted({options[c].key for c in np.flatnonzero(clamped.any(axis=0))})
         warnings.append(f"{int(clamped.sum()):,} predictions were negative (the published paper form, for long inputs "
                         f"with short outputs; {', '.join(where)}): those options are not offered for those queries, "
-                        "unless a query has no other")
+                        "unless a query has no other option")
     warnings.extend(_context_warnings(options, fits_context(options, tin, tout)))
     outside = ~in_domain
     if outside.any():

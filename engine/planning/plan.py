@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -727,10 +728,11 @@ def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, al
 # -- curves ------------------------------------------------------------------------------
 
 def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, *, vary: str = "accuracy",
-                 points: int = 9) -> pd.DataFrame:
+                 points: int = 9, on_point: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed.
 
     Returns columns value (target or deadline s), energy_j, accuracy, makespan_s, status.
+    ``on_point(n)`` is called after the n-th solve (a caller's progress; it may raise to stop).
     """
     rows = []
     weights = accuracy_weights(predictions, settings.accuracy_mode)
@@ -758,6 +760,8 @@ def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.n
         else:
             rows.append({"value": float(value), "energy_j": math.nan, "accuracy": math.nan, "makespan_s": math.nan,
                          "status": solution.status})
+        if on_point is not None:
+            on_point(len(rows))
     return pd.DataFrame(rows)
 
 
