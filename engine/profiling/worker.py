@@ -108,17 +108,20 @@ def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, **measuring) -> None:
+def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, measure: Callable | None = None,
+            **measuring) -> None:
     """Run (or continue) a job to the end, storing every trial. Raises on failure; the caller records it.
 
-    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep).
+    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep), or
+    to ``measure``, which takes its place and its arguments: the cluster's driver measures
+    on a node this way (:mod:`engine.cluster.driver`), given all a resumed job needs.
     """
     entry = catalog.get_model(store, job.model)
     if entry is None:
         raise PlannerError(f"model {job.model} is no longer in the catalog")
     runs.mark_running(store, PROFILING, job.id)
-    measure_job(job, entry.backend, catalog.resolve_model_path(entry.path), stored_trials(store, job.id),
-                sink or StoreTrialSink(store, job.id), **measuring)
+    (measure or measure_job)(job, entry.backend, catalog.resolve_model_path(entry.path),
+                             stored_trials(store, job.id), sink or StoreTrialSink(store, job.id), **measuring)
     runs.mark_done(store, PROFILING, job.id)
 
 
