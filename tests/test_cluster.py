@@ -879,3 +879,138 @@ def test_the_migration_records_each_measurements_host_and_an_old_database_plans_
     assert planned_after.assignments == planned_before.assignments == {"sim@gpu0": 10}
     assert planned_after.energy_j == pytest.approx(planned_before.energy_j)
     assert planned_after.per_device_runtime_s == pytest.approx(planned_before.per_device_runtime_s)
+
+
+# -- the cluster setting, the inventory in a process of its own, the CLI ------------------------------
+
+def two_nodes_one_left() -> ClusterInventory:
+    return ClusterInventory("10.0.0.5:6379", tuple(nodes_from_records(
+        [record("nodeA", True), record("nodeC", True), record("nodeB", False, DeathReasonMessage="killed")],
+        {"nodeA": NodeFacts("nodeA", "hostA", (CPU,), (SensorStatus("estimate", "cpu", "estimated", "no RAPL"),))})))
+
+
+def test_the_saved_address_is_checked_and_the_environment_wins(store: Store, monkeypatch):
+    from engine.runs.cluster import configured_address, save_address, saved_address
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    assert configured_address(store) == (None, None)
+    assert save_address(store, " head.lab ") == "head.lab:6379"
+    assert saved_address(store) == "head.lab:6379"
+    assert configured_address(store) == ("head.lab:6379", "the saved setting")
+    with pytest.raises(ClusterConfigError, match="not a cluster address"):
+        save_address(store, "head:port")
+    assert saved_address(store) == "head.lab:6379"
+    monkeypatch.setenv(ADDRESS_ENV, "10.0.0.5:6379")
+    assert configured_address(store) == ("10.0.0.5:6379", ADDRESS_ENV)
+    assert save_address(store, "") is None and saved_address(store) is None
+
+
+def test_the_inventory_round_trips_through_json_and_a_failing_process_says_why_in_words(monkeypatch):
+    from dataclasses import asdict
+
+    from engine.cluster.errors import ClusterError
+    from engine.cluster.inventory import read_inventory_in_subprocess
+
+    inventory = two_nodes_one_left()
+    again = ClusterInventory.from_dict(json.loads(json.dumps(asdict(inventory))))
+    assert again == inventory
+    assert [d.name for d in again.live_devices()] == ["nodeA/cpu", "nodeC/cpu"]
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="^connecting to a cluster needs token authentication"):
+        read_inventory_in_subprocess("127.0.0.1:9", timeout_s=60)
+    assert time.monotonic() - started < 60
+
+
+def test_an_executions_parts_by_node_and_where_a_failed_device_may_move(demo_store: Store):
+    from engine.cluster.runstate import apply_moves, move_candidates, parts_table
+    from engine.execution import execution_progress
+
+    execution = create_execution(demo_store, make_plan(demo_store, {"nodeA/cpu": 3, "nodeB/cpu": 4}))
+    with pytest.raises(PlannerError):
+        drive_execution(demo_store, execution.id, FakeCluster({"nodeB/cpu": {"lose_after": 1}}),
+                        measuring=EXECUTION_FAKES, poll_s=0.01)
+    table = parts_table(execution_progress(demo_store, execution.id).devices, part_states(demo_store, execution.id))
+    assert table[["node", "device", "done", "total", "status"]].values.tolist() == [
+        ["nodeA", "nodeA/cpu", 3, 3, "done"], ["nodeB", "nodeB/cpu", 1, 4, "failed"]]
+    assert "node nodeB was lost" in table.reason.iloc[1]
+    inventory = two_nodes_one_left()
+    live = [d.name for d in inventory.live_devices()]
+    assert move_candidates("nodeB/cpu", ["nodeA/cpu", "nodeB/cpu"], live, inventory.same_type) == ["nodeC/cpu"]
+    runs.set_status(demo_store, runs.EXECUTION, execution.id, "failed", "nodeB lost")
+    with pytest.raises(InputError, match="nodeB/cpu cannot stand in for nodeA/cpu: node nodeB has left"):
+        apply_moves(demo_store, execution.id, {"nodeA/cpu": "nodeB/cpu"}, same_type=inventory.same_type)
+    assert placement(demo_store, execution.id) == {}  # nothing kept when one move is refused
+    assert apply_moves(demo_store, execution.id, {"nodeB/cpu": "nodeC/cpu"},
+                       same_type=inventory.same_type) == {"nodeB/cpu": "nodeC/cpu"}
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    use_cluster(None)  # the CLI sets this process's cluster; tests run in one process
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_cluster_commands_without_a_cluster_say_so_in_one_sentence(store: Store, demo_models, monkeypatch):
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    catalog.register_demo_models(store, list(demo_models.values()))
+    db = str(store.path)
+    code, out, err = cli("nodes", "--db", db)
+    assert code == 2 and out == ""
+    assert err.strip() == ("--ray-address: no cluster address is set; expected the head's HOST:PORT, given here or "
+                           "in PLANNER_RAY_ADDRESS (or saved on the Home page)")
+    code, _, err = cli("execute", "--resume", "1", "--move", "nodeB/cpu=nodeC/cpu", "--db", db)
+    assert code == 2 and "no cluster address is set" in err
+    code, _, err = cli("--ray-address", "head:port", "status", "--db", db)
+    assert code == 2 and err.startswith("--ray-address: 'head:port' is not a cluster address")
+    code, out, _ = cli("status", "--db", db)
+    assert code == 0 and "cluster: none, everything runs on this host" in out
+    code, _, err = cli("profile", "--model", "demo-large", "--device", "nodeA/cpu", "--db", db)
+    assert code == 2 and "nodeA/cpu is a device of a cluster node; set PLANNER_RAY_ADDRESS" in err
+
+
+def test_the_cluster_commands_list_nodes_start_one_and_move_a_device_before_resume(demo_store: Store, monkeypatch):
+    from engine.cluster import inventory as inventory_module
+    from engine.runs.cluster import save_address
+
+    monkeypatch.delenv(ADDRESS_ENV)
+    asked = []
+    monkeypatch.setattr(inventory_module, "read_inventory_in_subprocess",
+                        lambda address, probe=True: asked.append((address, probe)) or two_nodes_one_left())
+    db = str(demo_store.path)
+    save_address(demo_store, "10.0.0.5:6379")  # the Home page's setting counts for the CLI too
+    code, out, _ = cli("nodes", "--db", db)
+    assert code == 0 and asked == [("10.0.0.5:6379", True)]
+    assert out.splitlines()[0] == "cluster at 10.0.0.5:6379: 2 of 3 nodes alive"
+    assert "nodeB (left, left the cluster (killed))" in out
+    code, out, _ = cli("--ray-address", "10.0.0.6:6379", "nodes", "--json", "--no-probe", "--db", db)
+    assert code == 0 and asked[-1] == ("10.0.0.6:6379", False)
+    assert [n["name"] for n in json.loads(out)["nodes"]] == ["nodeA", "nodeC", "nodeB"]
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    code, out, _ = cli("--ray-address", "10.0.0.5:6379", "node", "start", "--name", "nodeA", "--dry-run")
+    assert code == 0 and "ray start --address 10.0.0.5:6379 --node-name nodeA" in out
+    code, _, err = cli("node", "start", "--name", "nodeA", "--dry-run")  # no cluster in this process now
+    assert code == 2 and "give the head's address (--address HOST:PORT, or a cluster address) or --head" in err
+
+    use_cluster("10.0.0.5:6379")
+    execution = create_execution(demo_store, make_plan(demo_store, {"nodeA/cpu": 2, "nodeB/cpu": 3}))
+    with pytest.raises(PlannerError):
+        drive_execution(demo_store, execution.id, FakeCluster({"nodeB/cpu": {"lose_after": 1}}),
+                        measuring=EXECUTION_FAKES, poll_s=0.01)
+    runs.set_status(demo_store, runs.EXECUTION, execution.id, "failed", "nodeB lost")
+    code, _, err = cli("execute", "--resume", str(execution.id), "--move", "nodeB/cpu=nodeA/cpu", "--db", db)
+    assert code == 2 and "nodeA/cpu runs queries of its own" in err
+    monkeypatch.delenv("RAY_AUTH_MODE")  # the resumed run's driver fails at once, in words (no token)
+    code, _, err = cli("execute", "--resume", str(execution.id), "--move", "nodeB/cpu=nodeC/cpu", "--db", db)
+    assert "nodeB/cpu: what is left runs on nodeC/cpu" in err
+    assert placement(demo_store, execution.id) == {"nodeB/cpu": "nodeC/cpu"}
+    assert code == 1 and "needs token authentication" in get_execution(demo_store, execution.id).reason
