@@ -219,6 +219,23 @@ def read_inventory_in_subprocess(address: str, *, probe: bool = True,
         raise ClusterError(f"the cluster's node list could not be read ({type(exc).__name__}: {exc})") from None
 
 
+def inventory_tables(inventory: ClusterInventory):
+    """The inventory as three tables for a page: nodes (``node, status, devices, note``), devices (``device, node,
+    status, model, memory_gib``) and sensors (``node, source, device, status, detail``). pandas DataFrames."""
+    import pandas as pd
+
+    nodes = pd.DataFrame([{"node": n.name, "status": n.status, "devices": len(n.devices), "note": n.note or ""}
+                          for n in inventory.nodes], columns=["node", "status", "devices", "note"])
+    devices = pd.DataFrame([{"device": d.name, "node": n.name, "status": n.status, "model": d.model,
+                             "memory_gib": None if d.memory_bytes is None else round(d.memory_bytes / 2**30, 1)}
+                            for n in inventory.nodes for d in n.devices],
+                           columns=["device", "node", "status", "model", "memory_gib"])
+    sensors = pd.DataFrame([{"node": n.name, "source": x.source, "device": x.device, "status": x.status,
+                             "detail": x.detail} for n in inventory.nodes for x in n.sensors],
+                           columns=["node", "source", "device", "status", "detail"])
+    return nodes, devices, sensors
+
+
 def describe(inventory: ClusterInventory) -> list[str]:
     """The inventory in lines of text: each node, its state, its devices and its sensors."""
     lines = [f"cluster at {inventory.head}: {sum(n.alive for n in inventory.nodes)} of {len(inventory.nodes)} "
