@@ -171,16 +171,16 @@ else:
         show_error(found)
     elif found is not None:
         alive = sum(n.alive for n in found.nodes)
-        st.markdown(f"**{format_count(alive, 'node')} of {len(found.nodes)} alive** in the cluster at `{found.head}`. "
+        st.markdown(f"**{alive} of {format_count(len(found.nodes), 'node')} alive** in the cluster at `{found.head}`. "
                     "Their devices are named `NODE/DEVICE` on the Profile, Plan and Execute pages.")
         nodes, devices, node_sensors = inventory_tables(found)
-        st.dataframe(nodes.rename(columns=str.capitalize), hide_index=True, width="stretch")
-        st.dataframe(devices.rename(columns={"device": "Device", "node": "Node", "status": "Node status",
-                                             "model": "Model", "memory_gib": "Memory (GiB)"}),
-                     hide_index=True, width="stretch")
+        st.table(nodes.rename(columns=str.capitalize), hide_index=True)
+        devices = devices.assign(memory_gib=devices.memory_gib.map(lambda gib: "" if pd.isna(gib) else f"{gib:g}"))
+        st.table(devices.rename(columns={"device": "Device", "node": "Node", "status": "Node status",
+                                         "model": "Model", "memory_gib": "Memory (GiB)"}), hide_index=True)
         if len(node_sensors):
             with st.expander("Energy sensors of the nodes"):
-                st.dataframe(node_sensors.rename(columns=str.capitalize), hide_index=True, width="stretch")
+                st.table(node_sensors.rename(columns=str.capitalize), hide_index=True)
     show_reading()
 
 # -- what is stored ------------------------------------------------------------------------------

@@ -49,11 +49,11 @@ def app(page: str = "pages/home.py") -> AppTest:
 
 
 def table_with(at: AppTest, column: str):
-    return next(frame.value for frame in at.dataframe if column in frame.value.columns)
+    return next(frame.value for frame in [*at.dataframe, *at.table] if column in frame.value.columns)
 
 
 def has_table(column: str):
-    return lambda at: any(column in frame.value.columns for frame in at.dataframe)
+    return lambda at: any(column in frame.value.columns for frame in [*at.dataframe, *at.table])
 
 
 def submit(at: AppTest, label: str) -> AppTest:
@@ -84,7 +84,7 @@ def test_home_saves_the_address_and_lists_two_nodes_and_one_that_left(store: Sto
     devices = table_with(at, "Node status")
     assert devices[["Device", "Node status"]].values.tolist() == [["nodeA/cpu", "alive"], ["nodeC/cpu", "alive"],
                                                                   ["nodeB/cpu", "left"]]
-    assert "2 nodes of 3 alive" in page_text(at)
+    assert "2 of 3 nodes alive" in page_text(at)
     at.run()  # read once a minute, not on every run
     assert fake_nodes == ["10.0.0.5:6379"]
     submit(at, "Forget the address")

@@ -224,7 +224,8 @@ def inventory_tables(inventory: ClusterInventory):
     status, model, memory_gib``) and sensors (``node, source, device, status, detail``). pandas DataFrames."""
     import pandas as pd
 
-    nodes = pd.DataFrame([{"node": n.name, "status": n.status, "devices": len(n.devices), "note": n.note or ""}
+    nodes = pd.DataFrame([{"node": n.name, "status": n.status, "devices": len(n.devices),
+                           "note": n.note or ("" if n.devices else "offers no devices")}
                           for n in inventory.nodes], columns=["node", "status", "devices", "note"])
     devices = pd.DataFrame([{"device": d.name, "node": n.name, "status": n.status, "model": d.model,
                              "memory_gib": None if d.memory_bytes is None else round(d.memory_bytes / 2**30, 1)}
