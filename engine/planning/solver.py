@@ -80,16 +80,41 @@ class CouplingRow:
 class AssignmentProblem:
     """N queries x K options. ``cost`` (N, K); ``allowed`` (N, K) bool; ``open_cost`` (K,)
     is paid once per used option (None: nothing). Disallowed entries of ``cost`` and the rows'
-    coefficients are ignored (they may be NaN)."""
+    coefficients are ignored (they may be NaN).
+
+    ``open_group`` (K,) ints, optional: options with the same group are opened together, so
+    the one-off cost (and ``open_coef``) is paid once for the group however many of its
+    options are used (a model is loaded once on a device, whatever batch size it runs at).
+    The group's cost is that of its first option; the planner gives every option of a group
+    the same one.
+    """
 
     cost: np.ndarray
     allowed: np.ndarray
     rows: list[CouplingRow] = field(default_factory=list)
     open_cost: np.ndarray | None = None
+    open_group: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.cost.shape
+
+    def opened(self, used: np.ndarray) -> np.ndarray:
+        """(K,) True at the first option of every group that has a used option (``used``: (K,) bool):
+        where the one-off costs are counted."""
+        k = self.shape[1]
+        groups = np.arange(k) if self.open_group is None else np.asarray(self.open_group)
+        _, first = np.unique(groups, return_index=True)
+        used_groups = np.unique(groups[np.asarray(used, dtype=bool)])
+        opened = np.zeros(k, dtype=bool)
+        opened[first[np.isin(groups[first], used_groups)]] = True
+        return opened
+
+    def group_members(self) -> list[np.ndarray]:
+        """The options of each open group (each option alone without ``open_group``), first option first."""
+        k = self.shape[1]
+        groups = np.arange(k) if self.open_group is None else np.asarray(self.open_group)
+        return [np.flatnonzero(groups == group) for group in dict.fromkeys(groups.tolist())]
 
 
 @dataclass(frozen=True)
@@ -200,14 +225,15 @@ def check_assignment(problem: AssignmentProblem, choice: np.ndarray) -> tuple[fl
         raise ValueError("a query was sent to an option it may not use")
     used = np.zeros(k, dtype=bool)
     used[np.unique(choice)] = True
+    opened = problem.opened(used)
     objective = float(problem.cost[idx, choice].sum())
     if problem.open_cost is not None:
-        objective += float(problem.open_cost[used].sum())
+        objective += float(problem.open_cost[opened].sum())
     values, violations = {}, {}
     for row in problem.rows:
         value = float(row.coef[idx, choice].sum())
         if row.open_coef is not None:
-            value += float(row.open_coef[used].sum())
+            value += float(row.open_coef[opened].sum())
         values[row.name] = value
         miss = value - row.rhs if row.sense == "<=" else row.rhs - value
         if miss > 1e-7 * max(1.0, abs(row.rhs)):
@@ -398,28 +424,32 @@ def _add_counts(model: mip.Model, norm: _Normalised, free: np.ndarray, offered: 
 
 def _add_open_costs(model: mip.Model, problem: AssignmentProblem, norm: _Normalised, terms: _Terms,
                     fixed_opened: np.ndarray) -> tuple[list, list[list]]:
-    """The one-off cost (and row terms) of each option in use: a binary per option the free
-    groups may open, a constant 1 for an option the fixed groups already use. Returns the
-    objective terms and, per row, its terms."""
+    """The one-off cost (and row terms) of each open group in use (see ``open_group``): a
+    binary per group the free groups may open, a constant 1 for a group the fixed groups
+    already use. Returns the objective terms and, per row, its terms."""
     m, k = len(norm.rhs), norm.cost.shape[1]
     open_terms, open_rows = [], [[] for _ in range(m)]
     if problem.open_cost is None and all(r.open_coef is None for r in problem.rows):
         return open_terms, open_rows
     open_cost = problem.open_cost if problem.open_cost is not None else np.zeros(k)
-    for option in range(k):
-        if not terms.per_option[option] and not fixed_opened[option]:
+    free_count = np.zeros(k, dtype=np.int64)  # queries the free groups could send to each option
+    for group, option, _ in terms.variables:
+        free_count[option] += int(norm.counts[group])
+    for members in problem.group_members():
+        variables = [var for option in members for var in terms.per_option[option]]
+        if not variables and not fixed_opened[members].any():
             continue
-        if fixed_opened[option]:
+        if fixed_opened[members].any():
             opened: object = 1.0
         else:
             y = model.add_var(var_type=mip.BINARY)
-            free_count = sum(int(norm.counts[gr]) for gr, op, _ in terms.variables if op == option)
-            model += mip.xsum(terms.per_option[option]) <= free_count * y
+            model += mip.xsum(variables) <= int(free_count[members].sum()) * y
             opened = y
-        open_terms.append(float(open_cost[option]) / norm.cost_scale * opened)
+        first = members[0]
+        open_terms.append(float(open_cost[first]) / norm.cost_scale * opened)
         for j, row in enumerate(problem.rows):
-            if row.open_coef is not None and row.open_coef[option] != 0.0:
-                open_rows[j].append(float(norm.row_sign[j] * row.open_coef[option] / norm.row_scale[j]) * opened)
+            if row.open_coef is not None and row.open_coef[first] != 0.0:
+                open_rows[j].append(float(norm.row_sign[j] * row.open_coef[first] / norm.row_scale[j]) * opened)
     return open_terms, open_rows
 
 
