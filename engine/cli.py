@@ -627,6 +627,10 @@ def _print_plan_energy(result, estimated: str) -> None:
     if result.lower_bound_j is not None:
         scope = " (of the assignment)" if batched else ""
         print(f"lower bound{scope}: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+    for device, seconds in result.assignment_deadlines_s.items():
+        print(f"  for the batches on {device} to meet its deadline, the assignment held its per-request shares there "
+              f"to {format_duration(seconds)} (gap against the deadlines as asked: "
+              f"{format_percent(result.gap_as_asked, 4)})")
     if result.batching_saving is not None:
         print(f"batching saves {format_percent(result.batching_saving, 1)} against the same plan at batch 1")
 

@@ -43,6 +43,8 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
 
 from engine.backends.memory import DTYPE_BYTES, ModelMemory, estimate_batch_memory, format_bytes, hf_model_memory
 
@@ -172,61 +174,167 @@ class Batches:
         return np.bincount(self.option, minlength=n_options)
 
 
+#: How a backend runs a batch of requests of different lengths (see the module docstring).
+PADDED = "padded"   # transformers (and any backend not known here): prompts padded to the longest
+RAGGED = "ragged"   # llama.cpp: each sequence its own prompt, finished ones leave the batch
+
+
+def batch_rule(backend: str | None) -> str:
+    """:data:`RAGGED` for llama.cpp, :data:`PADDED` for every other backend (the conservative rule)."""
+    return RAGGED if backend == "llama.cpp" else PADDED
+
+
 def form_batches(predictions, choice: np.ndarray) -> Batches:
     """The batches of ``choice`` (option index per query) on ``predictions`` (see the module docstring)."""
     choice = np.asarray(choice, dtype=np.int64)
     n = len(choice)
     rows = np.arange(n)
-    options = predictions.options
-    size_of_option = np.array([o.batch_size for o in options], dtype=np.int64)
-    sizes = size_of_option[choice]
-    tin = predictions.input_tokens[rows, choice]
-    tout = np.asarray(predictions.output_tokens, dtype=np.int64)
-    batched = sizes > 1
-    # By option; within a batched option longest answer first, then longest prompt; ties (and
-    # options at batch size 1) in workload order.
-    order = np.lexsort((rows, np.where(batched, -tin, 0), np.where(batched, -tout, 0), choice))
-    sorted_option = choice[order]
-    option_start = np.r_[True, sorted_option[1:] != sorted_option[:-1]]
-    first_of_run = np.maximum.accumulate(np.where(option_start, np.arange(n), 0))
-    slot = (np.arange(n) - first_of_run) // sizes[order]  # the batch within its option
-    new_batch = option_start | np.r_[True, slot[1:] != slot[:-1]]
-    starts = np.flatnonzero(new_batch)
-    batch_option = sorted_option[starts]
-    batch_size = np.diff(np.r_[starts, n])
-    longest_in = np.maximum.reduceat(tin[order], starts)
-    longest_out = np.maximum.reduceat(tout[order], starts)
-    energy = np.empty(len(starts))
-    runtime = np.empty(len(starts))
-    in_domain = np.empty(len(starts), dtype=bool)
-    clamped = np.empty(len(starts), dtype=bool)
-    for k in np.unique(batch_option):
-        where = np.flatnonzero(batch_option == k)
-        option = options[k]
-        if option.batch_size == 1:  # a batch of one is its query's own prediction, exactly
-            query = order[starts[where]]
-            energy[where] = predictions.energy_j[query, k]
-            runtime[where] = predictions.runtime_s[query, k]
-            in_domain[where] = predictions.in_domain[query, k]
-            clamped[where] = predictions.clamped[query, k]
+    tin_all = predictions.input_tokens[rows, choice]
+    tout_all = np.asarray(predictions.output_tokens, dtype=np.int64)
+    energy_share = predictions.energy_j[rows, choice]
+    runtime_share = predictions.runtime_s[rows, choice]
+    parts = []  # per option: (option, members in batch order, batch sizes)
+    for k in np.unique(choice):
+        option = predictions.options[k]
+        members = np.flatnonzero(choice == k)
+        if option.batch_size == 1:  # one request at a time, in workload order
+            parts.append((k, members, np.ones(len(members), dtype=np.int64)))
             continue
-        shape = (longest_in[where], longest_out[where], batch_size[where])
-        energy_raw = option.energy_fit.predict_raw(*shape)
-        runtime_raw = option.runtime_fit.predict_raw(*shape)
-        energy[where] = np.maximum(energy_raw, 0.0)
-        runtime[where] = np.maximum(runtime_raw, 0.0)
-        in_domain[where] = option.energy_fit.in_domain(*shape) & option.runtime_fit.in_domain(*shape)
-        clamped[where] = (energy_raw < 0) | (runtime_raw < 0)
+        best = None
+        for order in candidate_orders(tin_all[members], tout_all[members]):
+            ordered = members[order]
+            sizes, cost = best_cuts(option, tin_all[ordered], tout_all[ordered], energy_share[ordered])
+            if best is None or cost < best[0]:
+                best = (cost, ordered, sizes)
+        parts.append((k, best[1], best[2]))
+    order = np.concatenate([members for _, members, _ in parts])
+    size = np.concatenate([sizes for _, _, sizes in parts])
+    option_of_batch = np.concatenate([np.full(len(sizes), k) for k, _, sizes in parts])
+    starts = np.r_[0, np.cumsum(size)]
     batch_of = np.empty(n, dtype=np.int64)
-    batch_of[order] = np.repeat(np.arange(len(starts)), batch_size)
-    member_energy = np.empty(n)
-    member_runtime = np.empty(n)
-    member_energy[order] = _shares(predictions.energy_j[rows, choice][order], starts, batch_size, energy)
-    member_runtime[order] = _shares(predictions.runtime_s[rows, choice][order], starts, batch_size, runtime)
-    return Batches(option=batch_option, size=batch_size, input_tokens=longest_in, output_tokens=longest_out,
+    batch_of[order] = np.repeat(np.arange(len(size)), size)
+    b = len(size)
+    energy, runtime = np.empty(b), np.empty(b)
+    in_domain, clamped = np.empty(b, dtype=bool), np.empty(b, dtype=bool)
+    member_energy, member_runtime = np.empty(n), np.empty(n)
+    longest_in = np.maximum.reduceat(tin_all[order], starts[:-1])
+    longest_out = np.maximum.reduceat(tout_all[order], starts[:-1])
+    for k, members, sizes in parts:
+        where = np.flatnonzero(option_of_batch == k)
+        option = predictions.options[k]
+        if option.batch_size == 1:  # a batch of one is its query's own prediction, exactly
+            energy[where], runtime[where] = energy_share[members], runtime_share[members]
+            in_domain[where] = predictions.in_domain[members, k]
+            clamped[where] = predictions.clamped[members, k]
+            member_energy[members], member_runtime[members] = energy[where], runtime[where]
+            continue
+        predicted = predict_batches(option, tin_all[members], tout_all[members], sizes, energy_share[members],
+                                    runtime_share[members])
+        energy[where], runtime[where] = predicted.energy_j, predicted.runtime_s
+        in_domain[where], clamped[where] = predicted.in_domain, predicted.clamped
+        member_energy[members], member_runtime[members] = predicted.member_energy_j, predicted.member_runtime_s
+    return Batches(option=option_of_batch, size=size, input_tokens=longest_in, output_tokens=longest_out,
                    energy_j=energy, runtime_s=runtime, in_domain=in_domain, clamped=clamped, members=order,
-                   starts=np.r_[starts, n], batch_of=batch_of, member_energy_j=member_energy,
-                   member_runtime_s=member_runtime)
+                   starts=starts, batch_of=batch_of, member_energy_j=member_energy, member_runtime_s=member_runtime)
+
+
+@dataclass(frozen=True)
+class _Predicted:
+    """Predictions of consecutive batches of one option (per batch), and each member's share (per member)."""
+
+    energy_j: np.ndarray
+    runtime_s: np.ndarray
+    in_domain: np.ndarray
+    clamped: np.ndarray
+    member_energy_j: np.ndarray
+    member_runtime_s: np.ndarray
+
+
+def predict_batches(option, tin: np.ndarray, tout: np.ndarray, sizes: np.ndarray, energy_share: np.ndarray,
+                    runtime_share: np.ndarray) -> _Predicted:
+    """Consecutive batches of ``sizes`` over members (τin, τout, in batch order) of ``option``,
+    predicted by the option's backend rule (:data:`PADDED`: the fit's batch of its size at
+    the longest prompt and answer; :data:`RAGGED`: the mean over members of the fit's batch
+    of its size at the member's own prompt and the longest answer). A batch whose raw
+    prediction is negative (only the paper's published form gives one) is predicted as the
+    sum of its members' shares on the option and flagged clamped: never as free."""
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    per_member_size = np.repeat(sizes, sizes)
+    longest_out = np.repeat(np.maximum.reduceat(tout, starts), sizes)
+    fits = (option.energy_fit, option.runtime_fit)
+    if batch_rule(option.backend) == RAGGED:
+        shape = (tin, longest_out, per_member_size)
+        raw = [np.add.reduceat(fit.predict_raw(*shape), starts) / sizes for fit in fits]
+        inside = np.logical_and.reduceat(fits[0].in_domain(*shape) & fits[1].in_domain(*shape), starts)
+    else:
+        shape = (np.maximum.reduceat(tin, starts), longest_out[starts], sizes)
+        raw = [fit.predict_raw(*shape) for fit in fits]
+        inside = fits[0].in_domain(*shape) & fits[1].in_domain(*shape)
+    totals, members = [], []
+    for value, share in zip(raw, (energy_share, runtime_share)):
+        batch = np.where(value < 0, np.add.reduceat(share, starts), value)
+        totals.append(batch)
+        members.append(_shares(share, starts, sizes, batch))
+    return _Predicted(energy_j=totals[0], runtime_s=totals[1], in_domain=inside, clamped=(raw[0] < 0) | (raw[1] < 0),
+                      member_energy_j=members[0], member_runtime_s=members[1])
+
+
+#: Answers whose lengths differ by less than this ratio are one band when prompts are sorted within bands.
+ANSWER_BAND_RATIO = 1.05
+
+
+def candidate_orders(tin: np.ndarray, tout: np.ndarray) -> list[np.ndarray]:
+    """Orders of an option's members to cut into batches: longest answer first (then longest
+    prompt), and answers in bands of :data:`ANSWER_BAND_RATIO` longest first with the prompts
+    sorted within each band (so that a batch of nearly equal answers also pads little). Ties
+    keep the workload order."""
+    index = np.arange(len(tin))
+    band = np.floor(np.log(np.maximum(tout, 1)) / np.log(ANSWER_BAND_RATIO))
+    return [np.lexsort((index, -tin, -tout)), np.lexsort((index, -tout, -tin, -band))]
+
+
+def best_cuts(option, tin: np.ndarray, tout: np.ndarray, energy_share: np.ndarray) -> tuple[np.ndarray, float]:
+    """The sizes of consecutive batches (each at most the option's batch size) over members in
+    this order that cost the least energy by the option's rule, and that energy: the exact
+    shortest path over where to cut (every window's cost predicted at its own size, the
+    longest prompt in it, or for :data:`RAGGED` its mean prompt, and its longest answer; a
+    negative raw prediction counted as the members' shares, as :func:`predict_batches` does)."""
+    m = len(tin)
+    longest = min(int(option.batch_size), m)
+    tin = tin.astype(float)
+    tout = tout.astype(float)
+    cost = np.full((m, longest), np.inf)
+    window_in, window_out, window_sum, window_share = tin.copy(), tout.copy(), tin.copy(), energy_share.copy()
+    ragged = batch_rule(option.backend) == RAGGED
+    for length in range(1, longest + 1):
+        if length > 1:  # windows of this length, starting at 0 .. m - length
+            window_in = np.maximum(window_in[:-1], tin[length - 1:])
+            window_out = np.maximum(window_out[:-1], tout[length - 1:])
+            window_sum = window_sum[:-1] + tin[length - 1:]
+            window_share = window_share[:-1] + energy_share[length - 1:]
+        raw = option.energy_fit.predict_raw(window_sum / length if ragged else window_in, window_out, length)
+        cost[:m - length + 1, length - 1] = np.where(raw < 0, window_share, raw)
+    return _shortest_cuts(cost)
+
+
+def _shortest_cuts(cost: np.ndarray) -> tuple[np.ndarray, float]:
+    """The cheapest way to cut m members into consecutive batches, ``cost[i, L - 1]`` being the
+    batch of the L members from i: the shortest path from 0 to m in the graph whose edge
+    i -> i + L costs that (Dijkstra in scipy: every cost is ≥ 0). Each edge also costs a
+    negligible 1e-12 of the largest so that no batch is free (a sparse graph drops zero edges)."""
+    m, longest = cost.shape
+    lengths = np.arange(1, longest + 1)
+    start = np.repeat(np.arange(m), longest)
+    end = start + np.tile(lengths, m)
+    values = cost.reshape(-1)
+    keep = (end <= m) & np.isfinite(values)
+    floor = 1e-12 * max(float(values[keep].max()), 1e-300)
+    graph = csr_matrix((values[keep] + floor, (start[keep], end[keep])), shape=(m + 1, m + 1))
+    distance, previous = dijkstra(graph, directed=True, indices=0, return_predecessors=True)
+    cuts = [m]
+    while cuts[-1] > 0:
+        cuts.append(int(previous[cuts[-1]]))
+    return np.diff(np.array(cuts[::-1], dtype=np.int64)), float(distance[m] - floor * (len(cuts) - 1))
 
 
 def _shares(weights: np.ndarray, starts: np.ndarray, sizes: np.ndarray, totals: np.ndarray) -> np.ndarray:

@@ -35,6 +35,8 @@ class PlanOption:
     query is kept from it for its length. ``batch_size``: the requests run together (1: one
     at a time). ``memory``: the rule that keeps a batch within its device's free memory, None
     where it cannot be known here (then the fit's measured batch range is the only limit).
+    ``backend``: the catalog's backend of the model (how a batch of different lengths runs,
+    :func:`engine.planning.batches.batch_rule`); None when not known.
     """
 
     model: str
@@ -47,6 +49,7 @@ class PlanOption:
     context_tokens: int | None = None
     batch_size: int = 1
     memory: BatchMemoryRule | None = field(default=None, compare=False)
+    backend: str | None = None
 
     @property
     def pair(self) -> str:
@@ -154,7 +157,7 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
         if model not in contexts:
             contexts[model] = runtime_context_length(entry)
         base = PlanOption(model=model, device=device, accuracy=float(entry.accuracy), energy_fit=slot["energy"],
-                          runtime_fit=slot["runtime"], context_tokens=contexts[model])
+                          runtime_fit=slot["runtime"], context_tokens=contexts[model], backend=entry.backend)
         if not base.has_batch_axis:
             (single_published if base.published else single_measured).append(f"{model} on {device}")
             options.append(base)

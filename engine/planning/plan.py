@@ -403,6 +403,11 @@ class PlanResult:
     ``formation_overhead_j`` = energy_j − assignment_energy_j is what forming them cost
     beyond the shares. With every option at batch size 1 the two are the same and
     gap = (energy_j − lower_bound_j) / energy_j, as before batching.
+    When forming the batches broke a deadline, the assignment problem solved holds the shares
+    on that device to a shorter deadline (``assignment_deadlines_s``; the batches meet the
+    deadline asked for): ``lower_bound_j`` and ``gap`` are that problem's, and
+    ``gap_as_asked`` is the assignment's gap against the bound of the problem with the
+    deadlines as asked (what holding the shares tighter cost; equal to ``gap`` otherwise).
     ``batches``: batches per option key; ``batch_sizes``: the sizes offered per
     ``model@device``; ``batching_saving``: the share of the energy of the same plan at batch
     size 1 that batching saves (None when no option batches or there is no such plan).
@@ -438,6 +443,8 @@ class PlanResult:
     batches: dict[str, int] = field(default_factory=dict)
     batch_sizes: dict[str, list[int]] = field(default_factory=dict)
     batching_saving: float | None = None
+    assignment_deadlines_s: dict[str, float] = field(default_factory=dict)
+    gap_as_asked: float | None = None
     # What it was solved from, for curves and re-solves (not stored).
     predictions: Predictions | None = field(default=None, repr=False)
     allowed: np.ndarray | None = field(default=None, repr=False)
@@ -460,7 +467,8 @@ class PlanResult:
             "baselines": {name: baseline.to_json() for name, baseline in self.baselines.items()},
             "assignment_energy_j": self.assignment_energy_j, "formation_overhead_j": self.formation_overhead_j,
             "n_batches": self.n_batches, "batches": self.batches, "batch_sizes": self.batch_sizes,
-            "batching_saving": self.batching_saving,
+            "batching_saving": self.batching_saving, "assignment_deadlines_s": self.assignment_deadlines_s,
+            "gap_as_asked": self.gap_as_asked,
             "plan_s": self.plan_s, "energy_scope": self.energy_scope, "energy_estimated": self.energy_estimated,
             "objective": self.settings.objective, "objective_value": self.objective_value,
             "objective_lower_bound": self.objective_lower_bound, "diagnosis": self.diagnosis,
@@ -537,22 +545,25 @@ MAX_DEADLINE_TIGHTENINGS = 3
 class FormedPlan:
     """An assignment and its batches, after any repair (see :func:`solve_and_form`).
 
-    solution: the assignment used, its gap and status against ``lower_bound``, the proven
-    lower bound of the assignment problem *as asked* (a repaired assignment solves a
-    restriction of it, so the bound still holds and its gap is honest). outcome: the
-    assignment's batches and what they cost (None without a schedule). repairs: what was done,
-    in words. late: devices whose batches still run past their deadline after every repair
-    (device -> seconds needed; then there is no schedule). solve_s, solves: solver time and
-    the number of solves, repairs included.
+    solution: the assignment used, with the proven bound and gap of the assignment problem it
+    solved. That problem is the one asked for, unless forming the batches broke a deadline:
+    then it is the one asked for with the per-request shares held to a tighter deadline on
+    those devices (``assignment_deadlines_s``), or those devices at batch size 1 (said in
+    ``repairs``). requested_lower_bound: the proven bound of the problem as asked (the first
+    solve), lower than or equal to the solved one's. outcome: the assignment's batches and what
+    they cost (None without a schedule). late: devices whose batches still run past their
+    deadline after every repair (device -> seconds needed; then there is no schedule).
+    solve_s, solves: solver time and the number of solves, repairs included.
     """
 
     solution: Solution
     outcome: Outcome | None
-    lower_bound: float
+    requested_lower_bound: float
     repairs: list[str]
     late: dict[str, float]
     solve_s: float
     solves: int
+    assignment_deadlines_s: dict[str, float] = field(default_factory=dict)
 
 
 def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> FormedPlan:
@@ -560,20 +571,21 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
 
     The assignment counts per-request shares; a formed batch runs as long as its longest
     members, so a device's batches can take longer than its shares. When they run past a
-    deadline, that device's deadline *in the assignment problem* is tightened by the ratio of
-    shares to batches (at most :data:`MAX_DEADLINE_TIGHTENINGS` times), then the device is
-    planned at batch size 1 (where batches are the shares). Each repair solves a restriction
-    of the original problem, so its bound still holds: the gap is reported against it.
+    deadline, the shares on that device are held to a deadline shorter by the ratio of shares
+    to batches and the assignment is solved again (at most :data:`MAX_DEADLINE_TIGHTENINGS`
+    times, reusing the grouping of identical queries), then the device is planned at batch
+    size 1 (where batches are the shares). The schedule's deadlines are always checked on the
+    batches, as asked.
     """
     solution = solve(build_problem(predictions, settings, allowed), gap_target=settings.gap_target,
                      time_limit_s=settings.time_limit_s)
+    requested_lower = solution.lower_bound
     solve_s, solves, repairs = solution.solve_s, 1, []
     if solution.status not in ("optimal", "feasible"):
-        return FormedPlan(solution, None, solution.lower_bound, [], {}, solve_s, solves)
-    lower = solution.lower_bound
+        return FormedPlan(solution, None, requested_lower, [], {}, solve_s, solves)
     outcome = evaluate(predictions, settings, allowed, solution.choice)
     late = outcome.late_devices(settings)
-    current, current_allowed = settings, allowed
+    current, current_allowed, held = settings, allowed, {}
     attempt = 0
     while late and attempt <= MAX_DEADLINE_TIGHTENINGS:
         attempt += 1
@@ -581,8 +593,8 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
                      if current.device_deadline(d) is not None}
         if attempt <= MAX_DEADLINE_TIGHTENINGS:
             for device, needed in late.items():
-                ratio = outcome.assignment_runtime_s[device] / needed
-                deadlines[device] = min(deadlines[device], settings.device_deadline(device) * ratio) * (1 - 1e-6)
+                ratio = outcome.assignment_runtime_s[device] / needed  # shares per second of batches
+                deadlines[device] = min(deadlines[device], settings.device_deadline(device) * ratio) * (1 - 1e-3)
                 repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
                                f"{format_duration(settings.device_deadline(device))}; the assignment was solved again "
                                f"with {format_duration(deadlines[device])} of per-request shares there")
@@ -595,20 +607,19 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
                                "size 1")
         current = replace(current, deadline_s=None, deadlines_s=deadlines)
         candidate = solve(build_problem(predictions, current, current_allowed), gap_target=settings.gap_target,
-                          time_limit_s=settings.time_limit_s)
+                          time_limit_s=settings.time_limit_s, grouping=solution.grouping)
         solve_s += candidate.solve_s
         solves += 1
         if candidate.status not in ("optimal", "feasible"):
             attempt = max(attempt, MAX_DEADLINE_TIGHTENINGS)  # tighter has no schedule: next, batch size 1 there
             continue
         solution = candidate
+        held = {d: current.device_deadline(d) for d in predictions.devices
+                if current.device_deadline(d) != settings.device_deadline(d)}
         outcome = evaluate(predictions, settings, allowed, solution.choice)
         late = outcome.late_devices(settings)
-    lower = min(lower, solution.objective)
-    gap = (solution.objective - lower) / max(abs(solution.objective), 1e-12)
-    status = solution.status if solves == 1 else ("optimal" if gap <= settings.gap_target else "feasible")
-    solution = replace(solution, lower_bound=lower, gap=gap, status=status)
-    return FormedPlan(solution, outcome, lower, repairs, late, solve_s, solves)
+    return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
+                      assignment_deadlines_s=held)
 
 
 def _explain_late_batches(result: PlanResult, settings: PlanSettings, formed: FormedPlan) -> None:
@@ -661,6 +672,8 @@ def _fill_schedule(result: PlanResult, predictions: Predictions, settings: PlanS
     result.objective_value = solution.objective
     result.objective_lower_bound = solution.lower_bound
     result.gap = solution.gap
+    result.gap_as_asked = (solution.objective - formed.requested_lower_bound) / max(abs(solution.objective), 1e-12)
+    result.assignment_deadlines_s = formed.assignment_deadlines_s
     if settings.objective == "energy":
         result.lower_bound_j = solution.lower_bound
     counts = np.bincount(choice, minlength=len(predictions.options))

@@ -108,7 +108,8 @@ def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int
                                              "constraint_costs", "plan_s", "energy_estimated", "objective_value",
                                              "objective_lower_bound", "per_device_runtime_s", "assignments",
                                              "assignment_energy_j", "formation_overhead_j", "n_batches", "batches",
-                                             "batch_sizes", "batching_saving")}
+                                             "batch_sizes", "batching_saving", "assignment_deadlines_s",
+                                             "gap_as_asked")}
     params["options"] = result.options
     params["solver"] = result.solver
     baselines = {name: baseline.to_dict() for name, baseline in result.baselines.items()}

@@ -3,8 +3,8 @@
 Every query goes to exactly one option (a model on a device); a few *coupling* rows tie
 the queries together: the mean-accuracy target, one deadline per device, optionally a
 minimum share per model. Objective: the sum of per-query costs (energy in J, or the
-paper's ζ-weighted cost), plus an optional one-off cost per option that is used (loading
-the model on the device).
+paper's ζ-weighted cost), plus an optional one-off cost per option, or group of options,
+that is used (loading the model on the device, once whatever batch sizes it runs at).
 
 Why it scales. With N queries and m coupling rows, a basic optimal solution of the LP
 relaxation splits at most m queries between options; every other query sits at its
@@ -12,7 +12,8 @@ cheapest option under the rows' prices. So:
 
 1. Identical queries (same costs, coefficients and allowed options) are grouped; an
    integer count per (group, option) replaces one binary per (query, option) without
-   changing the problem.
+   changing the problem. (Rows are matched by an exact hash of their bits, checked row by
+   row; a re-solve with other right-hand sides can reuse the groups.)
 2. The rows are priced by Lagrangian relaxation: for prices λ ≥ 0 each group independently
    takes its cheapest option under cost + λ·coefficients, which is a vectorised argmin.
    The dual function L(λ) is maximised by Kelley's cutting planes, the master being a
@@ -131,7 +132,8 @@ class Solution:
     row_values: per row, its left-hand side under ``choice``. violations: per row, how far
     ``choice`` misses it (only rows that are missed). capped_rows: rows whose price reached the
     cap (the LP relaxation cannot meet them). method, n_groups, n_free_groups,
-    dual_iterations, mip_status: how it was solved (for the plan's report).
+    dual_iterations, mip_status: how it was solved (for the plan's report). grouping: the
+    groups of identical queries found (a re-solve of the same problem may pass it back).
     """
 
     status: str
@@ -150,6 +152,7 @@ class Solution:
     n_free_groups: int = 0
     dual_iterations: int = 0
     mip_status: str = ""
+    grouping: Grouping | None = field(default=None, repr=False, compare=False)
 
 
 _STDOUT_LOCK = threading.Lock()
@@ -255,23 +258,48 @@ class _Normalised:
     cost_scale: float
     row_scale: np.ndarray     # (m,) original = scaled * row_scale * sign
     row_sign: np.ndarray      # (m,) +1 for ≤ rows, -1 for ≥ rows
+    grouping: Grouping | None = None
 
 
-def _group(problem: AssignmentProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Groups of identical queries: representative indices, counts, and every query index
-    listed group by group."""
-    n, k = problem.shape
+@dataclass(frozen=True)
+class Grouping:
+    """Groups of identical queries (same costs, allowed options and row coefficients):
+    representative query of each group, its size, and every query index listed group by
+    group. Still valid for the same problem with other right-hand sides or with some options
+    disallowed for every query (identical rows stay identical), so a re-solve can reuse it."""
+
+    first: np.ndarray
+    counts: np.ndarray
+    members: np.ndarray
+
+
+def _group(problem: AssignmentProblem) -> Grouping:
+    """Groups of identical queries, by an exact 128-bit hash of each row's bit patterns
+    (integer arithmetic modulo 2^64, so identical rows always hash alike), checked row by row
+    against the group's representative; the bytewise comparison of every row is the fallback."""
     parts = [np.where(problem.allowed, problem.cost, np.inf), problem.allowed.astype(float)]
     parts += [np.where(problem.allowed, row.coef, 0.0) for row in problem.rows]
-    stacked = np.ascontiguousarray(np.concatenate(parts, axis=1))
-    keys = stacked.view(np.dtype((np.void, stacked.dtype.itemsize * stacked.shape[1]))).reshape(-1)
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(0x5EED)
+    keys = np.zeros((problem.shape[0], 2), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            bits = np.ascontiguousarray(part, dtype=np.float64).view(np.uint64)
+            keys += bits @ (rng.integers(1, 2 ** 62, size=(part.shape[1], 2), dtype=np.uint64) | np.uint64(1))
+    hashed = np.ascontiguousarray(keys).view(np.dtype((np.void, 16))).reshape(-1)
+    _, first, inverse, counts = np.unique(hashed, return_index=True, return_inverse=True, return_counts=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    if not all(np.array_equal(part, part[first][inverse]) for part in parts):  # a collision: compare bytes
+        stacked = np.ascontiguousarray(np.concatenate(parts, axis=1))
+        rows = stacked.view(np.dtype((np.void, stacked.dtype.itemsize * stacked.shape[1]))).reshape(-1)
+        _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True, return_counts=True)
+        inverse = np.asarray(inverse).reshape(-1)
     members = np.argsort(inverse, kind="stable")  # group by group, each group's queries ascending
-    return first, counts, members
+    return Grouping(first=first, counts=counts, members=members)
 
 
-def _normalise(problem: AssignmentProblem) -> _Normalised:
-    first, counts, members = _group(problem)
+def _normalise(problem: AssignmentProblem, grouping: Grouping | None = None) -> _Normalised:
+    grouping = grouping or _group(problem)
+    first, counts, members = grouping.first, grouping.counts, grouping.members
     allowed = problem.allowed[first]
     raw_cost = np.where(allowed, problem.cost[first], np.nan)
     best = np.nanmin(np.abs(raw_cost), axis=1)
@@ -291,7 +319,7 @@ def _normalise(problem: AssignmentProblem) -> _Normalised:
         coef[j] = values / scale
         rhs[j] = sign * row.rhs / scale
         row_scale[j], row_sign[j] = scale, sign
-    return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign)
+    return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign, grouping)
 
 
 def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -508,10 +536,16 @@ def _disaggregate(norm: _Normalised, counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def solve(problem: AssignmentProblem, *, gap_target: float = DEFAULT_GAP_TARGET,
-          time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS) -> Solution:
-    """Minimise the objective subject to the rows; see the module docstring for how."""
+          time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS,
+          grouping: Grouping | None = None) -> Solution:
+    """Minimise the objective subject to the rows; see the module docstring for how.
+
+    ``grouping``: the :attr:`Solution.grouping` of an earlier solve of the same costs and
+    coefficients (other right-hand sides, or options disallowed for every query), to skip
+    grouping the queries again.
+    """
     with _collector_paused():
-        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars)
+        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars, grouping)
 
 
 _NEAR_TIES = "Lagrangian prices + CBC on the near-ties"
@@ -608,7 +642,8 @@ def _search(problem: AssignmentProblem, norm: _Normalised, dual: _DualBound, pro
                    everything_free=everything_free, mip_status=found.status)
 
 
-def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int) -> Solution:
+def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int,
+           grouping: Grouping | None = None) -> Solution:
     started = time.perf_counter()
     deadline = started + time_limit_s
     n = problem.shape[0]
@@ -617,13 +652,13 @@ def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, f
     if n == 0 or len(stranded):
         return Solution(status="no_option", choice=np.full(n, -1), objective=math.nan, lower_bound=math.nan,
                         gap=math.nan, solve_s=time.perf_counter() - started, unassignable=stranded)
-    norm = _normalise(problem)
+    norm = _normalise(problem, grouping)
     dual = _maximise_dual(norm, deadline)
     capped = [problem.rows[j].name for j in range(len(dual.prices)) if dual.prices[j] >= PRICE_CAP * (1 - 1e-9)]
     search = _search(problem, norm, dual, bool(capped), gap_target, deadline, full_mip_max_vars)
     g = len(norm.counts)
     how = dict(capped_rows=capped, n_groups=g, n_free_groups=search.n_free_groups, dual_iterations=dual.iterations,
-               mip_status=search.mip_status)
+               mip_status=search.mip_status, grouping=norm.grouping)
     best = search.best
     if best is None:
         return Solution(status="unsolved", choice=np.full(n, -1), objective=math.nan, lower_bound=search.lower_bound,
