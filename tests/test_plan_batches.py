@@ -474,6 +474,21 @@ def test_a_batch_that_would_not_fit_in_memory_is_not_offered():
     assert any("would not fit in the device's free memory" in w for w in preds.warnings)
 
 
+def test_batches_are_cut_only_where_they_fit_in_memory():
+    memory = ModelMemory(weights_bytes=1_000_000, kv_bytes_per_token=1_000, activation_bytes_per_token=100,
+                         logits_bytes_per_request=1_000)
+    rule = BatchMemoryRule(model=memory, free_bytes=estimate_batch_memory(memory, 2, 50, 10).total_bytes,
+                           max_tokens_per_pass=None, source="test")
+    options, _ = two_models()
+    option = replace(options[by_key(options)["a@cpu×4"]], memory=rule)
+    tin, tout = np.array([500, 50, 50]), np.array([10, 10, 10])
+    share = option.energy_fit.predict_raw(tin, tout, 4) / 4
+    unlimited, _ = best_cuts(replace(option, memory=None), tin, tout, share)
+    assert unlimited.tolist() == [3]  # cheapest together...
+    sizes, _ = best_cuts(option, tin, tout, share)
+    assert sizes.tolist() == [1, 2]  # ...but only two short ones fit together, the long one alone
+
+
 def test_the_memory_rule_reads_local_model_files_and_says_why_not_elsewhere(demo_models, tmp_path: Path):
     for demo in demo_models.values():
         rule, why = batch_memory_rule(demo.backend, demo.path, "cpu")

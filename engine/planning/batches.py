@@ -5,35 +5,45 @@ An option is a model on a device *at a batch size B*. The assignment problem
 prediction of a batch of B requests of the query's own shape divided by B: as if its
 batch-mates had its shape. Batches are then formed, and predicted, from their real members:
 
-**Formation rule.** The queries assigned to an option are sorted by output tokens, then
-input tokens, longest first, and cut into consecutive batches of B; the last batch of an
-option (its shortest queries) holds the remainder and may be smaller. Why this order: a
-batch runs as many decode steps as its longest answer (transformers keeps finished rows
-computing until then; llama.cpp drops them but the batch's wall time is still set by the
-longest), and transformers pads every prompt to the longest one. Sorting puts similar
-lengths together, so those wasted steps and padding stay small; for one length alone,
-consecutive runs of the sorted list minimise the sum over batches of the longest member.
-Decode steps dominate the cost of a request (the fits' τout terms are the largest), so the
-output length is sorted first. Putting the remainder among the shortest queries makes the
-least efficient batch (the one that shares its fixed costs among fewest requests) the
-cheapest one. An option at batch size 1 keeps its queries in workload order.
+**Formation rule.** A batch runs as many decode steps as its longest answer (transformers
+keeps finished rows computing until then; llama.cpp drops them, but the batch's wall time is
+still set by the longest), and transformers pads every prompt to the longest one: what grows
+when lengths differ is that waste. So the queries assigned to an option are put in an order
+that keeps similar lengths together, and cut into consecutive batches of at most B where the
+cuts cost least: the exact shortest path over the cut points, every candidate batch costed
+by the prediction rule below with the option's own fit. Two orders are tried, and the
+cheaper kept per option: longest answer first (then longest prompt), and answers in bands of
+5% longest first with the prompts sorted within each band (answers dominate, prompts then
+pad little). Cutting where it costs least, not every B, keeps a long answer from holding up
+a full batch (it gets a small batch, or one alone) and makes the smaller batches where they
+cost least. For one length alone, consecutive runs of the sorted list are the best batches;
+with two lengths the orders are a heuristic, and the energy after formation is reported as
+what it is. An option at batch size 1 keeps its queries in workload order, one per batch.
 
-**Prediction rule.** A batch of b requests is predicted as the fit's batch of b requests of
-(longest τin, longest τout) among its members: ``E(max τin, max τout, b)``, and likewise
-its runtime. For transformers this is the computation the batch does (left padding to the
-longest prompt, every row decoding until the longest answer ends). For llama.cpp (no
-padding, finished sequences leave the batch) it is an upper bound: with the fits' forms,
-non-negative terms that grow with the token counts, no request costs more than the
-longest shape. A batch of one is its query's own prediction. Each member's predicted
-energy (runtime) is its share of the batch's, in proportion to its own per-request
-prediction on the option, so members sum to the batch.
+**Prediction rule.** A batch of b requests is predicted by the fit's batch of b requests,
+by how its backend runs different lengths together:
+
+* padded (transformers, and every backend not known here): ``E(max τin, max τout, b)``,
+  the longest prompt and the longest answer of its members. For transformers this is the
+  computation the batch does (left padding to the longest prompt, every row decoding until
+  the longest answer ends);
+* ragged (llama.cpp: no padding, finished sequences leave the batch): the mean over its
+  members of ``E(τin_i, max τout, b)``, each member's own prompt and the longest answer. For
+  the fits' forms (non-negative terms that grow with the token counts) this is an upper
+  bound: no member decodes longer than the longest.
+
+Likewise its runtime. A batch whose raw prediction is negative (only the paper's published
+form gives one) is predicted as the sum of its members' shares and flagged, never as free.
+A batch of one is its query's own prediction. Each member's predicted energy (runtime) is
+its share of the batch's, in proportion to its own per-request prediction on the option, so
+members add up to the batch.
 
 **Memory rule.** Where the model's files are here and cheap to read (a Hugging Face
 ``config.json`` and the safetensors headers, a GGUF header) and the device is one of this
 host's (``cpu``, ``cuda:N``) with a readable free memory, a query is offered to an option of
 batch size B only when a batch of B requests of its shape fits in that free memory
 (:mod:`engine.backends.memory`: KV cache, activations and weights with the backend's
-margin). Elsewhere (published profiles, another host's devices, unreadable files) the batch
+margin), and a batch is cut only where its longest prompt and answer fit at its size. Elsewhere (published profiles, another host's devices, unreadable files) the batch
 sizes are limited by the fit's measured batch range alone, and the plan says which.
 """
 
@@ -314,6 +324,9 @@ def best_cuts(option, tin: np.ndarray, tout: np.ndarray, energy_share: np.ndarra
             window_share = window_share[:-1] + energy_share[length - 1:]
         raw = option.energy_fit.predict_raw(window_sum / length if ragged else window_in, window_out, length)
         cost[:m - length + 1, length - 1] = np.where(raw < 0, window_share, raw)
+        if option.memory is not None and length > 1:  # a batch that would not fit is no candidate
+            fits = option.memory.fits(length, window_in.astype(np.int64), window_out.astype(np.int64))
+            cost[:m - length + 1, length - 1][~fits] = np.inf
     return _shortest_cuts(cost)
 
 

@@ -538,7 +538,7 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
 
 #: Times the assignment's deadline of a device is tightened when its batches run past it,
 #: before that device is planned at batch size 1.
-MAX_DEADLINE_TIGHTENINGS = 3
+MAX_DEADLINE_TIGHTENINGS = 5
 
 
 @dataclass(frozen=True)
@@ -586,6 +586,7 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
     outcome = evaluate(predictions, settings, allowed, solution.choice)
     late = outcome.late_devices(settings)
     current, current_allowed, held = settings, allowed, {}
+    seen: dict[str, list[tuple[float, float]]] = {}  # per device: (seconds of shares, seconds of batches)
     attempt = 0
     while late and attempt <= MAX_DEADLINE_TIGHTENINGS:
         attempt += 1
@@ -593,8 +594,8 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
                      if current.device_deadline(d) is not None}
         if attempt <= MAX_DEADLINE_TIGHTENINGS:
             for device, needed in late.items():
-                ratio = outcome.assignment_runtime_s[device] / needed  # shares per second of batches
-                deadlines[device] = min(deadlines[device], settings.device_deadline(device) * ratio) * (1 - 1e-3)
+                seen.setdefault(device, []).append((outcome.assignment_runtime_s[device], needed))
+                deadlines[device] = min(deadlines[device], _shares_for(seen[device], settings.device_deadline(device)))
                 repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
                                f"{format_duration(settings.device_deadline(device))}; the assignment was solved again "
                                f"with {format_duration(deadlines[device])} of per-request shares there")
@@ -606,8 +607,10 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
                 repairs.append(f"Batches on {device} still ran past its deadline: {device} was planned at batch "
                                "size 1")
         current = replace(current, deadline_s=None, deadlines_s=deadlines)
+        same_options = current_allowed is allowed  # then only right-hand sides changed: the dual's cuts hold
         candidate = solve(build_problem(predictions, current, current_allowed), gap_target=settings.gap_target,
-                          time_limit_s=settings.time_limit_s, grouping=solution.grouping)
+                          time_limit_s=settings.time_limit_s, grouping=solution.grouping,
+                          warm_start=solution.warm_start if same_options else None)
         solve_s += candidate.solve_s
         solves += 1
         if candidate.status not in ("optimal", "feasible"):
@@ -620,6 +623,22 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
         late = outcome.late_devices(settings)
     return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
                       assignment_deadlines_s=held)
+
+
+def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: float = 2e-3) -> float:
+    """The seconds of per-request shares to allow on a device so that its batches take
+    ``deadline_s`` (less a small margin), from what was seen: (shares, batches) of earlier
+    assignments there. The batches take longer than the shares by a ratio that itself grows as
+    the shares are squeezed, so after two points the secant through them is followed (when it
+    rises), else the ratio of the last; always less than the last assignment's shares."""
+    goal = deadline_s * (1 - margin)
+    shares, batches = seen[-1]
+    target = shares * goal / batches
+    if len(seen) >= 2:
+        (s0, b0), (s1, b1) = seen[-2], seen[-1]
+        if s1 != s0 and (b1 - b0) / (s1 - s0) > 0:
+            target = s1 + (goal - b1) * (s1 - s0) / (b1 - b0)
+    return min(target, shares * (1 - margin))
 
 
 def _explain_late_batches(result: PlanResult, settings: PlanSettings, formed: FormedPlan) -> None:

@@ -133,7 +133,8 @@ class Solution:
     ``choice`` misses it (only rows that are missed). capped_rows: rows whose price reached the
     cap (the LP relaxation cannot meet them). method, n_groups, n_free_groups,
     dual_iterations, mip_status: how it was solved (for the plan's report). grouping: the
-    groups of identical queries found (a re-solve of the same problem may pass it back).
+    groups of identical queries found, warm_start: the dual's cuts (a re-solve of the same
+    problem with other right-hand sides may pass them back).
     """
 
     status: str
@@ -153,6 +154,7 @@ class Solution:
     dual_iterations: int = 0
     mip_status: str = ""
     grouping: Grouping | None = field(default=None, repr=False, compare=False)
+    warm_start: DualWarmStart | None = field(default=None, repr=False, compare=False)
 
 
 _STDOUT_LOCK = threading.Lock()
@@ -322,48 +324,95 @@ def _normalise(problem: AssignmentProblem, grouping: Grouping | None = None) -> 
     return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign, grouping)
 
 
-def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """L(λ) (scaled), a subgradient, and the reduced costs (G, K)."""
-    reduced = norm.cost + np.tensordot(prices, norm.coef, axes=1) if len(prices) else norm.cost.copy()
+@dataclass(frozen=True)
+class DualCut:
+    """One point of the Lagrangian dual, whatever the rows' right-hand sides: prices λ (m,),
+    priced = Σ counts·min_k(cost + λ·coef) and usage (m,) = the rows' left-hand sides at that
+    choice (scaled, ≤ form). For right-hand sides b, L(λ) = priced − λ·b and usage − b is a
+    subgradient: a re-solve with other right-hand sides starts from every cut already made."""
+
+    prices: np.ndarray
+    priced: float
+    usage: np.ndarray
+
+
+@dataclass(frozen=True)
+class DualWarmStart:
+    """The cuts of a solve and the scales they were made in (a re-solve uses them only when its
+    own scales are the same: same costs, coefficients and allowed options)."""
+
+    cuts: tuple[DualCut, ...]
+    cost_scale: float
+    row_scale: np.ndarray
+
+
+def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, DualCut]:
+    """L(λ) (scaled), a subgradient, the reduced costs (G, K) and the point as a cut."""
+    reduced = norm.cost.copy()
+    term = np.empty_like(reduced)
+    for j, price in enumerate(prices):
+        if price != 0.0:  # a row at price 0 (not binding) changes nothing
+            np.multiply(norm.coef[j], price, out=term)
+            reduced += term
     best = np.argmin(reduced, axis=1)
     rows = np.arange(len(best))
-    value = float(norm.counts @ reduced[rows, best]) - float(prices @ norm.rhs)
+    priced = float(norm.counts @ reduced[rows, best])
     usage = np.einsum("mg,g->m", norm.coef[:, rows, best], norm.counts) if len(prices) else np.zeros(0)
-    return value, usage - norm.rhs, reduced
+    return priced - float(prices @ norm.rhs), usage - norm.rhs, reduced, DualCut(prices.copy(), priced, usage)
 
 
 @dataclass(frozen=True)
 class _DualBound:
     """The best point of the dual found: L(λ) (scaled; a valid lower bound), its prices λ (m,),
-    the reduced costs under them (G, K), and the cutting-plane iterations it took."""
+    the reduced costs under them (G, K), the cutting-plane iterations it took, and every cut."""
 
     lower_scaled: float
     prices: np.ndarray
     reduced: np.ndarray
     iterations: int
+    cuts: tuple[DualCut, ...] = ()
 
 
-def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
-                   max_iterations: int = 200) -> _DualBound:
-    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip."""
+def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7, max_iterations: int = 200,
+                   warm: tuple[DualCut, ...] = ()) -> _DualBound:
+    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip; ``warm``:
+    the cuts of an earlier solve of the same problem with other right-hand sides."""
     m = len(norm.rhs)
     prices = np.zeros(m)
-    value, subgradient, reduced = _lagrangian(norm, prices)
+    value, subgradient, reduced, cut = _lagrangian(norm, prices)
+    cuts = [cut]
     best = (value, prices.copy(), reduced)
     if m == 0 or (subgradient <= 1e-12).all():
         # The unconstrained choice already meets every row.
-        return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=1)
+        return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=1, cuts=tuple(cuts))
     master = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     master.verbose = 0
     master.threads = 1
     theta = master.add_var(lb=-mip.INF, name="theta")
     lam = [master.add_var(lb=0.0, ub=PRICE_CAP, name=f"lambda{j}") for j in range(m)]
     master.objective = mip.maximize(theta)
-    iterations = 1
+
+    def add(cut: DualCut) -> None:
+        # θ ≤ L(λt) + g·(λ − λt) = priced + usage·(λ − λt) − b·λ
+        master.add_constr(theta - mip.xsum(float(cut.usage[j] - norm.rhs[j]) * lam[j] for j in range(m))
+                          <= cut.priced - float(cut.usage @ cut.prices))
+
+    for old in warm:
+        add(old)
+    if warm:  # start again from the best earlier point, priced with these right-hand sides
+        start = max(warm, key=lambda c: c.priced - float(c.prices @ norm.rhs))
+        if start.prices.any():
+            prices = start.prices.copy()
+            value, subgradient, reduced, cut = _lagrangian(norm, prices)
+            cuts.append(cut)
+            if value > best[0]:
+                best = (value, prices.copy(), reduced)
+    added = 0  # this solve's cuts already in the master
+    iterations = len(cuts)
     while iterations < max_iterations and time.perf_counter() < deadline:
-        # θ ≤ L(λt) + g·(λ − λt)
-        master += theta - mip.xsum(float(subgradient[j]) * lam[j] for j in range(m)) <= \
-            value - float(subgradient @ prices)
+        for new in cuts[added:]:
+            add(new)
+        added = len(cuts)
         status = _optimize(master, relax=True)
         if status != mip.OptimizationStatus.OPTIMAL:
             break
@@ -371,11 +420,13 @@ def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
         if upper - best[0] <= tolerance * max(1.0, abs(best[0])):
             break
         prices = np.array([min(max(v.x, 0.0), PRICE_CAP) for v in lam])
-        value, subgradient, reduced = _lagrangian(norm, prices)
+        value, subgradient, reduced, cut = _lagrangian(norm, prices)
+        cuts.append(cut)
         iterations += 1
         if value > best[0]:
             best = (value, prices.copy(), reduced)
-    return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=iterations)
+    return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=iterations,
+                      cuts=tuple(warm) + tuple(cuts))
 
 
 def _free_groups(reduced: np.ndarray, allowed: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
@@ -537,15 +588,16 @@ def _disaggregate(norm: _Normalised, counts: np.ndarray, n: int) -> np.ndarray:
 
 def solve(problem: AssignmentProblem, *, gap_target: float = DEFAULT_GAP_TARGET,
           time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS,
-          grouping: Grouping | None = None) -> Solution:
+          grouping: Grouping | None = None, warm_start: DualWarmStart | None = None) -> Solution:
     """Minimise the objective subject to the rows; see the module docstring for how.
 
     ``grouping``: the :attr:`Solution.grouping` of an earlier solve of the same costs and
     coefficients (other right-hand sides, or options disallowed for every query), to skip
-    grouping the queries again.
+    grouping the queries again. ``warm_start``: its :attr:`Solution.warm_start`, when only the
+    right-hand sides changed: the dual starts from its cuts (used only when the scales agree).
     """
     with _collector_paused():
-        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars, grouping)
+        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars, grouping, warm_start)
 
 
 _NEAR_TIES = "Lagrangian prices + CBC on the near-ties"
@@ -643,7 +695,7 @@ def _search(problem: AssignmentProblem, norm: _Normalised, dual: _DualBound, pro
 
 
 def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int,
-           grouping: Grouping | None = None) -> Solution:
+           grouping: Grouping | None = None, warm_start: DualWarmStart | None = None) -> Solution:
     started = time.perf_counter()
     deadline = started + time_limit_s
     n = problem.shape[0]
@@ -653,12 +705,17 @@ def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, f
         return Solution(status="no_option", choice=np.full(n, -1), objective=math.nan, lower_bound=math.nan,
                         gap=math.nan, solve_s=time.perf_counter() - started, unassignable=stranded)
     norm = _normalise(problem, grouping)
-    dual = _maximise_dual(norm, deadline)
+    warm = ()
+    if warm_start is not None and warm_start.cost_scale == norm.cost_scale \
+            and np.array_equal(warm_start.row_scale, norm.row_scale):
+        warm = warm_start.cuts
+    dual = _maximise_dual(norm, deadline, warm=warm)
     capped = [problem.rows[j].name for j in range(len(dual.prices)) if dual.prices[j] >= PRICE_CAP * (1 - 1e-9)]
     search = _search(problem, norm, dual, bool(capped), gap_target, deadline, full_mip_max_vars)
     g = len(norm.counts)
     how = dict(capped_rows=capped, n_groups=g, n_free_groups=search.n_free_groups, dual_iterations=dual.iterations,
-               mip_status=search.mip_status, grouping=norm.grouping)
+               mip_status=search.mip_status, grouping=norm.grouping,
+               warm_start=DualWarmStart(cuts=dual.cuts, cost_scale=norm.cost_scale, row_scale=norm.row_scale))
     best = search.best
     if best is None:
         return Solution(status="unsolved", choice=np.full(n, -1), objective=math.nan, lower_bound=search.lower_bound,
