@@ -264,7 +264,7 @@ def test_options_of_one_open_group_pay_its_cost_once(seed, limit):
     assert np.isfinite(expected) == (solution.status in ("optimal", "feasible")) or solution.status == "unsolved"
 
 
-def test_a_re_solve_reuses_the_grouping_and_finds_the_same_optimum():
+def test_a_re_solve_reuses_the_grouping_and_the_dual_cuts_and_finds_the_same_optimum():
     rng = np.random.default_rng(7)
     base = random_instance(rng, 60, 6, accuracy_target=0.55, deadline_share=0.9)
     tile = lambda a: np.tile(a, (10, 1))  # noqa: E731 (ten copies of each query)
@@ -275,8 +275,13 @@ def test_a_re_solve_reuses_the_grouping_and_finds_the_same_optimum():
     for row in problem.rows:
         if row.name.startswith("deadline"):
             row.rhs *= 1.1
-    again = solve(problem, grouping=first.grouping)
     fresh = solve(problem)
-    assert again.n_groups == fresh.n_groups
-    assert again.objective == pytest.approx(fresh.objective, rel=2e-3)
-    assert again.lower_bound <= fresh.objective * (1 + 1e-9) and fresh.lower_bound <= again.objective * (1 + 1e-9)
+    for again in (solve(problem, grouping=first.grouping),
+                  solve(problem, grouping=first.grouping, warm_start=first.warm_start)):  # the dual's cuts too
+        assert again.n_groups == fresh.n_groups
+        assert again.status == "optimal"
+        assert again.objective == pytest.approx(fresh.objective, rel=2e-3)
+        # Each bound is a real lower bound: below the other's schedule.
+        assert again.lower_bound <= fresh.objective * (1 + 1e-9) and fresh.lower_bound <= again.objective * (1 + 1e-9)
+    warm = solve(problem, grouping=first.grouping, warm_start=first.warm_start)
+    assert warm.dual_iterations <= fresh.dual_iterations
