@@ -36,6 +36,7 @@ from engine.planning import (
     load_plan,
     make_plan,
     options_from_fits,
+    pareto_curve,
     predict_options,
     schedule_csv,
     store_plan,
@@ -570,3 +571,20 @@ def test_a_schedule_without_batch_columns_still_imports_each_query_alone(batch_s
     _, back = load_plan(batch_store, import_schedule(batch_store, path, runnable_here=False))
     assert back.batch_id.isna().all() and back.batch_size.isna().all()
     assert schedule_csv(back).splitlines()[1].split(",")[9:11] == ["", ""]  # empty batch cells
+
+
+def test_trade_off_curves_form_batches_as_the_plan_does():
+    options, _ = two_models()
+    tin, tout = queries(60, seed=9)
+    preds = predict(options, tin, tout)
+    settings = PlanSettings(accuracy_target=0.5, deadline_s=20.0)
+    allowed = allowed_options(preds, None)
+    curve = pareto_curve(preds, settings, allowed, points=4)
+    assert (curve.status == "optimal").any() and (curve.status == "infeasible").any()
+    for point in curve.itertuples():
+        if point.status in ("optimal", "feasible"):
+            assert point.makespan_s <= 20.0 * (1 + 1e-7)  # the batches, not the shares, meet the deadline
+            plan = make_plan(preds, replace(settings, accuracy_target=point.value), explain=False, compare=False)
+            assert plan.energy_j == pytest.approx(point.energy_j)
+        else:  # the shares would fit 0.567 in 20 s; the batches need 24 s
+            assert math.isnan(point.energy_j)

@@ -571,12 +571,23 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
 
     The assignment counts per-request shares; a formed batch runs as long as its longest
     members, so a device's batches can take longer than its shares. When they run past a
-    deadline, the shares on that device are held to a deadline shorter by the ratio of shares
-    to batches and the assignment is solved again (at most :data:`MAX_DEADLINE_TIGHTENINGS`
-    times, reusing the grouping of identical queries), then the device is planned at batch
+    deadline, the shares on that device are held to a shorter deadline (:func:`_shares_for`;
+    halfway back when that left no schedule) and the assignment is solved again, at most
+    :data:`MAX_DEADLINE_TIGHTENINGS` times, warm-started; then the device is planned at batch
     size 1 (where batches are the shares). The schedule's deadlines are always checked on the
     batches, as asked.
     """
+    def attempt(deadlines: dict[str, float], options_allowed: np.ndarray) -> Solution:
+        nonlocal solve_s, solves
+        same_options = options_allowed is allowed  # then only right-hand sides changed: the dual's cuts hold
+        found = solve(build_problem(predictions, replace(settings, deadline_s=None, deadlines_s=deadlines),
+                                    options_allowed),
+                      gap_target=settings.gap_target, time_limit_s=settings.time_limit_s,
+                      grouping=solution.grouping, warm_start=solution.warm_start if same_options else None)
+        solve_s += found.solve_s
+        solves += 1
+        return found
+
     solution = solve(build_problem(predictions, settings, allowed), gap_target=settings.gap_target,
                      time_limit_s=settings.time_limit_s)
     requested_lower = solution.lower_bound
@@ -585,42 +596,43 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
         return FormedPlan(solution, None, requested_lower, [], {}, solve_s, solves)
     outcome = evaluate(predictions, settings, allowed, solution.choice)
     late = outcome.late_devices(settings)
-    current, current_allowed, held = settings, allowed, {}
+    accepted = {d: settings.device_deadline(d) for d in predictions.devices if settings.device_deadline(d) is not None}
     seen: dict[str, list[tuple[float, float]]] = {}  # per device: (seconds of shares, seconds of batches)
-    attempt = 0
-    while late and attempt <= MAX_DEADLINE_TIGHTENINGS:
-        attempt += 1
-        deadlines = {d: current.device_deadline(d) for d in predictions.devices
-                     if current.device_deadline(d) is not None}
-        if attempt <= MAX_DEADLINE_TIGHTENINGS:
-            for device, needed in late.items():
-                seen.setdefault(device, []).append((outcome.assignment_runtime_s[device], needed))
-                deadlines[device] = min(deadlines[device], _shares_for(seen[device], settings.device_deadline(device)))
-                repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
-                               f"{format_duration(settings.device_deadline(device))}; the assignment was solved again "
-                               f"with {format_duration(deadlines[device])} of per-request shares there")
-        else:
-            batched_here = np.array([o.device in late and o.batch_size > 1 for o in predictions.options])
-            current_allowed = current_allowed & ~batched_here[None, :]
-            for device in late:
-                deadlines[device] = settings.device_deadline(device)
-                repairs.append(f"Batches on {device} still ran past its deadline: {device} was planned at batch "
-                               "size 1")
-        current = replace(current, deadline_s=None, deadlines_s=deadlines)
-        same_options = current_allowed is allowed  # then only right-hand sides changed: the dual's cuts hold
-        candidate = solve(build_problem(predictions, current, current_allowed), gap_target=settings.gap_target,
-                          time_limit_s=settings.time_limit_s, grouping=solution.grouping,
-                          warm_start=solution.warm_start if same_options else None)
-        solve_s += candidate.solve_s
-        solves += 1
+    too_tight: dict[str, float] = {}  # per device: a deadline for the shares that left no schedule
+    for _ in range(MAX_DEADLINE_TIGHTENINGS):
+        if not late:
+            break
+        deadlines = dict(accepted)
+        for device, needed in late.items():
+            shares = outcome.assignment_runtime_s[device]
+            seen.setdefault(device, []).append((shares, needed))
+            target = _shares_for(seen[device], settings.device_deadline(device))
+            if device in too_tight and target <= too_tight[device]:
+                target = (too_tight[device] + shares) / 2
+            deadlines[device] = min(deadlines[device], target)
+            repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
+                           f"{format_duration(settings.device_deadline(device))}; the assignment was solved again "
+                           f"with {format_duration(deadlines[device])} of per-request shares there")
+        candidate = attempt(deadlines, allowed)
         if candidate.status not in ("optimal", "feasible"):
-            attempt = max(attempt, MAX_DEADLINE_TIGHTENINGS)  # tighter has no schedule: next, batch size 1 there
+            for device in late:
+                too_tight[device] = max(too_tight.get(device, 0.0), deadlines[device])
+            repairs.append("That left no schedule: the next try holds the shares less tight")
             continue
-        solution = candidate
-        held = {d: current.device_deadline(d) for d in predictions.devices
-                if current.device_deadline(d) != settings.device_deadline(d)}
+        solution, accepted = candidate, deadlines
         outcome = evaluate(predictions, settings, allowed, solution.choice)
         late = outcome.late_devices(settings)
+    if late:  # the late devices at batch size 1, where the batches are the shares
+        batched_here = np.array([o.device in late and o.batch_size > 1 for o in predictions.options])
+        deadlines = {**accepted, **{device: settings.device_deadline(device) for device in late}}
+        candidate = attempt(deadlines, allowed & ~batched_here[None, :])
+        repairs.append(f"Batches on {', '.join(late)} still ran past the deadline: planned at batch size 1 there"
+                       + ("" if candidate.status in ("optimal", "feasible") else ", which left no schedule either"))
+        if candidate.status in ("optimal", "feasible"):
+            solution, accepted = candidate, deadlines
+            outcome = evaluate(predictions, settings, allowed, solution.choice)
+            late = outcome.late_devices(settings)
+    held = {d: s for d, s in accepted.items() if s != settings.device_deadline(d)}
     return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
                       assignment_deadlines_s=held)
 
@@ -1016,7 +1028,8 @@ def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, al
 
 def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, *, vary: str = "accuracy",
                  points: int = 9) -> pd.DataFrame:
-    """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed.
+    """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed
+    (each point's batches formed, and repaired against its deadline, as the plan's).
 
     Returns columns value (target or deadline s), energy_j, accuracy, makespan_s, status.
     """
@@ -1037,15 +1050,14 @@ def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.n
         changed = {"accuracy_target": float(value)} if vary == "accuracy" else {"deadline_s": float(value),
                                                                               "deadlines_s": {}}
         varied = replace(settings, **changed, time_limit_s=min(settings.time_limit_s, 10.0))
-        solution = solve(build_problem(predictions, varied, allowed), gap_target=varied.gap_target,
-                         time_limit_s=varied.time_limit_s)
-        if solution.status in ("optimal", "feasible"):
-            outcome = evaluate(predictions, varied, allowed, solution.choice)
+        formed = solve_and_form(predictions, varied, allowed)  # batches formed (and repaired) as the plan's
+        solution, outcome = formed.solution, formed.outcome
+        if outcome is not None and not formed.late:
             rows.append({"value": float(value), "energy_j": outcome.energy_j, "accuracy": outcome.accuracy,
                          "makespan_s": outcome.makespan_s, "status": solution.status})
         else:
             rows.append({"value": float(value), "energy_j": math.nan, "accuracy": math.nan, "makespan_s": math.nan,
-                         "status": solution.status})
+                         "status": "infeasible" if formed.late else solution.status})
     return pd.DataFrame(rows)
 
 
