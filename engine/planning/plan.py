@@ -536,9 +536,12 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
 
 # -- batches after the assignment ---------------------------------------------------------------
 
-#: Times the assignment's deadline of a device is tightened when its batches run past it,
-#: before that device is planned at batch size 1.
+#: Re-solves when batches run past a deadline, before the late devices are planned at batch size 1.
 MAX_DEADLINE_TIGHTENINGS = 5
+#: Of those, re-solves that loosen the shares' deadline again, when the batches fit with more than
+#: LOOSEN_SLACK of a deadline left (each costs a solve: the gain is the energy of that slack).
+MAX_LOOSENINGS = 1
+LOOSEN_SLACK = 0.02
 
 
 @dataclass(frozen=True)
@@ -572,10 +575,13 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
     The assignment counts per-request shares; a formed batch runs as long as its longest
     members, so a device's batches can take longer than its shares. When they run past a
     deadline, the shares on that device are held to a shorter deadline (:func:`_shares_for`;
-    halfway back when that left no schedule) and the assignment is solved again, at most
-    :data:`MAX_DEADLINE_TIGHTENINGS` times, warm-started; then the device is planned at batch
-    size 1 (where batches are the shares). The schedule's deadlines are always checked on the
-    batches, as asked.
+    halfway back when that left no schedule) and the assignment is solved again, warm-started;
+    once the batches fit with more than :data:`LOOSEN_SLACK` of the deadline to spare, the
+    shares' deadline is loosened halfway back towards the tightest one whose batches ran late
+    (at most :data:`MAX_LOOSENINGS` times), keeping the cheapest schedule whose batches fit (at
+    most :data:`MAX_DEADLINE_TIGHTENINGS` solves in all). If no batched schedule fits, the late devices are planned at batch size 1 (where the
+    batches are the shares). The schedule's deadlines are always checked on the batches, as
+    asked.
     """
     def attempt(deadlines: dict[str, float], options_allowed: np.ndarray) -> Solution:
         nonlocal solve_s, solves
@@ -596,53 +602,79 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
         return FormedPlan(solution, None, requested_lower, [], {}, solve_s, solves)
     outcome = evaluate(predictions, settings, allowed, solution.choice)
     late = outcome.late_devices(settings)
-    accepted = {d: settings.device_deadline(d) for d in predictions.devices if settings.device_deadline(d) is not None}
-    seen: dict[str, list[tuple[float, float]]] = {}  # per device: (seconds of shares, seconds of batches)
+    asked = {d: settings.device_deadline(d) for d in predictions.devices if settings.device_deadline(d) is not None}
+    current = dict(asked)  # the shares' deadlines of the assignment at hand
+    best: tuple[Solution, Outcome, dict[str, float]] | None = None if late else (solution, outcome, current)
+    seen: dict[str, list[tuple[float, float]]] = {}  # per device: (seconds of shares, seconds of batches) when late
+    too_late = dict(asked)  # per device: the loosest deadline for the shares whose batches ran late
     too_tight: dict[str, float] = {}  # per device: a deadline for the shares that left no schedule
-    for _ in range(MAX_DEADLINE_TIGHTENINGS):
-        if not late:
-            break
-        deadlines = dict(accepted)
-        for device, needed in late.items():
-            shares = outcome.assignment_runtime_s[device]
-            seen.setdefault(device, []).append((shares, needed))
-            target = _shares_for(seen[device], settings.device_deadline(device))
-            if device in too_tight and target <= too_tight[device]:
-                target = (too_tight[device] + shares) / 2
-            deadlines[device] = min(deadlines[device], target)
-            repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
-                           f"{format_duration(settings.device_deadline(device))}; the assignment was solved again "
-                           f"with {format_duration(deadlines[device])} of per-request shares there")
+    loosened = 0
+    for _ in range(MAX_DEADLINE_TIGHTENINGS if late else 0):
+        deadlines = dict(current)
+        if late:  # tighter, where the batches ran late
+            for device, needed in late.items():
+                shares = outcome.assignment_runtime_s[device]
+                seen.setdefault(device, []).append((shares, needed))
+                target = _shares_for(seen[device], settings.device_deadline(device))
+                if device in too_tight and target <= too_tight[device]:
+                    target = (too_tight[device] + shares) / 2
+                deadlines[device] = min(deadlines[device], target)
+                repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
+                               f"{format_duration(asked[device])}; the assignment was solved again with "
+                               f"{format_duration(deadlines[device])} of per-request shares there")
+        else:  # the batches fit: back towards the tightest deadline whose batches ran late, where time is left
+            roomy = [d for d in current
+                     if current[d] < too_late[d] and outcome.per_device_runtime_s[d] < asked[d] * (1 - LOOSEN_SLACK)]
+            if not roomy or loosened >= MAX_LOOSENINGS:
+                break
+            loosened += 1
+            for device in roomy:  # the secant through the late point and this one, kept between the two
+                points = seen[device][-1:] + [(outcome.assignment_runtime_s[device],
+                                               outcome.per_device_runtime_s[device])]
+                target = _shares_for(points, asked[device], cap=False)
+                inside = current[device] < target < too_late[device]
+                deadlines[device] = target if inside else (current[device] + too_late[device]) / 2
         candidate = attempt(deadlines, allowed)
         if candidate.status not in ("optimal", "feasible"):
-            for device in late:
-                too_tight[device] = max(too_tight.get(device, 0.0), deadlines[device])
+            for device, seconds in deadlines.items():
+                if seconds < current[device]:
+                    too_tight[device] = max(too_tight.get(device, 0.0), seconds)
             repairs.append("That left no schedule: the next try holds the shares less tight")
             continue
-        solution, accepted = candidate, deadlines
-        outcome = evaluate(predictions, settings, allowed, solution.choice)
-        late = outcome.late_devices(settings)
-    if late:  # the late devices at batch size 1, where the batches are the shares
+        found = evaluate(predictions, settings, allowed, candidate.choice)
+        found_late = found.late_devices(settings)
+        if found_late and best is not None:  # loosened too far: keep the schedule that fits
+            too_late.update({d: deadlines[d] for d in found_late})
+            continue
+        solution, outcome, late, current = candidate, found, found_late, deadlines
+        if late:
+            too_late.update({d: min(too_late[d], deadlines[d]) for d in late})
+        elif best is None or candidate.objective < best[0].objective:
+            best = (candidate, found, deadlines)
+    if best is not None:
+        solution, outcome, current = best
+        late = {}
+    else:  # the late devices at batch size 1, where the batches are the shares
         batched_here = np.array([o.device in late and o.batch_size > 1 for o in predictions.options])
-        deadlines = {**accepted, **{device: settings.device_deadline(device) for device in late}}
+        deadlines = {**current, **{device: asked[device] for device in late}}
         candidate = attempt(deadlines, allowed & ~batched_here[None, :])
         repairs.append(f"Batches on {', '.join(late)} still ran past the deadline: planned at batch size 1 there"
                        + ("" if candidate.status in ("optimal", "feasible") else ", which left no schedule either"))
         if candidate.status in ("optimal", "feasible"):
-            solution, accepted = candidate, deadlines
+            solution, current = candidate, deadlines
             outcome = evaluate(predictions, settings, allowed, solution.choice)
             late = outcome.late_devices(settings)
-    held = {d: s for d, s in accepted.items() if s != settings.device_deadline(d)}
+    held = {d: seconds for d, seconds in current.items() if seconds != asked[d]}
     return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
                       assignment_deadlines_s=held)
 
 
-def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: float = 2e-3) -> float:
+def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: float = 2e-3, cap: bool = True) -> float:
     """The seconds of per-request shares to allow on a device so that its batches take
     ``deadline_s`` (less a small margin), from what was seen: (shares, batches) of earlier
     assignments there. The batches take longer than the shares by a ratio that itself grows as
     the shares are squeezed, so after two points the secant through them is followed (when it
-    rises), else the ratio of the last; always less than the last assignment's shares."""
+    rises), else the ratio of the last; with ``cap``, always less than the last one's shares."""
     goal = deadline_s * (1 - margin)
     shares, batches = seen[-1]
     target = shares * goal / batches
@@ -650,7 +682,7 @@ def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: floa
         (s0, b0), (s1, b1) = seen[-2], seen[-1]
         if s1 != s0 and (b1 - b0) / (s1 - s0) > 0:
             target = s1 + (goal - b1) * (s1 - s0) / (b1 - b0)
-    return min(target, shares * (1 - margin))
+    return min(target, shares * (1 - margin)) if cap else target
 
 
 def _explain_late_batches(result: PlanResult, settings: PlanSettings, formed: FormedPlan) -> None:
