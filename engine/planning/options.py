@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.catalog import CatalogEntry, list_models, resolve_model_path, runtime_context_length
+from engine.catalog import HUB_PREFIX, CatalogEntry, list_models, resolve_model_path, runtime_context_length
 from engine.errors import InputError, Problem
 from engine.fitting import FitResult, load_latest_fits
 from engine.planning.batches import BatchMemoryRule, batch_memory_rule
@@ -83,21 +83,11 @@ class PlanOption:
         return (max(e_lo, r_lo), min(e_hi, r_hi))
 
 
-def split_option_key(key: str) -> tuple[str, int | None]:
-    """``model@device×B`` -> (``model@device``, B); ``model@device`` -> (``model@device``, None)."""
-    pair, times, size = key.rpartition("×")
-    if times and size.isdigit():
-        return pair, int(size)
-    return key, None
-
-
 MemoryRules = Callable[[CatalogEntry, str], tuple[BatchMemoryRule | None, str]]
 
 
 def catalog_memory_rule(entry: CatalogEntry, device: str) -> tuple[BatchMemoryRule | None, str]:
     """:func:`engine.planning.batches.batch_memory_rule` for a catalog entry (its local files, if any)."""
-    from engine.catalog import HUB_PREFIX
-
     if entry.backend == "external" or not entry.path or entry.path.startswith(HUB_PREFIX):
         return None, "no model files here"
     return batch_memory_rule(entry.backend, resolve_model_path(entry.path), device)
