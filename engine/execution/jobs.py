@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import pandas as pd
 
 from engine import catalog, runs
 from engine.backends.base import parse_device
+from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
 from engine.csvio import read_csv_rows
 from engine.errors import DeviceUnavailableError, InputError, Problem
 from engine.planning.workload import MAX_TOKENS_PER_QUERY
@@ -30,7 +31,7 @@ from engine.store import Store, append_frame
 
 SCHEDULE_REQUIRED = ("id", "model", "device", "input_tokens", "output_tokens")
 SCHEDULE_KNOWN = SCHEDULE_REQUIRED + ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s",
-                                      "in_domain")
+                                      "batch_id", "batch_size", "in_domain")
 #: A reason that stops many rows of a schedule from running is listed for this many, then counted.
 MAX_ROWS_PER_REFUSAL = 20
 
@@ -90,8 +91,12 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
     reported at once by ``file:line``: a unique id; a model of the catalog; a device name;
     token counts (whole, 1 to :data:`MAX_TOKENS_PER_QUERY`); predicted energy (J) and
     runtime (s) finite and ≥ 0; accuracy a fraction in [0, 1] (``64.5%`` is 0.645);
-    device_start_s finite and ≥ 0; in_domain true or false. An empty cell is unknown
-    (a missing start is the row's place on its device). With ``runnable_here`` (the
+    device_start_s finite and ≥ 0; in_domain true or false; batch_id (a whole number ≥ 1)
+    and batch_size (1 to the backends' maximum) given together or not at all. An empty cell
+    is unknown (a missing start is the row's place on its device; a row without a batch runs
+    on its own). The rows of one batch must agree (:func:`_batch_problems`): one device, one
+    model, one batch size, one start, and no more rows than the batch size. With
+    ``runnable_here`` (the
     default), the schedule must also be able to run on this host now, row by row (the
     checks of :func:`check_runnable`). A refused schedule stores nothing; an accepted one
     is stored, plan and assignments, in one transaction.
@@ -113,6 +118,7 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
         lines.append(line)
     if not records and not problems:
         problems.append(Problem(str(path), "has no queries", None, "one row per query"))
+    problems.extend(_batch_problems(records, [f"{path}:{line}" for line in lines], lines))
     if problems:
         raise InputError(problems)
     frame = pd.DataFrame(records)
@@ -121,6 +127,11 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
         if refusals:
             raise InputError(_row_problems(refusals, [f"{path}:{line}" for line in lines], str(path)))
     frame["device_start_s"] = frame["device_start_s"].fillna(frame.groupby("device").cumcount().astype(float))
+    for column in ("batch_id", "batch_size"):
+        frame[column] = frame[column].astype("Int64")
+    batched = frame["batch_id"].notna()
+    if batched.any():  # a batch starts once: members without a start take the batch's
+        frame.loc[batched, "device_start_s"] = frame[batched].groupby("batch_id")["device_start_s"].transform("min")
     frame["in_domain"] = frame["in_domain"].astype("boolean")
     with store.transaction() as con:
         plan_id = int(con.execute(
@@ -183,12 +194,77 @@ def _schedule_row(row: dict[str, str], where: str, models: set[str]) -> tuple[di
             record["accuracy"] = catalog.parse_accuracy(text, where, "accuracy")
         except InputError as exc:
             problems.extend(exc.problems)
+    problems.extend(_batch_cells(row, where, record))
     text = (row.get("in_domain") or "").strip()
     record["in_domain"] = _BOOLEANS.get(text.lower()) if text else None
     if text and record["in_domain"] is None:
         problems.append(Problem(where, f"{text!r} is not true or false", "in_domain",
                                 "true or false, or an empty cell (unknown)"))
     return record, problems
+
+
+def _batch_cells(row: dict[str, str], where: str, record: dict) -> list[Problem]:
+    """A row's batch_id and batch_size (None where empty or bad), and what is wrong with them."""
+    problems = []
+    texts = {column: (row.get(column) or "").strip() for column in ("batch_id", "batch_size")}
+    record["batch_id"] = record["batch_size"] = None
+    if texts["batch_id"]:
+        try:
+            value = float(texts["batch_id"])
+            ok = value.is_integer() and value >= 1
+        except ValueError:
+            ok = False
+        if ok:
+            record["batch_id"] = int(value)
+        else:
+            problems.append(Problem(where, f"{texts['batch_id']!r} is not a batch id", "batch_id",
+                                    "a whole number ≥ 1 shared by the rows of one batch, or an empty cell"))
+    if texts["batch_size"]:
+        try:
+            value = float(texts["batch_size"])
+            size = int(value) if value.is_integer() else texts["batch_size"]
+        except ValueError:
+            size = texts["batch_size"]
+        try:
+            record["batch_size"] = check_batch_size(size, MAX_BATCH_SIZE, where)
+        except InputError as exc:
+            problems.extend(replace(p, column="batch_size") for p in exc.problems)
+    if bool(texts["batch_id"]) != bool(texts["batch_size"]):
+        given, missing = ("batch_id", "batch_size") if texts["batch_id"] else ("batch_size", "batch_id")
+        problems.append(Problem(where, f"has a {given} but no {missing}", missing,
+                                "batch_id and batch_size together, or neither (the query runs on its own)"))
+    return problems
+
+
+def _batch_problems(records: list[dict], wheres: list[str], lines: list[int]) -> list[Problem]:
+    """Rows of one batch that disagree: another device, model or batch size than the batch's
+    first row, another start, or more rows than the batch size. One problem per row, by file:line."""
+    problems = []
+    first: dict[int, int] = {}
+    members: dict[int, int] = {}
+    expected = "the rows of one batch on one device and model, with one batch size and one start"
+    for position, record in enumerate(records):
+        batch = record.get("batch_id")
+        if batch is None or record.get("batch_size") is None:
+            continue
+        if batch not in first:
+            first[batch], members[batch] = position, 1
+            continue
+        members[batch] += 1
+        head = records[first[batch]]
+        line = lines[first[batch]]
+        for column, unit in (("device", ""), ("model", ""), ("batch_size", ""), ("device_start_s", " s")):
+            mine, theirs = record[column], head[column]
+            if column == "device_start_s" and (pd.isna(mine) or pd.isna(theirs)):
+                continue
+            if mine != theirs:
+                problems.append(Problem(wheres[position], f"batch {batch} has {column} {mine}{unit} here but "
+                                        f"{theirs}{unit} on line {line}", column, expected))
+        if members[batch] == head["batch_size"] + 1:
+            problems.append(Problem(wheres[position], f"batch {batch} has more rows than its batch size "
+                                    f"{head['batch_size']} (from line {line})", "batch_id",
+                                    "at most batch_size rows with one batch_id"))
+    return problems
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE execution_results ADD COLUMN measurement_id BIGINT",
         ),
     ),
+    # Planning with batches (wave-d-bplan). Another branch may append a migration too: at a
+    # merge, renumber this one after it (its statements only add columns).
+    Migration(
+        5,
+        "plans choose batch sizes: each assignment's batch (id, and the requests it holds)",
+        (
+            # Every member of a batch has the same batch_id (numbered from 1 within the plan)
+            # and batch_size; NULL in plans stored before batching and in imported schedules
+            # without these columns (each query then runs on its own).
+            "ALTER TABLE plan_assignments ADD COLUMN batch_id INTEGER",
+            "ALTER TABLE plan_assignments ADD COLUMN batch_size INTEGER",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
