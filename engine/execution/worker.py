@@ -542,7 +542,8 @@ def _measure_batch(execution_id: int, device: str, backend_name: str, backend: B
     for result, got, energy_j, runtime_s, weight in zip(results, ran.requests, energies, runtimes, tokens,
                                                        strict=True):
         result.update(input_tokens=got.input_tokens, output_tokens=got.output_tokens, stopped=got.stopped,
-                      generated_text=got.text, runtime_s=runtime_s, energy_j=energy_j, energy_share=weight / sum(tokens),
+                      generated_text=got.text, runtime_s=runtime_s, energy_j=energy_j,
+                      energy_share=weight / sum(tokens),
                       energy_source=columns["energy_source"], energy_method=method,
                       idle_power_w=columns["idle_power_w"], wasted_decode_tokens=got.wasted_decode_tokens,
                       padding_tokens=got.padding_tokens)
