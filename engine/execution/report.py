@@ -162,17 +162,17 @@ def execution_batches(store: Store, execution_id: int) -> pd.DataFrame:
 
     Columns: batch_id, model, device, batch_size (planned), members, query_ids (a list),
     runtime_s (the batch's wall time: each member's latency), energy_j (the whole batch's),
-    energy_source, idle_power_w, input_tokens, output_tokens, decode_steps,
-    wasted_decode_tokens, padding_tokens, predicted_energy_j and predicted_runtime_s (its
-    members' predictions summed), energy_error, runtime_error, energy_per_request_j,
-    share_rule, refit_shape (exact, padded, or None when kept out of refits), refit_note,
-    error, started_at, finished_at.
+    energy_source, idle_power_w, input_tokens and output_tokens (all members'),
+    max_input_tokens, decode_steps, wasted_decode_tokens, padding_tokens, predicted_energy_j
+    and predicted_runtime_s (its members' predictions summed), energy_error, runtime_error,
+    energy_per_request_j, share_rule, refit_shape (exact, padded, or None when kept out of
+    refits), refit_note, measurement_id, error, started_at, finished_at.
     """
     frame = store.query_df(
         """SELECT batch_id, model, device, batch_size, members, CAST(query_ids AS VARCHAR) AS query_ids, runtime_s,
-                  energy_j, energy_source, idle_power_w, input_tokens, output_tokens, decode_steps,
+                  energy_j, energy_source, idle_power_w, input_tokens, output_tokens, max_input_tokens, decode_steps,
                   wasted_decode_tokens, padding_tokens, predicted_energy_j, predicted_runtime_s, share_rule,
-                  refit_shape, refit_note, error, started_at, finished_at
+                  refit_shape, refit_note, measurement_id, error, started_at, finished_at
            FROM execution_batches WHERE execution_id = ? ORDER BY device, position, batch_id""", [int(execution_id)])
     frame["query_ids"] = [json.loads(ids) if isinstance(ids, str) else [] for ids in frame["query_ids"]]
     frame["energy_error"] = (frame["energy_j"] / frame["predicted_energy_j"] - 1.0).where(
