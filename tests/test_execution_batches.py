@@ -685,3 +685,17 @@ def test_batches_on_cluster_nodes_land_once_in_cluster_terms_even_when_a_stream_
     assert len(results) == 12 and results.id.is_unique and (results.device == "nodeA/cpu").all()
     measured = demo_store.query_df("SELECT device, host FROM measurements WHERE origin = 'executed'")
     assert len(measured) == 4 and (measured.device == "nodeA/cpu").all() and (measured.host == "nodeA").all()
+
+
+def test_cli_execute_prints_the_per_batch_error_distribution(demo_store: Store, capsys):
+    from engine import cli
+
+    rows = [q("s1", "demo-small", 16, 4, 0.0, 1, 2, 0.5), q("s2", "demo-small", 16, 4, 0.0, 1, 2, 0.5),
+            q("s3", "demo-small", 8, 2, 1.0, 2, 1, 0.2)]
+    plan_id = store_plan(demo_store, rows)
+    assert cli.main(["execute", "--plan", str(plan_id)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("batches: "))
+    assert re.fullmatch(r"batches: 2 run, 0 failed; energy error per batch: median [+-]\d+\.\d%, 80% of batches "
+                        r"within \[[+-]\d+\.\d%, [+-]\d+\.\d%\], mean \|error\| \d+\.\d%", line), line
+    assert "queries: 3 of 3 run, 0 failed" in out
