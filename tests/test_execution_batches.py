@@ -251,6 +251,18 @@ def test_refit_shape_is_exact_for_one_shape_padded_on_transformers_and_none_for_
     assert shape is None and kind is None and "kept out of refits" in note
 
 
+def test_a_query_without_a_batch_becomes_a_batch_of_its_own_numbered_after_the_plans():
+    from engine.execution.jobs import with_batches
+
+    frame = pd.DataFrame({"query_id": ["a", "b", "c", "d", "e"], "batch_id": [3, None, 3, None, 7],
+                          "batch_size": [2, None, 2, None, None]})
+    batched = with_batches(frame)
+    assert list(batched.batch_id) == [3, 8, 3, 9, 7]  # the plan's ids kept; the others after its largest
+    assert list(batched.batch_size) == [2, 1, 2, 1, 1]  # a batch without a size: its members
+    assert list(with_batches(batched).batch_id) == list(batched.batch_id)  # once in a batch, it stays there
+    assert list(with_batches(frame.drop(columns=["batch_id", "batch_size"])).batch_id) == [1, 2, 3, 4, 5]
+
+
 # -- the worker, in-process, against fakes ------------------------------------------------------------
 
 def test_batches_run_in_schedule_order_grouped_by_model_one_load_each_one_window_each(demo_store: Store):

@@ -1,11 +1,12 @@
 """Executions of a schedule: their state in the database, and what they measured.
 
 An execution runs a stored plan (or a schedule CSV, stored as a plan first) on this host:
-every query on its assigned model and device, devices in parallel, each device's queries in
-the schedule's order, each model loaded once per device. Like profiling, inference runs in
-a worker process (``python -m engine.execution.worker``) that stores every query's result
-the moment it is measured, so a crash or kill loses at most the query in flight, the app
-stays up, and :func:`resume_execution` runs only what is left. Starting, watching,
+every query on its assigned model and device in its planned batch (a query without one runs
+alone), devices in parallel, each device's batches in the schedule's order, each model
+loaded once per device. Like profiling, inference runs in a worker process
+(``python -m engine.execution.worker``) that stores every batch, all its members at once,
+the moment it is measured, so a crash or kill loses at most the batch in flight, the app
+stays up, and :func:`resume_execution` runs only the batches left. Starting, watching,
 cancelling and resuming it is the lifecycle every long run shares (:mod:`engine.runs`). A
 device that a profiling job or another execution holds is refused.
 """
@@ -348,14 +349,15 @@ def reconcile_executions(store: Store) -> None:
 
 
 def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) -> Execution:
-    """Stop an execution within seconds (after the query in flight); what ran is kept."""
+    """Stop an execution within seconds (after the batch in flight, or killing it after ``grace_s``: it then
+    runs again whole on resume); what ran is kept."""
     get_execution(store, execution_id)
     runs.cancel(store, EXECUTION, execution_id, grace_s=grace_s)
     return get_execution(store, execution_id)
 
 
 def resume_execution(store: Store, execution_id: int) -> Execution:
-    """Queue a failed or cancelled execution again; its worker runs only the queries left."""
+    """Queue a failed or cancelled execution again; its worker runs only the batches left."""
     execution = get_execution(store, execution_id)
     runs.check_resumable(store, EXECUTION, execution_id)
     check_runnable(store, execution.plan_id, plan_queries(store, execution.plan_id))

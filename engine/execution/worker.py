@@ -253,7 +253,7 @@ def run_device(execution_id: int, device: str, queries: pd.DataFrame, entries: d
     Raises on a failure that stops the device (a model gone from the catalog or that
     cannot load); a batch that fails alone is stored with its error on every member.
     """
-    queries = with_batches(queries) if "batch_id" not in queries.columns else queries
+    queries = with_batches(queries)  # a batch id missing (a frame of older callers): the query alone
     meter = meter_factory(device, peers=peers) if peers is not None else meter_factory(device)
     try:
         for model in dict.fromkeys(queries["model"]):
