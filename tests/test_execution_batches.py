@@ -683,12 +683,13 @@ def test_batches_on_cluster_nodes_land_once_in_cluster_terms_even_when_a_stream_
     try:
         rows = [{**row, "device": "nodeA/cpu"} for row in SCHEDULE]
         execution = create_execution(demo_store, store_plan(demo_store, rows, PROMPTS))
-        host = BatchHost()
+        host, lines = BatchHost(), []
         drive_execution(demo_store, execution.id, FakeCluster({"nodeA/cpu": {"rerun_after": 3}}),
                         measuring={"backend_factory": host.backend, "meter_factory": replay_meter, "idle_s": IDLE_S},
-                        poll_s=0.01)
+                        progress=lines.append, poll_s=0.01)
     finally:
         use_cluster(None)
+    assert "stored 5 records, 3 already stored skipped" in lines  # the driver knows a batch by its id
     assert get_execution(demo_store, execution.id).status == "done"
     assert len(host.runs("cpu")) > 5  # the node ran part of its list twice (the stream was re-run) ...
     batches = execution_batches(demo_store, execution.id)

@@ -280,7 +280,9 @@ def run_device(execution_id: int, device: str, queries: pd.DataFrame, entries: d
                     progress(f"{device}: batch {batch_id} started ({named})")
                     sink.add_batch(*_measure_batch(execution_id, device, entry.backend, backend, meter, idle,
                                                    versions, members))
-                    progress(f"{device}: batch {batch_id} done ({named})")
+                    # A query alone says so as it always did (the cluster's tests and people read these lines).
+                    progress(f"{device}: {named} done" if len(members) == 1 else
+                             f"{device}: batch {batch_id} done ({named})")
             finally:
                 backend.close()
     finally:
