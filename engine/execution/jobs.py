@@ -1,11 +1,12 @@
 """Executions of a schedule: their state in the database, and what they measured.
 
 An execution runs a stored plan (or a schedule CSV, stored as a plan first) on this host:
-every query on its assigned model and device, devices in parallel, each device's queries in
-the schedule's order, each model loaded once per device. Like profiling, inference runs in
-a worker process (``python -m engine.execution.worker``) that stores every query's result
-the moment it is measured, so a crash or kill loses at most the query in flight, the app
-stays up, and :func:`resume_execution` runs only what is left. Starting, watching,
+every query on its assigned model and device in its planned batch (a query without one runs
+alone), devices in parallel, each device's batches in the schedule's order, each model
+loaded once per device. Like profiling, inference runs in a worker process
+(``python -m engine.execution.worker``) that stores every batch, all its members at once,
+the moment it is measured, so a crash or kill loses at most the batch in flight, the app
+stays up, and :func:`resume_execution` runs only the batches left. Starting, watching,
 cancelling and resuming it is the lifecycle every long run shares (:mod:`engine.runs`). A
 device that a profiling job or another execution holds is refused.
 """
@@ -73,15 +74,41 @@ def list_executions(store: Store, limit: int = 50) -> pd.DataFrame:
 # -- what to run ------------------------------------------------------------------------------
 
 def plan_queries(store: Store, plan_id: int) -> pd.DataFrame:
-    """A plan's queries in run order (device, start), with their prompt and category when the
-    plan's workload is stored."""
-    return store.query_df(
+    """A plan's queries in run order (device, start, batch), with their batch, and their prompt
+    and category when the plan's workload is stored.
+
+    ``batch_id`` and ``batch_size`` are the plan's; a query without them (a plan stored before
+    batching, a schedule without those columns) is a batch of its own (:func:`with_batches`).
+    """
+    queries = store.query_df(
         """SELECT a.query_id, a.model, a.device, a.input_tokens, a.output_tokens, a.predicted_energy_j,
-                  a.predicted_runtime_s, a.device_start_s, q.prompt, q.category, q.output_tokens AS given_output_tokens
+                  a.predicted_runtime_s, a.device_start_s, a.batch_id, a.batch_size, q.prompt, q.category,
+                  q.output_tokens AS given_output_tokens
            FROM plan_assignments a
            JOIN plans p ON p.id = a.plan_id
            LEFT JOIN workload_queries q ON q.workload_id = p.workload_id AND q.query_id = a.query_id
-           WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.rowid""", [int(plan_id)])
+           WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.batch_id, a.rowid""", [int(plan_id)])
+    return with_batches(queries)
+
+
+def with_batches(queries: pd.DataFrame) -> pd.DataFrame:
+    """``queries`` with every row in a batch: a row without ``batch_id`` (or a frame without the
+    column) becomes a batch of one of its own, numbered after the plan's batches in row order."""
+    queries = queries.copy()
+    if "batch_id" not in queries.columns:
+        queries["batch_id"] = pd.NA
+    if "batch_size" not in queries.columns:
+        queries["batch_size"] = pd.NA
+    batch_id = pd.to_numeric(queries["batch_id"]).astype("Int64")
+    alone = batch_id.isna()
+    first_free = int(batch_id.max()) + 1 if (~alone).any() else 1
+    batch_id[alone] = np.arange(first_free, first_free + int(alone.sum()))
+    queries["batch_id"] = batch_id.astype("int64")
+    batch_size = pd.to_numeric(queries["batch_size"]).astype("Int64")
+    batch_size[alone] = 1
+    members = queries.groupby("batch_id")["batch_id"].transform("size")
+    queries["batch_size"] = batch_size.fillna(members).astype("int64")  # a size left out: the members'
+    return queries
 
 
 def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = True) -> int:
@@ -409,14 +436,15 @@ def reconcile_executions(store: Store) -> None:
 
 
 def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) -> Execution:
-    """Stop an execution within seconds (after the query in flight); what ran is kept."""
+    """Stop an execution within seconds (after the batch in flight, or killing it after ``grace_s``: it then
+    runs again whole on resume); what ran is kept."""
     get_execution(store, execution_id)
     runs.cancel(store, EXECUTION, execution_id, grace_s=grace_s)
     return get_execution(store, execution_id)
 
 
 def resume_execution(store: Store, execution_id: int) -> Execution:
-    """Queue a failed or cancelled execution again; its worker runs only the queries left."""
+    """Queue a failed or cancelled execution again; its worker runs only the batches left."""
     execution = get_execution(store, execution_id)
     runs.check_resumable(store, EXECUTION, execution_id)
     check_runnable(store, execution.plan_id, plan_queries(store, execution.plan_id))
@@ -430,9 +458,11 @@ def resume_execution(store: Store, execution_id: int) -> Execution:
 class ExecutionProgress:
     """Where an execution stands, overall and per device.
 
-    ``devices`` has per device: done, total, measured_energy_j (NaN while none is known),
-    predicted_done_j (the predictions of the queries done), predicted_total_j, elapsed_s,
-    remaining_s (from the measured pace against the predicted runtimes).
+    ``devices`` has per device: done, total (queries), batches_done, batches_total,
+    measured_energy_j (NaN while none is known), predicted_done_j (the predictions of the
+    queries done), predicted_total_j, elapsed_s, remaining_s (from the measured pace against
+    the predicted runtimes). A batch's queries are stored together, so ``done`` grows by a
+    batch at a time; a query outside any batch counts as a batch of its own.
     ``elapsed_s`` is the running time of the whole execution across its runs: the current
     (or last) run's wall-clock time plus the time the queries of earlier runs took (on the
     busiest device, as devices run in parallel; the pauses between runs do not count).
@@ -448,6 +478,8 @@ class ExecutionProgress:
     energy_estimated: bool
     elapsed_s: float | None
     remaining_s: float | None
+    batches_done: int = 0
+    batches_total: int = 0
 
 
 def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
@@ -456,6 +488,10 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
         else pd.Timestamp(execution.started_at)
     per_device = store.query_df(
         """SELECT a.device, count(*) AS total, count(r.query_id) AS done,
+                  count(DISTINCT coalesce(CAST(a.batch_id AS VARCHAR), 'query ' || a.query_id)) AS batches_total,
+                  count(DISTINCT CASE WHEN r.query_id IS NOT NULL
+                                      THEN coalesce(CAST(a.batch_id AS VARCHAR), 'query ' || a.query_id) END)
+                      AS batches_done,
                   sum(r.energy_j) AS measured_energy_j,
                   sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_energy_j END) AS predicted_done_j,
                   sum(a.predicted_energy_j) AS predicted_total_j,
@@ -489,7 +525,8 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
         execution, per_device, done, total,
         None if pd.isna(measured) else float(measured),
         _maybe(per_device.predicted_done_j.sum(min_count=1)), _maybe(per_device.predicted_total_j.sum(min_count=1)),
-        bool(per_device.estimated.fillna(False).any()), elapsed, remaining)
+        bool(per_device.estimated.fillna(False).any()), elapsed, remaining,
+        int(per_device.batches_done.sum()), int(per_device.batches_total.sum()))
 
 
 def _zero(value) -> float:
@@ -502,12 +539,19 @@ def _maybe(value) -> float | None:
 
 
 def execution_results(store: Store, execution_id: int) -> pd.DataFrame:
-    """Per query: what ran and what it cost next to what was predicted, in run order."""
+    """Per query: what ran and what it cost next to what was predicted, in schedule order.
+
+    A member of a batch has its share of the batch's energy and runtime (``energy_share``, the
+    rule of :data:`engine.execution.worker.SHARE_RULE`), its batch (``batch_id``, the planned
+    ``batch_size``) and the waste the batch ran for it (``wasted_decode_tokens``,
+    ``padding_tokens``); the batch's own figures are :func:`engine.execution.execution_batches`.
+    """
     return store.query_df(
         """SELECT query_id AS id, model, device, prompt_kind, planned_input_tokens, input_tokens, planned_output_tokens,
                   output_tokens, stopped, runtime_s, predicted_runtime_s, energy_j, predicted_energy_j,
                   predicted_energy_uncertainty_j, energy_source, energy_method, idle_power_w, category, error,
-                  generated_text, started_at, finished_at
+                  generated_text, batch_id, batch_size, energy_share, wasted_decode_tokens, padding_tokens,
+                  started_at, finished_at
            FROM execution_results WHERE execution_id = ? ORDER BY device, position""", [int(execution_id)])
 
 
