@@ -197,22 +197,31 @@ def band_sentence(band: EnergyBand | None, estimated: bool = False) -> str:
             f"(±{format_percent(band.relative)}), from the fits' held-out error and their 90% bands.")
 
 
+def gap_text(gap: float) -> str:
+    """A proven gap in words: ``0.0012%``; ``0%``; ``less than 0.0001%`` below what 4 decimals show."""
+    if gap <= 0:
+        return "0%"
+    if gap < 5e-7:
+        return "less than 0.0001%"
+    return format_percent(gap, 4)
+
+
 def uncertainty_against_gap(band: EnergyBand | None, gap: float | None) -> str:
     """Which is larger, in words: the prediction's uncertainty or the proof's gap."""
     if gap is None or not math.isfinite(gap):
         return ""
-    gap_text = format_percent(gap, 4)
+    proven = gap_text(gap)
     if band is None:
-        return f"Only the proof's gap ({gap_text}) is known; the prediction's uncertainty is not."
+        return f"Only the proof's gap ({proven}) is known; the prediction's uncertainty is not."
     ratio = band.relative / gap if gap > 0 else math.inf
     width = f"±{format_percent(band.relative)}"
     if ratio >= 10:
-        return (f"The prediction's uncertainty ({width}) is far larger than the proof's gap ({gap_text}): the "
+        return (f"The prediction's uncertainty ({width}) is far larger than the proof's gap ({proven}): the "
                 "schedule is as good as the fits can tell; better fits, not a longer solve, would sharpen it.")
     if ratio >= 1:
-        return f"The prediction's uncertainty ({width}) is larger than the proof's gap ({gap_text})."
-    return (f"The proof's gap ({gap_text}) is larger than the prediction's uncertainty ({width}): a longer solve "
+        return f"The prediction's uncertainty ({width}) is larger than the proof's gap ({proven})."
+    return (f"The proof's gap ({proven}) is larger than the prediction's uncertainty ({width}): a longer solve "
             "could still find a cheaper schedule.")
 
 
-__all__ = ["BAND_RULE", "EnergyBand", "band_sentence", "plan_energy_band", "uncertainty_against_gap"]
+__all__ = ["BAND_RULE", "EnergyBand", "band_sentence", "gap_text", "plan_energy_band", "uncertainty_against_gap"]
