@@ -5,6 +5,7 @@ learned from executions filled into a workload."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -181,9 +182,14 @@ def test_batching_is_told_against_batch_one_and_the_best_single_option_at_its_be
     assert by_hand == (f"The best a user could do by hand: batch everything on b at B=16: "
                        f"{format_energy(best.energy_j)}; this plan saves {best.saving:.1%} against it.")
     overhead = result.formation_overhead_j / result.assignment_energy_j
-    assert gap_sentence(result).startswith("The assignment is within ")
-    assert gap_sentence(result).endswith(f"of optimal for per-request costs (proven); forming the batches from the "
+    assert gap_sentence(result).startswith("The assignment is ")
+    assert gap_sentence(result).endswith(f"optimal for per-request costs (proven); forming the batches from the "
                                          f"queries' real lengths adds {overhead:.1%}.")
+    assert gap_sentence(replace(result, gap=0.0)).startswith("The assignment is optimal for per-request costs "
+                                                             "(proven: gap 0); forming")
+    nearly = replace(result, gap=1.2e-5)
+    assert gap_sentence(nearly).startswith("The assignment is within 0.0012% of optimal for per-request costs "
+                                           "(proven); forming")
 
 
 def test_without_a_batch_axis_one_line_says_how_to_profile_batch_sizes():
@@ -194,5 +200,7 @@ def test_without_a_batch_axis_one_line_says_how_to_profile_batch_sizes():
     result = make_plan(predict(options, tin, tout), PlanSettings(accuracy_target=0.6), explain=False)
     lines = batching_sentences(result)
     assert len(lines) == 1 and "Plans here are at batch size 1" in lines[0] and "--batch-sizes 1,2,4,8" in lines[0]
-    assert gap_sentence(result).startswith("The schedule is within ")
+    assert gap_sentence(replace(result, gap=0.0)) == "The schedule is the optimum of its predictions (proven: gap 0)."
+    assert gap_sentence(replace(result, gap=3e-4)) == ("The schedule is within 0.0300% of the optimum of its "
+                                                       "predictions (proven).")
     assert option_usage(result)["formed"].tolist() == ["one at a time"] * len(option_usage(result))

@@ -294,14 +294,17 @@ def gap_sentence(result: PlanResult) -> str:
     forming the batches added, or the schedule's own when every batch holds one query."""
     if result.gap is None:
         return ""
-    gap = gap_text(result.gap)
     if not offers_batches(result):
-        return f"The schedule is within {gap} of the optimum of its predictions (proven)."
+        return (f"The schedule is within {gap_text(result.gap)} of the optimum of its predictions (proven)."
+                if result.gap > 0 else
+                "The schedule is the optimum of its predictions (proven: gap 0).")
     added = ""
     if _finite(result.formation_overhead_j) and _finite(result.assignment_energy_j) and result.assignment_energy_j:
         added = (f"; forming the batches from the queries' real lengths adds "
                  f"{format_percent(result.formation_overhead_j / result.assignment_energy_j)}")
-    return f"The assignment is within {gap} of optimal for per-request costs (proven){added}."
+    if result.gap > 0:
+        return f"The assignment is within {gap_text(result.gap)} of optimal for per-request costs (proven){added}."
+    return f"The assignment is optimal for per-request costs (proven: gap 0){added}."
 
 
 def _finite(value) -> bool:
