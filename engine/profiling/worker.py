@@ -2,7 +2,14 @@
 
 It loads the model, measures the idle baseline, discards warm-up runs, then runs the
 job's points in their seeded random order, repeating each until the stop rule is met.
-Points already complete from an earlier run of the same job are skipped (resume).
+Points already complete from an earlier run of the same job are skipped (resume). Each
+point's outcome (converged, or stopped at its trial cap with a wide interval) is
+recorded, and the job's finish reason counts the points that did not converge.
+
+An adaptive job (design ``adaptive``) measures its starting grid a few trials a point,
+then alternates fitting and measuring where the fits are least sure until its time
+budget is spent or the cross-validated error stops improving
+(:mod:`engine.profiling.adaptive` decides; :func:`_measure_adaptive` measures).
 
 The measuring (:func:`measure_job`) never touches the database: it is given the trials
 stored before and hands every new trial to a :class:`TrialSink` the moment it is
@@ -20,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +38,9 @@ from engine.backends import open_backend
 from engine.backends.base import Backend
 from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
 from engine.errors import PlannerError
-from engine.profiling.design import DesignPoint, run_order
-from engine.profiling.jobs import Job, get_job
-from engine.profiling.stopping import point_complete
+from engine.profiling.design import Design, DesignPoint, run_order
+from engine.profiling.jobs import DEFAULT_BUDGET_S, Job, adaptive_rounds, get_job
+from engine.profiling.stopping import PointOutcome, point_complete, point_outcome, unconverged_summary
 from engine.runs import PROFILING
 from engine.store import Store, append_frame
 
@@ -81,6 +88,18 @@ class TrialSink(abc.ABC):
     def point_done(self, points_done: int) -> None:
         """The first ``points_done`` points of the run order are complete."""
 
+    @abc.abstractmethod
+    def point_finished(self, outcome: PointOutcome) -> None:
+        """Keep how a point's trials ended (converged or not); replaces what was kept for that point."""
+
+    @abc.abstractmethod
+    def design_changed(self, design: Design) -> None:
+        """An adaptive job added points: keep the job's design as it now is."""
+
+    @abc.abstractmethod
+    def round_done(self, record: Any) -> None:
+        """Keep one fit-and-decide round of an adaptive job (an :class:`~engine.profiling.adaptive.RoundRecord`)."""
+
 
 class StoreTrialSink(TrialSink):
     """Writes each trial to the database as it comes, in a transaction of its own."""
@@ -95,6 +114,22 @@ class StoreTrialSink(TrialSink):
     def point_done(self, points_done: int) -> None:
         self.store.execute("UPDATE profiling_jobs SET points_done = ? WHERE id = ?", [points_done, self.job_id])
 
+    def point_finished(self, outcome: PointOutcome) -> None:
+        row = outcome.to_row()
+        self.store.execute(
+            f"INSERT OR REPLACE INTO profiling_points (job_id, {', '.join(row)}) VALUES (?{', ?' * len(row)})",
+            [self.job_id, *row.values()])
+
+    def design_changed(self, design: Design) -> None:
+        self.store.execute("UPDATE profiling_jobs SET design = ?, points_total = ? WHERE id = ?",
+                           [json.dumps(design.to_dict()), len(design.points), self.job_id])
+
+    def round_done(self, record: Any) -> None:
+        row = record.to_row()
+        self.store.execute(
+            f"INSERT OR REPLACE INTO profiling_rounds (job_id, {', '.join(row)}) VALUES (?{', ?' * len(row)})",
+            [self.job_id, *row.values()])
+
 
 def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
     """The trials this job has stored so far (for resume)."""
@@ -107,15 +142,33 @@ def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
 def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, **measuring) -> None:
     """Run (or continue) a job to the end, storing every trial. Raises on failure; the caller records it.
 
-    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep).
+    The job ends done; its reason says how many points did not converge and, for an
+    adaptive job, why it stopped and the error it reached (None when there is nothing to say).
+    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep, clock).
     """
     entry = catalog.get_model(store, job.model)
     if entry is None:
         raise PlannerError(f"model {job.model} is no longer in the catalog")
     runs.mark_running(store, PROFILING, job.id)
-    measure_job(job, entry.backend, catalog.resolve_model_path(entry.path), stored_trials(store, job.id),
-                sink or StoreTrialSink(store, job.id), **measuring)
-    runs.mark_done(store, PROFILING, job.id)
+    if job.design.kind == "adaptive":
+        measuring.setdefault("earlier_rounds", adaptive_rounds(store, job.id))
+    outcome = measure_job(job, entry.backend, catalog.resolve_model_path(entry.path), stored_trials(store, job.id),
+                          sink or StoreTrialSink(store, job.id), **measuring)
+    runs.set_status(store, PROFILING, job.id, "done", outcome.reason, only_if=("running",))
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job's measuring ended: every point's outcome, and (adaptive) why it stopped and what it reached."""
+
+    points: list[PointOutcome] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def reason(self) -> str | None:
+        """The finish reason: ``2 of 9 points did not converge (worst ±38% at 25 trials)``, the note, both or None."""
+        parts = [part for part in (unconverged_summary(self.points), self.note) if part]
+        return "; ".join(parts) or None
 
 
 @dataclass(frozen=True)
@@ -132,12 +185,16 @@ class _Bench:
 def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFrame, sink: TrialSink, *,
                 backend_factory: Callable = open_backend, meter_factory: Callable = open_meter,
                 cancel: _CancelFlag | None = None, progress: Callable[[str], None] = lambda line: None,
-                sleep: Callable[[float], None] = time.sleep) -> None:
+                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                earlier_rounds: pd.DataFrame | None = None) -> JobOutcome:
     """Measure the points of a job not complete in ``stored`` (the trials kept before), trial by trial into ``sink``.
 
     Never touches the database. Raises on failure, :class:`JobCancelled` on a cancel.
+    ``clock`` (seconds) times an adaptive job's budget, which starts here, as the model
+    starts loading; ``earlier_rounds`` are its rounds stored before (resume).
     """
     cancel = cancel or _CancelFlag()
+    started_s = clock()
     settings = job.settings
     order = run_order(job.design.points, settings.seed)
     progress(f"loading {job.model} ({backend_name}) on {job.device}")
@@ -156,14 +213,23 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
                 backend.generate(order[0].input_tokens, order[0].output_tokens)
             versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description})
             bench = _Bench(job, backend, meter, idle, versions)
+            if job.design.kind == "adaptive":
+                timing = _Timing(clock, started_s, job.settings.budget_s or DEFAULT_BUDGET_S,
+                                 _spent_before_s(stored, earlier_rounds))
+                return _measure_adaptive(bench, order, stored, earlier_rounds, sink, cancel, sleep, progress, timing)
             by_point = {key: group for key, group in stored.groupby(["input_tokens", "output_tokens"])}
+            outcomes = []
             for number, point in enumerate(order, start=1):
                 previous = by_point.get((point.input_tokens, point.output_tokens))
-                trials = _measure_point(bench, point, previous, sink, cancel, sleep)
+                runtimes, energies = _measure_point(bench, point, previous, sink, cancel, sleep)
+                outcomes.append(point_outcome(point.input_tokens, point.output_tokens, runtimes, energies,
+                                              settings.stop_rule))
                 with cancel.writing():
+                    sink.point_finished(outcomes[-1])
                     sink.point_done(number)
                 progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
-                         f"{trials} trials")
+                         f"{len(runtimes)} trials" + ("" if outcomes[-1].converged else ", did not converge"))
+            return JobOutcome(outcomes)
         finally:
             meter.close()
     finally:
@@ -171,30 +237,166 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
 
 
 def _measure_point(bench: _Bench, point: DesignPoint, previous: pd.DataFrame | None, sink: TrialSink,
-                   cancel: _CancelFlag, sleep: Callable[[float], None]) -> int:
-    """Run trials of one point until the stop rule holds (counting the trials stored before); returns its trials."""
+                   cancel: _CancelFlag, sleep: Callable[[float], None]) -> tuple[list[float], list[float | None]]:
+    """Run trials of one point until the stop rule holds (counting the trials stored before).
+
+    Returns all its trials' runtimes and energies, the earlier ones first.
+    """
     settings = bench.job.settings
     runtimes = [] if previous is None else previous.runtime_s.tolist()
     energies = [] if previous is None else [None if pd.isna(e) else e for e in previous.energy_j]
     while not point_complete(runtimes, energies, settings.stop_rule):
-        cancel.check()
-        with bench.meter.window() as window:
-            result = bench.backend.generate(point.input_tokens, point.output_tokens)
-        columns = window.result.measurement_columns(bench.idle)
-        row = {
-            "job_id": bench.job.id, "origin": "profiled", "model": bench.job.model, "device": bench.job.device,
-            "host": runs.host_name(), "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-            "batch_size": settings.batch_size, "trial": len(runtimes) + 1, "runtime_s": result.runtime_s,
-            "library_versions": bench.versions, "started_at": window.result.started_at,
-            "finished_at": window.result.finished_at, **columns,
-        }
+        runtime_s, energy_j = _measure_trial(bench, point, len(runtimes) + 1, sink, cancel, sleep)
+        runtimes.append(runtime_s)
+        energies.append(energy_j)
+    return runtimes, energies
+
+
+def _measure_trial(bench: _Bench, point: DesignPoint, trial: int, sink: TrialSink, cancel: _CancelFlag,
+                   sleep: Callable[[float], None]) -> tuple[float, float | None]:
+    """Run and keep one trial (number ``trial`` of its point); returns its runtime and energy."""
+    settings = bench.job.settings
+    cancel.check()
+    with bench.meter.window() as window:
+        result = bench.backend.generate(point.input_tokens, point.output_tokens)
+    columns = window.result.measurement_columns(bench.idle)
+    row = {
+        "job_id": bench.job.id, "origin": "profiled", "model": bench.job.model, "device": bench.job.device,
+        "host": runs.host_name(), "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+        "batch_size": settings.batch_size, "trial": trial, "runtime_s": result.runtime_s,
+        "library_versions": bench.versions, "started_at": window.result.started_at,
+        "finished_at": window.result.finished_at, **columns,
+    }
+    with cancel.writing():
+        sink.add_trial(row)
+    if settings.cooldown_s:
+        sleep(settings.cooldown_s)
+    return result.runtime_s, columns["energy_j"]
+
+
+# -- the adaptive design ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Timing:
+    """An adaptive job's clock: its budget, and what an earlier run of it (resume) spent already."""
+
+    clock: Callable[[], float]
+    started_s: float
+    budget_s: float
+    spent_before_s: float = 0.0
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self.started_s + self.spent_before_s
+
+    def left_s(self) -> float:
+        return self.budget_s - self.elapsed_s()
+
+
+def _spent_before_s(stored: pd.DataFrame, earlier_rounds: pd.DataFrame | None) -> float:
+    """Budget an earlier run of the job used: its last round's time, or at least its trials' runtimes."""
+    spent = float(stored.runtime_s.sum()) if len(stored) else 0.0
+    if earlier_rounds is not None and len(earlier_rounds):
+        spent = max(spent, float(earlier_rounds.elapsed_s.max()))
+    return spent
+
+
+def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFrame,
+                      earlier_rounds: pd.DataFrame | None, sink: TrialSink, cancel: _CancelFlag,
+                      sleep: Callable[[float], None], progress: Callable[[str], None], timing: _Timing) -> JobOutcome:
+    """The starting grid at a few trials a point, then rounds of fit-and-measure until the budget or the fit says stop.
+
+    A trial starts only when it, and a fit after it, are expected to end within the
+    budget (so the budget holds to within the misjudgement of one trial).
+    """
+    from engine.profiling import adaptive
+
+    job, rule = bench.job, bench.job.settings.stop_rule
+    rules = adaptive.RULES
+    trials = adaptive.trials_from_frame(stored)
+    history = [adaptive.RoundRecord(**row) for row in (earlier_rounds.to_dict("records")
+                                                       if earlier_rounds is not None else [])]
+    design = job.design
+    fit, fit_s = adaptive.RoundFit(), 0.0
+    out_of_budget = False
+
+    def measure(point: DesignPoint, n: int) -> bool:
+        """``n`` more trials at a point; False when the budget stopped them."""
+        point_trials = trials.setdefault(point, adaptive.PointTrials())
+        for _ in range(n):
+            if point_trials.n >= rule.max_trials:
+                return True
+            if adaptive.expected_trial_s(point, trials, fit) + fit_s > timing.left_s():
+                return False
+            point_trials.add(*_measure_trial(bench, point, point_trials.n + 1, sink, cancel, sleep))
+        return True
+
+    first_trials = max(2, rule.min_trials)
+    for number, point in enumerate(order, start=1):
+        if not measure(point, first_trials - trials.get(point, adaptive.PointTrials()).n):
+            out_of_budget = True
+            break
         with cancel.writing():
-            sink.add_trial(row)
-        runtimes.append(result.runtime_s)
-        energies.append(columns["energy_j"])
-        if settings.cooldown_s:
-            sleep(settings.cooldown_s)
-    return len(runtimes)
+            sink.point_done(number)
+        progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
+                 f"{trials[point].n} trials, {timing.elapsed_s():.0f} s of {timing.budget_s:g} s")
+    while True:
+        fit_started = timing.clock()
+        fit = adaptive.fit_round(trials, job.model, job.device)
+        fit_s = timing.clock() - fit_started
+        record = adaptive.round_record(len(history) + 1, timing.elapsed_s(), trials, fit)
+        batch: list = []
+        if out_of_budget:
+            decision = f"stop: the budget of {timing.budget_s:g} s is spent"
+        elif (why := adaptive.settled(history + [record], rules)) is not None:
+            decision = f"stop: {why}"
+        else:
+            batch_s = min(max(rules.min_round_s, rules.round_share * timing.budget_s), timing.left_s() - fit_s)
+            batch = adaptive.plan_batch(trials, fit, rule, batch_s, can_measure=_can_run(bench), rules=rules)
+            decision = adaptive.describe_batch(batch) if batch else "stop: no point is left where a trial would help"
+        record = replace(record, decision=decision)
+        history.append(record)
+        with cancel.writing():
+            sink.round_done(record)
+        progress(f"round {record.round} after {record.elapsed_s:.0f} s: CV error energy "
+                 f"{_percent(record.energy_cv_mape)}, runtime {_percent(record.runtime_cv_mape)} (noise floor "
+                 f"{_percent(record.energy_noise_mape)}, {_percent(record.runtime_noise_mape)}); {decision}")
+        if not batch:
+            break
+        for action in batch:
+            if action.new and action.point not in design.points:
+                design = replace(design, points=design.points + (action.point,))
+                with cancel.writing():
+                    sink.design_changed(design)
+            if not measure(action.point, action.trials):
+                out_of_budget = True
+                break
+        with cancel.writing():
+            sink.point_done(sum(1 for t in trials.values() if t.n))
+    stopped_early = "budget" if out_of_budget else "settled"
+    outcomes = [point_outcome(p.input_tokens, p.output_tokens, t.runtimes_s, t.energies_j, rule, stopped_early)
+                for p, t in sorted(trials.items()) if t.n]
+    with cancel.writing():
+        for outcome in outcomes:
+            sink.point_finished(outcome)
+    last = history[-1]
+    note = (f"adaptive design {last.decision.removeprefix('stop: ')} after {last.elapsed_s:.0f} s; cross-validated "
+            f"error energy {_percent(last.energy_cv_mape)}, runtime {_percent(last.runtime_cv_mape)}")
+    return JobOutcome(outcomes, note)
+
+
+def _can_run(bench: _Bench) -> Callable[[DesignPoint], bool]:
+    """Whether the loaded model can run a point (its context holds it)."""
+    def can_run(point: DesignPoint) -> bool:
+        try:
+            bench.backend.check_request(point.input_tokens, point.output_tokens)
+        except PlannerError:
+            return False
+        return True
+    return can_run
+
+
+def _percent(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1%}"
 
 
 # -- the process ----------------------------------------------------------------------------------
