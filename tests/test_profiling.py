@@ -236,7 +236,7 @@ def test_a_point_that_reached_max_trials_without_converging_is_marked_and_listed
     assert finished.status == "done"
     assert finished.reason.startswith("2 of 2 points did not converge (worst ±") and "at 5 trials)" in finished.reason
     outcomes = jobs.point_outcomes(demo_store, [job.id])
-    assert len(outcomes) == 2 and not outcomes.converged.any()
+    assert len(outcomes) == 2 and not outcomes.converged.any() and outcomes.unconverged.all()
     assert set(outcomes.stopped) == {"max-trials"} and (outcomes.trials == FAST.max_trials).all()
     assert (outcomes.runtime_ci_rel > FAST.rel_bound).all() and set(outcomes.assessed) == {"stored"}
     assert jobs.list_jobs(demo_store).set_index("id").loc[job.id, "unconverged"] == 2
@@ -295,6 +295,7 @@ def test_jobs_from_before_outcomes_were_recorded_are_judged_from_their_trials(st
     outcomes = jobs.point_outcomes(store, [job_id]).set_index(["input_tokens", "output_tokens"])
     assert set(outcomes.index) == {(8, 8), (8, 32)} and set(outcomes.assessed) == {"from trials"}
     assert not outcomes.loc[(8, 8), "converged"] and outcomes.loc[(8, 8), "stopped"] == "max-trials"
+    assert outcomes.loc[(8, 8), "unconverged"] and not outcomes.loc[(8, 32), "unconverged"]
     assert outcomes.loc[(8, 32), "converged"]
     assert jobs.list_jobs(store).set_index("id").loc[job_id, "unconverged"] == 1
     assert jobs.point_outcomes(store, model="other").empty

@@ -41,14 +41,14 @@ def fit_all(store: Store, model: str | None = None, device: str | None = None, e
 
 def unconverged_trials(store: Store, trials: pd.DataFrame) -> np.ndarray:
     """For each trial (columns job_id, input_tokens, output_tokens), whether its profiled
-    point's trials ended without converging (see :func:`engine.profiling.jobs.point_outcomes`)."""
+    point's trials reached the cap without converging (see :func:`engine.profiling.jobs.point_outcomes`)."""
     from engine.profiling.jobs import point_outcomes  # profiling's record of its points; fitting needs only this
 
     job_ids = trials["job_id"].dropna().unique() if "job_id" in trials.columns else []
     if not len(job_ids):
         return np.zeros(len(trials), dtype=bool)
     outcomes = point_outcomes(store, [int(j) for j in job_ids])
-    loose = outcomes.loc[~outcomes["converged"].astype(bool), ["job_id", "input_tokens", "output_tokens"]]
+    loose = outcomes.loc[outcomes["unconverged"].astype(bool), ["job_id", "input_tokens", "output_tokens"]]
     if loose.empty:
         return np.zeros(len(trials), dtype=bool)
     keys = trials[["job_id", "input_tokens", "output_tokens"]].astype("float64")

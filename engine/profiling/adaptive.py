@@ -218,9 +218,8 @@ def settled(history: Sequence[RoundRecord], rules: AdaptiveRules = RULES) -> str
             gains.append((target, old - new, new))
     if not gains or any(gain >= rules.min_improvement for _, gain, _ in gains):
         return None
-    reached = ", ".join(f"{target} {new:.1%}" for target, _, new in gains)
     return (f"the cross-validated error improved by less than {rules.min_improvement:.0%} over the last "
-            f"{rules.patience_rounds} rounds (now {reached})")
+            f"{rules.patience_rounds} rounds")
 
 
 # -- where to measure next ----------------------------------------------------------------------

@@ -113,8 +113,9 @@ def get_job(store: Store, job_id: int) -> Job:
 def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
     """The latest jobs, newest first, with their trial counts.
 
-    ``unconverged`` counts the job's points whose trials ended without meeting the
-    confidence rule (see :func:`point_outcomes`); None while no point of the job is over.
+    ``unconverged`` counts the job's points whose trials reached the trial cap without
+    meeting the confidence rule (see :func:`point_outcomes`); None while no point of the
+    job is over.
     """
     frame = store.query_df(
         """SELECT j.id, j.model, j.device, j.status, j.points_done, j.points_total,
@@ -122,7 +123,7 @@ def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
                   j.reason, j.created_at, j.started_at, j.finished_at
            FROM profiling_jobs j ORDER BY j.id DESC LIMIT ?""", [limit])
     outcomes = point_outcomes(store, frame["id"].tolist()) if len(frame) else point_outcomes(store, [])
-    loose = (~outcomes["converged"].astype(bool)).groupby(outcomes["job_id"]).sum()
+    loose = outcomes["unconverged"].astype(bool).groupby(outcomes["job_id"]).sum()
     counts = frame["id"].map(loose)
     frame.insert(frame.columns.get_loc("trials") + 1, "unconverged",
                  pd.array([None if pd.isna(c) else int(c) for c in counts], dtype="Int64"))
@@ -130,8 +131,8 @@ def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
 
 
 #: Columns of :func:`point_outcomes`.
-OUTCOME_COLUMNS = ("job_id", "model", "device", "input_tokens", "output_tokens", "trials", "converged", "stopped",
-                   "runtime_ci_rel", "energy_ci_rel", "assessed")
+OUTCOME_COLUMNS = ("job_id", "model", "device", "input_tokens", "output_tokens", "trials", "converged", "unconverged",
+                   "stopped", "runtime_ci_rel", "energy_ci_rel", "assessed")
 
 
 def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model: str | None = None,
@@ -140,7 +141,10 @@ def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model:
 
     One row per (job, point) whose trials are over, for the jobs given (all without
     ``job_ids``), narrowed by ``model``/``device``. Columns :data:`OUTCOME_COLUMNS`:
-    ``converged`` (bool), ``stopped`` (converged | max-trials | budget | settled),
+    ``converged`` (bool: the interval met the bound), ``unconverged`` (bool: the trials
+    reached the cap without that: what the job's reason, ``jobs list`` and the fits
+    flag), ``stopped`` (converged | max-trials | budget | settled: an adaptive design
+    ended the point sooner),
     ``runtime_ci_rel``/``energy_ci_rel`` (the 95% CI half-width of the mean over the
     mean; a fraction), ``assessed``: ``stored`` (recorded by the worker) or ``from
     trials`` (a finished job measured before points were recorded: its points are judged
@@ -156,8 +160,9 @@ def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model:
             params.append(value)
     clause = (" AND " + " AND ".join(where)) if where else ""
     stored = store.query_df(
-        f"""SELECT p.job_id, j.model, j.device, p.input_tokens, p.output_tokens, p.trials, p.converged, p.stopped,
-                   p.runtime_ci_rel, p.energy_ci_rel, 'stored' AS assessed
+        f"""SELECT p.job_id, j.model, j.device, p.input_tokens, p.output_tokens, p.trials, p.converged,
+                   p.stopped = 'max-trials' AS unconverged, p.stopped, p.runtime_ci_rel, p.energy_ci_rel,
+                   'stored' AS assessed
             FROM profiling_points p JOIN profiling_jobs j ON j.id = p.job_id WHERE true{clause}
             ORDER BY p.job_id, p.input_tokens, p.output_tokens""", params)
     legacy = store.query_df(
@@ -185,7 +190,7 @@ def _outcomes_from_trials(store: Store, job) -> pd.DataFrame:
             continue  # cut short by a failure or a cancel: not over, nothing to judge
         outcome = point_outcome(tokens_in, tokens_out, group.runtime_s.tolist(), energies, rule)
         rows.append({"job_id": int(job.id), "model": job.model, "device": job.device, **outcome.to_row(),
-                     "assessed": "from trials"})
+                     "unconverged": outcome.unconverged, "assessed": "from trials"})
     return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
 
 

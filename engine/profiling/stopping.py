@@ -5,12 +5,16 @@ half-width of the 95% t-interval of the mean is within ``rel_bound`` of the mean
 at least ``min_trials`` trials; or when it has ``max_trials`` trials. (The paper used an
 absolute 0.5 s bound on runtime; a relative bound serves short and long requests alike.)
 
-A point that stops without a tight interval (``max_trials`` reached, or an adaptive
-design's budget or judgement ended it) did **not converge**: its mean is less certain
-than the rule asks. It is kept, never dropped, but marked (:class:`PointOutcome`), so the
-job's finish reason, ``jobs list``, the pages and the fits can say so. Under load on a
-shared CPU such points are common: trials spread by ~100% of the mean, and 25 trials do
-not pin the mean down to ±5%.
+A point that reaches ``max_trials`` without a tight interval did **not converge**: its
+mean is less certain than the rule asks, although the rule had its full chance. It is
+kept, never dropped, but marked (:class:`PointOutcome`), so the job's finish reason,
+``jobs list``, the pages and the fits can say so. Under load on a shared CPU such points
+are common: trials spread by ~100% of the mean, and 25 trials do not pin the mean down
+to ±5%. An adaptive design also ends points before either happens (its budget ran out,
+or it judged more trials there not worth their time); those are recorded with their
+interval and why they stopped (``budget``, ``settled``) but not called unconverged: the
+design chose not to give them the rule's chance, and the cross-validated error of its
+fits speaks for them.
 """
 
 from __future__ import annotations
@@ -116,6 +120,11 @@ class PointOutcome:
         known = [v for v in (self.runtime_ci_rel, self.energy_ci_rel) if v is not None]
         return max(known) if known else None
 
+    @property
+    def unconverged(self) -> bool:
+        """Reached the trial cap without a tight interval (see the module docstring)."""
+        return self.stopped == "max-trials"
+
     def to_row(self) -> dict:
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "trials": self.trials,
                 "converged": self.converged, "stopped": self.stopped, "runtime_ci_rel": self.runtime_ci_rel,
@@ -147,11 +156,12 @@ def point_outcome(input_tokens: int, output_tokens: int, runtimes_s: Sequence[fl
 def unconverged_summary(outcomes: Iterable[PointOutcome]) -> str | None:
     """``2 of 9 points did not converge (worst ±38% at 25 trials)``, or None when every point did."""
     outcomes = list(outcomes)
-    loose = [o for o in outcomes if not o.converged]
+    loose = [o for o in outcomes if o.unconverged]
     if not loose:
         return None
     worst = max(loose, key=lambda o: o.worst_ci_rel if o.worst_ci_rel is not None else math.inf)
-    spread = f"±{worst.worst_ci_rel:.0%}" if worst.worst_ci_rel is not None else "spread unknown"
+    width = worst.worst_ci_rel
+    spread = "spread unknown" if width is None else f"±{width:.1%}" if width < 0.1 else f"±{width:.0%}"
     noun = "point" if len(outcomes) == 1 else "points"
     return (f"{len(loose)} of {len(outcomes)} {noun} did not converge (worst {spread} at "
             f"{worst.trials} trial{'' if worst.trials == 1 else 's'})")

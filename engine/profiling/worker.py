@@ -167,7 +167,7 @@ class JobOutcome:
     @property
     def reason(self) -> str | None:
         """The finish reason: ``2 of 9 points did not converge (worst ±38% at 25 trials)``, the note, both or None."""
-        parts = [part for part in (unconverged_summary(self.points), self.note) if part]
+        parts = [part for part in (self.note, unconverged_summary(self.points)) if part]
         return "; ".join(parts) or None
 
 
@@ -379,8 +379,10 @@ def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFr
         for outcome in outcomes:
             sink.point_finished(outcome)
     last = history[-1]
-    note = (f"adaptive design {last.decision.removeprefix('stop: ')} after {last.elapsed_s:.0f} s; cross-validated "
-            f"error energy {_percent(last.energy_cv_mape)}, runtime {_percent(last.runtime_cv_mape)}")
+    note = (f"the adaptive design stopped after {last.elapsed_s:.0f} s ({last.decision.removeprefix('stop: ')}) with "
+            f"a cross-validated error of {_percent(last.energy_cv_mape)} for energy and "
+            f"{_percent(last.runtime_cv_mape)} for runtime (trial noise alone: {_percent(last.energy_noise_mape)}, "
+            f"{_percent(last.runtime_noise_mape)})")
     return JobOutcome(outcomes, note)
 
 
