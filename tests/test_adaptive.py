@@ -273,3 +273,16 @@ def test_settled_after_two_rounds_of_less_than_a_point_of_improvement():
     assert settled(one_still_improving) is None
     no_energy = [record(1, None, 0.40), record(2, None, 0.399), record(3, None, 0.398)]
     assert settled(no_energy) is not None
+
+
+def test_a_budget_too_short_for_the_grid_still_measures_every_starting_point_once(demo_store: Store):
+    clock = SimClock()
+    backend = SimBackend(clock, noise=lambda i, o: 0.05)
+    settings = jobs.ProfileSettings(min_trials=3, max_trials=12, warmup_runs=1, idle_s=0.5, budget_s=10.0)
+    job, sink, outcome, elapsed = run_adaptive(demo_store, backend, clock, settings)
+    counts = pd.Series([(t["input_tokens"], t["output_tokens"]) for t in sink.trials]).value_counts()
+    assert len(counts) == 9 and (counts >= 1).all()  # the grid is fittable, though the budget is spent
+    assert elapsed > settings.budget_s and len(sink.rounds) == 1
+    assert sink.rounds[0].decision.startswith("stop: the budget of 10 s is spent, overrun by")
+    assert sink.rounds[0].energy_cv_mape is not None  # one fit of what there is
+    assert "overrun" in outcome.reason

@@ -306,8 +306,10 @@ def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFr
     """The starting grid at a few trials a point, then rounds of fit-and-measure until the budget or the fit says stop.
 
     A trial starts only when it, and a fit after it, are expected to end within the
-    budget (so the budget holds to within the misjudgement of one trial).
+    budget (so the budget holds to within the misjudgement of one trial), except the
+    first trial of each starting point, without which there is nothing to fit.
     """
+    import engine.fitting  # noqa: F401 (its import takes seconds: paid here, not inside the first round's budget check)
     from engine.profiling import adaptive
 
     job, rule = bench.job, bench.job.settings.stop_rule
@@ -316,7 +318,7 @@ def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFr
     history = [adaptive.RoundRecord(**row) for row in (earlier_rounds.to_dict("records")
                                                        if earlier_rounds is not None else [])]
     design = job.design
-    fit, fit_s = adaptive.RoundFit(), 0.0
+    fit, fit_s = adaptive.RoundFit(), 1.0  # a fit's seconds, until the first one is timed
     out_of_budget = False
 
     def measure(point: DesignPoint, n: int) -> bool:
@@ -330,23 +332,32 @@ def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFr
             point_trials.add(*_measure_trial(bench, point, point_trials.n + 1, sink, cancel, sleep))
         return True
 
+    # The starting grid: one trial at every point whatever the budget (a fit needs its
+    # points: a job on a busy machine overruns and says so), then more up to the first count.
     first_trials = max(2, rule.min_trials)
     for number, point in enumerate(order, start=1):
-        if not measure(point, first_trials - trials.get(point, adaptive.PointTrials()).n):
-            out_of_budget = True
-            break
+        point_trials = trials.setdefault(point, adaptive.PointTrials())
+        if not point_trials.n:
+            point_trials.add(*_measure_trial(bench, point, 1, sink, cancel, sleep))
         with cancel.writing():
             sink.point_done(number)
-        progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
-                 f"{trials[point].n} trials, {timing.elapsed_s():.0f} s of {timing.budget_s:g} s")
+        progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): first trial, "
+                 f"{timing.elapsed_s():.0f} s of {timing.budget_s:g} s")
+    for point in order:
+        if not measure(point, first_trials - trials[point].n):
+            out_of_budget = True
+            break
     while True:
         fit_started = timing.clock()
         fit = adaptive.fit_round(trials, job.model, job.device)
         fit_s = timing.clock() - fit_started
         record = adaptive.round_record(len(history) + 1, timing.elapsed_s(), trials, fit)
         batch: list = []
-        if out_of_budget:
-            decision = f"stop: the budget of {timing.budget_s:g} s is spent"
+        if out_of_budget or timing.left_s() <= fit_s:
+            out_of_budget = True
+            decision = (f"stop: the budget of {timing.budget_s:g} s is spent" if timing.left_s() > -1.0 else
+                        f"stop: the budget of {timing.budget_s:g} s is spent, overrun by {-timing.left_s():.0f} s to "
+                        "measure every starting point once (the machine is busy, or the budget too short)")
         elif (why := adaptive.settled(history + [record], rules)) is not None:
             decision = f"stop: {why}"
         else:
