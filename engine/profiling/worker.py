@@ -303,98 +303,130 @@ def _spent_before_s(stored: pd.DataFrame, earlier_rounds: pd.DataFrame | None) -
 def _measure_adaptive(bench: _Bench, order: list[DesignPoint], stored: pd.DataFrame,
                       earlier_rounds: pd.DataFrame | None, sink: TrialSink, cancel: _CancelFlag,
                       sleep: Callable[[float], None], progress: Callable[[str], None], timing: _Timing) -> JobOutcome:
-    """The starting grid at a few trials a point, then rounds of fit-and-measure until the budget or the fit says stop.
-
-    A trial starts only when it, and a fit after it, are expected to end within the
-    budget (so the budget holds to within the misjudgement of one trial), except the
-    first trial of each starting point, without which there is nothing to fit.
-    """
+    """The starting grid at a few trials a point, then rounds of fit-and-measure until the budget or the fit says stop."""
     import engine.fitting  # noqa: F401 (its import takes seconds: paid here, not inside the first round's budget check)
     from engine.profiling import adaptive
 
-    job, rule = bench.job, bench.job.settings.stop_rule
-    rules = adaptive.RULES
-    trials = adaptive.trials_from_frame(stored)
     history = [adaptive.RoundRecord(**row) for row in (earlier_rounds.to_dict("records")
                                                        if earlier_rounds is not None else [])]
-    design = job.design
-    fit, fit_s = adaptive.RoundFit(), 1.0  # a fit's seconds, until the first one is timed
-    out_of_budget = False
+    return _AdaptiveRun(bench, sink, cancel, sleep, progress, timing, adaptive.trials_from_frame(stored),
+                        history).run(order)
 
-    def measure(point: DesignPoint, n: int) -> bool:
-        """``n`` more trials at a point; False when the budget stopped them."""
-        point_trials = trials.setdefault(point, adaptive.PointTrials())
+
+class _AdaptiveRun:
+    """One run of an adaptive job's worker: its trials so far, its latest fit, its clock, where it all goes.
+
+    A trial starts only when it, and a fit after it, are expected to end within the
+    budget (so the budget holds to within the misjudgement of one trial), except the
+    first trial of each starting point, without which there is nothing to fit: a job on a
+    machine too busy for its budget overruns, and says so.
+    """
+
+    def __init__(self, bench: _Bench, sink: TrialSink, cancel: _CancelFlag, sleep: Callable[[float], None],
+                 progress: Callable[[str], None], timing: _Timing, trials: dict, history: list) -> None:
+        from engine.profiling import adaptive
+
+        self.adaptive, self.rules = adaptive, adaptive.RULES
+        self.bench, self.sink, self.cancel, self.sleep, self.progress = bench, sink, cancel, sleep, progress
+        self.timing, self.trials, self.history = timing, trials, history
+        self.rule = bench.job.settings.stop_rule
+        self.design = bench.job.design
+        self.fit, self.fit_s = adaptive.RoundFit(), 1.0  # a fit's seconds, until the first one is timed
+        self.out_of_budget = False
+
+    def run(self, order: list[DesignPoint]) -> JobOutcome:
+        self.first_grid(order)
+        while batch := self.fit_and_decide():
+            for action in batch:
+                if action.new and action.point not in self.design.points:
+                    self.design = replace(self.design, points=self.design.points + (action.point,))
+                    with self.cancel.writing():
+                        self.sink.design_changed(self.design)
+                if not self.measure(action.point, action.trials):
+                    self.out_of_budget = True
+                    break
+            with self.cancel.writing():
+                self.sink.point_done(sum(1 for t in self.trials.values() if t.n))
+        return self.finish()
+
+    def measure(self, point: DesignPoint, n: int) -> bool:
+        """``n`` more trials at a point (fewer at its cap); False when the budget stopped them."""
+        point_trials = self.trials.setdefault(point, self.adaptive.PointTrials())
         for _ in range(n):
-            if point_trials.n >= rule.max_trials:
+            if point_trials.n >= self.rule.max_trials:
                 return True
-            if adaptive.expected_trial_s(point, trials, fit) + fit_s > timing.left_s():
+            if self.adaptive.expected_trial_s(point, self.trials, self.fit) + self.fit_s > self.timing.left_s():
                 return False
-            point_trials.add(*_measure_trial(bench, point, point_trials.n + 1, sink, cancel, sleep))
+            point_trials.add(*_measure_trial(self.bench, point, point_trials.n + 1, self.sink, self.cancel,
+                                             self.sleep))
         return True
 
-    # The starting grid: one trial at every point whatever the budget (a fit needs its
-    # points: a job on a busy machine overruns and says so), then more up to the first count.
-    first_trials = max(2, rule.min_trials)
-    for number, point in enumerate(order, start=1):
-        point_trials = trials.setdefault(point, adaptive.PointTrials())
-        if not point_trials.n:
-            point_trials.add(*_measure_trial(bench, point, 1, sink, cancel, sleep))
-        with cancel.writing():
-            sink.point_done(number)
-        progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): first trial, "
-                 f"{timing.elapsed_s():.0f} s of {timing.budget_s:g} s")
-    for point in order:
-        if not measure(point, first_trials - trials[point].n):
-            out_of_budget = True
-            break
-    while True:
+    def first_grid(self, order: list[DesignPoint]) -> None:
+        """One trial at every starting point whatever the budget, then more up to the first count while it lasts."""
+        for number, point in enumerate(order, start=1):
+            point_trials = self.trials.setdefault(point, self.adaptive.PointTrials())
+            if not point_trials.n:
+                point_trials.add(*_measure_trial(self.bench, point, 1, self.sink, self.cancel, self.sleep))
+            with self.cancel.writing():
+                self.sink.point_done(number)
+            self.progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
+                          f"first trial, {self.timing.elapsed_s():.0f} s of {self.timing.budget_s:g} s")
+        first_trials = max(2, self.rule.min_trials)
+        for point in order:
+            if not self.measure(point, first_trials - self.trials[point].n):
+                self.out_of_budget = True
+                return
+
+    def fit_and_decide(self) -> list:
+        """Fit what is measured, record the round, and return the next batch (empty: stop)."""
+        adaptive, timing = self.adaptive, self.timing
         fit_started = timing.clock()
-        fit = adaptive.fit_round(trials, job.model, job.device)
-        fit_s = timing.clock() - fit_started
-        record = adaptive.round_record(len(history) + 1, timing.elapsed_s(), trials, fit)
+        self.fit = adaptive.fit_round(self.trials, self.bench.job.model, self.bench.job.device, rules=self.rules)
+        self.fit_s = timing.clock() - fit_started
+        record = adaptive.round_record(len(self.history) + 1, timing.elapsed_s(), self.trials, self.fit)
         batch: list = []
-        if out_of_budget or timing.left_s() <= fit_s:
-            out_of_budget = True
-            decision = (f"stop: the budget of {timing.budget_s:g} s is spent" if timing.left_s() > -1.0 else
-                        f"stop: the budget of {timing.budget_s:g} s is spent, overrun by {-timing.left_s():.0f} s to "
-                        "measure every starting point once (the machine is busy, or the budget too short)")
-        elif (why := adaptive.settled(history + [record], rules)) is not None:
+        if self.out_of_budget or timing.left_s() <= self.fit_s:
+            self.out_of_budget = True
+            decision = f"stop: the budget of {timing.budget_s:g} s is spent"
+            if timing.left_s() < -1.0:
+                decision += (f", overrun by {-timing.left_s():.0f} s to measure every starting point once (the "
+                             "machine is busy, or the budget too short)")
+        elif (why := adaptive.settled(self.history + [record], self.rules)) is not None:
             decision = f"stop: {why}"
         else:
-            batch_s = min(max(rules.min_round_s, rules.round_share * timing.budget_s), timing.left_s() - fit_s)
-            batch = adaptive.plan_batch(trials, fit, rule, batch_s, can_measure=_can_run(bench), rules=rules)
+            batch_s = min(max(self.rules.min_round_s, self.rules.round_share * timing.budget_s),
+                          timing.left_s() - self.fit_s)
+            batch = adaptive.plan_batch(self.trials, self.fit, self.rule, batch_s, can_measure=_can_run(self.bench),
+                                        rules=self.rules)
             decision = adaptive.describe_batch(batch) if batch else "stop: no point is left where a trial would help"
         record = replace(record, decision=decision)
-        history.append(record)
-        with cancel.writing():
-            sink.round_done(record)
-        progress(f"round {record.round} after {record.elapsed_s:.0f} s: CV error energy "
-                 f"{_percent(record.energy_cv_mape)}, runtime {_percent(record.runtime_cv_mape)} (noise floor "
-                 f"{_percent(record.energy_noise_mape)}, {_percent(record.runtime_noise_mape)}); {decision}")
-        if not batch:
-            break
-        for action in batch:
-            if action.new and action.point not in design.points:
-                design = replace(design, points=design.points + (action.point,))
-                with cancel.writing():
-                    sink.design_changed(design)
-            if not measure(action.point, action.trials):
-                out_of_budget = True
-                break
-        with cancel.writing():
-            sink.point_done(sum(1 for t in trials.values() if t.n))
-    stopped_early = "budget" if out_of_budget else "settled"
-    outcomes = [point_outcome(p.input_tokens, p.output_tokens, t.runtimes_s, t.energies_j, rule, stopped_early)
-                for p, t in sorted(trials.items()) if t.n]
-    with cancel.writing():
-        for outcome in outcomes:
-            sink.point_finished(outcome)
-    last = history[-1]
-    note = (f"the adaptive design stopped after {last.elapsed_s:.0f} s ({last.decision.removeprefix('stop: ')}) with "
-            f"a cross-validated error of {_percent(last.energy_cv_mape)} for energy and "
-            f"{_percent(last.runtime_cv_mape)} for runtime (trial noise alone: {_percent(last.energy_noise_mape)}, "
-            f"{_percent(last.runtime_noise_mape)})")
-    return JobOutcome(outcomes, note)
+        self.history.append(record)
+        with self.cancel.writing():
+            self.sink.round_done(record)
+        self.progress(f"round {record.round} after {record.elapsed_s:.0f} s: {_errors(record)}; {decision}")
+        return batch
+
+    def finish(self) -> JobOutcome:
+        """Every point's outcome, kept; the job's note: why it stopped and the error it reached."""
+        stopped_early = "budget" if self.out_of_budget else "settled"
+        outcomes = [point_outcome(p.input_tokens, p.output_tokens, t.runtimes_s, t.energies_j, self.rule,
+                                  stopped_early) for p, t in sorted(self.trials.items()) if t.n]
+        with self.cancel.writing():
+            for outcome in outcomes:
+                self.sink.point_finished(outcome)
+        last = self.history[-1]
+        note = (f"the adaptive design stopped after {last.elapsed_s:.0f} s ({last.decision.removeprefix('stop: ')}); "
+                f"{_errors(last)}")
+        return JobOutcome(outcomes, note)
+
+
+def _errors(record) -> str:
+    """``cross-validated error 12.0% (energy), 15.1% (runtime); trial noise alone 8.2%, 9.0%``."""
+    text = (f"cross-validated error {_percent(record.energy_cv_mape)} (energy), "
+            f"{_percent(record.runtime_cv_mape)} (runtime)")
+    if record.energy_noise_mape is not None or record.runtime_noise_mape is not None:
+        text += f"; trial noise alone {_percent(record.energy_noise_mape)}, {_percent(record.runtime_noise_mape)}"
+    return text
 
 
 def _can_run(bench: _Bench) -> Callable[[DesignPoint], bool]:
