@@ -48,14 +48,16 @@ class SimClock:
 class SimBackend:
     """Answers at once, advancing the clock by a noisy runtime from :func:`runtime_surface`.
 
-    ``noise(τin, τout)`` is the relative SD of a trial (lognormal); ``max_total_tokens``
-    plays the model's context.
+    ``noise(τin, τout)`` is the relative SD of a trial (lognormal); ``slowness`` scales
+    every runtime (a slower model); ``max_total_tokens`` plays the model's context.
     """
 
     name = "sim"
 
-    def __init__(self, clock: SimClock, noise=lambda i, o: 0.05, seed: int = 0, max_total_tokens: int = 4096):
+    def __init__(self, clock: SimClock, noise=lambda i, o: 0.05, seed: int = 0, max_total_tokens: int = 4096,
+                 slowness: float = 1.0):
         self.clock, self.noise, self.rng, self.max_total_tokens = clock, noise, np.random.default_rng(seed), max_total_tokens
+        self.slowness = slowness
         self.requests: list[tuple[int, int]] = []
 
     def load(self):
@@ -73,7 +75,7 @@ class SimBackend:
         return {"backend": "sim"}
 
     def generate(self, input_tokens, output_tokens):
-        runtime = runtime_surface(input_tokens, output_tokens) * float(
+        runtime = self.slowness * runtime_surface(input_tokens, output_tokens) * float(
             self.rng.lognormal(0.0, self.noise(input_tokens, output_tokens)))
         self.clock.simulated_s += runtime
         self.requests.append((input_tokens, output_tokens))
@@ -277,7 +279,7 @@ def test_settled_after_two_rounds_of_less_than_a_point_of_improvement():
 
 def test_a_budget_too_short_for_the_grid_still_measures_every_starting_point_once(demo_store: Store):
     clock = SimClock()
-    backend = SimBackend(clock, noise=lambda i, o: 0.05)
+    backend = SimBackend(clock, noise=lambda i, o: 0.05, slowness=3.0)  # the grid's first trials alone take ~28 s
     settings = jobs.ProfileSettings(min_trials=3, max_trials=12, warmup_runs=1, idle_s=0.5, budget_s=10.0)
     job, sink, outcome, elapsed = run_adaptive(demo_store, backend, clock, settings)
     counts = pd.Series([(t["input_tokens"], t["output_tokens"]) for t in sink.trials]).value_counts()

@@ -426,3 +426,14 @@ def test_cli_profile_bad_input_exits_2(demo_store: Store):
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2
     assert "--inputs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fixed_trial_count_is_not_called_unconverged():
+    from engine.profiling.stopping import point_outcome
+
+    swinging = [1.0, 3.0, 1.0]
+    fixed = point_outcome(8, 8, swinging, [None] * 3, StopRule(min_trials=3, max_trials=3))
+    capped = point_outcome(8, 8, swinging, [None] * 3, StopRule(min_trials=2, max_trials=3))
+    assert (fixed.stopped, fixed.unconverged, fixed.converged) == ("fixed-trials", False, False)
+    assert (capped.stopped, capped.unconverged) == ("max-trials", True)
+    assert fixed.runtime_ci_rel == capped.runtime_ci_rel > 1.0

@@ -143,8 +143,8 @@ def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model:
     ``job_ids``), narrowed by ``model``/``device``. Columns :data:`OUTCOME_COLUMNS`:
     ``converged`` (bool: the interval met the bound), ``unconverged`` (bool: the trials
     reached the cap without that: what the job's reason, ``jobs list`` and the fits
-    flag), ``stopped`` (converged | max-trials | budget | settled: an adaptive design
-    ended the point sooner),
+    flag), ``stopped`` (converged | max-trials | fixed-trials: the job asked for as many
+    minimum as maximum trials | budget, settled: an adaptive design ended the point sooner),
     ``runtime_ci_rel``/``energy_ci_rel`` (the 95% CI half-width of the mean over the
     mean; a fraction), ``assessed``: ``stored`` (recorded by the worker) or ``from
     trials`` (a finished job measured before points were recorded: its points are judged
@@ -323,7 +323,8 @@ class Progress:
     trials: int
     elapsed_s: float | None
     remaining_s: float | None
-    points: pd.DataFrame  # per measured point: trials, mean runtime and energy, energy source
+    points: pd.DataFrame  # per measured point: trials, mean runtime and energy, energy source, and once its
+    #                       trials are over: converged, unconverged, stopped, ci_rel (see point_outcomes)
 
 
 def job_progress(store: Store, job_id: int) -> Progress:
@@ -335,6 +336,10 @@ def job_progress(store: Store, job_id: int) -> Progress:
                   min(started_at) AS first_at, max(finished_at) AS last_at
            FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
         [job.id])
+    outcomes = point_outcomes(store, [job.id])
+    outcomes["ci_rel"] = outcomes[["runtime_ci_rel", "energy_ci_rel"]].max(axis=1)
+    points = points.merge(outcomes[["input_tokens", "output_tokens", "converged", "unconverged", "stopped", "ci_rel"]],
+                          how="left", on=["input_tokens", "output_tokens"])
     trials = int(points.trials.sum()) if len(points) else 0
     elapsed = remaining = None
     if job.started_at is not None and not pd.isna(job.started_at):

@@ -10,11 +10,12 @@ mean is less certain than the rule asks, although the rule had its full chance. 
 kept, never dropped, but marked (:class:`PointOutcome`), so the job's finish reason,
 ``jobs list``, the pages and the fits can say so. Under load on a shared CPU such points
 are common: trials spread by ~100% of the mean, and 25 trials do not pin the mean down
-to ±5%. An adaptive design also ends points before either happens (its budget ran out,
-or it judged more trials there not worth their time); those are recorded with their
-interval and why they stopped (``budget``, ``settled``) but not called unconverged: the
-design chose not to give them the rule's chance, and the cross-validated error of its
-fits speaks for them.
+to ±5%. Points whose trials ended for another reason are recorded with their interval and
+why they stopped, but not called unconverged, because the rule was not given its chance:
+a job with as many minimum as maximum trials asked for a fixed count (``fixed-trials``);
+an adaptive design ended them early by choice (its budget ran out: ``budget``; more
+trials there were judged not worth their time: ``settled``), and the cross-validated
+error of its fits speaks for them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from scipy import stats
 
 #: Why a point's trials stopped.
-STOP_REASONS = ("converged", "max-trials", "budget", "settled")
+STOP_REASONS = ("converged", "max-trials", "fixed-trials", "budget", "settled")
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,9 @@ class PointOutcome:
     """How the trials of one design point ended (one row of ``profiling_points``).
 
     ``converged``: the CI rule was met. ``stopped``: one of :data:`STOP_REASONS`
-    (``max-trials``: the cap was reached first; ``budget``: an adaptive design ran out of
-    time; ``settled``: an adaptive design judged more trials here not worth their time).
+    (``max-trials``: the cap was reached first; ``fixed-trials``: the job asked for a
+    fixed count; ``budget``: an adaptive design ran out of time; ``settled``: an adaptive
+    design judged more trials here not worth their time).
     ``*_ci_rel``: relative half-widths of the 95% CI of the mean (None where undefined).
     """
 
@@ -146,7 +148,7 @@ def point_outcome(input_tokens: int, output_tokens: int, runtimes_s: Sequence[fl
     if assessment.tight:
         stopped = "converged"
     elif assessment.trials >= rule.max_trials:
-        stopped = "max-trials"
+        stopped = "max-trials" if rule.max_trials > rule.min_trials else "fixed-trials"
     else:
         stopped = stopped_early
     return PointOutcome(int(input_tokens), int(output_tokens), assessment.trials, assessment.tight, stopped,

@@ -277,7 +277,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 output_tokens  INTEGER NOT NULL,
                 trials         INTEGER NOT NULL,
                 converged      BOOLEAN NOT NULL,  -- the 95% CI of the mean met the job's bound
-                stopped        VARCHAR NOT NULL,  -- converged | max-trials | budget | settled
+                stopped        VARCHAR NOT NULL,  -- converged | max-trials | fixed-trials | budget | settled
                 runtime_ci_rel DOUBLE,            -- CI half-width / mean, runtime
                 energy_ci_rel  DOUBLE,            -- CI half-width / mean, energy (NULL when not measured)
                 updated_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
