@@ -274,14 +274,15 @@ def candidate_points(fit: RoundFit, trials: Trials, rules: AdaptiveRules = RULES
 
 def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
                can_measure: Callable[[DesignPoint], bool] = lambda point: True,
-               rules: AdaptiveRules = RULES) -> list[Action]:
+               rules: AdaptiveRules = RULES, overhead_s: float = 0.0) -> list[Action]:
     """The next round's trials: where the 95% interval is widest per √second, up to ``batch_s`` seconds of trials.
 
     Measured points that converged or reached ``rule.max_trials`` get no more trials.
     A measured point gets enough trials to about halve its interval's width squared (its
     count again, at least one, within its cap); a new point gets ``rule.min_trials``
     (at least 2, so its noise is seen). ``can_measure`` says whether a new point can run
-    (the model's context). Empty when nothing is worth a trial.
+    (the model's context); ``overhead_s`` is what a trial costs beside its request
+    (metering, storing it). Empty when nothing is worth a trial.
     """
     long_only = fit.noise_dominates(rules)
     options: list[tuple[float, Action, float]] = []  # (priority, action, seconds)
@@ -295,7 +296,7 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
         if not math.isfinite(width):
             width = 1.0  # a single trial: as unsure as can be said
         more = max(1, min(point_trials.n, rule.max_trials - point_trials.n))
-        seconds = expected_trial_s(point, trials, fit)
+        seconds = expected_trial_s(point, trials, fit) + overhead_s
         options.append((width / math.sqrt(seconds), Action(point, more, False, width,
                                                            f"its mean is ±{width:.0%} after {point_trials.n} trials"),
                         more * seconds))
@@ -310,7 +311,7 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
             continue  # its first trials would know it no better than the surface does
         if not can_measure(point):
             continue
-        seconds = expected_trial_s(point, trials, fit)
+        seconds = expected_trial_s(point, trials, fit) + overhead_s
         options.append((width / math.sqrt(seconds), Action(point, first_trials, True, width,
                                                            f"the surface is ±{width:.0%} there"),
                         first_trials * seconds))

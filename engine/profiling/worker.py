@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from engine import __version__, catalog, runs
@@ -332,6 +333,7 @@ class _AdaptiveRun:
         self.rule = bench.job.settings.stop_rule
         self.design = bench.job.design
         self.fit, self.fit_s = adaptive.RoundFit(), 1.0  # a fit's seconds, until the first one is timed
+        self.overheads_s: list[float] = []  # per trial: wall time beside the request (metering, storing)
         self.out_of_budget = False
 
     def run(self, order: list[DesignPoint]) -> JobOutcome:
@@ -355,18 +357,30 @@ class _AdaptiveRun:
         for _ in range(n):
             if point_trials.n >= self.rule.max_trials:
                 return True
-            if self.adaptive.expected_trial_s(point, self.trials, self.fit) + self.fit_s > self.timing.left_s():
+            expected_s = self.adaptive.expected_trial_s(point, self.trials, self.fit) + self.overhead_s
+            if expected_s + self.fit_s > self.timing.left_s():
                 return False
-            point_trials.add(*_measure_trial(self.bench, point, point_trials.n + 1, self.sink, self.cancel,
-                                             self.sleep))
+            self.trial(point)
         return True
+
+    def trial(self, point: DesignPoint) -> None:
+        """One trial at a point, kept, and timed for the overhead beside its request."""
+        point_trials = self.trials.setdefault(point, self.adaptive.PointTrials())
+        started = self.timing.clock()
+        runtime_s, energy_j = _measure_trial(self.bench, point, point_trials.n + 1, self.sink, self.cancel, self.sleep)
+        point_trials.add(runtime_s, energy_j)
+        self.overheads_s.append(max(self.timing.clock() - started - runtime_s, 0.0))
+
+    @property
+    def overhead_s(self) -> float:
+        """The median wall time a trial took beside its request, so far."""
+        return float(np.median(self.overheads_s)) if self.overheads_s else 0.0
 
     def first_grid(self, order: list[DesignPoint]) -> None:
         """One trial at every starting point whatever the budget, then more up to the first count while it lasts."""
         for number, point in enumerate(order, start=1):
-            point_trials = self.trials.setdefault(point, self.adaptive.PointTrials())
-            if not point_trials.n:
-                point_trials.add(*_measure_trial(self.bench, point, 1, self.sink, self.cancel, self.sleep))
+            if not self.trials.setdefault(point, self.adaptive.PointTrials()).n:
+                self.trial(point)
             with self.cancel.writing():
                 self.sink.point_done(number)
             self.progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
@@ -397,7 +411,7 @@ class _AdaptiveRun:
             batch_s = min(max(self.rules.min_round_s, self.rules.round_share * timing.budget_s),
                           timing.left_s() - self.fit_s)
             batch = adaptive.plan_batch(self.trials, self.fit, self.rule, batch_s, can_measure=_can_run(self.bench),
-                                        rules=self.rules)
+                                        rules=self.rules, overhead_s=self.overhead_s)
             decision = adaptive.describe_batch(batch) if batch else "stop: no point is left where a trial would help"
         record = replace(record, decision=decision)
         self.history.append(record)
