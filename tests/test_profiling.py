@@ -240,6 +240,8 @@ def test_a_point_that_reached_max_trials_without_converging_is_marked_and_listed
     assert set(outcomes.stopped) == {"max-trials"} and (outcomes.trials == FAST.max_trials).all()
     assert (outcomes.runtime_ci_rel > FAST.rel_bound).all() and set(outcomes.assessed) == {"stored"}
     assert jobs.list_jobs(demo_store).set_index("id").loc[job.id, "unconverged"] == 2
+    points = jobs.job_progress(demo_store, job.id).points  # what the Profile page draws, with each point's outcome
+    assert points.unconverged.all() and (points.stopped == "max-trials").all() and (points.ci_rel > 0.05).all()
 
     from engine.cli import main
 
