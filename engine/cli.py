@@ -22,7 +22,7 @@ from engine import catalog
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.paths import DEFAULT_MODELS_DIR
-from engine.profiling.design import DESIGN_KINDS
+from engine.profiling.design import ALL_DESIGN_KINDS
 from engine.store import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", parents=[common], help="measure a model's energy and runtime over a design")
     profile.add_argument("--model", help="a model from the catalog")
     profile.add_argument("--device", default="cpu", help="cpu (default) or cuda:N")
-    profile.add_argument("--design", choices=DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are "
+    profile.add_argument("--design", choices=ALL_DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are "
                          "given, or adaptive with --budget-s")
     profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
     profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")

@@ -26,7 +26,10 @@ import numpy as np
 
 from engine.errors import InputError, Problem
 
-DESIGN_KINDS = ("quick", "paper-grid", "paper-sweeps", "space-filling", "custom", "adaptive")
+#: Designs whose points are all known when the job is made (the ones the Profile page has offered).
+DESIGN_KINDS = ("quick", "paper-grid", "paper-sweeps", "space-filling", "custom")
+#: Every design: the fixed ones, and ``adaptive``, whose points grow while it runs (it takes a time budget).
+ALL_DESIGN_KINDS = DESIGN_KINDS + ("adaptive",)
 QUICK_TOKENS = (8, 32, 128)
 ADAPTIVE_INPUTS = (8, 256)   # default ranges of the adaptive design: the sample workloads'
 ADAPTIVE_OUTPUTS = (8, 64)
@@ -89,8 +92,8 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
     ``inputs``/``outputs`` are the lists of ``custom`` and the ranges (min and max are
     used) of ``space-filling`` and ``adaptive``.
     """
-    if kind not in DESIGN_KINDS:
-        raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(DESIGN_KINDS)))
+    if kind not in ALL_DESIGN_KINDS:
+        raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(ALL_DESIGN_KINDS)))
     if kind == "quick":
         points = [DesignPoint(i, o) for i in QUICK_TOKENS for o in QUICK_TOKENS]
     elif kind == "paper-grid":
