@@ -288,3 +288,40 @@ def test_a_budget_too_short_for_the_grid_still_measures_every_starting_point_onc
     assert sink.rounds[0].decision.startswith("stop: the budget of 10 s is spent, overrun by")
     assert sink.rounds[0].energy_cv_mape is not None  # one fit of what there is
     assert "overrun" in outcome.reason
+
+
+def test_a_cancelled_adaptive_job_resumes_where_it_stopped(demo_store: Store):
+    from engine import runs
+    from engine.profiling.worker import JobCancelled, _CancelFlag
+
+    clock = SimClock()
+    flag = _CancelFlag()
+
+    class CancelledMidway(SimBackend):
+        def generate(self, input_tokens, output_tokens):
+            if len(self.requests) == 22:  # after the warm-up, the grid (2 trials a point) and a round's first trials
+                flag.requested = True
+            return super().generate(input_tokens, output_tokens)
+
+    settings = jobs.ProfileSettings(min_trials=2, max_trials=12, warmup_runs=1, idle_s=0.5, budget_s=80.0)
+    job = jobs.create_job(demo_store, "demo-small", "cpu", "adaptive", settings=settings)
+    first = CancelledMidway(clock, noise=lambda i, o: 0.2)
+    with pytest.raises(JobCancelled):
+        run_job(demo_store, job, backend_factory=lambda *a, **k: first, meter_factory=sim_meter(clock), clock=clock,
+                cancel=flag)
+    before = jobs.adaptive_rounds(demo_store, job.id)
+    kept = demo_store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job.id])[0]
+    assert len(before) >= 1 and kept == len(first.requests) - settings.warmup_runs
+    runs.set_status(demo_store, runs.PROFILING, job.id, "cancelled", "test")
+    jobs.resume_job(demo_store, job.id)
+    second = SimBackend(clock, noise=lambda i, o: 0.2, seed=5)
+    run_job(demo_store, jobs.get_job(demo_store, job.id), backend_factory=lambda *a, **k: second,
+            meter_factory=sim_meter(clock), clock=clock)
+    after = jobs.adaptive_rounds(demo_store, job.id)
+    assert jobs.get_job(demo_store, job.id).status == "done"
+    assert after["round"].tolist() == list(range(1, len(after) + 1)) and len(after) > len(before)
+    assert after.elapsed_s.iloc[len(before)] >= before.elapsed_s.iloc[-1]  # the budget spent before still counts
+    trials = demo_store.query_df("SELECT input_tokens, output_tokens, trial FROM measurements WHERE job_id = ?",
+                                 [job.id])
+    assert not trials.duplicated().any()
+    assert len(second.requests) - settings.warmup_runs == len(trials) - kept  # the grid was not measured again
