@@ -217,6 +217,52 @@ def _inspect_hf_directory(location: Path, where: str) -> tuple[float | None, lis
         raise InputError(Problem(where, str(exc), "path", "readable *.safetensors weight files")) from None
 
 
+# -- what a model can hold ----------------------------------------------------------------
+
+def model_context_length(entry: CatalogEntry) -> int | None:
+    """The context a model was built for, in tokens, read from its files without loading it.
+
+    A ``.gguf`` file's ``{arch}.context_length``; a Hugging Face directory's
+    ``max_position_embeddings`` (or ``n_positions``, ``max_sequence_length``). None when the
+    files do not say or the model has none here (external, hub id). A damaged GGUF file
+    raises :class:`~engine.errors.ModelLoadError`.
+    """
+    if entry.backend == "external" or not entry.path or entry.path.startswith(HUB_PREFIX):
+        return None
+    location = resolve_model_path(entry.path)
+    if entry.backend == "llama.cpp":
+        from engine.backends.gguf_check import inspect_gguf  # local import: keeps catalog import light
+
+        return inspect_gguf(location).context_length
+    try:
+        config = json.loads((location / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_sequence_length")
+    return int(value) if value else None
+
+
+def runtime_context_length(entry: CatalogEntry, n_ctx: int | None = None) -> int | None:
+    """The context, in tokens, the model gets when this project runs it: what a request's
+    τin + τout must fit in.
+
+    The transformers backend gives the trained context. The llama.cpp backend gives ``n_ctx``
+    when it is set (a backend option), else the trained context capped at its
+    ``DEFAULT_MAX_CONTEXT`` (a bigger KV cache costs memory): so a model trained for 32k
+    tokens runs here with 4,096. None when it cannot be known here (an external or hub
+    model, files gone or unreadable); planning then allows every length and says so.
+    """
+    try:
+        trained = model_context_length(entry)
+    except (PlannerError, OSError):
+        return None
+    if entry.backend != "llama.cpp" or not entry.path:
+        return trained
+    from engine.backends.llamacpp import DEFAULT_MAX_CONTEXT  # the backend's own rule, not a copy of its number
+
+    return int(n_ctx) if n_ctx else min(trained or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+
+
 # -- reading and writing the catalog -----------------------------------------------------
 
 _ENTRY_COLUMNS = [f for f in CatalogEntry.__dataclass_fields__]

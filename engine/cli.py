@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", parents=[common], help="predicted energy and runtime for (model, device, tokens)")
     predict.add_argument("--points", required=True, help="CSV: model, device, input_tokens, output_tokens")
-    predict.add_argument("--out", help="write the CSV here (default: stdout)")
+    predict.add_argument("--out", help="write the CSV here (default: stdout); never over --points or the database")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     predict.set_defaults(handler=cmd_predict)
 
     reference = sub.add_parser("reference-profiles", parents=[common],
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimise total energy, or dynamic (total minus idle); default total")
     plan.add_argument("--drop-bad-rows", action="store_true", help="plan the good rows of a workload with bad ones")
     plan.add_argument("--time-limit-s", type=_number, default=30.0, help="solver time limit (default 30 s)")
-    plan.add_argument("--out", help="write the schedule CSV here")
+    plan.add_argument("--out", help="write the schedule CSV here; never over --workload or the database")
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     plan.add_argument("--no-save", action="store_true", help="do not store the workload and plan in the database")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(handler=cmd_plan)
@@ -554,18 +556,19 @@ def _plan_settings(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from engine import safe_write
     from engine.planning import plan_workload, read_workload, write_schedule
 
     settings, loads = _plan_settings(args)
+    store = _store(args)
     out = Path(args.out) if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.exists()):
-        raise InputError(Problem("--out", f"{out} is a directory or its folder does not exist", None,
-                                 "a file path in an existing folder"))
+    inputs = {"the workload (--workload)": args.workload, **safe_write.database_inputs(store.path)}
+    if out is not None:  # refused now, not after the plan was made
+        safe_write.check_destination(out, overwrite=args.overwrite, inputs=inputs, where="--out")
     workload = read_workload(args.workload, drop_bad_rows=args.drop_bad_rows)
     started = time.perf_counter()
     for problem in workload.dropped:
         print(f"dropped: {problem}", file=sys.stderr)
-    store = _store(args)
     with _plan_flags():
         result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
                                only=args.option or None, load_costs=loads or None, save=not args.no_save,
@@ -573,7 +576,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if out is not None and result.schedule is not None:
-        write_schedule(result.schedule, out)
+        write_schedule(result.schedule, out, overwrite=args.overwrite, inputs=inputs, where="--out")
         print(f"wrote the schedule of {result.n_queries} queries to {out}", file=sys.stderr)
     if args.json:
         _print_json(result.to_json())
@@ -671,25 +674,27 @@ def cmd_execute(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from engine.csvio import read_csv_rows
+    from engine import safe_write
+    from engine.csvio import csv_text, read_csv_rows
     from engine.fitting import load_latest_fits, predict
 
     path = Path(args.points)
+    store = _store(args)
+    inputs = {"the points file (--points)": path, **safe_write.database_inputs(store.path)}
+    if args.out:  # refused before any work
+        safe_write.check_destination(Path(args.out), overwrite=args.overwrite, inputs=inputs, where="--out")
     columns = ("model", "device", "input_tokens", "output_tokens")
     rows, warnings = read_csv_rows(path, columns, columns)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     frame = pd.DataFrame([row for _, row in rows], columns=list(columns))
-    store = _store(args)
     result = predict(load_latest_fits(store), frame, where=str(path))
     if args.out:
-        out = Path(args.out)
-        if not out.parent.exists():
-            raise InputError([Problem("--out", f"the folder {out.parent} does not exist", None, "a path in an existing folder")])
-        result.to_csv(out, index=False)
+        out = safe_write.write_text(Path(args.out), csv_text(result), overwrite=args.overwrite, inputs=inputs,
+                                    where="--out")
         print(f"wrote {len(result)} predictions to {out}", file=sys.stderr)
     else:
-        result.to_csv(sys.stdout, index=False)
+        sys.stdout.write(csv_text(result))
     return EXIT_OK
 
 

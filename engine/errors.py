@@ -92,3 +92,7 @@ class DeviceUnavailableError(PlannerError):
 
 class TokenCountMismatchError(PlannerError):
     """A backend processed a different number of tokens than was asked for."""
+
+
+class InferenceError(PlannerError):
+    """A backend's library failed while running requests (not a problem with the request)."""

@@ -11,13 +11,19 @@ Decisions, so that a person can predict what an import does:
 - **All or nothing.** Every row is checked first; any problem refuses the whole file and
   every problem is reported at once (``file:line``, column, what is wrong, what is
   expected). Nothing is written until all rows pass, then they land in one transaction.
-- **Token counts and trial** are whole numbers > 0. ``8.0`` is read as 8 (spreadsheets
+- **trial** is a whole number counted from 0 or from 1, or empty: the trials of a design
+  point (model, device, input_tokens, output_tokens) whose smallest trial is 0 are
+  stored counted from 1, with a warning (tools write both; the database counts from 1).
+- **Token counts** are whole numbers from 1 to 10⁷. ``8.0`` is read as 8 (spreadsheets
   and pandas write whole numbers that way when a column has gaps); ``8.5`` is an error.
-- **energy_j** is a finite number of joules > 0. An empty cell means "not measured" and
-  is stored as NULL, never 0; a literal 0 or a negative value is an error, because 0 J
-  is not a measurement (leave the cell empty instead). **runtime_s** is finite, >= 0.
-- **Component energies** (gpu/cpu/dram_energy_j) and **idle_power_w** are finite and >= 0,
-  or empty. **energy_source** is ``measured`` or ``estimated`` (any case); empty means
+- **energy_j** is a number of joules > 0. An empty cell means "not measured" and is
+  stored as NULL, never 0; a literal 0 or a negative value is an error, because 0 J is
+  not a measurement (leave the cell empty instead).
+- **Physical bounds** (:mod:`engine.bounds`, the README's table): runtime_s from 1 µs to
+  10⁶ s, energy_j from 1 nJ to 1 GJ, energy_j / runtime_s from 1 µW to 100 kW; a value
+  outside them is a unit mistake or a corrupt number, and refused.
+- **Component energies** (gpu/cpu/dram_energy_j, up to 1 GJ) and **idle_power_w** (up to
+  100 kW) are >= 0, or empty. **energy_source** is ``measured`` or ``estimated`` (any case); empty means
   ``measured``. **started_at** is ISO 8601 or empty; a time without an offset is UTC.
 - **model** must be a name the catalog can hold (the catalog's own rule), so the data can
   be planned with once the model is added. A model that is not in the catalog yet is
@@ -45,8 +51,6 @@ Decisions, so that a person can predict what an import does:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +59,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from engine import bounds, safe_write
 from engine.catalog import validate_name
-from engine.csvio import DEFAULT_MAX_BYTES, decode_upload, parse_csv_text, read_csv_rows
+from engine.csvio import DEFAULT_MAX_BYTES, csv_text, decode_upload, parse_csv_text, read_csv_rows
 from engine.errors import InputError, Problem
 from engine.store import Store, append_frame
 
@@ -125,6 +130,10 @@ def _import_rows(store: Store, rows: list[tuple[int, dict[str, str]]], warnings:
     raw = pd.DataFrame({c: [row.get(c, "") for _, row in rows] for c in MEASUREMENTS_COLUMNS}, dtype=object)
     frame = validate_rows(raw, lines, label)
     warnings = list(warnings)
+    n_renumbered = count_trials_from_one(frame)
+    if n_renumbered:
+        warnings.append(f"{label}: trials counted from 0 at {n_renumbered:,} design point"
+                        f"{'' if n_renumbered == 1 else 's'}; stored counted from 1 (trial 0 is stored as 1)")
     n_without_energy = int(frame["energy_j"].isna().sum())
     if n_without_energy:
         warnings.append(f"{label}: {_rows(n_without_energy)} without energy_j; stored as not measured (NULL), "
@@ -305,18 +314,22 @@ def _numbers(findings: _Findings, column: str, expected: str, *, required: bool)
     return values, ~empty & ~bad
 
 
-def _whole_numbers(findings: _Findings, column: str, what: str, *, required: bool) -> pd.Series:
-    expected = f"{what}: a whole number > 0, e.g. 128 (8.0 is read as 8)"
+def _whole_numbers(findings: _Findings, column: str, what: str, *, required: bool, minimum: int = 1,
+                   maximum: int = _INT32_MAX, too_large: str = "is too large") -> pd.Series:
+    """A column of whole numbers from ``minimum`` to ``maximum`` (``8.0`` is read as 8)."""
+    smallest = "a whole number > 0" if minimum == 1 else f"a whole number >= {minimum}"
+    expected = f"{what}: {smallest}, e.g. 128 (8.0 is read as 8)"
     values, given = _numbers(findings, column, expected, required=required)
     array = values.to_numpy()
     with np.errstate(invalid="ignore"):
         fractional = given & (np.floor(array) != array)
-        not_positive = given & ~fractional & (array <= 0)
-        too_large = given & ~fractional & (array > _INT32_MAX)
+        below = given & ~fractional & (array < minimum)
+        above = given & ~fractional & (array > maximum)
     findings.add(column, fractional, lambda cell: f"{_show(cell)} is not a whole number", expected)
-    findings.add(column, not_positive, lambda cell: f"{_show(cell)} is not > 0", expected)
-    findings.add(column, too_large, lambda cell: f"{_show(cell)} is too large", f"{what}: at most {_INT32_MAX:,}")
-    ok = given & ~fractional & ~not_positive & ~too_large
+    findings.add(column, below, lambda cell: f"{_show(cell)} is not {'> 0' if minimum == 1 else f'>= {minimum}'}",
+                 expected)
+    findings.add(column, above, lambda cell: f"{_show(cell)} {too_large}", f"{what}: at most {maximum:,}")
+    ok = given & ~fractional & ~below & ~above
     return pd.Series(pd.array(np.where(ok, array, np.nan), dtype="Float64").astype("Int64"), index=values.index)
 
 
@@ -325,7 +338,34 @@ def _non_negative(findings: _Findings, column: str, expected: str, *, required: 
     negative = given & (values.to_numpy() < 0)
     findings.add(column, negative, lambda cell: f"{_show(cell)} is negative", expected)
     values[negative] = np.nan
+    return _within(findings, column, values, expected)
+
+
+def _within(findings: _Findings, column: str, values: pd.Series, expected: str) -> pd.Series:
+    """The values inside the column's physical bound (:mod:`engine.bounds`); a problem for each outside."""
+    bound = bounds.COLUMN_BOUNDS[column]
+    below, above = bound.below(values.to_numpy()), bound.above(values.to_numpy())
+    unit = f" {bound.unit}"
+    findings.add(column, below, lambda cell: f"{_show(cell)}{unit} is below {bound.low:g}{unit}, {bound.too_small}",
+                 expected)
+    findings.add(column, above, lambda cell: f"{_show(cell)}{unit} is above {bound.high:g}{unit}, {bound.too_large}",
+                 expected)
+    values = values.copy()
+    values[below | above] = np.nan
     return values
+
+
+def _powers(findings: _Findings, energy: pd.Series, runtime: pd.Series) -> None:
+    """energy_j / runtime_s of each row, where both are known, within :data:`engine.bounds.POWER_W`."""
+    power = bounds.power_w(energy.to_numpy(), runtime.to_numpy())
+    expected = f"an energy and runtime whose ratio is a power one device can draw ({bounds.POWER_W.describe()})"
+    for mask, word, limit, reason in ((bounds.POWER_W.below(power), "below", bounds.POWER_W.low,
+                                       bounds.POWER_W.too_small),
+                                      (bounds.POWER_W.above(power), "above", bounds.POWER_W.high,
+                                       bounds.POWER_W.too_large)):
+        findings.add("energy_j", mask, lambda cell, word=word, limit=limit, reason=reason: (
+            f"{_show(cell)} J is {word} {limit:g} W on average over its runtime, {reason}; "
+            "are energy_j and runtime_s in joules and seconds?"), expected)
 
 
 def _device_problem(name: str) -> str | None:
@@ -350,20 +390,44 @@ def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFr
     out = pd.DataFrame(index=raw.index)
     out["model"] = _model_names(findings)
     out["device"] = _device_names(findings)
-    out["input_tokens"] = _whole_numbers(findings, "input_tokens", "input tokens", required=True)
-    out["output_tokens"] = _whole_numbers(findings, "output_tokens", "output tokens", required=True)
-    out["trial"] = _whole_numbers(findings, "trial", "the trial number, or empty", required=False)
-    out["runtime_s"] = _non_negative(findings, "runtime_s", "seconds: a finite number >= 0", required=True)
+    for column, what in (("input_tokens", "input tokens"), ("output_tokens", "output tokens")):
+        out[column] = _whole_numbers(findings, column, what, required=True, maximum=int(bounds.TOKENS.high),
+                                     too_large=f"is too large: more than {bounds.TOKENS.high:,.0f} tokens, "
+                                               f"{bounds.TOKENS.too_large}")
+    out["trial"] = _whole_numbers(findings, "trial", "the trial number (counted from 0 or from 1), or empty",
+                                  required=False, minimum=0)
+    out["runtime_s"] = _non_negative(findings, "runtime_s", f"seconds: a number from {bounds.RUNTIME_S.describe()}",
+                                     required=True)
     out["energy_j"] = _energies(findings)
+    _powers(findings, out["energy_j"], out["runtime_s"])
     out["energy_source"] = _energy_sources(findings)
     for column in ("gpu_energy_j", "cpu_energy_j", "dram_energy_j"):
-        out[column] = _non_negative(findings, column, "joules: a finite number >= 0, or empty", required=False)
-    out["idle_power_w"] = _non_negative(findings, "idle_power_w", "watts: a finite number >= 0, or empty", required=False)
+        out[column] = _non_negative(findings, column, f"joules: a number from {bounds.COMPONENT_ENERGY_J.describe()}, "
+                                    "or empty", required=False)
+    out["idle_power_w"] = _non_negative(findings, "idle_power_w", f"watts: a number from {bounds.IDLE_POWER_W.describe()}, "
+                                        "or empty", required=False)
     out["started_at"] = _start_times(findings)
     problems = findings.problems()
     if problems:
         raise InputError(problems)
     return out
+
+
+def count_trials_from_one(frame: pd.DataFrame) -> int:
+    """Renumber, in place, the trials of each design point counted from 0 so they count from 1.
+
+    Tools number trials from 0 or from 1 (the paper's published CSVs from 0); the database
+    counts from 1. A point (model, device, input_tokens, output_tokens) whose smallest
+    trial is 0 has all its trials moved up by one; other points are left as they are.
+    Returns how many points were renumbered.
+    """
+    key = [frame["model"], frame["device"], frame["input_tokens"], frame["output_tokens"]]
+    first = frame["trial"].groupby(key, dropna=False).transform("min")
+    from_zero = (first == 0).fillna(False).to_numpy(dtype=bool)
+    if not from_zero.any():
+        return 0
+    frame.loc[from_zero, "trial"] = frame.loc[from_zero, "trial"] + 1
+    return int(frame.loc[from_zero, ["model", "device", "input_tokens", "output_tokens"]].drop_duplicates().shape[0])
 
 
 def _model_names(findings: _Findings) -> pd.Series:
@@ -393,7 +457,8 @@ def _device_names(findings: _Findings) -> pd.Series:
 
 def _energies(findings: _Findings) -> pd.Series:
     """energy_j: a positive number, or empty when not measured (0 J is never a measurement)."""
-    expected = "joules: a finite number > 0, or an empty cell when the energy was not measured"
+    expected = (f"joules: a number from {bounds.ENERGY_J.describe()}, or an empty cell when the energy was not "
+                "measured")
     energy, given = _numbers(findings, "energy_j", expected, required=False)
     zero = given & (energy.to_numpy() == 0)
     negative = given & (energy.to_numpy() < 0)
@@ -402,7 +467,7 @@ def _energies(findings: _Findings) -> pd.Series:
     findings.add("energy_j", negative, lambda cell: f"{_show(cell)} J is negative, which no measurement is; leave "
                  "energy_j empty when the energy is unknown", expected)
     energy[zero | negative] = np.nan
-    return energy
+    return _within(findings, "energy_j", energy, expected)
 
 
 def _energy_sources(findings: _Findings) -> pd.Series:
@@ -464,28 +529,25 @@ def measurements_frame(store: Store, model: str | None = None, device: str | Non
 
 
 def measurements_csv(frame: pd.DataFrame) -> str:
-    """The CSV text of a :func:`measurements_frame` (what export writes; for a download button)."""
-    return frame.to_csv(index=False, lineterminator="\n", na_rep="")
+    """The CSV text of a :func:`measurements_frame` (what export writes; for a download button),
+    text cells neutralised against spreadsheet formulas (:func:`engine.csvio.csv_text`)."""
+    return csv_text(frame, na_rep="")
 
 
 def export_measurements(store: Store, path: str | Path, model: str | None = None, device: str | None = None, *,
-                        overwrite: bool = False) -> int:
+                        overwrite: bool = False, inputs: dict[str, str | Path] | None = None) -> int:
     """Write the stored measurements (all, or of one model and/or device) as a measurements
     CSV file; returns the number of rows written.
 
-    Refuses (:class:`InputError`, nothing written) an existing file unless ``overwrite``,
-    a folder that does not exist, and a selection with no measurements.
+    The file is written by :func:`engine.safe_write.write_text`: a regular file or a new
+    one, all or nothing, never through a symbolic link, never over the database or over
+    another of ``inputs``. Refuses (:class:`InputError`, nothing written) an existing
+    file unless ``overwrite``, a folder that does not exist, and a selection with no
+    measurements.
     """
     path = Path(path)
-    label = str(path)
-    if path.is_dir():
-        raise InputError(Problem(label, "is a directory", None, "a file name for the CSV file"))
-    if not path.parent.is_dir():
-        raise InputError(Problem(label, f"the folder {path.parent} does not exist", None,
-                                 "a path in an existing folder (create the folder first)"))
-    if path.exists() and not overwrite:
-        raise InputError(Problem(label, "already exists, so it was not replaced", None,
-                                 "a new file name, or --overwrite to replace it"))
+    inputs = {**safe_write.database_inputs(store.path), **(inputs or {})}
+    safe_write.check_destination(path, overwrite=overwrite, inputs=inputs)
     frame = measurements_frame(store, model, device)
     if frame.empty:
         chosen = " and ".join(part for part in (f"model {model!r}" if model else "", f"device {device!r}" if device else "")
@@ -493,35 +555,5 @@ def export_measurements(store: Store, path: str | Path, model: str | None = None
         raise InputError(Problem("export", f"no measurements{' for ' + chosen if chosen else ''} in the database, "
                                  "so no file was written", None,
                                  "a model and device that have measurements (see the Home page or `fit`)"))
-    _write_text(path, measurements_csv(frame), overwrite)
+    safe_write.write_text(path, measurements_csv(frame), overwrite=overwrite, inputs=inputs)
     return len(frame)
-
-
-def _write_text(path: Path, text: str, overwrite: bool) -> None:
-    """Write all of ``text`` or nothing: never a half-written file left at ``path``."""
-    exists_problem = Problem(str(path), "already exists, so it was not replaced", None,
-                             "a new file name, or --overwrite to replace it")
-    temporary: str | None = None
-    created = False
-    try:
-        if overwrite:  # a complete new file replaces the old one in one step
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent,
-                                             prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-                temporary = handle.name
-                handle.write(text)
-            os.replace(temporary, path)
-            temporary = None
-        else:  # "x": fails if the file appeared since the check, so nothing is ever replaced by accident
-            with open(path, "x", encoding="utf-8", newline="") as handle:
-                created = True
-                handle.write(text)
-    except FileExistsError:
-        raise InputError(exists_problem) from None
-    except OSError as exc:
-        if created:
-            path.unlink(missing_ok=True)
-        raise InputError(Problem(str(path), f"cannot be written ({exc.strerror or exc})", None,
-                                 "a path in a folder you can write to")) from None
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import execution
+from engine.csvio import csv_text
 from engine.errors import PlannerError
 from engine.formatting import format_duration, format_energy, format_percent, format_timestamp
 from engine.planning import list_plans
@@ -191,7 +192,7 @@ right.plotly_chart(histogram, width="stretch", key="execute_histogram")
 
 with st.expander("Every query"):
     st.dataframe(results, hide_index=True, width="stretch")
-st.download_button("Download the results (CSV)", results.to_csv(index=False), file_name=f"execution_{execution_id}.csv",
+st.download_button("Download the results (CSV)", csv_text(results), file_name=f"execution_{execution_id}.csv",
                    mime="text/csv", key="execute_download")
 
 lengths = execution.learned_output_lengths(store)

@@ -68,7 +68,8 @@ def test_sensors_json_reports_every_source(isolated_db: Path):
     assert result.returncode == 0, result.stderr
     statuses = json.loads(result.stdout)
     sources = {s["source"] for s in statuses}
-    assert {"nvml", "rapl"} & sources or any(s.startswith(("nvml", "rapl")) for s in sources)
+    # Every kind of source is reported, found or missing (nvml-counter, rapl-package, ... count as their kind).
+    assert {source.split("-")[0] for source in sources} >= {"nvml", "rapl", "estimate"}
     assert all(s["status"] in ("measured", "estimated", "missing") for s in statuses)
     assert all(s["detail"] for s in statuses)
 
@@ -112,6 +113,39 @@ def test_fit_predict_and_reference_profiles(isolated_db: Path, tmp_path: Path):
     assert loaded.returncode == 0 and "added 7 models" in loaded.stdout
     again = run_cli("reference-profiles", db=isolated_db)
     assert again.returncode == 0 and "added 0 models" in again.stdout
+
+
+def test_predict_out_refuses_its_points_file_and_an_existing_file_unless_overwrite(isolated_db: Path, tmp_path: Path):
+    assert run_cli("import-measurements", str(write_grid_csv(tmp_path / "grid.csv")), db=isolated_db).returncode == 0
+    assert run_cli("fit", db=isolated_db).returncode == 0
+    points = tmp_path / "points.csv"
+    points.write_text("model,device,input_tokens,output_tokens\nsim,gpu0,64,64\n")
+    for extra in ([], ["--overwrite"]):
+        same = run_cli("predict", "--points", str(points), "--out", str(points), *extra, db=isolated_db)
+        assert same.returncode == 2 and "is the points file (--points), an input of this command" in same.stderr
+    assert points.read_text() == "model,device,input_tokens,output_tokens\nsim,gpu0,64,64\n"
+    out = tmp_path / "predictions.csv"
+    out.write_text("precious\n")
+    kept = run_cli("predict", "--points", str(points), "--out", str(out), db=isolated_db)
+    assert kept.returncode == 2 and "already exists" in kept.stderr and out.read_text() == "precious\n"
+    replaced = run_cli("predict", "--points", str(points), "--out", str(out), "--overwrite", db=isolated_db)
+    assert replaced.returncode == 0, replaced.stderr
+    assert out.read_text().startswith("model,device,input_tokens,output_tokens,energy_j")
+
+
+def test_export_measurements_refuses_a_symlink_and_the_database(isolated_db: Path, tmp_path: Path):
+    assert run_cli("import-measurements", str(write_grid_csv(tmp_path / "grid.csv")), db=isolated_db).returncode == 0
+    target = tmp_path / "target.csv"
+    target.write_text("keep\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    through = run_cli("export-measurements", str(link), "--overwrite", db=isolated_db)
+    assert through.returncode == 2 and "is a symbolic link" in through.stderr and "Traceback" not in through.stderr
+    assert link.is_symlink() and target.read_text() == "keep\n"
+    over_db = run_cli("export-measurements", str(isolated_db), "--overwrite", db=isolated_db)
+    assert over_db.returncode == 2 and "is the database" in over_db.stderr
+    written = run_cli("export-measurements", str(tmp_path / "all.csv"), db=isolated_db)
+    assert written.returncode == 0 and "wrote 36 measurements" in written.stdout
 
 
 def test_fit_with_nothing_measured_exits_2(isolated_db: Path):

@@ -240,9 +240,10 @@ def test_queries_run_in_schedule_order_grouped_by_model_each_model_loaded_once(f
 
 
 def test_a_gpu_query_is_measured_and_has_no_band_without_a_fit(fitted_store: Store, tmp_path: Path):
-    # This host has no GPU, so the execution is queued by hand; the fakes stand in for it.
+    # This host has no GPU, so the schedule is stored without the host's checks and the execution
+    # is queued by hand; the fakes stand in for the GPU.
     plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", [
-        "g2,demo-large,cuda:0,21,2,2.1,0.2,1.0", "g1,demo-large,cuda:0,11,1,1.1,0.1,0.0"]))
+        "g2,demo-large,cuda:0,21,2,2.1,0.2,1.0", "g1,demo-large,cuda:0,11,1,1.1,0.1,0.0"]), runnable_here=False)
     execution_id = queue_execution(fitted_store, plan_id, ["cuda:0"])
     host = FakeHost()
     run(fitted_store, execution_id, host)
@@ -255,7 +256,7 @@ def test_a_gpu_query_is_measured_and_has_no_band_without_a_fit(fitted_store: Sto
 def test_two_devices_run_in_parallel_to_the_end(fitted_store: Store, tmp_path: Path):
     rows = [f"c{i:02d},demo-small,cpu,{10 + i},2,1,0.1,{i}" for i in range(10)] + \
         [f"g{i:02d},demo-large,cuda:0,{10 + i},2,1,0.1,{i}" for i in range(10)]
-    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", rows))
+    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", rows), runnable_here=False)
     execution_id = queue_execution(fitted_store, plan_id, ["cpu", "cuda:0"])
     host = FakeHost()
     run(fitted_store, execution_id, host)
@@ -471,6 +472,87 @@ def test_import_schedule_reports_every_bad_row_at_once(fitted_store: Store, tmp_
     assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == 0
 
 
+def test_import_schedule_checks_every_column_as_the_workload_reader_does(fitted_store: Store, tmp_path: Path):
+    # The reported schedule: negative predicted energy and runtime, accuracy 7, a negative start.
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "id,model,device,input_tokens,output_tokens,predicted_energy_j,predicted_runtime_s,accuracy,device_start_s,"
+        "in_domain\n"
+        "q1,demo-small,cpu,12,3,-4.0,-0.5,7,-1,maybe\n"
+        "q2,demo-small,cpu,12,3,nan,inf,-0.1,1e999,\n"
+        "q3,demo-small,cpu,12,3,1.5,0.2,64.5%,0,True\n"
+        "q4,demo-small,cpu,12,3,lots,,150%,,no\n", encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        import_schedule(fitted_store, path)
+    found = {(p.where, p.column) for p in caught.value.problems}
+    assert found == {(f"{path}:2", c) for c in ("predicted_energy_j", "predicted_runtime_s", "accuracy",
+                                                "device_start_s", "in_domain")} | \
+        {(f"{path}:3", c) for c in ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s")} | \
+        {(f"{path}:5", c) for c in ("predicted_energy_j", "accuracy")}
+    text = "\n".join(str(p) for p in caught.value.problems)
+    assert "'-4.0' is not a number ≥ 0" in text and "'7' is outside [0, 1]" in text and "'maybe'" in text
+    assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == 0
+    assert fitted_store.query_one("SELECT count(*) FROM plan_assignments")[0] == 0
+
+
+def test_import_schedule_reads_percentages_booleans_and_empty_cells(fitted_store: Store, tmp_path: Path):
+    path = tmp_path / "good.csv"
+    path.write_text(
+        "id,model,device,input_tokens,output_tokens,predicted_energy_j,predicted_runtime_s,accuracy,device_start_s,"
+        "in_domain\n"
+        "q1,demo-small,cpu,12,3,0,0,64.5%,0,True\n"
+        "q2,demo-small,cpu,12,3,,,,,false\n"
+        "q3,demo-small,cpu,12,3,2.5,0.25,0.5,7.5,\n", encoding="utf-8")
+    plan_id = import_schedule(fitted_store, path)
+    stored = fitted_store.query_df("SELECT query_id, predicted_energy_j, predicted_runtime_s, accuracy, device_start_s, "
+                                   "in_domain FROM plan_assignments WHERE plan_id = ? ORDER BY query_id", [plan_id])
+    assert stored.accuracy.iloc[0] == pytest.approx(0.645) and np.isnan(stored.accuracy.iloc[1])
+    assert list(stored.predicted_energy_j.fillna(-1)) == [0.0, -1, 2.5]  # empty: unknown, never 0
+    assert list(stored.device_start_s) == [0.0, 1.0, 7.5]  # a missing start is the row's place on its device
+    assert stored.in_domain.tolist()[:2] == [True, False] and pd.isna(stored.in_domain.iloc[2])
+
+
+def test_a_schedule_that_cannot_run_here_is_refused_by_line_and_stores_nothing(fitted_store: Store, tmp_path: Path):
+    # The reported case: a device this host lacks left a plan and its assignments behind, and the
+    # message named no file or line. Also a query longer than its model's context (4,096 here).
+    catalog.add_model(fitted_store, name="remote", accuracy=0.5)
+    path = write_schedule(tmp_path / "s.csv", [
+        "q1,demo-small,cpu,8,2,,,",
+        "q2,demo-small,cuda:7,8,2,,,",
+        "q3,remote,cpu,8,2,,,",
+        "q4,demo-large,cpu,4000,200,,,",
+        "q5,demo-large,cpu,4000,96,,,",
+    ])
+    with pytest.raises(InputError) as caught:
+        import_schedule(fitted_store, path)
+    problems = {(p.where, p.column): p.message for p in caught.value.problems}
+    assert set(problems) == {(f"{path}:3", "device"), (f"{path}:4", "model"), (f"{path}:5", "input_tokens")}
+    assert problems[(f"{path}:3", "device")].startswith("cuda:7: this host has")
+    assert "4,000 + 200 tokens exceed the 4,096-token context demo-large runs with here" in \
+        problems[(f"{path}:5", "input_tokens")]
+    assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == 0
+    assert fitted_store.query_one("SELECT count(*) FROM plan_assignments")[0] == 0
+
+
+def test_many_rows_refused_for_one_reason_are_listed_then_counted(fitted_store: Store, tmp_path: Path):
+    path = write_schedule(tmp_path / "s.csv", [f"q{i},demo-small,cuda:7,8,2,,," for i in range(25)])
+    with pytest.raises(InputError) as caught:
+        import_schedule(fitted_store, path)
+    problems = caught.value.problems
+    assert [p.where for p in problems[:-1]] == [f"{path}:{line}" for line in range(2, 22)]
+    assert problems[-1].where == str(path)
+    assert problems[-1].message.startswith(f"5 more rows ({path}:22 to {path}:26): cuda:7: this host has")
+
+
+def test_cli_execute_a_schedule_for_a_missing_device_stores_nothing(fitted_store: Store, tmp_path: Path, capsys):
+    path = write_schedule(tmp_path / "s.csv", ["q1,demo-small,cuda:7,8,2,1.0,0.1,0"])
+    assert cli.main(["execute", "--schedule", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: column device: cuda:7" in err and "Traceback" not in err
+    assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == 0
+    assert fitted_store.query_one("SELECT count(*) FROM plan_assignments")[0] == 0
+
+
 def test_import_schedule_refuses_a_token_count_beyond_the_column(fitted_store: Store, tmp_path: Path):
     path = write_schedule(tmp_path / "huge.csv", ["q1,demo-small,cpu,12,3000000000,,,"])
     with pytest.raises(InputError) as caught:
@@ -489,9 +571,16 @@ def test_create_execution_refusals(fitted_store: Store, tmp_path: Path, demo_mod
         ("moved", f"the files of 'moved' are no longer at {copy}"),
     ]
     for model, fragment in cases:
-        plan_id = import_schedule(fitted_store, write_schedule(tmp_path / f"{model}.csv",
-                                                               [f"q1,{model},cpu,8,2,,,"]))
-        with pytest.raises(InputError, match=re.escape(fragment)):
+        # Importing the schedule to run it here refuses it, by line, and stores nothing ...
+        path = write_schedule(tmp_path / f"{model}.csv", [f"q1,{model},cpu,8,2,,,"])
+        plans = fitted_store.query_one("SELECT count(*) FROM plans")[0]
+        with pytest.raises(InputError, match=re.escape(f"{path}:2: column model: ") + ".*" + re.escape(fragment)):
+            import_schedule(fitted_store, path)
+        assert fitted_store.query_one("SELECT count(*) FROM plans")[0] == plans
+        # ... and a plan stored without the host's checks is refused when it is to run.
+        plan_id = import_schedule(fitted_store, path, runnable_here=False)
+        with pytest.raises(InputError, match=re.escape(f"plan {plan_id}, query q1: column model: ") + ".*"
+                           + re.escape(fragment)):
             create_execution(fitted_store, plan_id)
     with pytest.raises(InputError, match="no plan with id 999"):
         create_execution(fitted_store, 999)
@@ -732,7 +821,7 @@ def test_cli_execute_an_unknown_plan_exits_2(fitted_store: Store, capsys):
 
 def test_schedule_device_names_are_stored_in_one_spelling(fitted_store: Store, tmp_path: Path):
     rows = ["a,demo-small,CPU,10,2,1,0.1,0", "b,demo-small,gpu,10,2,1,0.1,0", "c,demo-small,cuda:1,10,2,1,0.1,0"]
-    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", rows))
+    plan_id = import_schedule(fitted_store, write_schedule(tmp_path / "s.csv", rows), runnable_here=False)
     devices = fitted_store.query_df("SELECT query_id, device FROM plan_assignments WHERE plan_id = ? ORDER BY query_id",
                                     [plan_id])["device"].tolist()
     assert devices == ["cpu", "cuda:0", "cuda:1"]

@@ -296,6 +296,7 @@ def test_fit_all_save_and_load_round_trip(store):
 def test_fit_json_has_the_design_contract_keys(store):
     insert(store, measurements_frame())
     document = json.loads(json.dumps([f.to_json_dict() for f in fit_all(store)]))
+    assert {item["target"] for item in document} == {"energy", "runtime"}  # the loop below has items to check
     for item in document:
         assert {"model", "device", "target", "form", "coefficients", "r2", "cv_mape", "n_points", "domain"} <= set(item)
         assert item["target"] in ("energy", "runtime") and 0 < item["cv_mape"] < 1
@@ -333,6 +334,56 @@ def test_bad_input_is_a_clear_input_error_and_nothing_is_stored(store, case):
     assert expected in message
     assert "Traceback" not in message and all(p.expected for p in caught.value.problems)
     assert n_fits(store) == 0
+
+
+@pytest.mark.parametrize("energy_j, runtime_s, reason", [
+    (1e200, 1.0, "energy_j outside 1e-09 to 1e+09 J"),
+    (1e-200, 1.0, "energy_j outside 1e-09 to 1e+09 J"),
+    (5.0, 1e-9, "runtime_s outside 1e-06 to 1e+06 s"),
+    (5e8, 1.0, "energy_j / runtime_s outside 1e-06 to 100000 W"),
+])
+def test_stored_values_outside_the_physical_bounds_are_left_out_with_a_warning(store, energy_j, runtime_s, reason):
+    """Rows stored before the import checked bounds (or by another tool) must not stop every fit."""
+    insert(store, measurements_frame())
+    insert(store, measurements_frame(model="other", seed=3))
+    insert(store, pd.DataFrame({"origin": "imported", "model": "m", "device": "gpu", "input_tokens": [64, 64],
+                                "output_tokens": [64, 64], "runtime_s": runtime_s, "energy_j": energy_j,
+                                "energy_source": "measured", "trial": [1, 2]}))
+    bad_ids = store.query_df("SELECT id FROM measurements WHERE input_tokens = 64 ORDER BY id").id.tolist()
+    fits = save_fits(store, fit_all(store))
+    assert {(f.model, f.target) for f in fits} == {(m, t) for m in ("m", "other") for t in ("energy", "runtime")}
+    for fit in fits:
+        assert np.isfinite(fit.cv_mape) and fit.cv_mape < 0.2 and np.isfinite(fit.r2)
+        assert all(np.isfinite(v) for v in fit.coefficients.values())
+    [warning] = {w for f in fits if f.model == "m" for w in f.details["warnings"]}
+    assert f"2 trials (ids {bad_ids[0]}, {bad_ids[1]}) left out" in warning and reason in warning
+    assert not any(f.details["warnings"] for f in fits if f.model == "other")
+
+
+def test_a_group_with_only_absurd_values_is_one_clear_problem(store):
+    insert(store, measurements_frame().assign(energy_j=1e200))
+    with pytest.raises(InputError, match="has no trial within the physical bounds") as caught:
+        fit_all(store)
+    assert "energy_j outside 1e-09 to 1e+09 J: 48 trials" in str(caught.value) and n_fits(store) == 0
+
+
+def test_fit_cli_with_an_absurd_stored_value_prints_finite_errors(isolated_db):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.store import Store
+
+    store = Store(isolated_db)
+    insert(store, measurements_frame())
+    insert(store, pd.DataFrame({"origin": "imported", "model": "m", "device": "gpu", "input_tokens": [64],
+                                "output_tokens": [64], "runtime_s": [1.0], "energy_j": [1e200],
+                                "energy_source": "measured", "trial": [1]}))
+    result = subprocess.run([sys.executable, "-m", "engine", "fit", "--db", str(isolated_db)], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert "internal error" not in result.stderr and "inf" not in result.stdout and "left out" in result.stderr
+    assert all(len(line) < 120 for line in result.stdout.splitlines())  # no 300-digit numbers
 
 
 def test_mixed_sources_fit_with_a_source_filter_and_are_labelled(store):

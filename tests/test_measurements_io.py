@@ -45,7 +45,7 @@ def seed_profiled(store: Store) -> None:
         "device": ["cpu", "cpu", "cpu", "cuda:0", "a100:0"],
         "input_tokens": [8, 8, 32, 128, 128], "output_tokens": [16, 16, 8, 64, 64],
         "trial": pd.array([1, 2, None, 1, 1], dtype="Int64"),
-        "runtime_s": [0.1 + 0.2, 0.5, 1 / 3, 0.0, 12.25],
+        "runtime_s": [0.1 + 0.2, 0.5, 1 / 3, 1e3 / 7, 12.25],
         "energy_j": [12.5, np.nan, 2.5e-3, 1e5 / 3, 301.0],
         "energy_source": ["estimated", "estimated", "measured", "measured", "measured"],
         "energy_method": "nvml-counter [cuda:0]",
@@ -88,6 +88,29 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_rows(store: Sto
     assert fresh.query_one("SELECT count(*) FROM measurements WHERE isnan(energy_j) OR energy_j = 0")[0] == 0
 
 
+FORMULA_DEVICES = ['=HYPERLINK("http://evil")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "'=1", "''",
+                   "'plain", "a100:0"]
+
+
+def test_export_neutralises_formulas_in_text_cells_and_import_gives_them_back_exactly(store: Store, tmp_path: Path):
+    n = len(FORMULA_DEVICES)
+    store.append("measurements", pd.DataFrame({
+        "origin": "profiled", "model": "m", "device": FORMULA_DEVICES, "input_tokens": 8, "output_tokens": 8,
+        "trial": pd.array([1] * n, dtype="Int64"), "runtime_s": 1.5, "energy_j": 3.0, "energy_source": "measured"}))
+    path = tmp_path / "out.csv"
+    mio.export_measurements(store, path)
+    records = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    assert all(r["device"][:1] not in "=+-@\t\r" for r in records)  # nothing a spreadsheet runs
+    assert {r["device"] for r in records} == {"'=HYPERLINK(\"http://evil\")", "'+cmd|' /C calc'!A0", "'-2+3",
+                                              "'@SUM(A1)", "''=1", "'''", "''plain", "a100:0"}
+    assert {r["runtime_s"] for r in records} == {"1.5"}  # numbers stay numbers
+
+    fresh = Store(tmp_path / "fresh.duckdb")
+    mio.import_measurements(fresh, path)
+    assert sorted(stored(fresh).device) == sorted(FORMULA_DEVICES)
+    pd.testing.assert_frame_equal(mio.measurements_frame(fresh), mio.measurements_frame(store))
+
+
 def test_export_layout_is_the_documented_columns_with_empty_cells_for_unknown_energy(store: Store, tmp_path: Path):
     seed_profiled(store)
     path = tmp_path / "out.csv"
@@ -123,7 +146,7 @@ def test_import_reads_every_documented_column(store: Store, tmp_path: Path):
                  "model,device,input_tokens,output_tokens,runtime_s,energy_j,trial,energy_source,gpu_energy_j,"
                  "cpu_energy_j,dram_energy_j,idle_power_w,started_at,note\n"
                  "known,cuda:0,8.0,16,0.5,12.5,1,Estimated,10,2.5,0,40.5,2024-05-01T14:00:00+02:00,hello\n"
-                 "newcomer,a100:0,32,8,0,,,,,,,,2024-05-01T12:00:00,\n")
+                 "newcomer,a100:0,32,8,0.25,,,,,,,,2024-05-01T12:00:00,\n")
     report = mio.import_measurements(store, path)
 
     assert report.n_rows == 2 and report.models_not_in_catalog == ["newcomer"]
@@ -134,7 +157,7 @@ def test_import_reads_every_documented_column(store: Store, tmp_path: Path):
     assert first.input_tokens == 8 and first.energy_source == "estimated" and first.trial == 1
     assert (first.gpu_energy_j, first.cpu_energy_j, first.dram_energy_j, first.idle_power_w) == (10, 2.5, 0, 40.5)
     assert pd.isna(second.energy_j) and second.energy_source == "measured" and pd.isna(second.trial)
-    assert second.runtime_s == 0.0 and second.batch_size == 1
+    assert second.runtime_s == 0.25 and second.batch_size == 1
     times = store.query_df("SELECT strftime(timezone('UTC', started_at), '%Y-%m-%dT%H:%M') AS t FROM measurements "
                            "ORDER BY id").t.tolist()
     assert times == ["2024-05-01T12:00", "2024-05-01T12:00"]  # +02:00 converted; no offset read as UTC
@@ -174,6 +197,23 @@ def test_upload_bytes_with_a_bom(store: Store):
 
 # -- import: bad input -------------------------------------------------------------------
 
+def test_trials_counted_from_zero_are_stored_counted_from_one_per_design_point(store: Store, tmp_path: Path):
+    path = write(tmp_path / "paper.csv", f"{HEADER},trial\n"
+                 "m,a100:0,8,8,1,2,0\nm,a100:0,8,8,1.1,2.1,1\nm,a100:0,8,8,1.2,2.2,2\n"   # counted from 0
+                 "m,a100:0,16,8,1,2,1\nm,a100:0,16,8,1.1,2.1,2\n"                     # counted from 1
+                 "m,a100:1,8,8,1,2,0\n"                                               # another device, from 0
+                 "m,a100:0,32,8,1,2,\n")                                              # no trial number
+    report = mio.import_measurements(store, path)
+    rows = store.query_df("SELECT device, input_tokens, trial FROM measurements ORDER BY id")
+    assert rows.trial.tolist()[:6] == [1, 2, 3, 1, 2, 1] and pd.isna(rows.trial.iloc[6])
+    assert any("trials counted from 0 at 2 design points; stored counted from 1" in w for w in report.warnings)
+    with pytest.raises(InputError, match="7 of its 7 rows are already in the database"):  # the same file again
+        mio.import_measurements(store, path)
+    exported = tmp_path / "out.csv"
+    mio.export_measurements(store, exported)
+    assert sorted(int(r["trial"]) for r in csv.DictReader(exported.open()) if r["trial"]) == [1, 1, 1, 2, 2, 3]
+
+
 def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     path = write(tmp_path / "m.csv", f"{HEADER}\nm,cpu,8,8,1,0\nm,cpu,8,8,1,-3\n")
     with pytest.raises(InputError) as excinfo:
@@ -197,13 +237,23 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     ("runtime_s", "1,5", "is not a number"),
     ("energy_j", "inf", "is not a finite number"),
     ("energy_j", "12 J", "is not a number"),
-    ("trial", "0", "is not > 0"),
+    ("trial", "-1", "is not >= 0"),
     ("trial", "first", "is not a number"),
     ("energy_source", "sensor", "is not an energy source"),
     ("gpu_energy_j", "-1", "is negative"),
     ("dram_energy_j", "x", "is not a number"),
     ("idle_power_w", "-2", "is negative"),
     ("started_at", "yesterday", "is not an ISO 8601 time"),
+    # physical bounds (engine/bounds.py): unit mistakes and corrupt numbers
+    ("runtime_s", "0", "'0' s is below 1e-06 s"),
+    ("runtime_s", "2e6", "is above 1e+06 s"),
+    ("energy_j", "1e200", "'1e200' J is above 1e+09 J"),
+    ("energy_j", "1e-200", "'1e-200' J is below 1e-09 J"),
+    ("energy_j", "5e5", "J is above 100000 W on average over its runtime"),   # over 1 s
+    ("energy_j", "1e-8", "J is below 1e-06 W on average over its runtime"),   # over 1 s
+    ("gpu_energy_j", "1e10", "is above 1e+09 J"),
+    ("idle_power_w", "1e6", "is above 100000 W"),
+    ("input_tokens", "20000000", "more than 10,000,000 tokens"),
     ("started_at", "2024-13-01", "is not an ISO 8601 time"),
     ("model", "", "the model name is missing"),
     ("model", "a@b", "is not a usable model name"),
@@ -350,6 +400,38 @@ def test_export_does_not_replace_a_file_unless_asked(store: Store, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "planner.duckdb"]  # no temporary file left
 
 
+def test_export_overwrite_writes_a_regular_file_only_never_through_a_link_or_a_fifo(store: Store, tmp_path: Path):
+    seed_profiled(store)
+    target = write(tmp_path / "elsewhere.csv", "not ours\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match="is a symbolic link"):
+        mio.export_measurements(store, link, overwrite=True)
+    assert link.is_symlink() and target.read_text() == "not ours\n"
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="named pipe"):
+        mio.export_measurements(store, fifo, overwrite=True)
+    assert os.path.exists(fifo) and not fifo.is_file()
+    with pytest.raises(InputError, match="is the database"):
+        mio.export_measurements(store, store.path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.csv", "link.csv", "pipe.csv", "planner.duckdb"]
+
+
+def test_export_gets_the_users_umask_and_a_replaced_file_keeps_its_mode(store: Store, tmp_path: Path):
+    seed_profiled(store)
+    old = os.umask(0o022)
+    try:
+        mio.export_measurements(store, tmp_path / "new.csv")
+        replaced = write(tmp_path / "old.csv", "old\n")
+        replaced.chmod(0o664)
+        mio.export_measurements(store, replaced, overwrite=True)  # was written as a 0o600 temporary file
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o644
+    assert replaced.stat().st_mode & 0o777 == 0o664 and replaced.read_text().startswith("model,")
+
+
 def test_export_refuses_a_missing_folder_and_a_directory(store: Store, tmp_path: Path):
     seed_profiled(store)
     with pytest.raises(InputError, match="does not exist") as excinfo:
@@ -380,9 +462,10 @@ def test_rows_at_batch_size_above_one_are_not_exported_as_batch_one(store: Store
 def test_twenty_thousand_rows_import_in_well_under_the_budget(store: Store, tmp_path: Path):
     n = 20_000
     rng = np.random.default_rng(1)
+    runtime_s = rng.uniform(0.01, 30, n)
     frame = pd.DataFrame({"model": "m", "device": rng.choice(["cpu", "cuda:0"], n),
                           "input_tokens": rng.integers(1, 4096, n), "output_tokens": rng.integers(1, 1024, n),
-                          "runtime_s": rng.uniform(0.01, 30, n), "energy_j": rng.uniform(1, 5000, n),
+                          "runtime_s": runtime_s, "energy_j": runtime_s * rng.uniform(10, 700, n),  # 10 to 700 W
                           "trial": np.arange(1, n + 1)})
     frame.loc[::7, "energy_j"] = np.nan
     path = tmp_path / "big.csv"

@@ -166,6 +166,51 @@ def test_out_must_be_a_file_in_an_existing_folder_and_options_must_exist(referen
     assert stored_counts(reference_db) == (0, 0)
 
 
+def test_out_never_replaces_the_workload_and_an_existing_file_only_with_overwrite(reference_db: Path, tmp_path: Path,
+                                                                                  capfd):
+    workload = tmp_path / "w.csv"
+    workload.write_bytes(SAMPLE_TOKENS.read_bytes())
+    for extra in ([], ["--overwrite"]):  # the workload is an input: not even --overwrite replaces it
+        assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(workload),
+                    *extra) == 2
+        err = capfd.readouterr().err
+        assert err.startswith(f"--out: {workload} is the workload (--workload), an input of this command"), err
+    assert plan(reference_db, "--workload", str(workload), "--out", str(reference_db), "--overwrite") == 2
+    assert "is the database" in capfd.readouterr().err
+    assert workload.read_bytes() == SAMPLE_TOKENS.read_bytes() and stored_counts(reference_db) == (0, 0)
+
+    out = tmp_path / "schedule.csv"
+    out.write_text("precious\n")
+    assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(out)) == 2
+    assert "already exists, so it was not replaced" in capfd.readouterr().err
+    assert out.read_text() == "precious\n" and stored_counts(reference_db) == (0, 0)  # refused before planning
+    assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(out),
+                "--overwrite") == 0
+    capfd.readouterr()
+    assert out.read_text().startswith(",".join(SCHEDULE_HEADER))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["planner.duckdb", "schedule.csv", "w.csv"]
+
+
+def test_schedule_csv_neutralises_formula_ids_and_reads_back_exactly(reference_db: Path, tmp_path: Path, capfd):
+    from engine.csvio import read_csv_rows
+
+    ids = ["=1+1", "+SUM(A1)", "-3", "@x", "'kept", "plain", "'"]  # a quote before ordinary text is text
+    workload = tmp_path / "w.csv"
+    with workload.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "input_tokens", "output_tokens", "category"])
+        writer.writerows([[query_id, 100, 50, "=cmd()"] for query_id in ids])
+    out = tmp_path / "schedule.csv"
+    assert plan(reference_db, "--workload", str(workload), "--accuracy-target", "0.5", "--out", str(out)) == 0
+    capfd.readouterr()
+    cells = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"))))[1:]
+    assert all(row[0][:1] not in "=+-@" for row in cells)
+    assert sorted(row[0] for row in cells) == sorted(["'=1+1", "'+SUM(A1)", "'-3", "'@x", "''kept", "plain", "''"])
+    rows, _ = read_csv_rows(out, ("id",), tuple(SCHEDULE_HEADER))  # the reader every schedule import uses
+    assert sorted(row["id"] for _, row in rows) == sorted(ids)
+    assert all(float(row["predicted_energy_j"]) > 0 for _, row in rows)
+
+
 def test_unreadable_number_is_refused_by_the_parser(isolated_db: Path, capsys):
     with pytest.raises(SystemExit) as caught:
         plan(isolated_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "abc")

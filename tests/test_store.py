@@ -404,6 +404,18 @@ def test_only_the_newest_backups_are_kept_and_nothing_else_is_deleted(store: Sto
     assert chosen.exists() and len(list_backups(store.path)) == KEEP_BACKUPS
 
 
+def test_a_backup_is_never_written_through_a_link_or_over_the_database(store: Store, tmp_path: Path):
+    store.schema_version()
+    dangling = tmp_path / "link.duckdb"
+    dangling.symlink_to(tmp_path / "nowhere.duckdb")
+    with pytest.raises(InputError, match="symbolic link"):
+        store.backup(dangling)
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.duckdb").exists()
+    with pytest.raises(InputError, match="the database"):
+        store.backup(store.path)
+    assert list_backups(store.path) == []
+
+
 def test_the_cli_backs_up_beside_the_database(store: Store, capsys):
     from engine.cli import main
 

@@ -63,6 +63,13 @@ class GgufInfo:
         n_params: parameters, the element count of all tensors.
         tensor_data_bytes: bytes the tensor data needs.
         file_size_bytes: size of the file.
+        head_count: attention (query) heads (``{arch}.attention.head_count``) or ``None``.
+        head_count_kv: key/value heads (``{arch}.attention.head_count_kv``; ``head_count``
+            when absent, as llama.cpp reads it) or ``None``.
+        key_length: width of one key head (``{arch}.attention.key_length``; the embedding
+            width over the heads when absent) or ``None``.
+        value_length: width of one value head, likewise, or ``None``.
+        feed_forward_length: feed-forward width (``{arch}.feed_forward_length``) or ``None``.
     """
 
     path: Path
@@ -79,6 +86,11 @@ class GgufInfo:
     n_params: int
     tensor_data_bytes: int
     file_size_bytes: int
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    feed_forward_length: int | None = None
 
     @property
     def params_b(self) -> float:
@@ -88,6 +100,10 @@ class GgufInfo:
 
 class _Truncated(Exception):
     """The header runs past the end of the file."""
+
+
+class _ArrayLength(int):
+    """The value of an array key: its length (the items themselves are skipped)."""
 
 
 class _Reader:
@@ -116,7 +132,7 @@ class _Reader:
         self.take(self.scalar("<Q"))
 
     def value(self, vtype: int, keep: bool) -> Any:
-        """Read (or skip, for arrays) one value; arrays return their length."""
+        """Read (or skip, for arrays) one value; arrays return their length, as an :class:`_ArrayLength`."""
         if vtype in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[vtype])
         if vtype == _STRING:
@@ -136,7 +152,7 @@ class _Reader:
                     self.value(item_type, keep=False)
             else:
                 raise ValueError(f"unknown GGUF value type {item_type}")
-            return count
+            return _ArrayLength(count)
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
@@ -274,8 +290,10 @@ def _describe(path: Path, version: int, values: dict[str, Any], tensors: _Tensor
     if not isinstance(arch, str) or not arch:
         raise GgufError(path, "has no general.architecture key, so llama.cpp cannot load it.")
 
-    def int_or_none(key: str) -> int | None:
+    def int_or_none(key: str, array_length: bool = False) -> int | None:
         value = values.get(key)
+        if isinstance(value, _ArrayLength) != array_length:  # a per-layer array is not one number
+            return None
         return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
     file_type = int_or_none("general.file_type")
@@ -284,6 +302,14 @@ def _describe(path: Path, version: int, values: dict[str, Any], tensors: _Tensor
     except ValueError:
         file_type_name = None
     name = values.get("general.name")
+    embedding = int_or_none(f"{arch}.embedding_length")
+    heads = int_or_none(f"{arch}.attention.head_count")  # an array (one per layer) in a few archs: unknown
+    head_width = embedding // heads if embedding and heads else None
+
+    def or_default(key: str, default: int | None) -> int | None:
+        # Only an absent key takes the default; one llama.cpp reads otherwise (a per-layer array) stays unknown.
+        return int_or_none(key) if key in values else default
+
     return GgufInfo(
         path=path,
         version=version,
@@ -291,12 +317,17 @@ def _describe(path: Path, version: int, values: dict[str, Any], tensors: _Tensor
         name=name if isinstance(name, str) else None,
         context_length=int_or_none(f"{arch}.context_length"),
         block_count=int_or_none(f"{arch}.block_count"),
-        embedding_length=int_or_none(f"{arch}.embedding_length"),
-        vocab_size=int_or_none("tokenizer.ggml.tokens"),
+        embedding_length=embedding,
+        vocab_size=int_or_none("tokenizer.ggml.tokens", array_length=True),
         file_type=file_type,
         file_type_name=file_type_name,
         n_tensors=tensors.count,
         n_params=tensors.n_params,
         tensor_data_bytes=tensors.data_bytes,
         file_size_bytes=size,
+        head_count=heads,
+        head_count_kv=or_default(f"{arch}.attention.head_count_kv", heads),
+        key_length=or_default(f"{arch}.attention.key_length", head_width),
+        value_length=or_default(f"{arch}.attention.value_length", head_width),
+        feed_forward_length=int_or_none(f"{arch}.feed_forward_length"),
     )

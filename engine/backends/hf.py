@@ -11,7 +11,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,18 @@ from engine.backends.base import (  # noqa: I001
     Backend,
     GenerationResult,
     parse_device,
-    prompt_ids,
 )
+from engine.backends.batch import (
+    STOPPED_CAP,
+    STOPPED_END,
+    BatchRequest,
+    BatchResult,
+    ExactRequest,
+    PromptRequest,
+    RequestResult,
+    output_limit,
+)
+from engine.backends.memory import ModelMemory, hf_model_memory
 from engine.backends.tokens import HfPromptTokenizer, open_hf_tokenizer
 from engine.errors import DeviceUnavailableError, ModelLoadError, TokenCountMismatchError
 
@@ -75,7 +85,6 @@ class TransformersBackend(Backend):
         self._model: Any = None
         self._tokenizer: Any = None
         self._torch_device: str = "cpu"
-        self._filler_ids: list[int] = []
         self._context_length = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -194,105 +203,206 @@ class TransformersBackend(Backend):
             "torch_version": torch.__version__,
         }
 
+    @property
+    def eog_ids(self) -> list[int]:
+        """The end-of-generation ids of the model's generation config (an answer stops at any of them)."""
+        self._ensure_loaded()
+        eos = self._model.generation_config.eos_token_id
+        return sorted(set(eos if isinstance(eos, list) else [eos])) if eos is not None else []
+
+    def model_memory(self) -> ModelMemory | None:
+        """Sizes from the loaded model (its parameters and dtype), or before loading from
+        ``config.json`` and the safetensors headers in the dtype it will load in."""
+        import torch
+
+        if self._loaded:
+            model = self._model
+            weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            return hf_model_memory(model.config.to_dict(), weights, model.dtype.itemsize)
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+            n_params = count_safetensors_params(self.path)
+            dtype = self._resolve_dtype(self._resolve_device())
+        except (OSError, ValueError, ModelLoadError, DeviceUnavailableError):
+            return None  # load() will say what is wrong
+        if dtype == "auto":
+            dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        return hf_model_memory(config, n_params * dtype.itemsize, dtype.itemsize)
+
     # -- requests ------------------------------------------------------------------
     def generate(self, input_tokens: int, output_tokens: int) -> GenerationResult:
-        """Run one greedy request of exactly ``input_tokens`` in, ``output_tokens`` out."""
-        import torch
-        from transformers import LogitsProcessorList
-
+        """Run one greedy request of exactly ``input_tokens`` in, ``output_tokens`` out
+        (``batch_size`` identical ones together when that option is above 1)."""
         self._ensure_loaded()
         self.check_request(input_tokens, output_tokens)
-        input_tokens, output_tokens = int(input_tokens), int(output_tokens)
-        ids = prompt_ids(self._filler_ids, self.prompt_tokenizer.bos_id, input_tokens)
-        self.last_prompt_ids = ids
-        input_ids = torch.tensor([ids] * self.batch_size, dtype=torch.long, device=self._torch_device)
-        clock = _FirstTokenClock()
-        # min_new_tokens == max_new_tokens: transformers masks every EOS id of the
-        # generation config to -inf until the last step, so the answer cannot end early.
-        output, started, finished = self._timed_generate(
-            input_ids, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
-            logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
-        got_in, got_out = self._read_back_counts(output, ids, input_tokens, output_tokens)
-        self.last_output_ids = output.sequences[0][got_in:].tolist()
-        return GenerationResult(
-            input_tokens=got_in,
-            output_tokens=got_out,
-            runtime_s=finished - started,
-            time_to_first_token_s=clock.seconds_since(started),
-            batch_size=self.batch_size,
-        )
+        batch = self.generate_batch([ExactRequest(int(input_tokens), int(output_tokens))] * self.batch_size)
+        first = batch.requests[0]
+        self.last_prompt_ids, self.last_output_ids = self.last_batch_prompt_ids[0], self.last_batch_output_ids[0]
+        return GenerationResult(input_tokens=first.input_tokens, output_tokens=first.output_tokens,
+                                runtime_s=batch.runtime_s, time_to_first_token_s=batch.time_to_first_token_s,
+                                batch_size=self.batch_size)
 
-    def _timed_generate(self, input_ids: Any, **options: Any) -> tuple[Any, float, float]:
+    def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
+        """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
+        self._ensure_loaded()
+        self._prompt_ids(prompt, max_output_tokens)  # checks the request as before, with its messages
+        batch = self.generate_batch([PromptRequest(prompt, int(max_output_tokens))])
+        answer = batch.requests[0]
+        self.last_output_ids = self.last_batch_output_ids[0]
+        return TextResult(text=answer.text or "", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
+                          runtime_s=batch.runtime_s, stopped=answer.stopped)
+
+    def generate_batch(self, requests: Sequence[BatchRequest]) -> BatchResult:
+        """Run the requests as one batch through ``model.generate``.
+
+        Prompts of different lengths are padded on the left to the longest (attention mask
+        0 there; the pad id is the tokenizer's pad token, else its EOS, else 0). Every row
+        runs every step until the last request is done: a row that finished earlier keeps
+        computing (its tokens are dropped), which :class:`RequestResult` counts as
+        ``wasted_decode_tokens``, and the padding as ``padding_tokens``. Exact requests have
+        their end-of-generation tokens suppressed; each row stops at its own limit.
+        """
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        requests, ids_per_request = self.prepare_batch(requests)
+        limits = [output_limit(r) for r in requests]
+        longest = max(map(len, ids_per_request))
+        self.check_batch_memory(len(requests), longest, max(limits))
+        pad_id = self._pad_id()
+        fed = [[pad_id] * (longest - len(ids)) + ids for ids in ids_per_request]
+        mask = [[0] * (longest - len(ids)) + [1] * len(ids) for ids in ids_per_request]
+        clock = _FirstTokenClock()
+        processors: list[Any] = [clock]
+        exact_rows = [i for i, r in enumerate(requests) if isinstance(r, ExactRequest)]
+        device = self._torch_device
+        if exact_rows and self.eog_ids:
+            processors.append(_SuppressTokens(exact_rows, self.eog_ids, device))
+        output, started, finished = self._timed_generate(
+            torch.tensor(fed, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device),
+            max_new_tokens=max(limits), logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([_RowLimits(longest, limits, device)]),
+            return_dict_in_generate=True)
+        results, outputs = self._read_back_batch(output, fed, requests, ids_per_request)
+        self.last_batch_prompt_ids, self.last_batch_fed_ids, self.last_batch_output_ids = ids_per_request, fed, outputs
+        return BatchResult(requests=results, runtime_s=finished - started,
+                           time_to_first_token_s=clock.seconds_since(started),
+                           decode_steps=int(output.sequences.shape[1]) - longest)
+
+    def _pad_id(self) -> int:
+        """The id left padding is filled with (masked out, so any id would do; the tokenizer's own first)."""
+        for candidate in (self._tokenizer.pad_token_id, self._tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _timed_generate(self, input_ids: Any, attention_mask: Any, **options: Any) -> tuple[Any, float, float]:
         """Greedy ``model.generate`` with the KV cache on; its output, and when it started and finished.
 
         On CUDA the device is synchronised on both sides, so the times cover the GPU's work.
         """
         import torch
 
-        pad_id = self._tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self._tokenizer.eos_token_id
         on_cuda = self._torch_device.startswith("cuda")
         if on_cuda:
             torch.cuda.synchronize(self._torch_device)
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self._model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id,
-                                          **options)
+            output = self._model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                          num_beams=1, use_cache=True, pad_token_id=self._pad_id(), **options)
         if on_cuda:
             torch.cuda.synchronize(self._torch_device)
         return output, started, time.perf_counter()
 
-    def _read_back_counts(self, output: Any, ids: list[int], input_tokens: int,
-                          output_tokens: int) -> tuple[int, int]:
-        """Prompt and generated tokens per request, as transformers processed them.
+    def _read_back_batch(self, output: Any, fed: list[list[int]], requests: tuple[BatchRequest, ...],
+                         ids_per_request: list[list[int]]) -> tuple[tuple[RequestResult, ...], list[list[int]]]:
+        """Each request's result and answer ids, from what transformers returned.
 
         Raises:
-            TokenCountMismatchError: a sequence does not start with the prompt, the batch
-                came back another size, the KV cache holds another count, or the counts
-                differ from the request.
+            TokenCountMismatchError: the batch came back another size, a row does not start
+                with its prompt as fed (padding included), the KV cache holds another count
+                than the steps run, an exact request got another count or an end-of-generation
+                token, or the batch ran more steps than its longest answer needed.
         """
         sequences = output.sequences
-        got_in = len(ids)
-        got_out = int(sequences[0].shape[0]) - got_in
-        if int(sequences.shape[0]) != self.batch_size or any(row[:got_in].tolist() != ids for row in sequences):
+        longest = len(fed[0])
+        steps = int(sequences.shape[1]) - longest
+        if int(sequences.shape[0]) != len(fed) or sequences[:, :longest].tolist() != fed:
             raise TokenCountMismatchError(
-                f"{self.path.name}: a generated sequence does not start with the prompt "
-                f"(or the batch of {self.batch_size} came back with {int(sequences.shape[0])})."
-            )
-        # The KV cache holds every token the model ran on: the prompt plus each generated
-        # token fed back (the last one never is). It is transformers' own count.
+                f"{self.path.name}: a generated sequence does not start with its prompt as fed "
+                f"(or the batch of {len(fed)} came back with {int(sequences.shape[0])}).")
+        # The KV cache holds every position the model ran on: the padded prompts plus each
+        # generated token fed back (the last one never is). It is transformers' own count.
         cache = getattr(output, "past_key_values", None)
         if cache is not None and hasattr(cache, "get_seq_length"):
             cached = int(cache.get_seq_length())
-            if cached != got_in + got_out - 1:
+            if cached != longest + steps - 1:
                 raise TokenCountMismatchError(
-                    f"{self.path.name}: the KV cache holds {cached} tokens after a request of "
-                    f"{got_in} in and {got_out} out; expected {got_in + got_out - 1}."
-                )
-        if got_in != input_tokens or got_out != output_tokens:
+                    f"{self.path.name}: the KV cache holds {cached} tokens after a batch of {longest} (padded) "
+                    f"prompt tokens and {steps} steps; expected {longest + steps - 1}.")
+        eog = set(self.eog_ids)
+        results: list[RequestResult] = []
+        outputs: list[list[int]] = []
+        for number, (request, ids, row) in enumerate(zip(requests, ids_per_request, sequences.tolist(), strict=True),
+                                                     start=1):
+            generated = row[longest:]
+            if isinstance(request, ExactRequest):
+                answer = generated[:request.output_tokens]
+                if len(answer) != request.output_tokens or len(ids) != request.input_tokens or eog & set(answer):
+                    raise TokenCountMismatchError(
+                        f"{self.path.name}: request {number}: asked for {request.input_tokens} input and "
+                        f"{request.output_tokens} output tokens, transformers processed {len(ids)} and generated "
+                        f"{len(answer)}" + (" with an end-of-generation token among them." if eog & set(answer)
+                                            else "."))
+                stopped, text = STOPPED_CAP, None
+            else:
+                answer = generated[:request.max_output_tokens]
+                end = next((k for k, token in enumerate(answer) if token in eog), None)
+                answer = answer if end is None else answer[:end + 1]
+                stopped = STOPPED_CAP if end is None else STOPPED_END
+                text = self._tokenizer.decode(answer, skip_special_tokens=True)
+            outputs.append(answer)
+            results.append(RequestResult(input_tokens=len(ids), output_tokens=len(answer), stopped=stopped, text=text,
+                                         wasted_decode_tokens=steps - len(answer),
+                                         padding_tokens=longest - len(ids)))
+        if steps != max(len(answer) for answer in outputs):
             raise TokenCountMismatchError(
-                f"{self.path.name}: asked for {input_tokens} input and {output_tokens} output "
-                f"tokens, transformers processed {got_in} and generated {got_out}."
-            )
-        return got_in, got_out
+                f"{self.path.name}: the batch ran {steps} steps but its longest answer has "
+                f"{max(len(answer) for answer in outputs)} tokens.")
+        return tuple(results), outputs
 
-    def generate_text(self, prompt: str, max_output_tokens: int) -> TextResult:
-        """Answer ``prompt`` greedily, stopping at an end-of-generation token or the cap."""
+
+class _SuppressTokens:
+    """A logits processor that rules out ``token_ids`` in the given rows (exact requests
+    must not end early), and leaves the other rows (prompts) free to stop."""
+
+    def __init__(self, rows: list[int], token_ids: list[int], device: str) -> None:
         import torch
 
-        self._ensure_loaded()
-        ids = self._prompt_ids(prompt, max_output_tokens)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._torch_device)
-        output, started, finished = self._timed_generate(input_ids, max_new_tokens=int(max_output_tokens))
-        generated = output[0][len(ids):].tolist()
-        eos = self._model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        stopped = "end of answer" if generated and generated[-1] in eos_ids else "output cap"
-        self.last_output_ids = generated
-        return TextResult(text=self._tokenizer.decode(generated, skip_special_tokens=True), input_tokens=len(ids),
-                          output_tokens=len(generated), runtime_s=finished - started, stopped=stopped)
+        self.rows = torch.tensor(rows, device=device)[:, None]
+        self.token_ids = torch.tensor(token_ids, device=device)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores[self.rows, self.token_ids] = -float("inf")
+        return scores
+
+
+class _RowLimits:
+    """A stopping criterion: row ``i`` is done once it has ``limits[i]`` generated tokens.
+
+    transformers stops a row at an end-of-generation token by itself and the batch when
+    every row is done; this adds each row's own length, so that the batch runs no step
+    beyond its longest answer.
+    """
+
+    def __init__(self, prompt_length: int, limits: list[int], device: str) -> None:
+        import torch
+
+        self.prompt_length = prompt_length
+        self.limits = torch.tensor(limits, device=device)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return self.limits <= input_ids.shape[1] - self.prompt_length
 
 
 class _FirstTokenClock:

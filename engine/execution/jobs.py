@@ -13,6 +13,7 @@ device that a profiling job or another execution holds is refused.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from engine.store import Store, append_frame
 SCHEDULE_REQUIRED = ("id", "model", "device", "input_tokens", "output_tokens")
 SCHEDULE_KNOWN = SCHEDULE_REQUIRED + ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s",
                                       "in_domain")
+#: A reason that stops many rows of a schedule from running is listed for this many, then counted.
+MAX_ROWS_PER_REFUSAL = 20
 
 
 @dataclass(frozen=True)
@@ -80,57 +83,45 @@ def plan_queries(store: Store, plan_id: int) -> pd.DataFrame:
            WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.rowid""", [int(plan_id)])
 
 
-def import_schedule(store: Store, path: str | Path) -> int:
+def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = True) -> int:
     """Store a schedule CSV (as written by ``plan``) as a plan of its own; returns its id.
 
-    Every bad row is reported at once; models must be in the catalog and devices valid.
+    Every column is checked as the workload reader checks its own, and every problem is
+    reported at once by ``file:line``: a unique id; a model of the catalog; a device name;
+    token counts (whole, 1 to :data:`MAX_TOKENS_PER_QUERY`); predicted energy (J) and
+    runtime (s) finite and ≥ 0; accuracy a fraction in [0, 1] (``64.5%`` is 0.645);
+    device_start_s finite and ≥ 0; in_domain true or false. An empty cell is unknown
+    (a missing start is the row's place on its device). With ``runnable_here`` (the
+    default), the schedule must also be able to run on this host now, row by row (the
+    checks of :func:`check_runnable`). A refused schedule stores nothing; an accepted one
+    is stored, plan and assignments, in one transaction.
     """
     path = Path(path)
     rows, _warnings = read_csv_rows(path, SCHEDULE_REQUIRED, SCHEDULE_KNOWN)
-    problems, records, seen = [], [], {}
     names = set(catalog.list_models(store)["name"])
+    problems, records, lines, seen = [], [], [], {}
     for line, row in rows:
         where = f"{path}:{line}"
-        record = {"query_id": row["id"].strip(), "model": row["model"].strip(), "device": row["device"].strip()}
-        if not record["query_id"]:
-            problems.append(Problem(where, "the id is empty", "id", "a query id"))
-        elif record["query_id"] in seen:
-            problems.append(Problem(where, f"id {record['query_id']!r} also on line {seen[record['query_id']]}", "id",
-                                    "each query once"))
-        seen.setdefault(record["query_id"], line)
-        if record["model"] not in names:
-            problems.append(Problem(where, f"model {record['model']!r} is not in the catalog", "model",
-                                    "a model of the catalog (Models page)"))
-        try:
-            spec = parse_device(record["device"])
-            record["device"] = "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"  # one name per device
-        except DeviceUnavailableError as exc:
-            problems.append(Problem(where, str(exc), "device", "cpu, cuda or cuda:N"))
-        for column in ("input_tokens", "output_tokens"):
-            text = row.get(column, "").strip()
-            try:
-                value = float(text)
-                ok = value.is_integer() and 1 <= value <= MAX_TOKENS_PER_QUERY
-            except ValueError:
-                ok = False
-            if not ok:
-                problems.append(Problem(where, f"{text!r} is not a token count", column,
-                                        f"a whole number from 1 to {MAX_TOKENS_PER_QUERY:,}"))
-            else:
-                record[column] = int(value)
-        for column in ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s"):
-            text = (row.get(column) or "").strip()
-            try:
-                record[column] = float(text) if text else np.nan
-            except ValueError:
-                problems.append(Problem(where, f"{text!r} is not a number", column, "a number or an empty cell"))
+        record, row_problems = _schedule_row(row, where, names)
+        if record["query_id"] in seen:
+            row_problems.insert(0, Problem(where, f"id {record['query_id']!r} also on line {seen[record['query_id']]}",
+                                           "id", "each query once"))
+        elif record["query_id"]:
+            seen[record["query_id"]] = line
+        problems.extend(row_problems)
         records.append(record)
+        lines.append(line)
     if not records and not problems:
         problems.append(Problem(str(path), "has no queries", None, "one row per query"))
     if problems:
         raise InputError(problems)
     frame = pd.DataFrame(records)
+    if runnable_here:
+        refusals, _ = _refusals(store, frame)
+        if refusals:
+            raise InputError(_row_problems(refusals, [f"{path}:{line}" for line in lines], str(path)))
     frame["device_start_s"] = frame["device_start_s"].fillna(frame.groupby("device").cumcount().astype(float))
+    frame["in_domain"] = frame["in_domain"].astype("boolean")
     with store.transaction() as con:
         plan_id = int(con.execute(
             "INSERT INTO plans (objective, energy_scope, status, energy_j, params) VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -142,39 +133,161 @@ def import_schedule(store: Store, path: str | Path) -> int:
     return plan_id
 
 
-def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[str]:
-    """Problems that stop a plan from running here: models not in the catalog or not local,
-    model files that moved, devices this host lacks or that are busy. Returns the devices."""
-    problems: list[Problem] = []
-    if queries.empty:
-        raise InputError(Problem("plan", f"plan {plan_id} has no schedule to run", None,
-                                 "a plan whose status is optimal or feasible"))
+_NON_NEGATIVE = {"predicted_energy_j": "joules", "predicted_runtime_s": "seconds", "device_start_s": "seconds"}
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _schedule_row(row: dict[str, str], where: str, models: set[str]) -> tuple[dict, list[Problem]]:
+    """One schedule row's values (NaN / None where a cell is empty or bad), and every problem of it."""
+    problems = []
+    record = {"query_id": row["id"].strip(), "model": row["model"].strip(), "device": row["device"].strip()}
+    if not record["query_id"]:
+        problems.append(Problem(where, "the id is empty", "id", "a query id"))
+    if record["model"] not in models:
+        problems.append(Problem(where, f"model {record['model']!r} is not in the catalog", "model",
+                                "a model of the catalog (Models page)"))
+    try:
+        spec = parse_device(record["device"])
+        record["device"] = "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"  # one name per device
+    except DeviceUnavailableError as exc:
+        problems.append(Problem(where, str(exc).rstrip("."), "device", "cpu, cuda or cuda:N"))
+    for column in ("input_tokens", "output_tokens"):
+        text = row.get(column, "").strip()
+        try:
+            value = float(text)
+            ok = value.is_integer() and 1 <= value <= MAX_TOKENS_PER_QUERY
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(Problem(where, f"{text!r} is not a token count", column,
+                                    f"a whole number from 1 to {MAX_TOKENS_PER_QUERY:,}"))
+        record[column] = int(value) if ok else 0
+    for column, unit in _NON_NEGATIVE.items():
+        text = (row.get(column) or "").strip()
+        record[column] = np.nan
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
+            problems.append(Problem(where, f"{text!r} is not a number ≥ 0", column,
+                                    f"{unit}: a finite number ≥ 0, or an empty cell (unknown)"))
+        else:
+            record[column] = value
+    text = (row.get("accuracy") or "").strip()
+    record["accuracy"] = np.nan
+    if text:
+        try:
+            record["accuracy"] = catalog.parse_accuracy(text, where, "accuracy")
+        except InputError as exc:
+            problems.extend(exc.problems)
+    text = (row.get("in_domain") or "").strip()
+    record["in_domain"] = _BOOLEANS.get(text.lower()) if text else None
+    if text and record["in_domain"] is None:
+        problems.append(Problem(where, f"{text!r} is not true or false", "in_domain",
+                                "true or false, or an empty cell (unknown)"))
+    return record, problems
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why one row of a schedule cannot run here (one sentence, shared by every row it applies to)."""
+
+    column: str
+    message: str
+    expected: str
+
+
+def _refusals(store: Store, queries: pd.DataFrame) -> tuple[list[tuple[int, _Refusal]], list[str]]:
+    """(row position, why) for every row that cannot run on this host now: its model is not in
+    the catalog or has no local files, its τin + τout exceeds the model's context, its device
+    is not on this host or another run holds it. Also the devices, as stored, that are here."""
+    by_model: dict[str, _Refusal | None] = {}
+    contexts: dict[str, int | None] = {}
     for model in queries["model"].unique():
         entry = catalog.get_model(store, model)
-        if entry is None:
-            problems.append(Problem("plan", f"model {model!r} is no longer in the catalog", "model",
-                                    "add it again on the Models page"))
-        elif entry.backend == "external" or not entry.path or entry.path.startswith(catalog.HUB_PREFIX):
-            problems.append(Problem("plan", f"model {model!r} has no local weights here ({entry.backend}); it can be "
-                                    "planned with its measurements but not run", "model", "a local model"))
-        elif not catalog.resolve_model_path(entry.path).exists():
-            problems.append(Problem("plan", f"the files of {model!r} are no longer at {entry.path}", "model",
-                                    "move them back, or give the new path on the Models page"))
-    devices = []
+        by_model[model], contexts[model] = _model_refusal(model, entry), None
+        if entry is not None and by_model[model] is None:
+            contexts[model] = catalog.runtime_context_length(entry)
+    by_device: dict[str, _Refusal | None] = {}
+    here = []
     for device in queries["device"].unique():
         try:
             stored = runs.check_device(device)
         except DeviceUnavailableError as exc:
-            problems.append(Problem("plan", str(exc), "device", "a device of this host"))
+            by_device[device] = _Refusal("device", str(exc).rstrip("."), "a device of this host")
             continue
-        devices.append(stored)
+        here.append(stored)
         busy = runs.run_on_device(store, stored)
-        if busy is not None:
-            problems.append(Problem("plan", f"{busy} is running on {stored}", "device",
-                                    "wait for it to finish, or cancel it"))
-    if problems:
-        raise InputError(problems)
+        by_device[device] = None if busy is None else _Refusal("device", f"{busy} is running on {stored}",
+                                                                  "wait for it to finish, or cancel it")
+    refusals = []
+    for position, row in enumerate(queries[["model", "device", "input_tokens", "output_tokens"]].itertuples(index=False)):
+        context = contexts[row.model]
+        if by_model[row.model] is not None:
+            refusals.append((position, by_model[row.model]))
+        elif context is not None and row.input_tokens + row.output_tokens > context:
+            refusals.append((position, _Refusal(
+                "input_tokens", f"{row.input_tokens:,} + {row.output_tokens:,} tokens exceed the {context:,}-token "
+                f"context {row.model} runs with here", f"at most {context:,} input and output tokens together")))
+        if by_device[row.device] is not None:
+            refusals.append((position, by_device[row.device]))
+    return refusals, here
+
+
+def _model_refusal(model: str, entry: catalog.CatalogEntry | None) -> _Refusal | None:
+    if entry is None:
+        return _Refusal("model", f"model {model!r} is no longer in the catalog", "add it again on the Models page")
+    if entry.backend == "external" or not entry.path or entry.path.startswith(catalog.HUB_PREFIX):
+        return _Refusal("model", f"model {model!r} has no local weights here ({entry.backend}); it can be planned "
+                        "with its measurements but not run", "a local model")
+    if not catalog.resolve_model_path(entry.path).exists():
+        return _Refusal("model", f"the files of {model!r} are no longer at {entry.path}",
+                        "move them back, or give the new path on the Models page")
+    return None
+
+
+def _row_problems(refusals: list[tuple[int, _Refusal]], wheres: list[str], label: str) -> list[Problem]:
+    """One problem per refused row (``wheres[row]``), at most :data:`MAX_ROWS_PER_REFUSAL` for each
+    reason, then one line counting the rest of that reason's rows."""
+    by_reason: dict[_Refusal, list[int]] = {}
+    for position, refusal in refusals:
+        by_reason.setdefault(refusal, []).append(position)
+    problems, summaries = [], []
+    for refusal, positions in by_reason.items():
+        problems += [(position, Problem(wheres[position], refusal.message, refusal.column, refusal.expected))
+                     for position in positions[:MAX_ROWS_PER_REFUSAL]]
+        rest = positions[MAX_ROWS_PER_REFUSAL:]
+        if rest:
+            summaries.append(Problem(label, f"{len(rest):,} more rows ({wheres[rest[0]]} to {wheres[rest[-1]]}): "
+                                     f"{refusal.message}", refusal.column, refusal.expected))
+    return [problem for _, problem in sorted(problems, key=lambda item: item[0])] + summaries
+
+
+def check_runnable(store: Store, plan_id: int, queries: pd.DataFrame) -> list[str]:
+    """Problems that stop a plan from running here: models not in the catalog or not local,
+    model files that moved, queries longer than their model's context, devices this host
+    lacks or that are busy. Returns the devices."""
+    if queries.empty:
+        raise InputError(Problem("plan", f"plan {plan_id} has no schedule to run", None,
+                                 "a plan whose status is optimal or feasible"))
+    refusals, devices = _refusals(store, queries)
+    if refusals:
+        ids = queries["query_id"].astype(str).tolist()
+        by_reason: dict[_Refusal, list[str]] = {}
+        for position, refusal in refusals:
+            by_reason.setdefault(refusal, []).append(ids[position])
+        raise InputError([Problem(f"plan {plan_id}, {_queries_named(named)}", refusal.message, refusal.column,
+                                  refusal.expected) for refusal, named in by_reason.items()])
     return devices
+
+
+def _queries_named(ids: list[str]) -> str:
+    """``query q1``, ``queries q1, q2``, ``queries q1, q2, q3 and 12 more``."""
+    shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
+    return f"quer{'y' if len(ids) == 1 else 'ies'} {shown}"
 
 
 def create_execution(store: Store, plan_id: int) -> Execution:

@@ -5,6 +5,10 @@ Rules (each broken rule is one :class:`~engine.errors.Problem`, all reported at 
 - Only trials at batch size 1 are fitted (the surfaces are per request); others are
   left out with a warning.
 - ``runtime_s`` must be finite and > 0 in every trial.
+- Trials outside the physical bounds of a measurement (:mod:`engine.bounds`: a runtime,
+  energy, power or token count no real request has, such as 1e200 J stored before the
+  import checked it) are left out with a warning naming their ids, so one corrupt row
+  neither stops every fit nor turns its error into infinity.
 - ``energy_j`` NULL means "not measured": such trials count for runtime only. A stored
   NaN, infinity, 0 or a negative value is an error (0 J is never a measurement).
 - Energy sources: one (model, device) whose energies mix ``measured`` and ``estimated``
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from engine import bounds
 from engine.errors import InputError, Problem
 from engine.store import Store
 
@@ -183,6 +188,9 @@ def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str
     group = _batch_size_one(group, where, warnings, problems)
     if group is None:
         return None
+    group = _within_bounds(group, where, warnings, problems)
+    if group is None:
+        return None
     ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
     X = group[["input_tokens", "output_tokens"]].to_numpy(dtype=float)
     runtime = group["runtime_s"].to_numpy(dtype=float)
@@ -225,6 +233,43 @@ def _batch_size_one(group: pd.DataFrame, where: str, warnings: list[str], proble
                                 "profile at batch size 1 (the surfaces are per request)"))
         return None
     return group
+
+
+def _within_bounds(group: pd.DataFrame, where: str, warnings: list[str],
+                   problems: list[Problem]) -> pd.DataFrame | None:
+    """The trials whose values a real measurement can have (:mod:`engine.bounds`).
+
+    The others are left out with a warning; None, with a problem, when no trial is left.
+    Values that are missing, not finite or not > 0 are left to :func:`_check_values`.
+    """
+    ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
+    tokens = group[["input_tokens", "output_tokens"]].to_numpy(dtype=float)
+    runtime = group["runtime_s"].to_numpy(dtype=float)
+    energy = group["energy_j"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        runtime_ok, energy_ok = np.isfinite(runtime) & (runtime > 0), np.isfinite(energy) & (energy > 0)
+        outside = {
+            f"token counts above {bounds.TOKENS.high:,.0f}": (np.isfinite(tokens) & bounds.TOKENS.above(tokens)).any(axis=1),
+            f"runtime_s outside {bounds.RUNTIME_S.describe()}": runtime_ok & bounds.RUNTIME_S.outside(runtime),
+            f"energy_j outside {bounds.ENERGY_J.describe()}": energy_ok & bounds.ENERGY_J.outside(energy),
+        }
+        power_known = runtime_ok & energy_ok & ~outside[f"runtime_s outside {bounds.RUNTIME_S.describe()}"] \
+            & ~outside[f"energy_j outside {bounds.ENERGY_J.describe()}"]
+        outside[f"energy_j / runtime_s outside {bounds.POWER_W.describe()}"] = (
+            power_known & bounds.POWER_W.outside(bounds.power_w(energy, runtime)))
+    left_out = np.logical_or.reduce(list(outside.values()))
+    if not left_out.any():
+        return group
+    reasons = "; ".join(f"{what}: {_trials_word(int(mask.sum()))}" for what, mask in outside.items() if mask.any())
+    if left_out.all():
+        problems.append(Problem(where, f"has no trial within the physical bounds of a measurement (all "
+                                f"{_trials_word(len(group))}, ids {_ids(ids)}: {reasons})", None,
+                                "measurements within the bounds the README states (fix their units, or delete "
+                                "them and import them again)"))
+        return None
+    warnings.append(f"{_trials_word(int(left_out.sum()))} (ids {_ids(ids[left_out])}) left out: outside the physical "
+                    f"bounds of a measurement ({reasons}); fix their units or delete them")
+    return group[~left_out]
 
 
 def _check_values(where: str, ids: np.ndarray, X: np.ndarray, runtime: np.ndarray, energy: np.ndarray,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.catalog import CatalogEntry, list_models
+from engine.catalog import CatalogEntry, list_models, runtime_context_length
 from engine.errors import InputError, Problem
 from engine.fitting import FitResult, load_latest_fits
 from engine.store import Store
@@ -22,6 +22,9 @@ class PlanOption:
 
     ``load_s`` and ``load_energy_j`` are a one-off cost of loading the model on the device,
     counted once if the plan uses the option (0 when unknown and not given).
+    ``context_tokens`` is the context the model runs with here (τin + τout of a query must
+    fit in it), None when it is unknown (a model with no local files): then no query is
+    kept from it for its length.
     """
 
     model: str
@@ -31,6 +34,7 @@ class PlanOption:
     runtime_fit: FitResult
     load_s: float = 0.0
     load_energy_j: float = 0.0
+    context_tokens: int | None = None
 
     @property
     def key(self) -> str:
@@ -49,8 +53,10 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
                       ) -> tuple[list[PlanOption], list[str]]:
     """One option per (model, device) with an energy and a runtime fit in ``energy_scope`` and a
     catalog accuracy. Measured fits win over published ones; later fits over earlier ones.
+    Each option gets the context its model runs with (:func:`engine.catalog.runtime_context_length`).
     Returns the options (sorted by device, then model) and sentences about what was left out."""
     chosen: dict[tuple[str, str], dict[str, FitResult]] = {}
+    contexts: dict[str, int | None] = {}
     for fit in fits:
         if fit.energy_scope != energy_scope:
             continue
@@ -69,8 +75,11 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
         if entry is None:
             notes.append(f"{model} on {device} is fitted but not in the catalog (no accuracy score), so plans leave it out")
             continue
+        if model not in contexts:
+            contexts[model] = runtime_context_length(entry)
         options.append(PlanOption(model=model, device=device, accuracy=float(entry.accuracy),
-                                  energy_fit=slot["energy"], runtime_fit=slot["runtime"]))
+                                  energy_fit=slot["energy"], runtime_fit=slot["runtime"],
+                                  context_tokens=contexts[model]))
     return options, notes
 
 
@@ -135,6 +144,17 @@ class Predictions:
     def energy_estimated(self) -> bool:
         return any(o.energy_estimated for o in self.options)
 
+    @property
+    def fits_context(self) -> np.ndarray:
+        """(N, K) True where the query's τin + τout fits in the option's context (or the context is unknown)."""
+        return fits_context(self.options, self.input_tokens, self.output_tokens)
+
+
+def fits_context(options: list[PlanOption], input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+    """(N, K) True where τin (N, K) + τout (N,) fits in each option's context; an unknown context holds anything."""
+    context = np.array([np.inf if o.context_tokens is None else o.context_tokens for o in options], dtype=float)
+    return (input_tokens + np.asarray(output_tokens)[:, None]) <= context[None, :]
+
 
 def predict_options(options: list[PlanOption], input_tokens: dict[str, np.ndarray],
                     output_tokens: np.ndarray) -> Predictions:
@@ -163,6 +183,7 @@ def predict_options(options: list[PlanOption], input_tokens: dict[str, np.ndarra
         warnings.append(f"{int(clamped.sum()):,} predictions were negative (the published paper form, for long inputs "
                         f"with short outputs; {', '.join(where)}): those options are not offered for those queries, "
                         "unless a query has no other")
+    warnings.extend(_context_warnings(options, fits_context(options, tin, tout)))
     outside = ~in_domain
     if outside.any():
         warnings.append(f"{int(outside.any(axis=1).sum()):,} queries lie outside the measured token range of at least "
@@ -170,3 +191,20 @@ def predict_options(options: list[PlanOption], input_tokens: dict[str, np.ndarra
     return Predictions(options=options, input_tokens=tin, output_tokens=tout, energy_j=np.maximum(energy_raw, 0.0),
                        runtime_s=np.maximum(runtime_raw, 0.0), in_domain=in_domain, clamped=clamped,
                        warnings=warnings)
+
+
+def _context_warnings(options: list[PlanOption], fits: np.ndarray) -> list[str]:
+    """What the context lengths do to a plan: queries kept from options too short for them,
+    and models whose context is unknown (every length allowed on them)."""
+    warnings = []
+    too_long = ~fits
+    if too_long.any():
+        where = ", ".join(f"{o.key} ({o.context_tokens:,} tokens)" for c, o in enumerate(options) if too_long[:, c].any())
+        count = int(too_long.any(axis=1).sum())
+        warnings.append(f"{count:,} {'query is' if count == 1 else 'queries are'} longer (input + output tokens) than "
+                        f"the context of {where}: those options are not offered for them")
+    unknown = list(dict.fromkeys(o.model for o in options if o.context_tokens is None))
+    if unknown:
+        warnings.append(f"The context length of {', '.join(unknown)} is unknown (no model files here), so queries of "
+                        f"any length are allowed on {'it' if len(unknown) == 1 else 'them'}")
+    return warnings

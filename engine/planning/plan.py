@@ -108,20 +108,22 @@ def accuracy_weights(predictions: Predictions, mode: str) -> np.ndarray:
 
 
 def allowed_options(predictions: Predictions, min_accuracy: np.ndarray | None) -> np.ndarray:
-    """(N, K) True where the option's model meets the query's own minimum accuracy."""
-    n, k = predictions.energy_j.shape
+    """(N, K) True where the option may serve the query: the query's τin + τout fits in the
+    option's context, its model meets the query's own minimum accuracy, and its prediction
+    was not clamped (see :func:`_not_clamped`)."""
+    fits = predictions.fits_context
     if min_accuracy is None:
-        return _not_clamped(predictions)
+        return fits & _not_clamped(predictions, fits)
     floor = np.nan_to_num(np.asarray(min_accuracy, dtype=float), nan=-np.inf)
-    return (predictions.accuracy[None, :] >= floor[:, None] - 1e-12) & _not_clamped(predictions)
+    return fits & (predictions.accuracy[None, :] >= floor[:, None] - 1e-12) & _not_clamped(predictions, fits)
 
 
-def _not_clamped(predictions: Predictions) -> np.ndarray:
+def _not_clamped(predictions: Predictions, fits: np.ndarray) -> np.ndarray:
     """A prediction clamped from a negative value says nothing about the cost (the paper's form
-    outside its sense): such an option is not offered for the query, unless every option of the
-    query is clamped (then they stay, flagged)."""
+    outside its sense): such an option is not offered for the query, unless every option that
+    can hold the query is clamped (then they stay, flagged). A context too short is never waived."""
     clamped = predictions.clamped
-    return ~clamped | clamped.all(axis=1, keepdims=True)
+    return ~clamped | (clamped | ~fits).all(axis=1, keepdims=True)
 
 
 def objective_costs(predictions: Predictions, settings: PlanSettings) -> np.ndarray:
@@ -221,7 +223,8 @@ class Baseline:
     energy_j: its energy (J of the plan's energy scope, load energy included when counted).
     accuracy: its mean accuracy (a fraction, weighted as the plan's accuracy mode).
     makespan_s: the busiest device's time (s). per_device_runtime_s: each device's time (s).
-    feasible: it meets the accuracy target, every deadline and every query's minimum accuracy.
+    feasible: it meets the accuracy target, every deadline, and sends every query to an option
+    it may use (its minimum accuracy met, its tokens within the context).
     note: how it was built, in words.
 
     Plans stored before this type existed hold only energy_j, accuracy, makespan_s and
@@ -585,14 +588,44 @@ def _diagnose(result: PlanResult, predictions: Predictions, settings: PlanSettin
 
 def _explain_unservable(result: PlanResult, predictions: Predictions, solution: Solution,
                         query_ids: np.ndarray) -> None:
-    """Queries whose minimum accuracy no model reaches."""
+    """Queries no option may serve: longer than every option's context, or asking for a
+    minimum accuracy above every model that can hold them."""
     stuck = solution.unassignable
-    shown = ", ".join(str(q) for q in query_ids[stuck[:8]]) + (f" and {len(stuck) - 8} more" if len(stuck) > 8 else "")
-    best = float(predictions.accuracy.max())
-    result.diagnosis.append(f"{len(stuck)} quer{'y' if len(stuck) == 1 else 'ies'} ({shown}) ask for a minimum "
-                            f"accuracy above every available model (the best is {best:.3f}); lower their "
-                            "min_accuracy or add a better model.")
-    result.best_achievable["min_accuracy"] = best
+    fits = predictions.fits_context[stuck]
+    too_long = stuck[~fits.any(axis=1)]
+    too_demanding = stuck[fits.any(axis=1)]
+    if len(too_long):
+        tokens = (predictions.input_tokens + predictions.output_tokens[:, None])[too_long].min(axis=1)
+        known = [o.context_tokens for o in predictions.options if o.context_tokens is not None]
+        longest = max(known)
+        result.diagnosis.append(
+            f"{_count_queries(too_long)} ({_name_queries(query_ids, too_long, tokens)}) "
+            f"{'is' if len(too_long) == 1 else 'are'} longer than the context of every option (the largest holds "
+            f"{longest:,} tokens, input and output together); shorten {'it' if len(too_long) == 1 else 'them'}, lower "
+            "the output tokens, or add a model with a longer context.")
+        result.best_achievable["context_tokens"] = float(longest)
+    if len(too_demanding):
+        holds = predictions.fits_context[too_demanding]  # every one fits some option
+        best = float(predictions.accuracy[holds.any(axis=0)].max())
+        one = len(too_demanding) == 1
+        holding = "" if holds.all() else f" that can hold {'it' if one else 'them'}"
+        result.diagnosis.append(f"{_count_queries(too_demanding)} ({_name_queries(query_ids, too_demanding)}) "
+                                f"{'asks' if one else 'ask'} for a minimum accuracy above every available model"
+                                f"{holding} (the best is {best:.3f}); lower {'its' if one else 'their'} min_accuracy "
+                                "or add a better model.")
+        result.best_achievable["min_accuracy"] = best
+
+
+def _count_queries(indices: np.ndarray) -> str:
+    return f"{len(indices)} quer{'y' if len(indices) == 1 else 'ies'}"
+
+
+def _name_queries(query_ids: np.ndarray, indices: np.ndarray, tokens: np.ndarray | None = None) -> str:
+    """The first eight queries by id (each with its τin + τout when ``tokens`` are given), and how many more."""
+    names = [str(query_ids[i]) for i in indices[:8]]
+    if tokens is not None:
+        names = [f"{name}: {int(count):,} tokens" for name, count in zip(names, tokens)]
+    return ", ".join(names) + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
 
 
 def _explain_accuracy_out_of_reach(result: PlanResult, predictions: Predictions, settings: PlanSettings,

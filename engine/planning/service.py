@@ -3,15 +3,17 @@ the Plan page share, and how plans are stored, listed, loaded and written out.""
 
 from __future__ import annotations
 
-import io
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from engine import safe_write
 from engine.catalog import get_model
+from engine.csvio import csv_text
 from engine.errors import InputError, Problem
 from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.formatting import json_safe
@@ -146,19 +148,14 @@ def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
 
 
 def schedule_csv(schedule: pd.DataFrame) -> str:
-    """The schedule CSV of DESIGN.md (plus in_domain), as text."""
+    """The schedule CSV of DESIGN.md (plus in_domain), as text; ids and names that start like a
+    spreadsheet formula get a leading quote (:func:`engine.csvio.csv_text`), which import removes."""
     columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain", "clamped") if c in schedule.columns]
-    buffer = io.StringIO()
-    schedule[columns].to_csv(buffer, index=False, float_format="%.6g")
-    return buffer.getvalue()
+    return csv_text(schedule[columns], float_format="%.6g")
 
 
-def write_schedule(schedule: pd.DataFrame, path: str | Path) -> Path:
-    """Write the schedule CSV; refuses a directory and a missing parent folder."""
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(Problem(str(target), "is a directory", None, "a file path for the schedule CSV"))
-    if not target.parent.exists():
-        raise InputError(Problem(str(target), "its folder does not exist", None, "a path in an existing folder"))
-    target.write_text(schedule_csv(schedule), encoding="utf-8")
-    return target
+def write_schedule(schedule: pd.DataFrame, path: str | Path, *, overwrite: bool = False,
+                   inputs: Mapping[str, str | Path] | None = None, where: str | None = None) -> Path:
+    """Write the schedule CSV by :func:`engine.safe_write.write_text`: a regular file or a
+    new one, all or nothing; an existing file only with ``overwrite``, never one of ``inputs``."""
+    return safe_write.write_text(Path(path), schedule_csv(schedule), overwrite=overwrite, inputs=inputs, where=where)

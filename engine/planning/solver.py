@@ -54,7 +54,8 @@ ROW_SENSES = ("<=", ">=")
 PRICE_CAP = 1.0e4
 DEFAULT_TIME_LIMIT_S = 30.0
 DEFAULT_GAP_TARGET = 1.0e-3
-FULL_MIP_MAX_VARS = 6_000      # up to this many (group, option) pairs, CBC gets the whole problem
+FULL_MIP_MAX_VARS = 6_000      # up to this many (group, option) pairs, CBC gets the whole problem;
+                               # above it, the first restricted problem is no bigger
 _TOLERANCE = 1e-9
 
 
@@ -539,6 +540,10 @@ def _search(problem: AssignmentProblem, norm: _Normalised, dual: _DualBound, pro
     n_free = min(g, max(64, 8 * (len(norm.rhs) + 1) ** 2))
     if n_pairs <= full_mip_max_vars // 8:
         n_free = g  # tiny: CBC proves it directly
+    elif n_pairs > full_mip_max_vars:
+        # Too big for CBC in one piece: the first restricted problem stays within the same
+        # limit (this is also what lets a test force the decomposition on a small instance).
+        n_free = min(n_free, max(1, full_mip_max_vars // norm.cost.shape[1]))
     lower = dual.lower_scaled * norm.cost_scale
     best: _Candidate | None = None
     while True:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from engine.backends.tokens import TokenCounter, prompt_counter
 from engine.catalog import HUB_PREFIX, CatalogEntry, parse_accuracy, resolve_model_path
-from engine.csvio import decode_upload, parse_csv_text
+from engine.csvio import check_column_count, decode_upload, duplicated_columns, parse_csv_text
 from engine.errors import InputError, ModelLoadError, Problem
 from engine.store import Store, append_frame
 
@@ -144,11 +144,12 @@ def workload_from_frame(frame: pd.DataFrame, name: str, *, drop_bad_rows: bool =
     Problems name row ``n`` as ``name:line``, with ``line = n + 1``: the line the row would
     have in the CSV file, under its header.
     """
+    check_column_count(len(frame.columns), name)
     columns = [str(c).strip().lower() for c in frame.columns]
     if "query_id" in columns and "id" not in columns:
         columns = ["id" if c == "query_id" else c for c in columns]
     problems = []
-    duplicated = sorted({c for c in columns if columns.count(c) > 1 and c})
+    duplicated = duplicated_columns(columns)
     if duplicated:
         problems.append(Problem(f"{name}:1", f"columns appear more than once: {', '.join(duplicated)}", None, "each column once"))
     if "prompt" not in columns and "input_tokens" not in columns:
@@ -190,6 +191,7 @@ def _check_header_and_rows(text: str, label: str) -> None:
         raise InputError(_no_queries(label)) from None
     except csv.Error:
         return
+    check_column_count(len(header), label)
     columns = {cell.strip().lower() for cell in header}
     if "prompt" not in columns and "input_tokens" not in columns:
         raise InputError(Problem(f"{label}:1", "has neither a prompt nor an input_tokens column", None, _HEADER_EXPECTED))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from engine import catalog, runs
+from engine.catalog import model_context_length  # moved to engine.catalog; still importable from here
 from engine.backends.base import MAX_BATCH_SIZE
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
 from engine.profiling.design import Design, build_design
@@ -210,21 +211,6 @@ def adaptive_rounds(store: Store, job_id: int) -> pd.DataFrame:
     """
     return store.query_df(f"SELECT {', '.join(ROUND_COLUMNS)} FROM profiling_rounds WHERE job_id = ? ORDER BY round",
                           [int(job_id)])
-
-
-def model_context_length(entry: catalog.CatalogEntry) -> int | None:
-    """The context a model was built for, read from its files without loading it."""
-    location = catalog.resolve_model_path(entry.path)
-    if entry.backend == "llama.cpp":
-        from engine.backends.gguf_check import inspect_gguf
-
-        return inspect_gguf(location).context_length
-    try:
-        config = json.loads((location / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_sequence_length")
-    return int(value) if value else None
 
 
 def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,

@@ -26,7 +26,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from engine.errors import DatabaseBusyError, DatabaseDamagedError, DatabaseWriteError, InputError, Problem, SchemaError
+from engine.errors import DatabaseBusyError, DatabaseDamagedError, DatabaseWriteError, SchemaError
+from engine import safe_write
 from engine.paths import resolve_db_path
 from engine.store import backups
 from engine.store.health import translate, translate_os_error, verify_readable
@@ -184,11 +185,11 @@ class Store:
             destination = backups.next_backup_path(self.path, version)
         else:
             destination = Path(path).expanduser()
-            if destination.is_dir():
+            if destination.is_dir() and not destination.is_symlink():
                 destination = backups.next_backup_path(destination / self.path.name, version)
-            if destination.exists() or destination.resolve() == self.path.resolve():
-                raise InputError(Problem(where=str(destination), message="already exists",
-                                         expected="a new file name for the backup"))
+            # The same rules as every file we write: a new regular file only, never through a
+            # link, never over the database itself.
+            safe_write.check_destination(destination, overwrite=False, inputs=safe_write.database_inputs(self.path))
         try:
             backups.write_backup(con, self.path, destination)
         except OSError as exc:
