@@ -21,10 +21,12 @@ The batch takes places in order of half-width per √second of a trial (what one
 spent there narrows most), one action per place, until it fills its share of the
 budget. **When noise dominates** (the cross-validated error is mostly the trials'
 own spread: noise MAPE ≥ half the CV MAPE), short requests mostly add noise, so new
-points and extra trials go to requests of at least :attr:`AdaptiveRules.long_output_tokens`
-output tokens, whose relative noise is lower and whose trials pin down the per-token
-slopes. The 3 x 3 grid keeps the short corner measured either way, so the surface's
-domain still covers it.
+points and extra trials go to requests that take at least as long as the median measured
+one: their relative noise is lower (a few milliseconds of jitter are ±30% of a 20 ms
+request and ±3% of a 200 ms one; on the demo models here, trials of 20-60 ms spread by
+30-40%, of 150 ms and more by 5-15%) and their trials pin down the per-token slopes. The
+3 x 3 grid keeps the short corner measured either way, so the surface's domain still
+covers it.
 
 **When to stop.** At the budget (a trial is only started when it, and the fit after
 it, fit in the time left), when the cross-validated error (energy, and runtime) improved
@@ -59,7 +61,6 @@ class AdaptiveRules:
     round_share: float = 0.15           # a round's trials take about this share of the whole budget
     min_round_s: float = 2.0            # ... and at least this long
     noise_dominates: float = 0.5        # noise MAPE / CV MAPE at or above which noise dominates
-    long_output_tokens: int = 16        # "long" requests, preferred when noise dominates
     new_points_per_round: int = 3       # candidates considered per round
     n_bootstrap: int = 100              # bootstrap draws of the round fits (the final fit uses the default)
 
@@ -259,6 +260,12 @@ def expected_trial_s(point: DesignPoint, trials: Trials, fit: RoundFit) -> float
     return max(seen) if seen else 1.0
 
 
+def _median_request_s(trials: Trials) -> float:
+    """The median over measured points of their mean request time (0 before any)."""
+    means = [t.mean_runtime_s for t in trials.values() if t.n]
+    return float(np.median(means)) if means else 0.0
+
+
 def candidate_points(fit: RoundFit, trials: Trials, rules: AdaptiveRules = RULES) -> pd.DataFrame:
     """New points where the surfaces are least sure (columns input_tokens, output_tokens, relative_standard_error)."""
     from engine.fitting import suggest_points
@@ -284,13 +291,13 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
     (the model's context); ``overhead_s`` is what a trial costs beside its request
     (metering, storing it). Empty when nothing is worth a trial.
     """
-    long_only = fit.noise_dominates(rules)
+    shortest_s = _median_request_s(trials) if fit.noise_dominates(rules) else 0.0  # when noise dominates: long only
     options: list[tuple[float, Action, float]] = []  # (priority, action, seconds)
     for point, point_trials in trials.items():
         assessment = assess_point(point_trials.runtimes_s, point_trials.energies_j, rule)
         if assessment.tight or point_trials.n >= rule.max_trials:
             continue
-        if long_only and point.output_tokens < rules.long_output_tokens:
+        if expected_trial_s(point, trials, fit) < shortest_s:
             continue
         width = assessment.worst_ci_rel
         if not math.isfinite(width):
@@ -303,7 +310,7 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
     first_trials = max(2, rule.min_trials)
     for row in candidate_points(fit, trials, rules).itertuples(index=False):
         point = DesignPoint(int(row.input_tokens), int(row.output_tokens))
-        if long_only and point.output_tokens < rules.long_output_tokens:
+        if expected_trial_s(point, trials, fit) < shortest_s:
             continue
         width = Z_95 * float(row.relative_standard_error)
         noise = _nearest_noise(point, trials)
