@@ -327,3 +327,13 @@ def test_a_cancelled_adaptive_job_resumes_where_it_stopped(demo_store: Store):
                                  [job.id])
     assert not trials.duplicated().any()
     assert len(second.requests) - settings.warmup_runs == len(trials) - kept  # the grid was not measured again
+
+
+def test_a_batch_never_runs_past_the_budget_left():
+    trials = grid_trials(lambda i, o: 0.3)
+    rule = StopRule(min_trials=2, max_trials=25)
+    roomy = plan_batch(trials, RoundFit(), rule, batch_s=0.1)
+    assert len(roomy) == 1  # a round always makes progress, past its own share
+    tight = plan_batch(trials, RoundFit(), rule, batch_s=0.1, left_s=0.5)
+    assert tight and all(a.trials * np.mean(trials[a.point].runtimes_s) <= 0.5 for a in tight)
+    assert plan_batch(trials, RoundFit(), rule, batch_s=10.0, left_s=0.01) == []  # nothing fits: nothing planned

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -281,7 +281,7 @@ def candidate_points(fit: RoundFit, trials: Trials, rules: AdaptiveRules = RULES
 
 def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
                can_measure: Callable[[DesignPoint], bool] = lambda point: True,
-               rules: AdaptiveRules = RULES, overhead_s: float = 0.0) -> list[Action]:
+               rules: AdaptiveRules = RULES, overhead_s: float = 0.0, left_s: float = math.inf) -> list[Action]:
     """The next round's trials: where the 95% interval is widest per √second, up to ``batch_s`` seconds of trials.
 
     Measured points that converged or reached ``rule.max_trials`` get no more trials.
@@ -289,7 +289,10 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
     count again, at least one, within its cap); a new point gets ``rule.min_trials``
     (at least 2, so its noise is seen). ``can_measure`` says whether a new point can run
     (the model's context); ``overhead_s`` is what a trial costs beside its request
-    (metering, storing it). Empty when nothing is worth a trial.
+    (metering, storing it). The first action may run past ``batch_s`` (a round always
+    makes progress), never past ``left_s``, the budget left; an action too long for what
+    is left is cut to the trials that fit, or skipped for a shorter one. Empty when
+    nothing is worth a trial, or nothing fits.
     """
     shortest_s = _median_request_s(trials) if fit.noise_dominates(rules) else 0.0  # when noise dominates: long only
     options: list[tuple[float, Action, float]] = []  # (priority, action, seconds)
@@ -325,10 +328,13 @@ def plan_batch(trials: Trials, fit: RoundFit, rule: StopRule, batch_s: float,
     options.sort(key=lambda option: -option[0])
     batch, spent = [], 0.0
     for _, action, seconds in options:
-        if batch and spent + seconds > batch_s:
-            continue  # too long for what is left of this round; a shorter one may still fit
-        batch.append(action)
-        spent += seconds
+        per_trial_s = seconds / action.trials
+        room_s = (left_s if not batch else min(batch_s, left_s)) - spent
+        fitting = action.trials if math.isinf(room_s) else min(action.trials, int(room_s // per_trial_s))
+        if fitting < (2 if action.new else 1):
+            continue  # too long for what is left; a shorter one may still fit
+        batch.append(action if fitting == action.trials else replace(action, trials=fitting))
+        spent += fitting * per_trial_s
         if spent >= batch_s:
             break
     return batch

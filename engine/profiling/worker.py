@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import signal
 import sys
 import time
@@ -408,11 +409,17 @@ class _AdaptiveRun:
         elif (why := adaptive.settled(self.history + [record], self.rules)) is not None:
             decision = f"stop: {why}"
         else:
-            batch_s = min(max(self.rules.min_round_s, self.rules.round_share * timing.budget_s),
-                          timing.left_s() - self.fit_s)
+            batch_s = max(self.rules.min_round_s, self.rules.round_share * timing.budget_s)
             batch = adaptive.plan_batch(self.trials, self.fit, self.rule, batch_s, can_measure=_can_run(self.bench),
-                                        rules=self.rules, overhead_s=self.overhead_s)
-            decision = adaptive.describe_batch(batch) if batch else "stop: no point is left where a trial would help"
+                                        rules=self.rules, overhead_s=self.overhead_s,
+                                        left_s=timing.left_s() - self.fit_s)
+            if batch:
+                decision = adaptive.describe_batch(batch)
+            elif adaptive.plan_batch(self.trials, self.fit, self.rule, math.inf, rules=self.rules):
+                self.out_of_budget = True  # trials would help, but none fits in the time left
+                decision = f"stop: the budget of {timing.budget_s:g} s is spent"
+            else:
+                decision = "stop: no point is left where a trial would help"
         record = replace(record, decision=decision)
         self.history.append(record)
         with self.cancel.writing():
