@@ -46,7 +46,12 @@ FIRST_RUN_SETTINGS = {"min_trials": 2, "max_trials": 12, "idle_s": 2.0, "warmup_
 
 @dataclass
 class FirstRunState:
-    """status: running | done | failed. step: what it is doing, in words. jobs: model -> job id."""
+    """status: running | done | failed. step: what it is doing, in words. jobs: model -> job id.
+
+    ``load_at_start``/``load_at_end``: the host's 1-minute load average when the run
+    started and ended (None before then): on a machine whose cores other programs keep
+    busy, trials spread widely and every figure of the first run is worse; the page can say so.
+    """
 
     status: str
     step: str
@@ -55,6 +60,8 @@ class FirstRunState:
     reason: str | None = None
     started: float = 0.0
     finished: float | None = None
+    load_at_start: float | None = None
+    load_at_end: float | None = None
 
 
 def read_state(store: Store) -> FirstRunState | None:
@@ -112,7 +119,7 @@ def run_first_run(store: Store, pid: int, *, budget_s: float = FIRST_RUN_BUDGET_
     from engine.fitting import fit_all, save_fits
     from engine.profiling import jobs
 
-    state = FirstRunState("running", "starting", pid=pid, started=time.time())
+    state = FirstRunState("running", "starting", pid=pid, started=time.time(), load_at_start=_load())
     write_state(store, state)
     models = demo_model_names(store)
     deadline = time.monotonic() + budget_s
@@ -134,9 +141,17 @@ def run_first_run(store: Store, pid: int, *, budget_s: float = FIRST_RUN_BUDGET_
     write_state(store, state)
     for model in models:
         save_fits(store, fit_all(store, model=model, device=DEVICE))
-    state.status, state.step, state.finished = "done", "done", time.time()
+    state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
     write_state(store, state)
     return state
+
+
+def _load() -> float | None:
+    """The host's 1-minute load average (None where the system does not say)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def first_run_report(store: Store) -> pd.DataFrame:

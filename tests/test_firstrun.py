@@ -162,3 +162,4 @@ def test_the_first_run_profiles_adaptively_within_its_budget_and_reports_the_err
     assert report.energy_cv_mape.notna().all() and report.runtime_cv_mape.notna().all()
     assert (report.energy_noise_mape > 0).all() and report.job_reason.str.contains("adaptive design").all()
     assert (report.trials >= 9).all() and (report.points >= 9).all()
+    assert state.load_at_start is not None and state.load_at_end is not None
