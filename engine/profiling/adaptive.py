@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,9 @@ import pandas as pd
 from engine.errors import InputError
 from engine.profiling.design import DesignPoint
 from engine.profiling.stopping import StopRule, assess_point
+
+if TYPE_CHECKING:  # the fitting stack loads only when an adaptive job fits
+    from engine.fitting import FitResult
 
 #: z for the half-width of a two-sided 95% interval.
 Z_95 = 1.959963984540054
@@ -122,8 +126,8 @@ class RoundFit:
     trial-to-trial noise puts under it (None without repeated trials).
     """
 
-    energy: object | None = None
-    runtime: object | None = None
+    energy: FitResult | None = None
+    runtime: FitResult | None = None
     problem: str | None = None
 
     def _get(self, target: str, attribute: str) -> float | None:
@@ -150,7 +154,7 @@ class RoundFit:
         return self._get("runtime", "noise_mape")
 
     @property
-    def fits(self) -> list:
+    def fits(self) -> list[FitResult]:
         return [f for f in (self.energy, self.runtime) if f is not None]
 
     def noise_dominates(self, rules: AdaptiveRules = RULES) -> bool:
