@@ -116,8 +116,12 @@ def score_form(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray
 def relative_noise(y: np.ndarray, inverse: np.ndarray, n_points: int) -> tuple[float | None, float | None]:
     """Pooled relative SD of trials around their point mean, and the noise-floor MAPE.
 
-    The noise-floor MAPE is the MAPE of predicting every trial by its own point's mean:
-    roughly the best any smooth surface can reach. None when no point was repeated.
+    The noise-floor MAPE is the MAPE of predicting every trial by the best single value
+    for its own point (the 1/y-weighted median of its trials, which minimises the
+    point's MAPE): no surface that gives one value per point can do better, whatever
+    the spread. (The point's mean is not that value when trials have a long tail: under
+    load a few slow trials pull it up, and its MAPE then exceeds a fitted surface's.)
+    None when no point was repeated.
     """
     counts = np.bincount(inverse, minlength=n_points)
     means = np.bincount(inverse, weights=y, minlength=n_points) / counts
@@ -125,7 +129,24 @@ def relative_noise(y: np.ndarray, inverse: np.ndarray, n_points: int) -> tuple[f
     dof = int(np.sum(counts - 1))
     if dof <= 0:
         return None, None
-    return float(np.sqrt(np.sum(relative ** 2) / dof)), float(np.mean(np.abs(y - means[inverse]) / y))
+    best = _mape_optimal_values(y, inverse, n_points)
+    return float(np.sqrt(np.sum(relative ** 2) / dof)), float(np.mean(np.abs(y - best[inverse]) / y))
+
+
+def _mape_optimal_values(y: np.ndarray, inverse: np.ndarray, n_points: int) -> np.ndarray:
+    """Per point, the value c minimising Σ|y − c|/y over its trials: the median of y weighted by 1/y."""
+    order = np.lexsort((y, inverse))
+    sorted_y, sorted_point = y[order], inverse[order]
+    weight = 1.0 / sorted_y
+    cumulative = np.cumsum(weight)
+    totals = np.bincount(sorted_point, weights=weight, minlength=n_points)
+    before = cumulative - weight
+    start = np.concatenate(([0.0], np.cumsum(totals)[:-1]))  # the cumulative weight before each point's trials
+    reached = (cumulative - start[sorted_point]) >= totals[sorted_point] / 2 - 1e-15 * totals[sorted_point]
+    reached &= (before - start[sorted_point]) < totals[sorted_point] / 2
+    values = np.zeros(n_points)
+    values[sorted_point[reached]] = sorted_y[reached]
+    return values
 
 
 def unconverged_weights(y: np.ndarray, inverse: np.ndarray, loose: np.ndarray) -> np.ndarray:
