@@ -2,7 +2,11 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="Joule Planner", page_icon=":material/bolt:", layout="wide")
+from ui.common import PAGE_ICON
+
+# The icon is a file shipped with the app: a ":material/...:" page icon makes the browser
+# fetch it from fonts.gstatic.com, which an offline host cannot reach.
+st.set_page_config(page_title="Joule Planner", page_icon=str(PAGE_ICON), layout="wide")
 
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),

@@ -157,8 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="count a model's load time and energy once where it is used (repeatable)")
     plan.add_argument("--option", action="append", default=[], metavar="MODEL@DEVICE",
                       help="use only these options (repeatable; default every fitted one)")
+    plan.add_argument("--batch-sizes", metavar="B[,B...]",
+                      help="batch sizes the plan may use, e.g. 1,4,16 (each within what the model was profiled at; "
+                      "default every power of two profiled, plus 1)")
     plan.add_argument("--default-output-tokens", type=int,
                       help="output length for queries with neither output_tokens nor max_output_tokens")
+    plan.add_argument("--learned-output-lengths", action="store_true",
+                      help="queries without an output length get the one learned from executed prompts (per "
+                      "category where known) instead of --default-output-tokens")
     plan.add_argument("--energy-scope", choices=("total", "dynamic"), default="total",
                       help="optimise total energy, or dynamic (total minus idle); default total")
     plan.add_argument("--drop-bad-rows", action="store_true", help="plan the good rows of a workload with bad ones")
@@ -257,9 +263,12 @@ def cmd_sensors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine.overview import read_overview
+    from engine import runs
+    from engine.overview import latest_work, read_overview
 
-    view = read_overview(_store(args))
+    store = _store(args)
+    runs.reconcile(store)  # a run whose worker was killed is failed, not "running"
+    view = read_overview(store)
     document = {
         "db": view.db_path, "schema_version": view.schema_version,
         "models": json_safe(view.models.to_dict("records")),
@@ -273,8 +282,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"database {view.db_path} (schema version {view.schema_version})")
     print(f"{len(view.models)} models, {view.n_measurements} measurements "
           f"({view.n_measurements_estimated} with estimated energy)")
-    for key in ("latest_job", "latest_fit", "latest_plan", "latest_execution"):
-        print(f"{key.replace('_', ' ')}: {document[key] or 'none yet'}")
+    for line in latest_work(view):
+        print(f"latest {line.kind.lower()}: {line.text}")
     return EXIT_OK
 
 
@@ -507,7 +516,7 @@ def _pairs(items: list[str], option: str, expected: str) -> dict[str, str]:
 #: Plan page shows it too); here the problem names the flag that was typed.
 _PLAN_SETTING_FLAGS = {"accuracy target": "--accuracy-target", "accuracy mode": "--accuracy-mode",
                        "deadline": "--deadline-s", "device deadline": "--device-deadline", "zeta": "--zeta",
-                       "minimum share": "--min-share", "time limit": "--time-limit-s"}
+                       "minimum share": "--min-share", "time limit": "--time-limit-s", "batch sizes": "--batch-sizes"}
 
 
 @contextlib.contextmanager
@@ -549,10 +558,20 @@ def _plan_settings(args: argparse.Namespace):
     settings = PlanSettings(accuracy_target=args.accuracy_target, accuracy_mode=args.accuracy_mode,
                             deadline_s=args.deadline_s, deadlines_s=deadlines,
                             objective="zeta" if args.zeta is not None else "energy", zeta=args.zeta, min_share=shares,
-                            count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s)
+                            count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s,
+                            batch_sizes=_batch_sizes(args.batch_sizes))
     with _plan_flags():
         settings.validate()
     return settings, loads
+
+
+def _batch_sizes(text: str | None) -> tuple | None:
+    """``--batch-sizes 1,4,16`` as a tuple; items that are not whole numbers are kept as text, so
+    that the settings' check names each one (0, -2, 2.5, abc, 300: one problem each)."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    return tuple(int(item) if item.lstrip("+-").isdigit() else item for item in items)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -569,6 +588,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for problem in workload.dropped:
         print(f"dropped: {problem}", file=sys.stderr)
+    if args.learned_output_lengths:
+        workload = _with_learned_output_lengths(store, workload)
     with _plan_flags():
         result = plan_workload(store, workload, settings, default_output_tokens=args.default_output_tokens,
                                only=args.option or None, load_costs=loads or None, save=not args.no_save,
@@ -584,14 +605,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         estimated = " (estimated energy)" if result.energy_estimated else ""
         print(f"status: {result.status}" + (f" (plan {result.plan_id})" if result.plan_id else ""))
         if result.has_schedule:
-            print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
-            if result.lower_bound_j is not None:
-                print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+            _print_plan_energy(result, estimated)
             print(f"accuracy: {result.accuracy:.4f} ({settings.accuracy_mode}-weighted)")
             print(f"solved in {format_duration(result.solve_s)}; planned in {format_duration(result.plan_s)}")
             for device, seconds in result.per_device_runtime_s.items():
                 print(f"{device}: {format_duration(seconds)} of work")
-            _print_table([{"option": k, "queries": v} for k, v in result.assignments.items()], ["option", "queries"])
+            batched = result.n_batches < sum(result.assignments.values())
+            _print_table([{"option": k, "queries": v, "batches": result.batches.get(k)}
+                          for k, v in result.assignments.items()], ["option", "queries"] + ["batches"] * batched)
             for cost in result.constraint_costs:
                 print(cost.text)
         for line in result.diagnosis:
@@ -607,6 +628,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _with_learned_output_lengths(store: Store, workload):
+    """``plan --learned-output-lengths``: fill the queries without an output length, and say what was done."""
+    from engine.execution import learned_output_lengths
+    from engine.planning.output_lengths import fill_learned_output_lengths, missing_output_lengths
+
+    workload, fill = fill_learned_output_lengths(workload, learned_output_lengths(store))
+    if fill is None and missing_output_lengths(workload).any():
+        print("warning: no output lengths have been learned yet (execute a plan of prompts first); queries without "
+              "one use the default output length", file=sys.stderr)
+    return workload
+
+
+def _print_plan_energy(result, estimated: str) -> None:
+    """The plan's energy, and which problem its bound and gap are for when batches were formed."""
+    print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
+    batched = any(size > 1 for sizes in result.batch_sizes.values() for size in sizes)
+    if batched:
+        overhead = result.formation_overhead_j or 0.0
+        print(f"  in {result.n_batches} batches; the assignment counted {format_energy(result.assignment_energy_j)} "
+              f"(per-request shares), forming the batches adds {format_energy(overhead)}")
+    if result.lower_bound_j is not None:
+        scope = " (of the assignment)" if batched else ""
+        print(f"lower bound{scope}: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+    for device, seconds in result.assignment_deadlines_s.items():
+        print(f"  for the batches on {device} to meet its deadline, the assignment held its per-request shares there "
+              f"to {format_duration(seconds)} (gap against the deadlines as asked: "
+              f"{format_percent(result.gap_as_asked, 4)})")
+    if result.batching_saving is not None:
+        print(f"batching saves {format_percent(result.batching_saving, 1)} against the same plan at batch 1")
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
@@ -654,6 +706,10 @@ def cmd_execute(args: argparse.Namespace) -> int:
                 "per_query_energy_error_median": comparison.per_query_energy_error_median,
                 "per_query_energy_error_mean_abs": comparison.per_query_energy_error_mean_abs,
                 "outside_band": comparison.outside_band, "with_band": comparison.with_band,
+                "batches_run": comparison.n_batches, "batches_failed": comparison.n_batches_failed,
+                "per_batch_energy_error_median": comparison.per_batch_energy_error_median,
+                "per_batch_energy_error_mean_abs": comparison.per_batch_energy_error_mean_abs,
+                "per_batch_energy_error_p10_p90": comparison.per_batch_energy_error_p10_p90,
                 "per_option": comparison.per_option.to_dict("records")}
     if args.json:
         _print_json(document)
@@ -668,7 +724,21 @@ def cmd_execute(args: argparse.Namespace) -> int:
         else:
             print("energy: not measured")
         print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
+        print(_batch_errors_line(comparison))
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
+
+
+def _batch_errors_line(comparison) -> str:
+    """``batches: 12 run, 0 failed; energy error per batch: median +3.1%, 80% of batches within [-4.0%, +9.8%],
+    mean |error| 5.2%``."""
+    line = f"batches: {comparison.n_batches} run, {comparison.n_batches_failed} failed"
+    if comparison.per_batch_energy_error_median is None:
+        return line + "; energy error per batch: unknown (no batch with both a measurement and a prediction)"
+    low, high = comparison.per_batch_energy_error_p10_p90
+    median = format_percent(comparison.per_batch_energy_error_median, signed=True)
+    return (f"{line}; energy error per batch: median {median}, 80% of batches within "
+            f"[{format_percent(low, signed=True)}, {format_percent(high, signed=True)}], "
+            f"mean |error| {format_percent(comparison.per_batch_energy_error_mean_abs)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -32,7 +32,9 @@ class Problem:
     def __str__(self) -> str:
         head = self.where + (f": column {self.column}" if self.column else "")
         tail = f"; expected {self.expected}" if self.expected else ""
-        return f"{head}: {self.message}{tail}"
+        # A message written as a sentence ("... (N = GPU index).") must not read ".; expected".
+        message = self.message.rstrip().removesuffix(".") if tail and not self.message.endswith("...") else self.message
+        return f"{head}: {message}{tail}"
 
 
 class InputError(PlannerError):

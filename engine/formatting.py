@@ -197,6 +197,22 @@ def format_tokens(count: float | None, *, unknown: str = UNKNOWN) -> str:
     return f"{whole:,} token" + ("" if abs(whole) == 1 else "s")
 
 
+def format_count(count: float | None, noun: str, plural: str | None = None, *, unknown: str = UNKNOWN) -> str:
+    """A count with its noun in the right number: ``1 query``, ``2 queries``, ``1,234 problems``.
+
+    The plural is ``noun`` + "s" (a consonant and "y" become "ies") unless ``plural`` is given.
+    """
+    number = _number(count)
+    if number is None:
+        return unknown
+    whole = int(round(number))
+    if abs(whole) == 1:
+        return f"{whole:,} {noun}"
+    if plural is None:
+        plural = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+    return f"{whole:,} {plural}"
+
+
 def format_parameters(params_b: float | None, *, unknown: str = "") -> str:
     """A parameter count given in billions: ``1.3 M`` below a billion, else ``7.0 B``; empty when unknown."""
     number = _number(params_b)
@@ -246,5 +262,5 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["J_PER_WH", "UNKNOWN", "format_accuracy", "format_duration", "format_energy", "format_parameters",
+__all__ = ["J_PER_WH", "UNKNOWN", "format_accuracy", "format_count", "format_duration", "format_energy", "format_parameters",
            "format_percent", "format_power", "format_timestamp", "format_tokens", "format_watt_hours", "json_safe"]

@@ -9,9 +9,10 @@ import streamlit as st
 from engine import execution
 from engine.csvio import csv_text
 from engine.errors import PlannerError
-from engine.formatting import format_duration, format_energy, format_percent, format_timestamp
+from engine.formatting import format_count, format_duration, format_energy, format_percent, format_timestamp
 from engine.planning import list_plans
-from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
+from ui.common import flash, get_store, show_error, show_flash
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Execute")
@@ -39,19 +40,27 @@ if runnable.empty:
 else:
     def plan_label(row) -> str:
         workload = row.workload if isinstance(row.workload, str) else "schedule file"
-        queries = f"{int(row.n_queries)} queries" if not pd.isna(row.n_queries) else "queries"
+        queries = format_count(row.n_queries, "query") if not pd.isna(row.n_queries) else "queries"
         energy = format_energy(float(row.energy_j)) + " predicted" if not pd.isna(row.energy_j) else "no prediction"
         return f"Plan #{row.id}: {workload}, {queries}, {energy} ({row.status})"
 
-    labels = {int(row.id): plan_label(row) for row in runnable.itertuples()}
-    chosen = st.selectbox("Plan", list(labels), format_func=labels.get, key="execute_plan")
-    if st.button("Execute this plan", type="primary", key="execute_start"):
+    # A plan of models without local files, or of devices this host lacks, is listed but not the default.
+    blocked = {int(row.id): execution.why_plan_cannot_run_here(store, int(row.id)) for row in runnable.itertuples()}
+    labels = {plan_id: plan_label(row) + ("" if not blocked[plan_id] else " — cannot run here")
+              for plan_id, row in zip(blocked, runnable.itertuples())}
+    ids = list(labels)
+    if "execute_plan" not in st.session_state or st.session_state["execute_plan"] not in ids:
+        st.session_state["execute_plan"] = next((i for i in ids if not blocked[i]), ids[0])
+    chosen = st.selectbox("Plan", ids, format_func=labels.get, key="execute_plan")
+    if blocked[chosen]:
+        st.warning(f"Plan #{chosen} cannot run on this host:\n\n" + "\n".join(f"- {p}" for p in blocked[chosen]))
+    if st.button("Execute this plan", type="primary", key="execute_start", disabled=bool(blocked[chosen])):
         try:
             run = execution.create_execution(store, int(chosen))
             execution.start_worker(store, run.id)
             st.session_state["execution_id"] = run.id
             st.session_state["execution_pick"] = run.id  # the selectbox keeps its own value otherwise
-            flash(f"Execution #{run.id} started: {run.queries_total} queries.")
+            flash(f"Execution #{run.id} started: {format_count(run.queries_total, 'query')}.")
             st.rerun()
         except PlannerError as exc:
             show_error(exc)
@@ -93,19 +102,23 @@ def live_progress(execution_id: int) -> None:
         st.session_state.pop("execution_was_active")
         st.rerun()  # the run just ended: redraw the results below
     share = progress.done / progress.total if progress.total else 0.0
-    st.progress(share, text=f"{status}: {progress.done} of {progress.total} queries")
+    devices = progress.devices
+    # One device: its name in the one bar. Several: a bar each, below the total (same counts, one read).
+    where = f" on {devices.device.iloc[0]}" if len(devices) == 1 else ""
+    st.progress(share, text=f"{status}: {progress.done} of {format_count(progress.total, 'query')}{where}")
     columns = st.columns(4)
     columns[0].metric("Energy so far" + (" (estimated)" if progress.energy_estimated else ""),
                       energy_label(progress.measured_energy_j, False))
     columns[1].metric("Predicted for these queries", format_energy(progress.predicted_done_j)
                       if progress.predicted_done_j is not None else "—")
-    columns[2].metric("Elapsed", format_duration(progress.elapsed_s))
+    columns[2].metric("Elapsed", format_duration(progress.elapsed_s),
+                      help="Running time of the execution across its runs (pauses between runs do not count).")
     columns[3].metric("Remaining (estimate)", format_duration(progress.remaining_s)
                       if status in execution.ACTIVE else "—")
-    for row in progress.devices.itertuples():
+    for row in devices.itertuples() if len(devices) > 1 else ():
         estimated = False if pd.isna(row.estimated) else bool(row.estimated)  # NULL until a query is done
         st.progress(row.done / row.total if row.total else 0.0,
-                    text=f"{row.device}: {row.done} of {row.total} queries; "
+                    text=f"{row.device}: {row.done} of {format_count(row.total, 'query')}; "
                          f"{energy_label(None if pd.isna(row.measured_energy_j) else row.measured_energy_j, estimated)}"
                          f" measured vs {format_energy(row.predicted_done_j) if not pd.isna(row.predicted_done_j) else '—'} "
                          "predicted so far")
@@ -119,7 +132,8 @@ def live_progress(execution_id: int) -> None:
         except PlannerError as exc:
             show_error(exc)
     if status in ("failed", "cancelled") and progress.done < progress.total and \
-            right.button(f"Resume ({progress.total - progress.done} queries left)", key=f"resume_{execution_id}"):
+            right.button(f"Resume ({format_count(progress.total - progress.done, 'query', 'queries')} left)",
+                         key=f"resume_{execution_id}"):
         try:
             execution.resume_execution(store, execution_id)
             execution.start_worker(store, execution_id)
@@ -134,8 +148,7 @@ live_progress(execution_id)
 
 try:
     results = execution.execution_results(store, execution_id)
-    scope = store.query_one("SELECT energy_scope FROM plans p JOIN executions e ON e.plan_id = p.id WHERE e.id = ?",
-                            [int(execution_id)])[0]
+    scope = execution.execution_energy_scope(store, execution_id)
 except PlannerError as exc:
     show_error(exc)
     st.stop()
@@ -162,7 +175,8 @@ top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_
 top[3].metric("Outside the fit's 90% band", f"{comparison.outside_band} of {comparison.with_band}",
               help="Queries whose measured energy lies outside the prediction interval of their fit.")
 if comparison.n_failed:
-    st.warning(f"{comparison.n_failed} queries failed and are left out of the comparison (see the table).")
+    st.warning(f"{format_count(comparison.n_failed, 'query')} failed and "
+               f"{'is' if comparison.n_failed == 1 else 'are'} left out of the comparison (see the table).")
 if comparison.per_query_energy_error_median is not None:
     st.caption(f"Per query, energy error: median {format_percent(comparison.per_query_energy_error_median, signed=True)}, "
                f"mean absolute {format_percent(comparison.per_query_energy_error_mean_abs)}.")

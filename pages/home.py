@@ -5,18 +5,25 @@ import time
 import pandas as pd
 import streamlit as st
 
-from engine import firstrun
+from engine import firstrun, runs
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.fitting import load_reference_profiles
-from engine.overview import read_overview
+from engine.formatting import format_accuracy, format_count, format_duration, format_parameters, format_timestamp
+from engine.overview import latest_work, read_overview
 from engine.profiling import jobs
-from engine.formatting import format_accuracy, format_duration, format_parameters
-from pages.common import ensure_app_navigation, get_store, show_error
+from ui.common import get_store, show_error
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Joule Planner")
 st.caption("Profile local LLMs, fit their energy and runtime, and plan batch work for the least energy.")
+
+SAMPLE_LABEL = "Sample workload (sample_50.csv)"  # the Plan page's radio option for data/workloads/sample_50.csv
+LATEST_WORK_PAGES = {"Profiling job": ("pages/profile.py", "Open the Profile page"),
+                     "Fit": ("pages/models.py", "See the surfaces on the Models page"),
+                     "Plan": ("pages/plan.py", "Plan a workload"),
+                     "Execution": ("pages/execute.py", "Execute a plan")}
 
 
 @st.cache_data(ttl=30, show_spinner="Looking for energy sensors…")
@@ -24,18 +31,27 @@ def sensors_table() -> pd.DataFrame:
     return pd.DataFrame([s.to_dict() for s in discover_sensors()])
 
 
+store = get_store()
 try:
-    view = read_overview(get_store())
+    runs.reconcile(store)  # a run whose worker was killed reads as failed, not running
+    view = read_overview(store)
+    first = firstrun.read_state(store)
 except PlannerError as exc:
     show_error(exc)
     st.stop()
-
-SAMPLE_LABEL = "Sample workload (sample_50.csv)"  # the Plan page's radio option for data/workloads/sample_50.csv
 
 
 def open_plan_with_sample() -> None:
     st.session_state["plan_source"] = SAMPLE_LABEL
     st.switch_page("pages/plan.py")
+
+
+def explore_published_profiles() -> None:
+    try:
+        load_reference_profiles(store)
+        open_plan_with_sample()
+    except PlannerError as exc:
+        show_error(exc)
 
 
 @st.fragment(run_every=2.0)
@@ -54,7 +70,8 @@ def first_run_progress() -> None:
                 progress = jobs.job_progress(store, job_id)
                 total = progress.job.points_total or 1
                 st.progress(min(progress.job.points_done / total, 1.0),
-                            text=f"{model}: {progress.job.points_done} of {total} points, {progress.trials} trials")
+                            text=f"{model}: {progress.job.points_done} of {format_count(total, 'point')}, "
+                                 f"{format_count(progress.trials, 'trial')}")
             except PlannerError:
                 pass
         st.info(f"First run: {state.step}… ({format_duration(time.time() - state.started)} so far). "
@@ -65,20 +82,20 @@ def first_run_progress() -> None:
         open_plan_with_sample()
 
 
-store = get_store()  # the same cached handle as above
-try:
-    has_fits = bool(store.query_one("SELECT count(*) FROM fits WHERE source = 'measured'")[0])
-    first = firstrun.read_state(store)
-except PlannerError as exc:
-    show_error(exc)
-    st.stop()
-if not has_fits or (first is not None and first.status == "running"):
-    with st.container(border=True):
-        st.subheader("Start here")
+# -- start here: before the first run it starts one; after it, the next steps ---------------------
+
+running = first is not None and first.status == "running"
+with st.container(border=True):
+    st.subheader("Start here")
+    first_time = not view.has_measured_fits or running
+    if first_time:
         st.markdown("One click profiles the two demo models on this CPU with a quick design (a few minutes), fits "
                     "their energy and runtime, and opens the Plan page with the sample workload loaded.")
-        left, right = st.columns(2)
-        running = first is not None and first.status == "running"
+    else:
+        st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
+                    "Profile page, or compare with the published A100 profiles.")
+    left, right = st.columns(2)
+    if first_time:
         if left.button("Profile the demo models and plan", type="primary", disabled=running, key="first_run"):
             try:
                 firstrun.start_first_run(store)
@@ -86,22 +103,23 @@ if not has_fits or (first is not None and first.status == "running"):
                 st.rerun()
             except PlannerError as exc:
                 show_error(exc)
-        if right.button("Or explore the paper's published A100 profiles", key="home_reference",
-                        help="Seven LLMs on an A100 server, from Wilkins et al. (published coefficients, no "
-                             "measurements): data-centre-scale what-ifs without a GPU."):
-            try:
-                load_reference_profiles(store)
-                open_plan_with_sample()
-            except PlannerError as exc:
-                show_error(exc)
-        first_run_progress()
+    elif left.button("Plan the sample workload", type="primary", key="plan_sample"):
+        open_plan_with_sample()
+    if right.button("Explore the paper's published A100 profiles", key="home_reference",
+                    help="Seven LLMs on an A100 server, from Wilkins et al. (published coefficients, no "
+                         "measurements): data-centre-scale what-ifs without a GPU."):
+        explore_published_profiles()
+    first_run_progress()
+
+# -- sensors -------------------------------------------------------------------------------------
 
 st.subheader("Energy sensors on this host")
 sensors = sensors_table()
 measured = sensors[sensors.status == "measured"]
 estimated = sensors[sensors.status == "estimated"]
 if len(measured):
-    st.success(f"{len(measured)} energy sensor(s) measure here: " + ", ".join(sorted(set(measured.source))))
+    st.success(f"{format_count(len(measured), 'energy sensor')} measure{'s' if len(measured) == 1 else ''} here: "
+               + ", ".join(sorted(set(measured.source))))
 if len(estimated):
     st.warning("No CPU energy sensor here: CPU energy will be **estimated** and labelled so everywhere it appears.")
 st.table(
@@ -109,6 +127,8 @@ st.table(
                                        "fix": "How to fix"}),
     hide_index=True,
 )
+
+# -- what is stored ------------------------------------------------------------------------------
 
 left, right = st.columns(2)
 with left:
@@ -131,20 +151,13 @@ with right:
         st.metric("Trials stored", f"{view.n_measurements:,}")
         if view.n_measurements_estimated:
             st.caption(f"{view.n_measurements_estimated:,} of them with **estimated** energy (no sensor).")
-        st.dataframe(view.measured_pairs, hide_index=True, width="stretch")
+        pairs = view.measured_pairs.assign(first=view.measured_pairs["first"].map(format_timestamp),
+                                           last=view.measured_pairs["last"].map(format_timestamp))
+        st.dataframe(pairs, hide_index=True, width="stretch")
     st.subheader("Latest work")
-    links = {"Profiling job": ("pages/profile.py", "Open the Profile page"),
-             "Fit": ("pages/models.py", "See the surfaces on the Models page"),
-             "Plan": ("pages/plan.py", "Plan a workload"),
-             "Execution": ("pages/execute.py", "Execute a plan")}
-    for label, record in (("Profiling job", view.latest_job), ("Fit", view.latest_fit),
-                          ("Plan", view.latest_plan), ("Execution", view.latest_execution)):
-        if record is None:
-            st.markdown(f"**{label}:** none yet")
-        else:
-            st.markdown(f"**{label} #{record['id']}:** " + ", ".join(
-                f"{k} {v}" for k, v in record.items() if k not in ("id",) and v is not None and v == v))
-        if label in links:
-            st.page_link(links[label][0], label=links[label][1])
+    for line in latest_work(view):
+        st.markdown(f"**{line.kind}:** {line.text}")
+        page, label = LATEST_WORK_PAGES[line.kind]
+        st.page_link(page, label=label)
 
 st.caption(f"Database: `{view.db_path}` (schema version {view.schema_version})")

@@ -4,9 +4,10 @@ import streamlit as st
 
 from engine import catalog
 from engine.errors import PlannerError
-from pages.surfaces import show_surfaces
+from ui.surfaces import show_surfaces
 from engine.formatting import format_accuracy, format_parameters
-from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
+from ui.common import flash, get_store, show_error, show_flash
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Models")

@@ -1,55 +1,92 @@
-"""Plan: upload a workload, set targets, get the energy-optimal schedule and its context."""
+"""Plan: upload a workload, choose the options and targets, get the energy-optimal schedule and its context.
+
+Planning and the trade-off curves run in the background (ui.background): the page stays
+live, shows their progress, and draws the result when it arrives.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
+from engine.catalog import list_models
 from engine.errors import InputError, PlannerError
 from engine.execution import learned_output_lengths
 from engine.fitting import load_reference_profiles
+from engine.formatting import format_count
 from engine.paths import PROJECT_ROOT
-from engine.formatting import format_accuracy, format_duration, format_energy, format_percent, format_watt_hours
-from engine.planning import (
-    PlanSettings,
-    list_plans,
-    load_options,
-    load_plan,
-    pareto_curve,
-    plan_workload,
-    read_workload,
-    read_workload_upload,
-    schedule_csv,
-)
-from pages.common import ensure_app_navigation, flash, get_store, show_error, show_flash
+from engine.planning import (PlanSettings, list_plans, load_options, load_plan, pareto_curve, plan_workload,
+                             read_workload, read_workload_upload, schedule_csv)
+from engine.planning.output_lengths import fill_learned_output_lengths
+from engine.planning.summary import option_table
+from ui import background
+from ui.common import flash, get_store, problems_table, show_error, show_flash
+from ui.navigation import ensure_app_navigation
+from ui.plan_view import (PlanRequest, accuracy_range_text, choose_options, show_assignment, show_baselines,
+                          show_curves, show_extrapolation, show_headline, stored_plans_table, timeline_figure,
+                          workload_key)
 
 SAMPLE_WORKLOAD = PROJECT_ROOT / "data" / "workloads" / "sample_50.csv"
-TIMELINE_MAX_BARS = 400
+CURVE_POINTS = 9
 
 ensure_app_navigation()
 st.title("Plan")
-st.caption("Upload a workload, set the accuracy and deadline you need, and get the schedule that meets them with the "
-           "least energy, with a proof of how close to optimal it is.")
+st.caption("Upload a workload, choose the options and the accuracy and deadline you need, and get the schedule that "
+           "meets them with the least energy, with a proof of how close to optimal it is.")
 store = get_store()
 show_flash()
 
+# What the background work finished since the last run (each outcome is taken once).
+planned = background.take_outcome("plan")
+if planned is not None:
+    if planned.error is not None:
+        st.session_state["plan_error"] = planned.error
+    else:
+        st.session_state["plan_result"] = (planned.request, planned.value)
+        st.session_state.pop("plan_curves", None)
+drawn = background.take_outcome("plan_curves")
+if drawn is not None:
+    if drawn.error is not None:
+        show_error(drawn.error)
+    else:
+        st.session_state["plan_curves"] = (drawn.request, drawn.value)
 
-def energy_text(joules: float | None, estimated: bool) -> str:
-    return format_energy(joules) + (" (estimated)" if estimated else "")
+
+def plan_in_background(progress: background.TaskProgress, **arguments):
+    progress.report(f"counting tokens, predicting and solving (the solver stops by "
+                    f"{arguments['settings'].time_limit_s:g} s)")
+    return plan_workload(store, **arguments)
 
 
-# -- options ----------------------------------------------------------------------------------
+def curves_in_background(progress: background.TaskProgress, result):
+    progress.report(f"solving at {CURVE_POINTS} accuracy targets", done=0, total=2 * CURVE_POINTS)
+
+    def counted(offset: int):
+        def on_point(n: int) -> None:
+            progress.check()  # a newer plan: stop between solves
+            progress.report(done=offset + n)
+        return on_point
+
+    by_accuracy = pareto_curve(result.predictions, result.settings, result.allowed, vary="accuracy",
+                               points=CURVE_POINTS, on_point=counted(0))
+    progress.report(f"solving at {CURVE_POINTS} deadlines")
+    by_deadline = pareto_curve(result.predictions, result.settings, result.allowed, vary="deadline",
+                               points=CURVE_POINTS, on_point=counted(CURVE_POINTS))
+    return by_accuracy, by_deadline
+
+
+# -- options --------------------------------------------------------------------------------------
 
 scope = st.radio("Energy to minimise", ["total", "dynamic"], horizontal=True, key="plan_scope",
                  help="Total: everything the sensor counted. Dynamic: total minus the device's idle power x runtime. "
                       "Needs fits of that scope (Models page).")
 try:
     options, notes = load_options(store, scope)
+    catalog = list_models(store)
+    demo_models = set(catalog.name[catalog.is_demo.astype(bool)])
 except PlannerError as exc:
     show_error(exc)
     st.stop()
@@ -63,25 +100,13 @@ if not options:
     if right.button("Load the published A100 reference profiles", key="load_reference"):
         try:
             names = load_reference_profiles(store)
-            flash(f"Loaded {len(names)} reference profiles (published coefficients, no measurements).")
+            flash(f"Loaded {format_count(len(names), 'reference profile')} (published coefficients, no measurements).")
             st.rerun()
         except PlannerError as exc:
             show_error(exc)
     for note in notes:
         st.caption(note)
     st.stop()
-
-option_rows = pd.DataFrame([{
-    "option": o.key, "model": o.model, "device": o.device, "accuracy": format_accuracy(o.accuracy),
-    "energy": ("published, no measurements" if o.published else
-               "estimated (no sensor)" if o.energy_estimated else "measured"),
-    "energy fit": f"{o.energy_fit.form}, CV MAPE {format_percent(o.energy_fit.cv_mape)}"
-    if o.energy_fit.cv_mape is not None else o.energy_fit.form,
-} for o in options])
-with st.expander(f"{len(options)} options available (model on device)", expanded=False):
-    st.dataframe(option_rows, hide_index=True, width="stretch")
-    for note in notes:
-        st.caption(note)
 
 # -- workload -----------------------------------------------------------------------------------
 
@@ -103,11 +128,11 @@ try:
     elif upload is not None:
         workload = read_workload_upload(upload.getvalue(), upload.name, drop_bad_rows=drop_bad)
 except InputError as exc:
-    st.error(f"The workload has {len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''}; nothing was "
-             "planned. Fix them, or tick *Drop bad rows* to plan the rest.")
-    st.dataframe(pd.DataFrame([{"where": p.where, "column": p.column or "", "problem": p.message,
-                                "expected": p.expected or ""} for p in exc.problems]),
-                 hide_index=True, width="stretch")
+    fix = "Fix it" if len(exc.problems) == 1 else "Fix them"
+    advice = (f"{fix}: these refuse the whole file, even with *Drop bad rows* ticked." if drop_bad else
+              f"{fix}, or tick *Drop bad rows* to plan the rest.")
+    st.error(f"The workload has {format_count(len(exc.problems), 'problem')}; nothing was planned. {advice}")
+    st.dataframe(problems_table(exc.problems), hide_index=True, width="stretch")
 except PlannerError as exc:
     show_error(exc)
 
@@ -116,45 +141,62 @@ if workload is not None:
         learned = learned_output_lengths(store)
     except PlannerError:
         learned = pd.DataFrame()
-    missing = workload.queries.output_tokens.isna() & workload.queries.max_output_tokens.isna()
-    if len(learned) and missing.any():
-        overall = learned[learned.category == "(all)"]
-        by_category = learned[learned.category != "(all)"].groupby("category")["median_output_tokens"].median()
-        fallback = float(overall.median_output_tokens.median())
-        if st.checkbox(f"Use output lengths learned from executions for the {int(missing.sum())} queries without one "
-                       f"(median {fallback:.0f} tokens; per category where known)", value=True, key="plan_learned"):
-            categories = workload.queries.category.where(missing)
-            filled = categories.map(by_category).fillna(fallback).round().clip(lower=1)
-            queries = workload.queries.copy()
-            queries.loc[missing, "output_tokens"] = filled[missing].astype("int64")
-            workload = replace(workload, queries=queries, warnings=workload.warnings + [
-                f"{int(missing.sum())} queries planned with output lengths learned from executed prompts"])
+    filled, fill = fill_learned_output_lengths(workload, learned)
+    if fill is not None and st.checkbox(
+            f"Use output lengths learned from executions for the {format_count(fill.n_filled, 'query', 'queries')} "
+            f"without one (median {fill.overall_median_tokens:.0f} tokens; per category where known)",
+            value=True, key="plan_learned"):
+        workload = filled
     queries = workload.queries
     with_prompt = int(queries.prompt.notna().sum())
-    st.success(f"{workload.n_queries:,} queries read from {workload.name}: {with_prompt:,} with a prompt, "
-               f"{workload.n_queries - with_prompt:,} with token counts only.")
+    st.success(f"{format_count(workload.n_queries, 'query')} read from {workload.name}: {with_prompt:,} with a "
+               f"prompt, {workload.n_queries - with_prompt:,} with token counts only.")
     for warning in workload.warnings:
         st.warning(warning)
     if workload.dropped:
-        st.warning(f"{len(workload.dropped)} bad rows were dropped and will not be planned:")
-        st.dataframe(pd.DataFrame([{"where": p.where, "column": p.column or "", "problem": p.message}
-                                   for p in workload.dropped]), hide_index=True, width="stretch")
+        st.warning(f"{format_count(len(workload.dropped), 'bad row')} dropped; "
+                   f"{'it' if len(workload.dropped) == 1 else 'they'} will not be planned:")
+        st.dataframe(problems_table(workload.dropped, expected=False), hide_index=True, width="stretch")
     with st.expander("Preview the queries"):
         st.dataframe(queries.head(200), hide_index=True, width="stretch")
 
+# -- options ----------------------------------------------------------------------------------------
+
+st.subheader("2. Options")
+st.caption("Each option is a model on a device with fitted energy and runtime surfaces. Tick the ones the plan may use.")
+chosen = choose_options(option_table(options, demo_models))
+for note in notes:
+    st.caption(note)
+chosen_options = [o for o in options if o.key in set(chosen)]
+
 # -- targets ------------------------------------------------------------------------------------
 
-st.subheader("2. Targets")
-accuracies = sorted({o.accuracy for o in options})
-default_target = round(float(np.mean(accuracies)), 2)
-devices = list(dict.fromkeys(o.device for o in options))
-with st.form("plan_settings"):
+st.subheader("3. Targets")
+accuracies = [o.accuracy for o in chosen_options]
+suggested = round(float(np.mean(accuracies)), 2) if accuracies else 0.5
+# The target starts at the chosen options' mean score and never changes unannounced. Its widget's key
+# carries the suggestion, so a new set of options starts a fresh widget (a form widget's value set
+# through session state is not reliably what the browser then submits); a target the user typed is
+# carried over.
+previous = st.session_state.get("plan_target_suggested")
+initial = suggested
+if previous is not None and previous != suggested:
+    before = st.session_state.get(f"plan_target_{previous:.2f}", previous)
+    typed = not np.isclose(before, previous)
+    initial = before if typed else suggested
+    if not typed:
+        st.info(f"Accuracy target set to {suggested:.3f}, the mean score of the chosen options (it was {before:.3f}).")
+st.session_state["plan_target_suggested"] = suggested
+devices = list(dict.fromkeys(o.device for o in chosen_options or options))
+error = st.session_state.pop("plan_error", None)
+
+with st.form("plan_settings", enter_to_submit=False):  # Enter in a field does not plan; only the button does
     left, middle, right = st.columns(3)
     with left:
         use_target = st.checkbox("Require a mean accuracy", value=True, key="plan_use_target")
-        target = st.number_input("Accuracy target (fraction)", min_value=0.0, max_value=1.0, value=default_target,
-                                 step=0.01, format="%.3f", key="plan_target",
-                                 help=f"The models here score {accuracies[0]:.3f} to {accuracies[-1]:.3f}.")
+        target = st.number_input("Accuracy target (fraction)", min_value=0.0, max_value=1.0, value=float(initial),
+                                 step=0.01, format="%.3f", key=f"plan_target_{suggested:.2f}",
+                                 help=accuracy_range_text(accuracies))
         mode = st.radio("Accuracy weighting", ["query", "token"], horizontal=True, key="plan_mode",
                         help="query: every query counts once. token: weighted by τin + τout, the paper's "
                              "A_K·(τin + τout).")
@@ -177,20 +219,20 @@ with st.form("plan_settings"):
         objective = st.radio("Objective", ["least energy", "the paper's ζ-weighted cost"], key="plan_objective")
         zeta = st.slider("ζ (weight of energy against accuracy)", 0.0, 1.0, 0.5, 0.05, key="plan_zeta",
                          help="Only for the ζ-weighted cost: ζ·energy/max − (1 − ζ)·token accuracy/max.")
-        chosen = st.multiselect("Options to use", [o.key for o in options], default=[o.key for o in options],
-                                key="plan_options")
     with st.expander("Advanced: model load costs, minimum shares, solver"):
         st.caption("Load costs are counted once for each model used on a device (time on its deadline, energy in "
                    "the total). Leave 0 to ignore.")
-        loads = st.data_editor(pd.DataFrame({"option": [o.key for o in options], "load_s": 0.0, "load_energy_j": 0.0}),
+        loads = st.data_editor(pd.DataFrame({"option": chosen, "load_s": 0.0, "load_energy_j": 0.0}),
                                hide_index=True, disabled=["option"], key="plan_loads", width="stretch")
-        shares = st.data_editor(pd.DataFrame({"model": sorted({o.model for o in options}), "min_share": 0.0}),
+        shares = st.data_editor(pd.DataFrame({"model": sorted({o.model for o in chosen_options}), "min_share": 0.0}),
                                 hide_index=True, disabled=["model"], key="plan_shares", width="stretch")
         time_limit = st.number_input("Solver time limit (s)", min_value=1.0, max_value=600.0, value=30.0,
                                      key="plan_time_limit")
     submitted = st.form_submit_button("Plan", type="primary", disabled=workload is None)
 if workload is None:
     st.caption("Choose a workload above to plan.")
+if error is not None:
+    show_error(error)
 
 if submitted and workload is not None:
     load_costs = {row.option: (float(row.load_s), float(row.load_energy_j)) for row in loads.itertuples()
@@ -204,161 +246,68 @@ if submitted and workload is not None:
         min_share={row.model: float(row.min_share) for row in shares.itertuples() if (row.min_share or 0) > 0},
         count_load=bool(load_costs), energy_scope=scope, time_limit_s=float(time_limit))
     try:
-        with st.spinner(f"Counting tokens, predicting and solving for {workload.n_queries:,} queries…"):
-            result = plan_workload(store, workload, settings, default_output_tokens=int(default_output),
-                                   only=chosen or None, load_costs=load_costs or None)
-        st.session_state["plan_result"] = result
-        st.session_state.pop("plan_curves", None)
+        if not chosen:
+            raise PlannerError("No option is ticked: tick at least one in the table of options.")
+        settings.validate()
     except PlannerError as exc:
         show_error(exc)
+    else:
+        request = PlanRequest(workload_key(workload), workload.name, workload.n_queries, tuple(chosen), settings)
+        background.start("plan", f"Planning {format_count(workload.n_queries, 'query')}", partial(
+            plan_in_background, workload=workload, settings=settings, default_output_tokens=int(default_output),
+            only=chosen, load_costs=load_costs or None), request=request)
+background.show_progress("plan", stop_label="Stop planning")
 
 # -- the result ---------------------------------------------------------------------------------
 
-result = st.session_state.get("plan_result")
-if result is not None:
-    st.subheader("3. The schedule" + (f" (plan #{result.plan_id})" if result.plan_id else ""))
-    estimated = result.energy_estimated
+kept = st.session_state.get("plan_result")
+current_key = workload_key(workload) if workload is not None else None
+if kept is not None and kept[0].workload_key != current_key:
+    request, result = kept
+    st.info(f"The workload changed after plan #{result.plan_id} ({format_count(request.n_queries, 'query')} of "
+            f"{request.workload_name}), so it is not shown. Press **Plan** to plan this workload; stored plans are "
+            "listed below.")
+elif kept is not None:
+    request, result = kept
+    st.subheader("4. The schedule" + (f" (plan #{result.plan_id})" if result.plan_id else ""))
+    if request.options != tuple(chosen) or request.settings.energy_scope != scope:
+        st.warning("The options or the energy scope changed after this plan was made; press **Plan** to update it.")
     for warning in result.warnings:
         st.warning(warning)
     if not result.has_schedule:
         st.error("No schedule meets these targets.\n\n" + "\n".join(f"- {line}" for line in result.diagnosis))
-        best = result.best_achievable
-        if best:
-            st.dataframe(pd.DataFrame([{"what": k, "best achievable": v} for k, v in best.items()]),
+        if result.best_achievable:
+            st.dataframe(pd.DataFrame([{"what": k, "best achievable": v} for k, v in result.best_achievable.items()]),
                          hide_index=True)
     else:
-        if estimated:
+        if result.energy_estimated:
             st.info("Some options' energy is **estimated** (no sensor on the device that was profiled); every energy "
                     "figure below that includes them is an estimate.")
-        n = result.n_queries
-        top = st.columns(4)
-        top[0].metric("Energy" + (" (estimated)" if estimated else ""), format_energy(result.energy_j),
-                      help=f"{result.energy_scope} energy, predicted by the fits")
-        per_query_j = result.energy_j / n
-        top[1].metric("Per query", format_watt_hours(per_query_j), help=f"{format_energy(per_query_j)} per query")
-        top[2].metric("Mean accuracy", f"{result.accuracy:.4f}", help=f"{result.settings.accuracy_mode}-weighted")
-        top[3].metric("Proven gap", format_percent(result.gap, 4),
-                      help="(energy − lower bound) / energy: no schedule can use less than the lower bound.")
-        bound = (f"lower bound {energy_text(result.lower_bound_j, estimated)}" if result.lower_bound_j is not None
-                 else f"objective bound {result.objective_lower_bound:.6g}")
-        st.caption(f"Status **{result.status}**; {bound}; solved in {format_duration(result.solve_s)} "
-                   f"({format_duration(result.plan_s)} including token counts, predictions and baselines); "
-                   f"{result.solver.get('method', '')}.")
-
-        device_rows = []
-        for device, seconds in result.per_device_runtime_s.items():
-            limit = result.settings.device_deadline(device)
-            device_rows.append({"device": device, "busy": format_duration(seconds),
-                                "deadline": format_duration(limit) if limit else "none",
-                                "used": format_percent(seconds / limit, 0) if limit else ""})
-        schedule = result.schedule
-        per_option = schedule.assign(option=schedule.model + "@" + schedule.device).groupby("option").agg(
-            queries=("id", "size"), energy_j=("predicted_energy_j", "sum"), runtime_s=("predicted_runtime_s", "sum"))
-        left, right = st.columns(2)
-        left.markdown("**Per device**")
-        left.dataframe(pd.DataFrame(device_rows), hide_index=True, width="stretch")
-        right.markdown("**Queries per option**")
-        right.dataframe(per_option.reset_index().assign(
-            energy=lambda f: f.energy_j.map(format_energy), time=lambda f: f.runtime_s.map(format_duration))[
-            ["option", "queries", "energy", "time"]], hide_index=True, width="stretch")
-
+        show_headline(result)
+        show_assignment(result)
         if result.constraint_costs:
             st.markdown("**What each constraint costs**")
             for cost in result.constraint_costs:
                 st.markdown(f"- {cost.text}")
-
-        outside = schedule[~schedule.in_domain]
-        if len(outside):
-            st.warning(f"{len(outside):,} scheduled queries lie outside the token range their option was measured "
-                       "over; their predictions are extrapolated.")
-            with st.expander("Queries outside the measured range"):
-                st.dataframe(outside, hide_index=True, width="stretch")
-        if schedule.clamped.any():
-            st.warning(f"{int(schedule.clamped.sum()):,} scheduled queries had a negative prediction (the paper's "
-                       "published form) clamped to 0.")
-
-        st.download_button("Download the schedule (CSV)", schedule_csv(schedule),
+        show_extrapolation(result)
+        st.download_button("Download the schedule (CSV)", schedule_csv(result.schedule),
                            file_name=f"schedule_plan_{result.plan_id or 'unsaved'}.csv", mime="text/csv",
                            key="download_schedule", type="primary")
-
-        # Timeline: one bar per block of consecutive queries of one model on a device.
         st.markdown("**Timeline per device**")
-        blocks = schedule.assign(block=(schedule.model != schedule.model.shift())
-                                 | (schedule.device != schedule.device.shift()))
-        blocks["block"] = blocks["block"].cumsum()
-        spans = blocks.groupby("block").agg(device=("device", "first"), model=("model", "first"),
-                                            start=("device_start_s", "min"), queries=("id", "size"),
-                                            end=("predicted_runtime_s", "sum"))
-        spans["end"] = spans["start"] + spans["end"]
-        timeline = go.Figure()
-        for model, part in spans.groupby("model"):
-            timeline.add_trace(go.Bar(y=part.device, x=part.end - part.start, base=part.start, orientation="h",
-                                      name=model, customdata=part.queries,
-                                      hovertemplate="%{y}: " + model + ", %{customdata} queries<br>"
-                                                    "%{base:.1f} s to %{x:.1f} s later<extra></extra>"))
-        makespan = max(result.per_device_runtime_s.values()) or 1.0
-        far = []
-        for device in result.per_device_runtime_s:
-            limit = result.settings.device_deadline(device)
-            if limit and limit <= 3 * makespan:
-                timeline.add_vline(x=limit, line_dash="dash", annotation_text=f"deadline {device}")
-            elif limit:
-                far.append(f"{device} {format_duration(limit)}")
-        title = "When each device runs which model"
-        if far:
-            title += f" (deadlines far to the right: {', '.join(far)})"
-        timeline.update_layout(barmode="overlay", title=title,
-                               xaxis_title="time from start (s)", yaxis_title="device", height=260 + 40 * len(devices),
-                               margin=dict(t=50, b=40))
-        st.plotly_chart(timeline, width="stretch", key="plan_timeline")
-
+        st.plotly_chart(timeline_figure(result), width="stretch", key="plan_timeline")
     if result.baselines:
-        st.markdown("**Compared with the obvious alternatives** (same predictions)")
-        rows = []
-        for name, b in result.baselines.items():
-            saving = (1 - result.energy_j / b.energy_j) if (result.has_schedule and b.energy_j) else math.nan
-            rows.append({"schedule": name, "energy": format_energy(b.energy_j),
-                         "plan saves": format_percent(saving, unknown=""),
-                         "accuracy": f"{b.accuracy:.4f}", "makespan": format_duration(b.makespan_s),
-                         "meets the targets": "yes" if b.feasible else "no", "energy_j": b.energy_j})
-        table = pd.DataFrame(rows).sort_values("energy_j").drop(columns="energy_j")
-        st.dataframe(table, hide_index=True, width="stretch")
-        if estimated:
-            st.caption("Energies include estimated figures (labelled above).")
+        show_baselines(result)
 
     if result.has_schedule and result.predictions is not None:
         st.markdown("**Trade-offs**")
+        curves_key = (result.plan_id, id(result))
         if st.button("Draw energy against the accuracy target and the deadline", key="plan_draw_curves"):
-            with st.spinner("Solving the plan at 9 accuracy targets and 9 deadlines…"):
-                st.session_state["plan_curves"] = (
-                    pareto_curve(result.predictions, result.settings, result.allowed, vary="accuracy"),
-                    pareto_curve(result.predictions, result.settings, result.allowed, vary="deadline"))
+            background.start("plan_curves", "Drawing the trade-offs", partial(curves_in_background, result=result),
+                             request=curves_key)
+        background.show_progress("plan_curves", stop_label="Stop drawing")
         curves = st.session_state.get("plan_curves")
-        if curves is not None:
-            by_accuracy, by_deadline = curves
-            left, right = st.columns(2)
-            figure = go.Figure()
-            ok = by_accuracy[by_accuracy.energy_j.notna()]
-            figure.add_trace(go.Scatter(x=ok.value, y=ok.energy_j / 1e3, mode="lines+markers", name="optimal plan"))
-            if result.settings.accuracy_target is not None:
-                figure.add_trace(go.Scatter(x=[result.settings.accuracy_target], y=[result.energy_j / 1e3],
-                                            mode="markers", marker=dict(size=14, symbol="star"), name="this plan"))
-            figure.update_layout(title="Energy against the accuracy target", xaxis_title="mean accuracy target",
-                                 yaxis_title="energy (kJ)" + (", estimated" if estimated else ""))
-            left.plotly_chart(figure, width="stretch", key="plan_pareto_accuracy")
-            figure = go.Figure()
-            ok = by_deadline[by_deadline.energy_j.notna()]
-            figure.add_trace(go.Scatter(x=ok.value / 60, y=ok.energy_j / 1e3, mode="lines+markers",
-                                        name="optimal plan"))
-            if result.settings.deadline_s:
-                figure.add_trace(go.Scatter(x=[result.settings.deadline_s / 60], y=[result.energy_j / 1e3],
-                                            mode="markers", marker=dict(size=14, symbol="star"), name="this plan"))
-            figure.update_layout(title="Energy against the deadline (every device)", xaxis_title="deadline (min)",
-                                 yaxis_title="energy (kJ)" + (", estimated" if estimated else ""), xaxis_type="log")
-            right.plotly_chart(figure, width="stretch", key="plan_pareto_deadline")
-            missing = int(by_accuracy.energy_j.isna().sum() + by_deadline.energy_j.isna().sum())
-            if missing:
-                st.caption(f"{missing} points have no feasible schedule and are left out.")
+        if curves is not None and curves[0] == curves_key:
+            show_curves(result, curves[1])
 
 # -- stored plans --------------------------------------------------------------------------------
 
@@ -371,8 +320,9 @@ with st.expander("Stored plans"):
     if plans.empty:
         st.caption("No plans stored yet.")
     else:
-        st.dataframe(plans, hide_index=True, width="stretch")
-        plan_id = st.selectbox("Download the schedule of plan", plans.id.tolist(), key="stored_plan")
+        st.dataframe(stored_plans_table(plans), hide_index=True, width="stretch")
+        plan_id = st.selectbox("Download the schedule of plan", plans.id.tolist(), key="stored_plan",
+                               format_func=lambda i: f"#{i}")
         try:
             row, stored_schedule = load_plan(store, int(plan_id))
             if stored_schedule.empty:

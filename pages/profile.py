@@ -13,8 +13,9 @@ from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
-from engine.formatting import format_duration
-from pages.common import ensure_app_navigation, get_store, show_error
+from engine.formatting import format_count, format_duration, format_timestamp
+from ui.common import get_store, show_error
+from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Profile")
@@ -95,7 +96,9 @@ if preview or start:
         if start:
             job = jobs.create_job(store, model, device, **request)
             jobs.start_worker(store, job.id)
-            st.session_state["profile_job"] = job.id
+            # The jobs panel below opens on the new job at once (its selector keeps its own value otherwise).
+            st.session_state["profile_watch"] = job.id
+            st.session_state["profile_polling"] = True
     except PlannerError as exc:
         show_error(exc)
 
@@ -123,69 +126,119 @@ with st.expander("Import or export measurements (CSV)"):
         st.download_button(f"Download all {len(stored):,} measurements", measurements_csv(stored),
                            file_name="measurements.csv", mime="text/csv")
 
-history = jobs.list_jobs(store)
-if history.empty:
-    st.stop()
 
-st.subheader("Jobs")
-ids = history.id.tolist()
-default = st.session_state.get("profile_job", ids[0])
-job_id = st.selectbox("Job", ids, index=ids.index(default) if default in ids else 0, key="profile_watch",
-                      format_func=lambda i: "#{} {} on {} ({})".format(
-                          i, *history.set_index("id").loc[i, ["model", "device", "status"]]))
-active = jobs.get_job(store, job_id).status in jobs.ACTIVE
+def job_label(history: pd.DataFrame, job_id: int) -> str:
+    """A job's name in the selector. Never its status: the browser keeps showing the label a
+    choice was made under, so a label that changes ("queued", then "done") would go stale there."""
+    row = history.set_index("id").loc[job_id]
+    return f"#{job_id} {row.model} on {row.device}"
 
 
-@st.fragment(run_every=1.5 if active else None)
+def jobs_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Every job in words: its points and trials, and local times to the minute."""
+    return pd.DataFrame({
+        "job": history.id.map(lambda i: f"#{i}"), "model": history.model, "device": history.device,
+        "status": history.status, "points": [f"{d} / {t}" for d, t in zip(history.points_done, history.points_total)],
+        "trials": history.trials, "reason": history.reason.fillna(""),
+        "created": history.created_at.map(format_timestamp), "finished": history.finished_at.map(format_timestamp)})
+
+
+def show_points(job, points: pd.DataFrame) -> None:
+    """What a job measured so far, per point: a chart and a table.
+
+    This is where a point's own flags belong (a point that reached its most trials
+    without meeting the confidence rule is to be marked here, beside its trials).
+    """
+    estimated = (points.energy_source == "estimated").any()
+    label = "mean energy per request (J, estimated)" if estimated else "mean energy per request (J)"
+    chart = points.assign(input=points.input_tokens.astype(str))
+    figure = px.scatter(chart, x="output_tokens", y="energy_j", color="input", size="trials", log_x=True,
+                        title=f"Measured so far: {job.model} on {job.device}",
+                        labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens"})
+    st.plotly_chart(figure, width="stretch", key=f"chart_{job.id}_{int(points.trials.sum())}")
+    if estimated:
+        st.caption("Energy is **estimated** (no sensor on this host): CPU time × watts per logical CPU.")
+    shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]]
+    st.dataframe(shown, hide_index=True, width="stretch",
+                 column_config={"runtime_s": st.column_config.NumberColumn("mean runtime (s)", format="%.4f"),
+                                "energy_j": st.column_config.NumberColumn("mean energy (J)", format="%.4f")})
+
+
 def job_monitor(job_id: int) -> None:
+    """One job: its progress, its times, Cancel or Resume, and what it measured so far."""
     progress = jobs.job_progress(store, job_id)
     job = progress.job
+    active = job.status in jobs.ACTIVE
     fraction = job.points_done / job.points_total if job.points_total else 0.0
-    st.progress(fraction, text=f"Job #{job.id}: {job.model} on {job.device} — {job.status}")
+    st.progress(min(fraction, 1.0), text=f"Job #{job.id}: {job.model} on {job.device} — {job.status}")
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Points", f"{job.points_done} / {job.points_total}")
     m2.metric("Trials", f"{progress.trials:,}")
-    m3.metric("Elapsed", format_duration(progress.elapsed_s))
-    m4.metric("Remaining", format_duration(progress.remaining_s) if job.status in jobs.ACTIVE else "—")
+    m3.metric("Elapsed", format_duration(progress.elapsed_s),
+              help="Measuring time of the job across its runs (a resumed job goes on counting; pauses do not count).")
+    if not active:
+        remaining = "—"
+    elif progress.remaining_s is not None:
+        remaining = format_duration(progress.remaining_s)
+    else:
+        remaining = "finishing" if job.points_done >= job.points_total else "estimating…"
+    m4.metric("Remaining", remaining, help="From the points measured so far; a rough guide.")
     if job.status == "failed":
         st.error(f"Failed: {job.reason}")
     elif job.status == "cancelled":
         st.warning(job.reason or "Cancelled.")
     elif job.status == "done":
-        st.success(f"Done: {progress.trials:,} trials over {job.points_total} points.")
-    if job.status in jobs.ACTIVE:
+        st.success(f"Done: {format_count(progress.trials, 'trial')} over {format_count(job.points_total, 'point')}.")
+    if active:
         if st.button("Cancel job", key=f"cancel_{job.id}"):
-            jobs.cancel_job(store, job.id)
-            st.rerun()
+            try:
+                jobs.cancel_job(store, job.id)
+            except PlannerError as exc:
+                show_error(exc)
+            st.rerun(scope="app")
     elif job.status in ("failed", "cancelled"):
         if st.button("Resume job", type="primary", key=f"resume_{job.id}"):
             try:
                 jobs.resume_job(store, job.id)
                 jobs.start_worker(store, job.id)
+                st.session_state["profile_polling"] = True
             except PlannerError as exc:
                 show_error(exc)
             else:
-                st.rerun()
-    points = progress.points
-    if len(points):
-        estimated = (points.energy_source == "estimated").any()
-        label = "mean energy per request (J, estimated)" if estimated else "mean energy per request (J)"
-        chart = points.assign(input=points.input_tokens.astype(str))
-        figure = px.scatter(chart, x="output_tokens", y="energy_j", color="input", size="trials", log_x=True,
-                            title=f"Measured so far: {job.model} on {job.device}",
-                            labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens"})
-        st.plotly_chart(figure, width="stretch", key=f"chart_{job.id}_{progress.trials}")
-        if estimated:
-            st.caption("Energy is **estimated** (no sensor on this host): CPU time × watts per logical CPU.")
-        shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]]
-        st.dataframe(shown, hide_index=True, width="stretch",
-                     column_config={"runtime_s": st.column_config.NumberColumn("mean runtime (s)", format="%.4f"),
-                                    "energy_j": st.column_config.NumberColumn("mean energy (J)", format="%.4f")})
-    if job.status not in jobs.ACTIVE and active:
-        st.rerun()  # the job ended while we watched: redraw the page without polling
+                st.rerun(scope="app")
+    if len(progress.points):
+        show_points(job, progress.points)
 
 
-job_monitor(job_id)
+try:
+    history = jobs.list_jobs(store)
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
+if history.empty:
+    st.stop()
+polling = bool(history.status.isin(jobs.ACTIVE).any()) or st.session_state.pop("profile_polling", False)
 
-with st.expander("All jobs"):
-    st.dataframe(history, hide_index=True, width="stretch")
+
+@st.fragment(run_every=1.5 if polling else None)
+def jobs_panel() -> None:
+    """The selector, the chosen job and the list of jobs, read afresh on every poll while a job runs."""
+    try:
+        jobs.reconcile_jobs(store)
+        history = jobs.list_jobs(store)
+    except PlannerError as exc:  # the database busy for a moment: say so, try again at the next poll
+        show_error(exc)
+        return
+    ids = history.id.tolist()
+    if st.session_state.get("profile_watch") not in ids:
+        st.session_state["profile_watch"] = ids[0]
+    job_id = st.selectbox("Job", ids, key="profile_watch", format_func=lambda i: job_label(history, i))
+    job_monitor(job_id)
+    with st.expander("All jobs"):
+        st.dataframe(jobs_table(history), hide_index=True, width="stretch")
+    if polling and not history.status.isin(jobs.ACTIVE).any():
+        st.rerun(scope="app")  # every job has ended: redraw once, and stop polling
+
+
+st.subheader("Jobs")
+jobs_panel()

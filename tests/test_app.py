@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import catalog
+from engine import catalog, runs
+from engine.energy import discover_sensors
 from engine.store import Store
+from tests.apptest_wait import run_until
 from tests.conftest import write_grid_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +39,10 @@ def test_every_page_renders_on_an_empty_database(page: str):
     assert not at.exception, at.exception
 
 
+def sensor_rows(at: AppTest) -> pd.DataFrame:
+    return next(t.value for t in at.table if "Source" in t.value.columns)
+
+
 def test_home_shows_demo_models_and_sensors(store: Store, demo_models):
     catalog.register_demo_models(store, list(demo_models.values()))
     at = app().run()
@@ -42,7 +51,70 @@ def test_home_shows_demo_models_and_sensors(store: Store, demo_models):
     for demo in demo_models.values():
         assert demo.name in text
     assert "Energy sensors on this host" in text
-    assert "rapl" in text  # the sensor table lists RAPL, found or missing with its reason
+    # What the page says about RAPL is what this host has, with the reason (missing on a VM or container).
+    expected = {s.source: (s.status, s.detail) for s in discover_sensors() if s.source.startswith("rapl")}
+    rows = sensor_rows(at).set_index("Source")
+    assert expected and {source: tuple(rows.loc[source, ["Status", "Detail"]]) for source in expected} == expected
+    assert all(detail for _status, detail in expected.values())  # found or missing, always with the reason
+    no_cpu_sensor = all(status == "missing" for status, _detail in expected.values())
+    assert no_cpu_sensor == any("No CPU energy sensor here" in w.value for w in at.warning)
+
+
+def test_home_says_rapl_is_missing_and_why(store: Store, monkeypatch, tmp_path: Path):
+    """A host without a powercap tree (a VM): RAPL missing with the reason, CPU energy estimated."""
+    import engine.energy
+
+    monkeypatch.setattr(engine.energy, "discover_sensors",
+                        partial(engine.energy.discover_sensors, powercap_root=tmp_path / "powercap", nvml=None))
+    at = app().run()
+    assert not at.exception, at.exception
+    rows = sensor_rows(at).set_index("Source")
+    assert rows.loc["rapl", "Status"] == "missing"
+    assert rows.loc["rapl", "Detail"].startswith(f"{tmp_path / 'powercap'} does not exist")
+    assert "kernel modules" in rows.loc["rapl", "How to fix"]
+    assert rows.loc["estimate", "Status"] == "estimated"
+    assert any("No CPU energy sensor here" in w.value for w in at.warning)
+    assert not at.success
+
+
+def test_home_says_rapl_measures_where_the_kernel_exposes_it(store: Store, monkeypatch, tmp_path: Path):
+    import engine.energy
+    from tests.test_energy_rapl import make_zone
+
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    monkeypatch.setattr(engine.energy, "discover_sensors",
+                        partial(engine.energy.discover_sensors, powercap_root=tmp_path, nvml=None))
+    at = app().run()
+    assert not at.exception, at.exception
+    rows = sensor_rows(at).set_index("Source")
+    assert rows.loc["rapl-package", "Status"] == "measured" and "estimate" not in rows.index
+    assert rows.loc["rapl-dram", "Status"] == "missing" and "no DRAM domain" in rows.loc["rapl-dram", "Detail"]
+    assert [s.value for s in at.success] == ["1 energy sensor measures here: rapl-package"]
+    assert not any("No CPU energy sensor here" in w.value for w in at.warning)
+
+
+def test_home_after_a_run_keeps_the_start_box_and_shows_formatted_figures(store: Store, demo_models, tmp_path: Path):
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    import_measurements(store, write_grid_csv(tmp_path / "grid.csv", "estimated"))
+    save_fits(store, fit_all(store))
+    with store.transaction() as con:
+        con.execute("INSERT INTO plans (objective, energy_scope, status, energy_j, accuracy) "
+                    "VALUES ('energy', 'total', 'optimal', 292.76300189240584, 0.5612345)")
+    at = app().run()
+    assert not at.exception, at.exception
+    assert any(s.value == "Start here" for s in at.subheader)
+    labels = [b.label for b in at.button]
+    assert "Plan the sample workload" in labels and "Explore the paper's published A100 profiles" in labels
+    assert "Profile the demo models and plan" not in labels
+    latest = "\n".join(m.value for m in at.markdown if m.value.startswith("**"))
+    assert "**Plan:** #1 optimal: 292.8 J predicted (total energy), mean accuracy 0.5612" in latest
+    assert "**Fit:** #2 sim on gpu0, runtime: form " in latest and "CV MAPE " in latest and "%" in latest
+    assert "292.763" not in latest and "0.5612345" not in latest and "cv_mape" not in latest
+    pairs = next(d.value for d in at.dataframe if "trials" in d.value.columns)
+    assert all(len(text) == len("2024-05-01 14:00") for text in pairs["first"])  # to the minute, no ISO "T"
 
 
 def test_models_page_adds_a_model(store: Store):
@@ -78,8 +150,12 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
     from engine.profiling import jobs
 
     catalog.register_demo_models(store, list(demo_models.values()))
+    earlier = jobs.create_job(store, "demo-small", "cpu", "custom", inputs=[8], outputs=[4])
+    runs.set_status(store, runs.PROFILING, earlier.id, "done")
     at = app().run()
     at.switch_page("pages/profile.py").run()
+    assert at.selectbox(key="profile_watch").value == earlier.id  # the panel shows the earlier, finished job
+    assert not any(b.label == "Cancel job" for b in at.button)
     at.selectbox(key="profile_model").set_value("demo-small")
     at.radio(key="profile_design").set_value("custom")
     at.text_input(key="profile_inputs").set_value("8")
@@ -90,14 +166,24 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     job_id = int(store.query_one("SELECT max(id) FROM profiling_jobs")[0])
+    # At once: the panel shows the new job, with Cancel, and the list has it.
+    assert job_id != earlier.id and at.selectbox(key="profile_watch").value == job_id
+    assert any(b.label == "Cancel job" for b in at.button)
+    listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
+    assert listed.loc[f"#{job_id}", "status"] in jobs.ACTIVE
     deadline = time.monotonic() + 120
     while jobs.get_job(store, job_id).status in jobs.ACTIVE and time.monotonic() < deadline:
         time.sleep(0.5)
     assert jobs.get_job(store, job_id).status == "done"
     at.run()
-    assert any("Done: " in s.value for s in at.success)
+    assert any("Done: 6 trials over 2 points" in s.value for s in at.success)
     assert any(m.label == "Trials" and m.value == "6" for m in at.metric)  # 2 points x 3 trials
+    assert any(m.label == "Remaining" and m.value == "—" for m in at.metric)
     assert any("estimated" in c.value for c in at.caption)
+    # The selector names the job without a status that could go stale; the list agrees with the panel.
+    assert at.selectbox(key="profile_watch").options[0] == f"#{job_id} demo-small on cpu"
+    listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
+    assert listed.loc[f"#{job_id}", "status"] == "done" and listed.loc[f"#{job_id}", "points"] == "2 / 2"
 
 
 def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_models):
@@ -120,12 +206,19 @@ def test_models_page_fits_and_shows_surfaces(store: Store, tmp_path: Path):
     at.switch_page("pages/models.py").run()
     assert any("No fits yet" in i.value for i in at.info)
     next(b for b in at.button if b.label == "Fit all measured models").click().run()
-    assert not at.exception, at.exception
+    run_until(at, lambda a: bool(a.success))  # fitting runs in the background
     assert any("Fitted 2 surfaces" in s.value for s in at.success)
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 4  # two surfaces and two residual plots
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    (surface,) = [spec for spec in specs if spec["data"][0]["type"] == "surface"]  # one 3-D chart at a time
+    assert "energy (J, estimated)" in surface["layout"]["title"]["text"]  # energy first
+    assert sum(spec["data"][0]["type"] == "scatter" for spec in specs) == 2  # the two residual plots
     assert any("estimated" in i.value for i in at.info)
     assert any("CV MAPE" in m.value for m in at.markdown)
+    at.get("segmented_control")[0].set_value("runtime").run()
+    assert not at.exception, at.exception
+    surface = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                   if json.loads(c.proto.spec)["data"][0]["type"] == "surface")
+    assert "runtime (s)" in surface["layout"]["title"]["text"]
 
 
 def test_models_page_loads_the_published_profiles(store: Store):

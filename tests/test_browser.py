@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from engine import catalog
+from engine.planning import list_plans
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +162,33 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     page.goto(served_app + "/profile")
     expect(page.get_by_role("heading", name="Profile")).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Done:")).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
+
+    # A job started here shows at once in the jobs panel, with its Cancel button; cancelled, it says so
+    # in the panel, the selector and the list alike.
+    page.get_by_text("Custom lists").click()
+    page.get_by_role("textbox", name="Input tokens", exact=True).fill("8")
+    page.get_by_role("textbox", name="Output tokens", exact=True).fill("4,8")
+    page.get_by_role("button", name="Start profiling").click()
+    expect(page.get_by_role("button", name="Cancel job")).to_be_visible(timeout=15_000)
+    store = Store(served_db["path"])
+    job_id, model = store.query_one("SELECT id, model FROM profiling_jobs ORDER BY id DESC LIMIT 1")
+    expect(page.get_by_text(f"Job #{job_id}: {model} on cpu")).to_be_visible()
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.get_by_text(f"Job #{job_id}: {model} on cpu — cancelled")).to_be_visible(timeout=60_000)
+    expect(page.get_by_role("button", name="Resume job")).to_be_visible()
+    # The selector names the job (no status that could go stale there); the list says cancelled.
+    # (The redraw after Cancel shows the old panel faded beside the new one for a moment: wait for one.)
+    selector = page.get_by_role("combobox", name="Job", exact=True)
+    expect(selector).to_have_count(1, timeout=30_000)
+    expect(selector).to_have_value(f"#{job_id} {model} on cpu")
+    page.get_by_text("All jobs").click()
+    expect(page.get_by_test_id("stExpander").filter(has_text="All jobs")).to_be_visible()
+
+    # Back to the finished job for the picture.
+    selector.click()
+    page.get_by_role("option", name=f"#{job_id - 1} demo-large on cpu").click()
+    expect(page.get_by_text("Done:")).to_be_visible(timeout=30_000)
     expect(page.get_by_text("Energy is estimated")).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
     page.wait_for_timeout(2000)  # plotly and the data grid finish drawing after they appear
@@ -200,20 +229,34 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     expect(page.get_by_role("heading", name="Plan", exact=True)).to_be_visible(timeout=60_000)
     page.get_by_text("Sample workload (sample_50.csv)").click()
     expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=30_000)
+    target = page.get_by_role("spinbutton", name="Accuracy target (fraction)")
+    mean_score = round(float(catalog.list_models(store).accuracy.mean()), 2)  # the two demo models' mean
+    expect(target).to_have_value(f"{mean_score:.3f}")
     page.get_by_role("button", name="Plan", exact=True).click()
     expect(page.get_by_text("Proven gap")).to_be_visible(timeout=120_000)
     expect(page.get_by_text("Compared with the obvious alternatives")).to_be_visible()
     expect(page.get_by_text("What each constraint costs")).to_be_visible()
+    assert float(store.query_one("SELECT accuracy_target FROM plans ORDER BY id DESC LIMIT 1")[0]) == mean_score
     with page.expect_download() as download_info:
         page.get_by_role("button", name="Download the schedule (CSV)").click()
     schedule = download_info.value.path().read_text()
     assert schedule.splitlines()[0].startswith("id,model,device,input_tokens,output_tokens,predicted_energy_j")
     assert len(schedule.splitlines()) == 51
     page.get_by_role("button", name="Draw energy against the accuracy target and the deadline").click()
-    expect(page.get_by_text("Energy against the accuracy target")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Drawing the trade-offs")).to_be_visible(timeout=30_000)  # in the background
+    expect(page.locator(".js-plotly-plot").filter(has_text="Energy against the deadline")).to_be_visible(
+        timeout=300_000)
     page.mouse.wheel(0, -20_000)  # back to the top of the page for the picture
     page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
     page.screenshot(path=str(screenshot_path("plan.png", tmp_path)), full_page=True)
+
+    # Enter in a field of the targets does not plan: only the button does.
+    plans_before = len(list_plans(store))
+    target = page.get_by_role("spinbutton", name="Accuracy target (fraction)")
+    target.fill("0.45")
+    target.press("Enter")
+    page.wait_for_timeout(3000)
+    assert len(list_plans(store)) == plans_before
 
     # An impossible accuracy target: no schedule, and the reason in words.
     page.get_by_role("spinbutton", name="Accuracy target (fraction)").fill("0.95")
@@ -221,12 +264,22 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     expect(page.get_by_text("No schedule meets these targets")).to_be_visible(timeout=120_000)
     expect(page.get_by_text("is above the best achievable")).to_be_visible()
 
+    # A new upload hides the plan of the old workload (and says so).
+    fresh = tmp_path / "fresh_workload.csv"
+    fresh.write_text("id,input_tokens,output_tokens\na,12,8\nb,30,8\nc,64,4\n")
+    page.get_by_text("Upload a CSV").click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(fresh))
+    expect(page.get_by_text("3 queries read from fresh_workload")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("The workload changed after plan #")).to_be_visible()
+    expect(page.get_by_text("Proven gap")).to_have_count(0)
+    expect(page.get_by_role("button", name="Download the schedule (CSV)")).to_have_count(0)
+
     # A malformed workload: every bad row listed, nothing planned.
     bad = tmp_path / "bad_workload.csv"
     bad.write_text("id,input_tokens,output_tokens\na,12,8\nb,-3,8\nc,nan,4\nd,,\n")
-    page.get_by_text("Upload a CSV").click()
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
     expect(page.get_by_text("The workload has 3 problems")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Proven gap")).to_have_count(0)
     page.close()
 
 
@@ -265,6 +318,22 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         expect(page.get_by_text("vs predicted").first).to_be_visible()
         page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
         page.screenshot(path=str(screenshot_path("execute.png", tmp_path)), full_page=True)
+
+        # Home after the first run: the start box stays, and the latest work reads in units.
+        page.get_by_role("link", name="Home", exact=True).click()
+        expect(page.get_by_text("Latest work")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Start here")).to_be_visible()
+        expect(page.get_by_role("button", name="Explore the paper's published A100 profiles")).to_be_visible()
+        latest_plan = page.get_by_text(re.compile(r"^Plan: #\d+ optimal, 50 queries of sample_50: "))
+        expect(latest_plan).to_be_visible()
+        expect(latest_plan).to_contain_text(re.compile(r": \d[\d,]*\.\d+ (J|kJ) predicted \(total energy\), "
+                                                       r"mean accuracy 0\.\d{4}; \d{4}-\d\d-\d\d \d\d:\d\d$"))
+        expect(page.get_by_text(re.compile(r"^Fit: #\d+ .*CV MAPE \d+\.\d%; \d{4}-\d\d-\d\d \d\d:\d\d$"))).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^Execution: #\d+ of plan #\d+, done \(50 of 50 queries\)"))).to_be_visible()
+        expect(page.get_by_text(re.compile(r"cv_mape|energy_j|\d\.\d{7}|T\d\d:\d\d:\d\d"))).to_have_count(0)
+        page.get_by_text("Latest work").scroll_into_view_if_needed()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(screenshot_path("home_after_run.png", tmp_path)))
         page.close()
     store = Store(db)
     assert store.query_one("SELECT count(*) FROM execution_results WHERE error IS NULL")[0] == 50

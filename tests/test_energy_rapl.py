@@ -309,3 +309,36 @@ def test_the_background_thread_polls_the_counter(tmp_path: Path):
     assert reader.reads["intel-rapl:0"] >= 1 + 4 + 1  # start, >= 4 polls, end
     # the fake counter never moves: that is "not measured", never 0 J
     assert w.result.energy_j is None and any("did not advance" in x for x in w.result.warnings)
+
+
+# -- a package shared by several device processes of one execution ---------------------------------
+
+def test_a_package_shared_with_peer_device_processes_is_split_by_their_cpu_time(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    make_zone(tmp_path, "intel-rapl:0:0", "dram")
+    # This process used 1.5 CPU-s in the window, its two peers 3.0 and 1.5: it is charged 1.5 / 6 of the package.
+    cpu = QuietCpu([CpuSample(10.0, 100.0, peer_cpu_s={11: 5.0, 12: 7.0}),
+                    CpuSample(11.5, 106.0, peer_cpu_s={11: 8.0, 12: 8.5})])
+    reader = ScriptedReader({"intel-rapl:0": [0, 40_000_000], "intel-rapl:0:0": [0, 8_000_000]})
+    readings = window(meter(tmp_path, reader, process_cpu=cpu), [0.0, 1.0])
+    package, dram = readings["cpu:package-0"], readings["dram:package-0"]
+    assert package.energy_j == pytest.approx(40.0 * 0.25) and dram.energy_j == pytest.approx(8.0 * 0.25)
+    assert package.method == "rapl-package split by CPU time between device processes"
+    assert "0.250 of the reading" in package.detail and "2 other device processes" in package.detail
+    # The peers' CPU time is theirs, not "other processes" contaminating the reading.
+    assert not any("other processes kept" in w for w in package.warnings)
+
+
+def test_without_peers_the_whole_package_is_charged(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    reader = ScriptedReader({"intel-rapl:0": [0, 40_000_000]})
+    package = window(meter(tmp_path, reader), [0.0, 1.0])["cpu:package-0"]
+    assert package.energy_j == pytest.approx(40.0) and package.method == "rapl-package"
+
+
+def test_an_idle_window_shared_with_idle_peers_is_split_equally(tmp_path: Path):
+    make_zone(tmp_path, "intel-rapl:0", "package-0")
+    cpu = QuietCpu([CpuSample(10.0, 100.0, peer_cpu_s={11: 5.0}), CpuSample(10.0, 100.0, peer_cpu_s={11: 5.0})])
+    reader = ScriptedReader({"intel-rapl:0": [0, 30_000_000]})
+    package = window(meter(tmp_path, reader, process_cpu=cpu), [0.0, 1.0])["cpu:package-0"]
+    assert package.energy_j == pytest.approx(15.0)

@@ -57,3 +57,39 @@ def test_predicted_against_measured(store: Store):
     assert metrics["Energy (estimated)"].value == "24.0 J"
     assert metrics["Energy (estimated)"].delta == "+20.0% vs predicted"
     assert metrics["Outside the fit's 90% band"].value == "2 of 2"
+
+
+def store_plan_of(store: Store, model: str, device: str = "cpu") -> int:
+    with store.transaction() as con:
+        plan_id = int(con.execute("INSERT INTO plans (objective, energy_scope, status, energy_j) "
+                                  "VALUES ('energy', 'total', 'optimal', 20.0) RETURNING id").fetchone()[0])
+        append_frame(con, "plan_assignments", pd.DataFrame({
+            "plan_id": plan_id, "query_id": ["a", "b"], "model": model, "device": device, "input_tokens": 8,
+            "output_tokens": 4, "predicted_energy_j": 10.0, "predicted_runtime_s": 1.0, "accuracy": 0.5,
+            "device_start_s": [0.0, 1.0]}))
+    return plan_id
+
+
+def test_the_default_plan_is_the_newest_that_can_run_here(store: Store, demo_models):
+    from engine import catalog
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    catalog.add_model(store, name="llama-2-70b", accuracy=0.6, backend="external")
+    runnable = store_plan_of(store, "demo-small")
+    store_plan_of(store, "llama-2-70b")  # newer, but its model has no files here
+    at = run_page()
+    assert not at.exception, at.exception
+    plan = at.selectbox(key="execute_plan")
+    assert plan.value == runnable
+    assert plan.options[0].endswith("— cannot run here") and not plan.options[1].endswith("cannot run here")
+    assert not next(b for b in at.button if b.label == "Execute this plan").disabled
+    plan.set_value(runnable + 1).run()
+    assert any("cannot run on this host" in w.value and "has no local weights here" in w.value for w in at.warning)
+    assert next(b for b in at.button if b.label == "Execute this plan").disabled
+
+
+def test_one_device_has_one_progress_bar(store: Store):
+    make_plan_and_execution(store, results=3)
+    at = run_page()
+    texts = [p.proto.text for p in at.get("progress")]
+    assert texts == ["running: 3 of 4 queries on cpu"]

@@ -24,6 +24,7 @@ import pytest
 from engine import catalog, cli
 from engine.backends.base import GenerationResult, TextResult
 from engine.energy import EnergyMeter, ReplayMeter
+from engine.energy.load_cost import WARMUP_RUNS, WARMUP_SHAPE, stored_load_costs
 from engine.errors import InputError, ModelLoadError, PlannerError
 from engine.execution import (
     cancel_execution,
@@ -57,7 +58,8 @@ class FakeHost:
 
     ``fail`` maps a request (its input_tokens, or its prompt) to the exception to raise;
     ``stop`` is set once ``stop_after`` requests were answered, as SIGTERM would mid-run;
-    the ``broken`` model fails to load.
+    the ``broken`` model fails to load. Warm-up requests (of WARMUP_SHAPE, after each load)
+    are logged apart, in ``warmups``.
     """
 
     def __init__(self, fail: dict | None = None, stop: threading.Event | None = None, stop_after: int | None = None,
@@ -67,6 +69,7 @@ class FakeHost:
         self.loads: list[tuple[str, str]] = []  # (device, model)
         self.requests: list[tuple] = []  # (device, model, kind, first, max_or_output)
         self.closed: list[tuple[str, str]] = []
+        self.warmups: list[tuple[str, str]] = []  # (device, model)
         self.answered = 0
         self._lock = threading.Lock()
 
@@ -74,6 +77,10 @@ class FakeHost:
         return FakeBackend(self, MODEL_OF_FILE[Path(path).name], device)
 
     def request(self, backend: "FakeBackend", kind: str, first, second) -> None:
+        if kind == "tokens" and (first, second) == WARMUP_SHAPE:
+            with self._lock:
+                self.warmups.append((backend.device, backend.model))
+            return
         with self._lock:
             self.requests.append((backend.device, backend.model, kind, first, second))
         failure = self.fail.get(first)
@@ -209,6 +216,8 @@ def test_queries_run_in_schedule_order_grouped_by_model_each_model_loaded_once(f
     assert host.order("cpu") == [10, 40, 20, 30, 50]
     assert host.loads == [("cpu", "demo-large"), ("cpu", "demo-small")]
     assert host.closed == host.loads
+    # After each load, discarded warm-ups as in profiling: no query runs cold.
+    assert host.warmups == [("cpu", "demo-large")] * WARMUP_RUNS + [("cpu", "demo-small")] * WARMUP_RUNS
     # Token-only queries run through generate with exactly the planned counts.
     assert [(r[2], r[3], r[4]) for r in host.requests] == [("tokens", 10 * k, k) for k in (1, 4, 2, 3, 5)]
 
@@ -233,6 +242,13 @@ def test_queries_run_in_schedule_order_grouped_by_model_each_model_loaded_once(f
     assert list(measured.output_tokens) == list(results.output_tokens)
     assert list(measured.model) == list(results.model)
     assert json.loads(measured.library_versions[0])["execution_id"] == execution.id
+    # The load and warm-up were measured, and are the planner's load cost of each model on the device.
+    load = json.loads(measured.library_versions[0])["load"]
+    assert load["warmup_runs"] == WARMUP_RUNS and load["load_energy_j"] > 0 and load["warmup_energy_j"] > 0
+    costs = stored_load_costs(fitted_store)
+    assert set(costs) >= {"demo-small@cpu", "demo-large@cpu"}
+    seconds, joules = costs["demo-large@cpu"]
+    assert seconds == pytest.approx(load["load_s"] + load["warmup_s"]) and joules > 0
     progress = execution_progress(fitted_store, execution.id)
     assert (progress.done, progress.total) == (5, 5) and progress.energy_estimated
     assert progress.predicted_total_j == pytest.approx(15.0)
@@ -384,10 +400,15 @@ def test_stop_after_k_queries_keeps_them_and_resume_runs_only_the_rest(fitted_st
 
 
 class ListSink(ResultSink):
-    """Keeps what the measuring hands over, in memory."""
+    """Keeps what the measuring hands over, in memory: each member of a batch with the batch's measurement."""
 
     def __init__(self):
         self.results = []
+        self.batches = []
+
+    def add_batch(self, batch, results, measurement):
+        self.batches.append(batch)
+        self.results += [({**result, "device": batch["device"]}, measurement) for result in results]
 
     def add_result(self, result, measurement):
         self.results.append((result, measurement))

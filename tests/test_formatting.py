@@ -17,6 +17,7 @@ import pytest
 from engine.formatting import (
     UNKNOWN,
     format_accuracy,
+    format_count,
     format_duration,
     format_energy,
     format_parameters,
@@ -144,6 +145,16 @@ def test_accuracy_and_parameters_keep_their_page_wording():
 ])
 def test_tokens(count, text):
     assert format_tokens(count) == text
+
+
+@pytest.mark.parametrize("count, noun, text", [
+    (1, "query", "1 query"), (2, "query", "2 queries"), (0, "query", "0 queries"), (1, "problem", "1 problem"),
+    (3, "problem", "3 problems"), (2, "day", "2 days"), (1500, "row", "1,500 rows"), (np.int64(1), "point", "1 point"),
+])
+def test_count_with_its_noun_in_the_right_number(count, noun, text):
+    assert format_count(count, noun) == text
+    assert format_count(2, "analysis", "analyses") == "2 analyses"
+    assert format_count(None, "query") == UNKNOWN
 
 
 @pytest.fixture

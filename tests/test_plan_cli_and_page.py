@@ -16,8 +16,9 @@ from streamlit.testing.v1 import AppTest
 from engine.cli import main
 from engine.fitting import load_reference_profiles, published_catalog_rows
 from engine.formatting import format_energy
-from engine.planning import list_plans
+from engine.planning import list_plans, load_plan
 from engine.store import Store
+from tests.apptest_wait import has_metric, run_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TOKENS = ROOT / "data" / "workloads" / "sample_tokens_200.csv"
@@ -145,6 +146,12 @@ def test_infeasible_target_exits_1_naming_the_target_and_the_best_achievable(ref
     (["--accuracy-target", "1.5"], "--accuracy-target"),
     (["--device-deadline", "tpu0=60"], "--device-deadline"),   # not a device of the options
     (["--min-share", "ghost=0.1"], "--min-share"),             # not a model of the options
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--batch-sizes", "-2"], "--batch-sizes"),
+    (["--batch-sizes", "1,2.5"], "--batch-sizes"),
+    (["--batch-sizes", "4,abc"], "--batch-sizes"),
+    (["--batch-sizes", "1,,4"], "--batch-sizes"),
+    (["--batch-sizes", "257"], "--batch-sizes"),               # above the backends' maximum, 256
 ])
 def test_bad_flags_exit_2_and_store_nothing(reference_db: Path, capsys, flags: list[str], where: str):
     code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), *flags)
@@ -154,6 +161,40 @@ def test_bad_flags_exit_2_and_store_nothing(reference_db: Path, capsys, flags: l
     assert lines and all(line.startswith(where) for line in lines if not line.startswith("warning:")), lines
     assert "Traceback" not in captured.err
     assert stored_counts(reference_db)[0] == 0
+
+
+def test_each_bad_batch_size_gets_its_own_line(reference_db: Path, capsys):
+    code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), "--batch-sizes", "0,-3,2.5,300,4")
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2
+    assert lines == [
+        "--batch-sizes: 0 is not allowed: a batch holds at least one request; expected a whole number of requests "
+        "from 1 to 256",
+        "--batch-sizes: -3 is not allowed: a batch holds at least one request; expected a whole number of requests "
+        "from 1 to 256",
+        "--batch-sizes: '2.5' is not a whole number of requests; expected a whole number of requests from 1 to 256",
+        "--batch-sizes: 300 is more than the 256 requests one batch may hold here; expected a whole number of "
+        "requests from 1 to 256"]
+    assert stored_counts(reference_db) == (0, 0)
+
+
+def test_published_profiles_plan_at_batch_one_and_say_so(reference_db: Path, tmp_path: Path, capfd):
+    out = tmp_path / "schedule.csv"
+    code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "0.6", "--batch-sizes",
+                "1,8,32", "--json", "--out", str(out))
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    document = json.loads(captured.out)
+    # Every batch holds one query: the energy is the assignment's, and the gap is as before batching.
+    assert document["batch_sizes"] == {f"{row['name']}@a100-swing": [1] for row in published_catalog_rows()}
+    assert document["assignment_energy_j"] == pytest.approx(document["energy_j"])
+    assert document["formation_overhead_j"] == pytest.approx(0.0, abs=1e-6)
+    assert document["n_batches"] == 200 and document["batching_saving"] is None
+    assert document["gap"] == pytest.approx((document["energy_j"] - document["lower_bound_j"]) / document["energy_j"])
+    assert "warning: The published profiles (" in captured.err and "are of single requests" in captured.err
+    schedule = pd.read_csv(out, dtype={"id": str})
+    assert list(schedule.columns[9:11]) == ["batch_id", "batch_size"]
+    assert sorted(schedule.batch_id) == list(range(1, 201)) and (schedule.batch_size == 1).all()
 
 
 def test_out_must_be_a_file_in_an_existing_folder_and_options_must_exist(reference_db: Path, tmp_path: Path,
@@ -211,6 +252,47 @@ def test_schedule_csv_neutralises_formula_ids_and_reads_back_exactly(reference_d
     assert all(float(row["predicted_energy_j"]) > 0 for _, row in rows)
 
 
+def store_executed_lengths(db: Path, lengths: dict[str, list[int]]) -> None:
+    """Execution results of prompts whose answers had these output lengths, per category."""
+    from engine.store import append_frame
+
+    rows = [{"execution_id": 1, "query_id": f"{category}-{i}", "model": "llama-2-7b", "device": "a100-swing",
+             "input_tokens": 20, "output_tokens": length, "prompt_kind": "text", "category": category,
+             "stopped": "end of answer"}
+            for category, values in lengths.items() for i, length in enumerate(values)]
+    with Store(db).transaction() as con:
+        append_frame(con, "execution_results", pd.DataFrame(rows))
+
+
+def test_learned_output_lengths_fill_queries_without_one(reference_db: Path, tmp_path: Path, capfd):
+    store_executed_lengths(reference_db, {"chat": [30, 40, 50], "code": [200, 220, 240]})
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens,output_tokens,category\na,100,7,chat\nb,100,,chat\nc,100,,code\n"
+                        "d,100,,poetry\n", encoding="utf-8")
+    out = tmp_path / "schedule.csv"
+    code = plan(reference_db, "--workload", str(workload), "--learned-output-lengths", "--out", str(out), "--no-save")
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    lengths = pd.read_csv(out, dtype={"id": str}).set_index("id").output_tokens.to_dict()
+    # Given stays; chat and code get their medians; poetry (none learned) the median of all six answers.
+    assert lengths == {"a": 7, "b": 40, "c": 220, "d": 125}
+    assert "warning: 3 queries planned with output lengths learned from executed prompts" in captured.err
+
+    code = plan(reference_db, "--workload", str(workload), "--out", str(tmp_path / "default.csv"), "--no-save",
+                "--default-output-tokens", "64")
+    assert code == 0
+    assert pd.read_csv(tmp_path / "default.csv", dtype={"id": str}).set_index("id").output_tokens.to_dict() == \
+        {"a": 7, "b": 64, "c": 64, "d": 64}
+
+
+def test_learned_output_lengths_with_nothing_learned_says_so(reference_db: Path, tmp_path: Path, capfd):
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens\na,100\n", encoding="utf-8")
+    assert plan(reference_db, "--workload", str(workload), "--learned-output-lengths", "--no-save",
+                "--default-output-tokens", "64") == 0
+    assert "no output lengths have been learned yet" in capfd.readouterr().err
+
+
 def test_unreadable_number_is_refused_by_the_parser(isolated_db: Path, capsys):
     with pytest.raises(SystemExit) as caught:
         plan(isolated_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "abc")
@@ -240,6 +322,27 @@ def button(at: AppTest, label: str):
     return next(b for b in at.button if b.label == label)
 
 
+def option_table(at: AppTest) -> pd.DataFrame:
+    """The Plan page's table of options (model, device, source, accuracy, use)."""
+    return next(d.value for d in at.data_editor if "source" in d.value.columns)
+
+
+def target_input(at: AppTest):
+    return next(n for n in at.number_input if n.label == "Accuracy target (fraction)")
+
+
+def use_sample_workload(at: AppTest) -> None:
+    source = at.radio(key="plan_source")
+    source.set_value(next(o for o in source.options if o.startswith("Sample workload"))).run()
+    assert not at.exception, at.exception
+
+
+def upload(at: AppTest, name: str, text: str) -> None:
+    at.file_uploader(key="workload_upload").set_value((name, text.encode(), "text/csv"))
+    at.run()
+    assert not at.exception, at.exception
+
+
 def test_page_on_an_empty_database_offers_the_reference_profiles(store: Store):
     at = plan_page()
     assert any("Nothing to plan with yet" in i.value for i in at.info)
@@ -248,21 +351,20 @@ def test_page_on_an_empty_database_offers_the_reference_profiles(store: Store):
     assert not at.exception, at.exception
     at.run()
     assert not at.exception, at.exception
-    assert any(e.label == "7 options available (model on device)" for e in at.expander)
     assert not any("Nothing to plan with yet" in i.value for i in at.info)
-    assert "llama-2-70b" in set(at.dataframe[0].value.model)
+    table = option_table(at)
+    assert len(table) == 7 and "llama-2-70b" in set(table.model)
+    assert set(table.source) == {"published"} and table.use.all()
 
 
 def test_page_plans_the_sample_workload(store: Store):
     load_reference_profiles(store)
     at = plan_page()
-    source = at.radio(key="plan_source")
-    source.set_value(next(o for o in source.options if o.startswith("Sample workload"))).run()
-    assert not at.exception, at.exception
-    assert any("queries read from" in s.value for s in at.success)
-    target = at.number_input(key="plan_target").value
+    use_sample_workload(at)
+    assert any("50 queries read from" in s.value for s in at.success)
+    target = target_input(at).value
     button(at, "Plan").click().run()
-    assert not at.exception, at.exception
+    run_until(at, has_metric("Energy"))  # the plan is made in the background
     assert not at.error, [e.value for e in at.error]
 
     metrics = {m.label: m.value for m in at.metric}
@@ -271,28 +373,130 @@ def test_page_plans_the_sample_workload(store: Store):
     assert len(plans) == 1 and plans.status.iloc[0] == "optimal"
     stored = plans.iloc[0]
     assert metrics["Energy"] == format_energy(stored.energy_j)
+    assert metrics["Per query"] == format_energy(stored.energy_j / 50)  # the headline's unit, not Wh
     assert metrics["Mean accuracy"] == f"{stored.accuracy:.4f}"
     assert float(metrics["Mean accuracy"]) >= target - 5e-5
     assert metrics["Proven gap"] == f"{stored.gap:.4%}"
 
     downloads = at.get("download_button")
     assert any(d.label == "Download the schedule (CSV)" for d in downloads)
+    listed = next(d.value for d in at.dataframe if "solved in" in d.value.columns).iloc[0]  # the stored plans, in words
+    assert (listed.plan, listed.energy, listed.queries) == ("#1", format_energy(stored.energy_j), "50")
+    assert listed.gap == f"{stored.gap:.4%}" and "T" not in listed.created
     baselines = next(d.value for d in at.dataframe if "schedule" in d.value.columns)
     names = set(baselines.schedule)
     assert {"round-robin", "random", "greedy cheapest-first"} <= names
     assert sum(name.startswith("only ") for name in names) == 7
+    verdicts = baselines["meets the targets"]
+    assert (verdicts == "yes").any() and (verdicts != "yes").any()
+    for verdict in verdicts[verdicts != "yes"]:  # a baseline that misses says why
+        assert verdict.startswith("no: ") and ("below the target" in verdict or "deadline" in verdict
+                                               or "minimum accuracy" in verdict), verdict
+
+
+def test_the_trade_off_curves_are_drawn_in_the_background(store: Store):
+    load_reference_profiles(store)
+    at = plan_page()
+    use_sample_workload(at)
+    button(at, "Plan").click().run()
+    run_until(at, has_metric("Energy"))
+    button(at, "Draw energy against the accuracy target and the deadline").click().run()
+    run_until(at, lambda a: any(c.proto.spec and "Energy against the deadline" in c.proto.spec
+                                for c in a.get("plotly_chart")))
+    charts = {c.key if hasattr(c, "key") else None: c for c in at.get("plotly_chart")}
+    deadline = next(c for c in at.get("plotly_chart") if "Energy against the deadline" in c.proto.spec)
+    spec = json.loads(deadline.proto.spec)
+    assert spec["layout"]["yaxis"]["rangemode"] == "tozero"  # no negative energy axis
+    assert all(text[0].isdigit() for text in spec["layout"]["xaxis"]["ticktext"])  # "30 s", "2 min 00 s"
+    assert charts
 
 
 def test_page_lists_every_problem_of_an_uploaded_malformed_csv(store: Store):
     load_reference_profiles(store)
     at = plan_page()
     assert at.radio(key="plan_source").value == "Upload a CSV"
-    at.file_uploader(key="workload_upload").set_value(("bad.csv", MALFORMED.encode(), "text/csv"))
-    at.run()
-    assert not at.exception, at.exception
-    assert any("The workload has 4 problems" in e.value for e in at.error)
+    upload(at, "bad.csv", MALFORMED)
+    assert any("The workload has 4 problems" in e.value and "Fix them, or tick" in e.value for e in at.error)
     problems = next(d.value for d in at.dataframe if "where" in d.value.columns)
     assert list(problems["where"]) == ["bad.csv:2", "bad.csv:3", "bad.csv:4", "bad.csv:5"]
     assert list(problems["column"]) == ["input_tokens", "input_tokens", "", "output_tokens"]
     assert button(at, "Plan").disabled
     assert list_plans(store).empty
+
+
+def test_one_problem_is_one_and_a_ticked_box_is_not_asked_for_again(store: Store):
+    load_reference_profiles(store)
+    at = plan_page()
+    upload(at, "one.csv", "id,input_tokens,output_tokens\na,10,5\nb,-1,5\n")
+    assert [e.value for e in at.error if "problem" in e.value] == [
+        "The workload has 1 problem; nothing was planned. Fix it, or tick *Drop bad rows* to plan the rest."]
+    at.checkbox(key="plan_drop_bad").check().run()
+    assert not at.error and any("1 query read from one" in s.value for s in at.success)
+    assert any("1 bad row dropped" in w.value for w in at.warning)
+    upload(at, "ragged.csv", "id,input_tokens\na,10,5,6\n")  # a row the reader cannot split refuses the file
+    message = next(e.value for e in at.error if "problem" in e.value)
+    assert "or tick" not in message and "even with *Drop bad rows* ticked" in message
+
+
+def test_a_new_upload_hides_the_plan_of_the_old_one(store: Store):
+    load_reference_profiles(store)
+    at = plan_page()
+    upload(at, "first.csv", "id,input_tokens,output_tokens\na,100,50\nb,200,80\n")
+    button(at, "Plan").click().run()
+    run_until(at, has_metric("Energy"))
+    assert any(h.value.startswith("4. The schedule (plan #1)") for h in at.subheader)
+    upload(at, "second.csv", "id,input_tokens,output_tokens\nx,30,20\ny,40,20\nz,50,20\n")
+    assert not at.metric and not any(h.value.startswith("4. The schedule") for h in at.subheader)
+    assert not any(d.label == "Download the schedule (CSV)" for d in at.get("download_button"))
+    assert any("The workload changed after plan #1 (2 queries of first)" in i.value for i in at.info)
+    button(at, "Plan").click().run()
+    run_until(at, has_metric("Energy"))
+    assert any(h.value.startswith("4. The schedule (plan #2)") for h in at.subheader)
+
+
+def test_pressing_enter_in_a_field_of_the_targets_does_not_plan(store: Store):
+    load_reference_profiles(store)
+    at = plan_page()
+    form = next(f for f in at.get("form") if f.proto.form.form_id.endswith("plan_settings"))
+    assert form.proto.form.enter_to_submit is False
+
+
+def register_fitted_demo(store: Store, demo_models, tmp_path: Path) -> None:
+    """demo-small in the catalog with fitted surfaces on cpu (from a known synthetic grid)."""
+    from engine import catalog
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+    from tests.conftest import write_grid_csv
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    grid = write_grid_csv(tmp_path / "grid.csv", "estimated")
+    grid.write_text(grid.read_text().replace("sim,gpu0,", "demo-small,cpu,"))
+    import_measurements(store, grid)
+    save_fits(store, fit_all(store, model="demo-small"))
+
+
+def test_demo_models_are_not_mixed_with_published_ones_and_the_target_change_is_said(store: Store, demo_models,
+                                                                                   tmp_path: Path):
+    register_fitted_demo(store, demo_models, tmp_path)
+    at = plan_page()
+    table = option_table(at)
+    assert table[["model", "source"]].values.tolist() == [["demo-small", "demo"]] and table.use.all()
+    demo_target = target_input(at).value
+
+    load_reference_profiles(store)  # the published A100 profiles arrive (the Home or Models page)
+    at.run()
+    table = option_table(at).set_index("model")
+    assert table.loc["demo-small", "source"] == "demo" and not table.loc["demo-small", "use"]
+    assert table.drop(index="demo-small").use.all() and len(table) == 8
+    new_target = target_input(at).value
+    assert new_target != demo_target
+    assert any(f"Accuracy target set to {new_target:.3f}" in i.value and f"(it was {demo_target:.3f})" in i.value
+               for i in at.info)
+
+    upload(at, "w.csv", "id,input_tokens,output_tokens\n" + "".join(f"q{i},{50 + i},20\n" for i in range(20)))
+    button(at, "Plan").click().run()
+    run_until(at, has_metric("Energy"))
+    schedule = load_plan(store, int(list_plans(store).id.iloc[0]))[1]
+    assert "demo-small" not in set(schedule.model)
+
+

@@ -90,7 +90,8 @@ def probe_cpu_estimate(env: Mapping[str, str] | None = None, cpu_model: CpuPower
         source="estimate", device="cpu", status="estimated",
         detail=(f"CPU energy is estimated: the measured processes' CPU-seconds × {model.watts_per_cpu:.3g} W per "
                 f"logical CPU ({model.basis}). CPU: {model.cpu_name}. It counts only those processes' own CPU "
-                "work: no idle or static power, no DRAM."),
+                "work: no idle or static power, no DRAM. Inference threads in the workers wait passively "
+                "(OMP_WAIT_POLICY=PASSIVE), so waiting is not counted as work."),
         fix=(f"Set {WATTS_PER_CPU_ENV} (watts per logical CPU) or {TDP_ENV} (the package's TDP) for this CPU; "
              "for measured CPU energy, run on a host whose kernel exposes RAPL "
              "(/sys/class/powercap/intel-rapl:*) readable by this user."))

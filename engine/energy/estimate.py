@@ -22,7 +22,10 @@ rated power. It has no idle or static term (package power that is drawn whether 
 not the processes run), no DRAM, no uncore traffic, no turbo or frequency effects, and
 no other process. Its idle power is therefore the processes' own background CPU use
 (near 0 W), so with the estimate total and dynamic energy are practically the same.
-Every number it produces carries ``source="estimated"`` and its method, with the watts.
+Every number it produces carries ``source="estimated"`` and its method, with the watts
+and how the measured processes' threads wait (``passive waiting`` in our workers, see
+:mod:`engine.energy.waiting`: a thread that spins while it waits adds CPU time that is
+not work, and more of it the busier the host).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Mapping
 
 from engine.energy.base import ESTIMATED, DeviceReading, Meter
 from engine.energy.cpu_time import ProcessTreeCpu
+from engine.energy.waiting import waiting_note
 from engine.errors import InputError, Problem
 
 WATTS_PER_CPU_ENV = "PLANNER_CPU_WATTS_PER_CPU"
@@ -166,13 +170,17 @@ class CpuEstimateMeter(Meter):
         model: watts per logical CPU; default :func:`cpu_power_model` for this host.
         process_cpu: the measured processes; default this process and its descendants.
         reason: why the CPU is estimated rather than measured (kept in :attr:`description`).
+        waiting: how the measured processes' threads wait, in words, for the method string;
+            default :func:`~engine.energy.waiting.waiting_note` of this process's environment
+            (which worker processes inherit).
     """
 
     def __init__(self, model: CpuPowerModel | None = None, *, process_cpu: ProcessTreeCpu | None = None,
-                 reason: str | None = None):
+                 reason: str | None = None, waiting: str | None = None):
         self.model = model or cpu_power_model()
         self.process_cpu = process_cpu if process_cpu is not None else ProcessTreeCpu()
         self.reason = reason
+        self.waiting = waiting if waiting is not None else waiting_note()
         self.poll_interval_s = POLL_INTERVAL_S if self.process_cpu.needs_polling else None
         self._start_s = 0.0
         self._start_cpu_s = 0.0
@@ -182,9 +190,14 @@ class CpuEstimateMeter(Meter):
         return ("cpu",)
 
     @property
+    def method(self) -> str:
+        """The estimate's method with how the threads wait: ``estimated: ... (basis), passive waiting``."""
+        return f"{self.model.method}, {self.waiting}"
+
+    @property
     def description(self) -> str:
         why = f" ({self.reason})" if self.reason else ""
-        return f"CPU {self.model.cpu_name}, {self.process_cpu.describe()}: {self.model.method}{why}"
+        return f"CPU {self.model.cpu_name}, {self.process_cpu.describe()}: {self.method}{why}"
 
     def begin(self, now_s: float) -> None:
         self._start_s = now_s
@@ -215,7 +228,7 @@ class CpuEstimateMeter(Meter):
                 warnings.append(f"the window lasted {duration_s * 1e3:.0f} ms: the named processes' CPU time is "
                                 "counted in 10 ms ticks, so the estimate is coarse")
         return (DeviceReading(device="cpu", kind="cpu", energy_j=energy_j, duration_s=duration_s,
-                              source=ESTIMATED, method=self.model.method,
+                              source=ESTIMATED, method=self.method,
                               detail=f"{self.model.cpu_name}; {self.process_cpu.describe()}; "
                                      f"{cpu_s:.4f} CPU-seconds",
                               warnings=tuple(warnings)),)

@@ -366,7 +366,11 @@ class EnergyMeter:
         self.close()
 
 
-def measure_idle_power(meter: EnergyMeter, duration_s: float = 5.0, *,
+#: Seconds of the idle baseline after each model load, in profiling and execution alike.
+IDLE_BASELINE_S = 5.0
+
+
+def measure_idle_power(meter: EnergyMeter, duration_s: float = IDLE_BASELINE_S, *,
                        sleep: Callable[[float], None] = time.sleep) -> IdleBaseline:
     """Each device's idle power: a window of ``duration_s`` in which we run nothing.
 
@@ -384,13 +388,17 @@ _CUDA_RE = re.compile(r"^(?:cuda|gpu)(?::(\d+))?$")
 def open_meter(device: str = "cpu", *, powercap_root: Path = POWERCAP_ROOT, read_text: ReadText = _read_text,
                nvml: Any = "import", env: Mapping[str, str] | None = None, cuda_uuid: str | None = None,
                pids: Sequence[int] | None = None, cpu_model: CpuPowerModel | None = None,
-               clock: Clock = time.monotonic, background: bool = True) -> EnergyMeter:
+               clock: Clock = time.monotonic, background: bool = True,
+               peers: Callable[[], Sequence[int]] | None = None) -> EnergyMeter:
     """The meter for work on ``device`` (``cpu``, ``cuda``, ``cuda:N``) on this host.
 
     It always covers the CPU: every RAPL package and DRAM zone where they can be read,
     else the labelled estimate (``notes`` says why); for ``cuda:N`` also that GPU through
     NVML. ``pids`` names the processes doing the work (default: this process and its
     children); the estimate counts their CPU time and the sensors warn about others.
+    ``peers`` returns the pids of the processes doing other devices' work of the same
+    run at the same time: a RAPL package reading is split with them by CPU time (the
+    estimate and a GPU's reading are the process's or the GPU's own and need no split).
 
     Raises:
         SensorUnavailableError: a GPU was asked for and NVML cannot measure it (the
@@ -400,7 +408,7 @@ def open_meter(device: str = "cpu", *, powercap_root: Path = POWERCAP_ROOT, read
     """
     from engine.errors import InputError, Problem
 
-    process_cpu = ProcessTreeCpu(pids)
+    process_cpu = ProcessTreeCpu(pids, peers)
     meters: list[Meter] = []
     notes: list[str] = []
     match = _CUDA_RE.match(device.strip().lower())
@@ -416,7 +424,7 @@ def open_meter(device: str = "cpu", *, powercap_root: Path = POWERCAP_ROOT, read
         except SensorUnavailableError as exc:
             estimate = CpuEstimateMeter(cpu_model, process_cpu=process_cpu, reason=exc.detail)
             meters.append(estimate)
-            notes.append(f"CPU energy is estimated ({estimate.model.method}) because {exc.detail}"
+            notes.append(f"CPU energy is estimated ({estimate.method}) because {exc.detail}"
                          + (f". To measure it: {exc.fix}" if exc.fix else ""))
     except BaseException:
         for meter in meters:

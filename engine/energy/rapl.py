@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.energy.base import DeviceReading, Meter
-from engine.energy.cpu_time import CpuSample, ProcessTreeCpu, others_busy_warning
+from engine.energy.cpu_time import CpuSample, ProcessTreeCpu, others_busy_warning, peer_share
 from engine.energy.errors import SensorUnavailableError
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
@@ -346,7 +346,11 @@ class RaplMeter(Meter):
             root, where file permissions do not stop a read).
         assumed_max_power_w: see :data:`ASSUMED_MAX_POWER_W`.
         process_cpu: the measured processes, to warn when *others* kept the CPU busy
-            (a package reading includes them); ``None`` measures this process tree.
+            (a package reading includes them); ``None`` measures this process tree. When
+            it has peers (other device processes of the same execution, see
+            :mod:`engine.energy.cpu_time`), each reading is split between them: this
+            tree is charged its share of the CPU time they all used in the window
+            (:func:`~engine.energy.cpu_time.peer_share`), and the method says so.
         others_threshold_cores: see :data:`OTHERS_BUSY_THRESHOLD_CORES`.
 
     Raises:
@@ -426,10 +430,12 @@ class RaplMeter(Meter):
         duration_s = now_s - self._start_s
         cpu_end = self.process_cpu.sample()
         shared = []
+        split = None
         if self._cpu_start is not None:
             busy = others_busy_warning(self._cpu_start, cpu_end, duration_s, self.others_threshold_cores)
             if busy:
                 shared.append(busy)
+            split = peer_share(self._cpu_start, cpu_end)
         if duration_s < MIN_WINDOW_S:
             shared.append(f"the window lasted {duration_s * 1e3:.1f} ms, under the {MIN_WINDOW_S * 1e3:.0f} ms "
                           "below which RAPL's ~1 ms updates quantise the reading")
@@ -457,8 +463,13 @@ class RaplMeter(Meter):
                     else:
                         energy_j = counter.total_uj / 1e6
             source = f"rapl-{zone.domain}"
+            method, detail = source, f"{zone.name} ({zone.path})"
+            if split is not None:  # shared with the other device processes of this run
+                method = f"{source} split by CPU time between device processes"
+                detail = f"{detail}; {split.describe()}"
+                energy_j = None if energy_j is None else energy_j * split.share
             readings.append(DeviceReading(
                 device=self._device(zone), kind="cpu" if zone.domain == "package" else "dram",
-                energy_j=energy_j, duration_s=duration_s, source=source, method=source,
-                detail=f"{zone.name} ({zone.path})", warnings=tuple(warnings + shared)))
+                energy_j=energy_j, duration_s=duration_s, source=source, method=method,
+                detail=detail, warnings=tuple(warnings + shared)))
         return tuple(readings)

@@ -4,7 +4,9 @@ Public API (the CLI's ``execute`` and the Execute page use only these):
 :func:`create_execution`, :func:`import_schedule`, :func:`start_worker`,
 :func:`cancel_execution`, :func:`resume_execution`, :func:`reconcile_executions`,
 :func:`execution_progress`, :func:`execution_results`, :func:`compare`,
-:func:`learned_output_lengths`, :func:`list_executions`, :func:`get_execution`.
+:func:`learned_output_lengths`, :func:`list_executions`, :func:`get_execution`,
+:func:`execution_energy_scope`, :func:`why_plan_cannot_run_here`,
+:func:`execution_batches` (each executed batch as measured, next to its prediction).
 """
 
 from engine.execution.jobs import (
@@ -14,6 +16,7 @@ from engine.execution.jobs import (
     ExecutionProgress,
     cancel_execution,
     create_execution,
+    execution_energy_scope,
     execution_progress,
     execution_results,
     get_execution,
@@ -23,13 +26,14 @@ from engine.execution.jobs import (
     reconcile_executions,
     resume_execution,
     start_worker,
+    why_plan_cannot_run_here,
     worker_log_path,
 )
-from engine.execution.report import Comparison, compare, learned_output_lengths
+from engine.execution.report import Comparison, compare, execution_batches, learned_output_lengths
 
 __all__ = [
     "ACTIVE", "Comparison", "Execution", "ExecutionProgress", "FINISHED", "cancel_execution", "compare",
-    "create_execution", "execution_progress", "execution_results", "get_execution", "import_schedule",
-    "learned_output_lengths", "list_executions", "plan_queries", "reconcile_executions", "resume_execution",
-    "start_worker", "worker_log_path",
+    "create_execution", "execution_batches", "execution_energy_scope", "execution_progress", "execution_results",
+    "get_execution", "import_schedule", "learned_output_lengths", "list_executions", "plan_queries",
+    "reconcile_executions", "resume_execution", "start_worker", "why_plan_cannot_run_here", "worker_log_path",
 ]

@@ -20,7 +20,7 @@ from engine import catalog, runs
 from engine.catalog import model_context_length  # moved to engine.catalog; still importable from here
 from engine.backends.base import MAX_BATCH_SIZE
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
-from engine.profiling.design import Design, build_design
+from engine.profiling.design import Design, build_design, run_order
 from engine.profiling.stopping import StopRule, point_complete, point_outcome
 from engine.runs import ACTIVE, FINISHED, PROFILING
 from engine.store import Store
@@ -303,7 +303,17 @@ def resume_job(store: Store, job_id: int) -> Job:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a job stands: points and trials done, time spent and (roughly) left."""
+    """Where a job stands: points and trials done, time spent and (roughly) left.
+
+    elapsed_s: the measuring time of the whole job, across its runs: the wall-clock time of
+        the current (or last) run from its start, plus the time the trials stored by earlier
+        runs took (their runtimes and cool-downs; the pauses between runs do not count).
+        None before anything ran.
+    remaining_s: the time the points left should take, from the points complete so far,
+        less what the point in progress has already taken; never 0 while a point is left.
+        None while nothing is known yet, and once every point is complete (the worker is
+        only closing).
+    """
 
     job: Job
     trials: int
@@ -313,32 +323,61 @@ class Progress:
     #                       trials are over: converged, unconverged, stopped, ci_rel (see point_outcomes)
 
 
+#: Time around each trial beyond its own runtime (reading the meter, storing the row), as a share of it.
+TRIAL_OVERHEAD = 0.1
+
+
 def job_progress(store: Store, job_id: int) -> Progress:
     """The progress of a job, from what is stored."""
     job = get_job(store, job_id)
+    started = None if job.started_at is None or pd.isna(job.started_at) else pd.Timestamp(job.started_at)
     points = store.query_df(
         """SELECT input_tokens, output_tokens, count(*) AS trials, avg(runtime_s) AS runtime_s,
                   avg(energy_j) AS energy_j, any_value(energy_source) AS energy_source, sum(runtime_s) AS total_runtime_s,
+                  count(*) FILTER (WHERE ? IS NULL OR started_at < ?) AS earlier_trials,
+                  coalesce(sum(runtime_s) FILTER (WHERE ? IS NULL OR started_at < ?), 0) AS earlier_runtime_s,
                   min(started_at) AS first_at, max(finished_at) AS last_at
            FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
-        [job.id])
+        [started, started, started, started, job.id])
     outcomes = point_outcomes(store, [job.id])
     outcomes["ci_rel"] = outcomes[["runtime_ci_rel", "energy_ci_rel"]].max(axis=1)
     points = points.merge(outcomes[["input_tokens", "output_tokens", "converged", "unconverged", "stopped", "ci_rel"]],
                           how="left", on=["input_tokens", "output_tokens"])
     trials = int(points.trials.sum()) if len(points) else 0
-    elapsed = remaining = None
-    if job.started_at is not None and not pd.isna(job.started_at):
-        started = pd.Timestamp(job.started_at)
-        end = pd.Timestamp(job.finished_at) if job.status in FINISHED and not pd.isna(job.finished_at) else pd.Timestamp.now(tz=started.tz)
-        elapsed = max(0.0, (end - started).total_seconds())
-        if job.status in ACTIVE and job.settings.budget_s is not None:
-            remaining = max(job.settings.budget_s - elapsed, 0.0)  # an adaptive job stops at its budget
-        elif job.status in ACTIVE and len(points):
-            # Each point so far took its trials' runtime in total; the points left should be alike.
-            per_point_s = float(points.total_runtime_s.mean()) * 1.1 + job.settings.cooldown_s * float(points.trials.mean())
-            remaining = per_point_s * max(job.points_total - len(points), 0)
-    return Progress(job=job, trials=trials, elapsed_s=elapsed, remaining_s=remaining, points=points)
+    cooldown_s = job.settings.cooldown_s
+    earlier_s = float(points.earlier_runtime_s.sum() + cooldown_s * points.earlier_trials.sum()) if len(points) else 0.0
+    elapsed = None
+    if started is not None:
+        end = pd.Timestamp(job.finished_at) if job.status in FINISHED and not pd.isna(job.finished_at) \
+            else pd.Timestamp.now(tz=started.tz)
+        elapsed = max(0.0, (end - started).total_seconds()) + earlier_s
+    elif earlier_s:
+        elapsed = earlier_s  # queued again after a pause: the runs so far
+    remaining = None
+    if job.status in ACTIVE and job.settings.budget_s is not None:
+        remaining = max(job.settings.budget_s - (elapsed or 0.0), 0.0)  # an adaptive job stops at its budget
+    elif job.status in ACTIVE:
+        remaining = _remaining_s(job, points)
+    return Progress(job=job, trials=trials, elapsed_s=elapsed, remaining_s=remaining,
+                    points=points.drop(columns=["earlier_trials", "earlier_runtime_s"]))
+
+
+def _remaining_s(job: Job, points: pd.DataFrame) -> float | None:
+    """The time the points left should take (see :class:`Progress`)."""
+    left = job.points_total - job.points_done
+    if left <= 0 or points.empty:
+        return None
+    # The worker completes points in its run order: the first points_done of it are complete.
+    complete = {(p.input_tokens, p.output_tokens) for p in run_order(job.design.points, job.settings.seed)[:job.points_done]}
+    is_complete = [(i, o) in complete for i, o in zip(points.input_tokens, points.output_tokens)]
+    cost_s = (points.total_runtime_s * (1 + TRIAL_OVERHEAD) + job.settings.cooldown_s * points.trials)
+    trial_s = float(cost_s.sum() / points.trials.sum())
+    done, in_progress = cost_s[is_complete], cost_s[[not c for c in is_complete]]
+    if len(done):
+        per_point_s = float(done.mean())
+    else:  # the first point: at least the fewest trials the stop rule takes
+        per_point_s = trial_s * max(job.settings.min_trials, int(points.trials.max()))
+    return max(per_point_s * left - float(in_progress.sum()), trial_s)
 
 
 def estimate_duration_s(store: Store, model: str, device: str, design: Design,

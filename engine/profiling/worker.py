@@ -1,7 +1,8 @@
 """The worker process of a profiling job: ``python -m engine.profiling.worker --db PATH --job ID``.
 
-It loads the model, measures the idle baseline, discards warm-up runs, then runs the
-job's points in their seeded random order, repeating each until the stop rule is met.
+It loads the model, measures the idle baseline, discards warm-up runs (load and warm-up
+measured, as execution does: :mod:`engine.energy.load_cost`), then runs the job's points
+in their seeded random order, repeating each until the stop rule is met.
 Points already complete from an earlier run of the same job are skipped (resume). Each
 point's outcome (converged, or stopped at its trial cap with a wide interval) is
 recorded, and the job's finish reason counts the points that did not converge.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -39,6 +41,8 @@ from engine import __version__, catalog, runs
 from engine.backends import open_backend
 from engine.backends.base import Backend
 from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
+from engine.energy.load_cost import LoadCost, measure_window, warm_up
+from engine.energy.waiting import WAIT_POLICY_ENV, apply_passive_waiting
 from engine.errors import PlannerError
 from engine.profiling.design import Design, DesignPoint, run_order
 from engine.profiling.jobs import DEFAULT_BUDGET_S, Job, adaptive_rounds, get_job
@@ -202,18 +206,20 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
     progress(f"loading {job.model} ({backend_name}) on {job.device}")
     backend = backend_factory(backend_name, model_path, job.device, batch_size=settings.batch_size,
                               **settings.backend_options)
-    backend.load()
+    meter = meter_factory(job.device)  # before the load: the load and warm-up are measured (a plan's load cost)
     try:
-        for point in order:  # fail before measuring anything when a point cannot run
-            backend.check_request(point.input_tokens, point.output_tokens)
-        meter = meter_factory(job.device)
+        loaded = measure_window(meter, backend.load)
         try:
+            for point in order:  # fail before measuring anything when a point cannot run
+                backend.check_request(point.input_tokens, point.output_tokens)
             progress(f"measuring idle power for {settings.idle_s:g} s")
             idle = measure_idle_power(meter, settings.idle_s)
             cancel.check()
-            for _ in range(settings.warmup_runs):  # discarded: first runs pay one-off costs
-                backend.generate(order[0].input_tokens, order[0].output_tokens)
-            versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description})
+            # Discarded, as execution does after each load: first runs pay one-off costs.
+            warmed = measure_window(meter, lambda: warm_up(backend, settings.warmup_runs))
+            load = LoadCost.from_windows(loaded, warmed, settings.warmup_runs, idle)
+            versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description,
+                                   "load": load.to_dict(), "omp_wait_policy": os.environ.get(WAIT_POLICY_ENV)})
             bench = _Bench(job, backend, meter, idle, versions)
             if job.design.kind == "adaptive":
                 timing = _Timing(clock, started_s, job.settings.budget_s or DEFAULT_BUDGET_S,
@@ -233,9 +239,9 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
                          f"{len(runtimes)} trials" + ("" if outcomes[-1].converged else ", did not converge"))
             return JobOutcome(outcomes)
         finally:
-            meter.close()
+            backend.close()
     finally:
-        backend.close()
+        meter.close()
 
 
 def _measure_point(bench: _Bench, point: DesignPoint, previous: pd.DataFrame | None, sink: TrialSink,
@@ -481,6 +487,7 @@ def work_on_job(store: Store, job_id: int, **measuring) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the worker process; its exit code tells the watcher how it ended."""
+    apply_passive_waiting()  # started by the launcher it already is; by hand, before torch loads
     return runs.worker_main(PROFILING, work_on_job, argv)
 
 

@@ -5,6 +5,7 @@
 - ``lifecycle``: start, watch, reconcile, cancel and resume a run; which run holds a device;
 - ``launcher``: where a run's worker executes, behind :class:`RunLauncher`;
 - ``local``: the launcher of today, a worker process on this host;
+- ``cluster``: with a cluster address, the launcher that drives runs on cluster devices;
 - ``worker``: what every worker process does around its own work.
 
 Profiling and execution use these with their own kind and their own measuring; this

@@ -18,7 +18,13 @@ def host_name() -> str:
 
 
 def check_device(device: str) -> str:
-    """The device as stored (``cpu``, ``cuda:N``), or DeviceUnavailableError when this host has no such device."""
+    """The device as stored (``cpu``, ``cuda:N``), or DeviceUnavailableError when this host has no such device.
+
+    A cluster node's device (``nodeA/cuda:0``) is checked for its spelling and for a
+    configured cluster here; whether the node has it is checked when its run starts there.
+    """
+    if "/" in str(device):
+        return _check_cluster_device(device)
     spec = parse_device(device)
     if spec.kind == "cpu":
         return "cpu"
@@ -35,6 +41,17 @@ def check_device(device: str) -> str:
     return f"cuda:{index}"
 
 
+def _check_cluster_device(device: str) -> str:
+    from engine.cluster.naming import parse_qualified
+    from engine.runs.cluster import ADDRESS_ENV, cluster_address
+
+    name = str(parse_qualified(device))
+    if cluster_address() is None:
+        raise DeviceUnavailableError(f"{name} is a device of a cluster node; set {ADDRESS_ENV} to the cluster's "
+                                     "address (HOST:PORT of its head) to use it.")
+    return name
+
+
 @contextmanager
 def device_lock(store: Store, device: str) -> Iterator[None]:
     """Hold the lock file of a device while a run uses it (the OS releases it if the process dies).
@@ -44,7 +61,7 @@ def device_lock(store: Store, device: str) -> Iterator[None]:
     """
     folder = store.path.resolve().parent / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / f"{host_name()}-{device.replace(':', '_')}.lock").open("w")
+    handle = (folder / f"{host_name()}-{device.replace(':', '_').replace('/', '__')}.lock").open("w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -24,6 +24,7 @@ import pandas as pd
 from engine.errors import InputError, Problem
 from engine.runs.devices import host_name
 from engine.runs.kinds import ACTIVE, FINISHED, RUN_KINDS, RunKind
+from engine.runs.cluster import RayLauncher, cluster_address
 from engine.runs.launcher import RunHandle, RunLauncher, exit_reason
 from engine.runs.local import LocalProcessLauncher
 from engine.store import Store
@@ -35,8 +36,10 @@ _LOCAL = LocalProcessLauncher()
 
 
 def current_launcher() -> RunLauncher:
-    """Where runs execute: today always worker processes on this host."""
-    return _LOCAL
+    """Where runs execute: worker processes on this host, and with a cluster address
+    (``PLANNER_RAY_ADDRESS``) the runs on cluster devices through a driver process."""
+    address = cluster_address()
+    return RayLauncher(address) if address else _LOCAL
 
 
 def _placeholders(values: tuple) -> str:

@@ -1,7 +1,9 @@
 """Runs as worker processes on this host: ``python -m MODULE --db PATH --flag ID``.
 
 A worker runs in a session of its own, so a Ctrl-C in the terminal or a restart of the
-app does not reach it, and writes its output to a log file beside the database. It is
+app does not reach it, and writes its output to a log file beside the database. Its
+inference threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, see
+:mod:`engine.energy.waiting`), so that waiting is not counted, or burnt, as work. It is
 recognised by its command line, with the run's id as the exact last argument: the worker of
 job 12 is never taken for job 1, and a number the system gave to some other program since
 is never taken for a worker.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from engine.energy.waiting import worker_environment
 from engine.paths import PROJECT_ROOT
 from engine.runs.kinds import RunKind
 from engine.runs.launcher import RunLauncher
@@ -38,11 +41,15 @@ def worker_log_path(store: Store, kind: RunKind, run_id: int) -> Path:
 
 
 def spawn(module: str, arguments: Sequence[str], log: Path) -> subprocess.Popen:
-    """Start ``python -m module arguments...`` in its own session, its output appended to ``log``."""
+    """Start ``python -m module arguments...`` in its own session, its output appended to ``log``.
+
+    Its environment is this one with passive waiting for OpenMP threads (set before the
+    worker imports torch or llama_cpp, which read it once).
+    """
     with log.open("ab") as output:
         return subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=PROJECT_ROOT,
                                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=worker_environment())
 
 
 def is_process_of(pid: int | None, module: str, last_arguments: Sequence[str]) -> bool:

@@ -1,0 +1,111 @@
+"""An execution's cluster state: how each device's part stands, and where a device's queries run.
+
+Kept in the execution's ``settings`` (beside the ``devices`` it holds), so it goes with
+the run and needs no table of its own:
+- ``parts``: per planned device, its status (running, done, failed, cancelled), the
+  reason and where it ran; a device whose node was lost is failed here at once while the
+  other devices go on (the run as a whole fails when they are done);
+- ``placement``: a device whose queries run on another node's device of the same type,
+  as the user chose when resuming (:func:`move_device`). Its results carry the device
+  that measured them.
+
+A profiling job has one device, so its run's own status is its part's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.cluster.naming import is_qualified, parse_qualified
+from engine.errors import InputError, Problem
+from engine.runs import ACTIVE
+from engine.store import Store
+
+
+@dataclass(frozen=True)
+class DevicePart:
+    """One planned device's part of an execution: where it runs, how it stands, and why."""
+
+    device: str
+    runs_on: str
+    status: str
+    reason: str | None = None
+
+
+def _settings(store: Store, execution_id: int) -> dict:
+    row = store.query_one("SELECT settings FROM executions WHERE id = ?", [int(execution_id)])
+    if row is None:
+        raise InputError(Problem("execution", f"no execution with id {execution_id}", None, "an execution id"))
+    return json.loads(row[0]) if row[0] else {}
+
+
+def _save(store: Store, execution_id: int, settings: dict) -> None:
+    store.execute("UPDATE executions SET settings = ? WHERE id = ?", [json.dumps(settings), int(execution_id)])
+
+
+def planned_devices(store: Store, execution_id: int) -> set[str]:
+    """The devices the execution's plan assigns queries to."""
+    frame = store.query_df("SELECT DISTINCT a.device FROM plan_assignments a JOIN executions e ON e.plan_id = a.plan_id "
+                           "WHERE e.id = ?", [int(execution_id)])
+    return {str(parse_qualified(d)) if is_qualified(d) else d for d in frame["device"]}
+
+
+def placement(store: Store, execution_id: int) -> dict[str, str]:
+    """Planned device to the device its queries run on, for the devices moved (others run where planned)."""
+    return dict(_settings(store, execution_id).get("placement", {}))
+
+
+def part_states(store: Store, execution_id: int) -> dict[str, DevicePart]:
+    """Each planned device's part as the last driver left it (empty before a cluster run)."""
+    parts = _settings(store, execution_id).get("parts", {})
+    return {device: DevicePart(device, p.get("runs_on", device), p["status"], p.get("reason"))
+            for device, p in parts.items()}
+
+
+def record_part(store: Store, execution_id: int, part: DevicePart) -> None:
+    """Keep how one device's part stands."""
+    settings = _settings(store, execution_id)
+    settings.setdefault("parts", {})[part.device] = {"runs_on": part.runs_on, "status": part.status,
+                                                     "reason": part.reason}
+    _save(store, execution_id, settings)
+
+
+def move_device(store: Store, execution_id: int, device: str, to: str, *,
+                same_type: Callable[[str, str], str | None] | None = None) -> None:
+    """Run a failed or cancelled execution's queries left on ``device`` on ``to`` instead, when it is resumed.
+
+    ``to`` must be a cluster device of the same kind; ``same_type(device, to)`` (from the
+    cluster's inventory) returns why the two differ, or None. The execution then holds
+    ``to`` as well. Moving a device back to itself undoes the move.
+    """
+    settings = _settings(store, execution_id)
+    status = store.query_one("SELECT status FROM executions WHERE id = ?", [int(execution_id)])[0]
+    where = f"execution {execution_id}"
+    if status in ACTIVE:
+        raise InputError(Problem(where, f"is {status}", None, "a failed or cancelled execution (move, then resume)"))
+    moves = settings.setdefault("placement", {})
+    planned = planned_devices(store, execution_id)
+    source, target = str(parse_qualified(device)), str(parse_qualified(to))
+    if source not in planned:
+        raise InputError(Problem(where, f"has no device {source}", "device", ", ".join(sorted(planned)) or "none"))
+    if parse_qualified(source).kind != parse_qualified(target).kind:
+        raise InputError(Problem(where, f"{source} and {target} are different kinds of device", "device",
+                                 "a device of the same type on another node"))
+    if target in planned and target != source:
+        raise InputError(Problem(where, f"{target} runs queries of its own in this execution", "device",
+                                 "a device the execution does not use"))
+    if any(t == target and s != source for s, t in moves.items()):
+        raise InputError(Problem(where, f"another device's queries already move to {target}", "device",
+                                 "one device in place of one device"))
+    why = same_type(source, target) if same_type is not None and source != target else None
+    if why is not None:
+        raise InputError(Problem(where, f"{target} cannot stand in for {source}: {why}", "device",
+                                 "a device of the same type on another node"))
+    if source == target:
+        moves.pop(source, None)
+    else:
+        moves[source] = target
+    settings["devices"] = sorted(planned | set(moves.values()))
+    _save(store, execution_id, settings)

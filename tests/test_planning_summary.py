@@ -1,0 +1,100 @@
+"""engine.planning.summary and engine.planning.output_lengths: what the Plan page and the CLI
+show about a plan (timeline blocks, savings and misses against baselines), and output lengths
+learned from executions filled into a workload."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from engine.planning import Baseline, PlanResult, PlanSettings, parse_workload
+from engine.planning.output_lengths import fill_learned_output_lengths, missing_output_lengths
+from engine.planning.summary import baseline_misses, compare_with_baselines, timeline_blocks
+
+
+def test_timeline_blocks_group_consecutive_queries_of_a_model_on_a_device():
+    schedule = pd.DataFrame({
+        "id": ["a", "b", "c", "d", "e"],
+        "model": ["m1", "m1", "m2", "m1", "m1"],
+        "device": ["cpu", "cpu", "cpu", "cuda:0", "cuda:0"],
+        "device_start_s": [0.0, 1.0, 2.5, 0.0, 2.0],
+        "predicted_runtime_s": [1.0, 1.5, 0.5, 2.0, 3.0],
+    })
+    blocks = timeline_blocks(schedule)
+    assert blocks.to_dict("records") == [
+        {"device": "cpu", "model": "m1", "start_s": 0.0, "end_s": 2.5, "queries": 2},
+        {"device": "cpu", "model": "m2", "start_s": 2.5, "end_s": 3.0, "queries": 1},
+        {"device": "cuda:0", "model": "m1", "start_s": 0.0, "end_s": 5.0, "queries": 2},
+    ]
+    assert timeline_blocks(schedule.iloc[:0]).empty
+
+
+def test_a_baseline_that_misses_says_which_target_and_by_how_much():
+    settings = PlanSettings(accuracy_target=0.6, deadline_s=60.0, deadlines_s={"cuda:0": 30.0})
+    slow = Baseline(energy_j=10.0, accuracy=0.55, makespan_s=90.0, feasible=False,
+                    per_device_runtime_s={"cpu": 90.0, "cuda:0": 20.0})
+    assert baseline_misses(slow, settings) == ["mean accuracy 0.5500 is below the target 0.600",
+                                               "cpu needs 1 min 30 s, past its 1 min 00 s deadline"]
+    gpu_late = Baseline(energy_j=10.0, accuracy=0.7, makespan_s=40.0, feasible=False,
+                        per_device_runtime_s={"cpu": 10.0, "cuda:0": 40.0})
+    assert baseline_misses(gpu_late, settings) == ["cuda:0 needs 40 s, past its 30 s deadline"]
+    # Everything mean is met: a query's own minimum accuracy is what it misses.
+    per_query = Baseline(energy_j=10.0, accuracy=0.7, makespan_s=10.0, feasible=False,
+                         per_device_runtime_s={"cpu": 10.0})
+    assert baseline_misses(per_query, settings) == ["some queries get a model below their own minimum accuracy"]
+    # A plan stored before per-device times were kept: the busiest device against the common deadline.
+    old = Baseline(energy_j=10.0, accuracy=0.7, makespan_s=75.0, feasible=False)
+    assert baseline_misses(old, settings) == ["the busiest device needs 1 min 15 s, past the 1 min 00 s deadline"]
+    assert baseline_misses(Baseline(energy_j=1.0, accuracy=0.7, makespan_s=1.0, feasible=True), settings) == []
+
+
+def test_savings_against_each_baseline_cheapest_first():
+    settings = PlanSettings(accuracy_target=0.6)
+    result = PlanResult(settings=settings, status="optimal", n_queries=2, solve_s=0.1, plan_s=0.2,
+                        energy_scope="total", energy_estimated=False, energy_j=75.0, accuracy=0.6,
+                        baselines={"round-robin": Baseline(100.0, 0.6, 1.0, True, note="in turn"),
+                                   "only cheap": Baseline(50.0, 0.5, 1.0, False),
+                                   "broken": Baseline(math.nan, math.nan, math.nan, False)})
+    rows = compare_with_baselines(result)
+    assert [r.name for r in rows] == ["only cheap", "round-robin", "broken"]
+    assert rows[0].saving == pytest.approx(-0.5) and rows[0].misses == ("mean accuracy 0.5000 is below the target 0.600",)
+    assert rows[1].saving == pytest.approx(0.25) and rows[1].meets_targets and rows[1].misses == ()
+    assert rows[2].saving is None
+    infeasible = PlanResult(settings=settings, status="infeasible", n_queries=2, solve_s=0.1, plan_s=0.2,
+                            energy_scope="total", energy_estimated=False, baselines=result.baselines)
+    assert all(r.saving is None for r in compare_with_baselines(infeasible))
+
+
+def learned(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": m, "category": c, "queries": 3, "median_output_tokens": v} for m, c, v in rows])
+
+
+def test_learned_lengths_fill_only_queries_without_one_by_category_else_overall():
+    workload = parse_workload("id,input_tokens,output_tokens,max_output_tokens,category\n"
+                              "a,10,5,,chat\n"      # given: kept
+                              "b,10,,40,chat\n"     # a stated maximum: kept
+                              "c,10,,,chat\n"       # learned for chat
+                              "d,10,,,code\n"       # no code length learned: overall
+                              "e,10,,,\n", "w.csv")  # no category: overall
+    assert missing_output_lengths(workload).tolist() == [False, False, True, True, True]
+    frame = learned([("m1", "(all)", 100.0), ("m2", "(all)", 60.0), ("m1", "chat", 30.0), ("m2", "chat", 50.0)])
+    filled, fill = fill_learned_output_lengths(workload, frame)
+    # b keeps its stated maximum (no output_tokens); c gets chat's median over models, d and e the overall one.
+    assert list(filled.queries.output_tokens.astype("Float64").fillna(-1)) == [5, -1, 40, 80, 80]
+    assert fill.n_filled == 3 and fill.overall_median_tokens == 80.0 and fill.by_category_tokens == {"chat": 40.0}
+    assert filled.warnings[-1].startswith("3 queries planned with output lengths learned from executed prompts")
+    assert workload.queries.output_tokens.isna().sum() == 4  # the original is untouched
+
+
+def test_nothing_learned_or_nothing_missing_leaves_the_workload_as_it_is():
+    workload = parse_workload("id,input_tokens\na,10\n", "w.csv")
+    same, fill = fill_learned_output_lengths(workload, learned([]).reindex(columns=["model", "category",
+                                                                                  "median_output_tokens"]))
+    assert same is workload and fill is None
+    complete = parse_workload("id,input_tokens,output_tokens\na,10,4\n", "w.csv")
+    same, fill = fill_learned_output_lengths(complete, learned([("m", "(all)", 50.0)]))
+    assert same is complete and fill is None
+    one, fill = fill_learned_output_lengths(workload, learned([("m", "(all)", 50.0)]))
+    assert fill.sentence == "1 query planned with output lengths learned from executed prompts (median 50 tokens)"

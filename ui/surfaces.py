@@ -1,0 +1,300 @@
+"""The fitted surfaces part of the Models page: fit (in the background), then energy and
+runtime over (input, output) tokens with the measured trials, the forms compared, the
+coefficients, the residuals and the model card.
+
+Not a page of its own: pages/models.py calls :func:`show_surfaces`. A click on the view
+(a pair, per token, log axes) reruns only the surfaces panel (a fragment), and the fits,
+trials and figures come from caches keyed by fit id and by the database's change marker,
+so it answers at once; the charts keep their keys, so the browser updates them in place.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.errors import PlannerError
+from engine.fitting import (FitResult, energy_model_card, fit_all, load_latest_fits, load_reference_profiles,
+                            load_trials, residuals, save_fits, suggest_points, surface_grid)
+from engine.formatting import format_count, format_percent
+from engine.overview import count_executed_measurements, data_version
+from engine.store import Store
+from ui import background
+from ui.common import show_error
+
+SURFACE_GRID_N = 25
+
+
+# -- cached reads and figures (keyed by fit id and the database's change marker) -----------------
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _latest_fits(db_path: str, version: tuple, _store: Store) -> list[FitResult]:
+    return load_latest_fits(_store)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _trials(db_path: str, version: tuple, model: str, device: str, scope: str, _store: Store) -> pd.DataFrame:
+    return load_trials(_store, model, device, energy_scope=scope)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _surface_figure(fit_id: int, version: tuple, view: str, log_axes: bool, band: bool, _fit: FitResult,
+                    _trials: pd.DataFrame | None) -> go.Figure:
+    return surface_figure(_fit, _trials, view, log_axes, band=band)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _residual_figure(fit_id: int, version: tuple, _fit: FitResult, _trials: pd.DataFrame) -> go.Figure:
+    return residual_figure(_fit, _trials)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _suggestions(fit_ids: tuple[int, ...], _pair: list[FitResult]) -> pd.DataFrame | None:
+    try:
+        return suggest_points(_pair, n=3)
+    except PlannerError:
+        return None
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+def _grid_arrays(fit: FitResult, view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x, y, z and the 90% half-width of a single request, on the surface's grid."""
+    grid = surface_grid(fit, n=SURFACE_GRID_N, log=True)
+    column = fit.value_column
+    z_column = f"{column}_per_token" if view == "per token" else f"{column}_raw"
+    size = int(np.sqrt(len(grid)))
+    shape = (size, size)
+    x = grid.input_tokens.to_numpy().reshape(shape)
+    y = grid.output_tokens.to_numpy().reshape(shape)
+    uncertainty = grid[f"{column}_uncertainty"].to_numpy().reshape(shape)
+    return x, y, grid[z_column].to_numpy().reshape(shape), uncertainty
+
+
+def _token_axis(title: str, tokens: np.ndarray, log_axes: bool) -> dict:
+    """A scene axis of token counts. A log axis is drawn as a linear axis of log10(tokens) with
+    the counts as tick labels: switching it then changes only data, which the browser redraws in
+    place, where changing the axis type rebuilds the whole 3-D scene (seconds on a CPU-only host)."""
+    if not log_axes:
+        return {"title": title, "type": "linear"}
+    low, high = float(np.nanmin(tokens)), float(np.nanmax(tokens))
+    ticks = [2 ** k for k in range(0, 25) if low / 1.5 <= 2 ** k <= high * 1.5]
+    if len(ticks) > 7:
+        ticks = ticks[::2]
+    return {"title": f"{title} (log scale)", "type": "linear", "tickvals": list(np.log10(ticks)),
+            "ticktext": [f"{t:,}" for t in ticks]}
+
+
+def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_axes: bool, *,
+                   band: bool = True) -> go.Figure:
+    """The fitted surface, its 90% band (trial noise plus the coefficients' uncertainty) and the measured trials."""
+    x, y, z, uncertainty = _grid_arrays(fit, view)
+    place = np.log10 if log_axes else (lambda tokens: tokens)
+    unit = "J" if fit.target == "energy" else "s"
+    what = f"{fit.target} ({unit}{' per token' if view == 'per token' else ''}" \
+           f"{', estimated' if fit.target == 'energy' and fit.energy_estimated else ''})"
+    hover = "%{customdata[0]:,} in, %{customdata[1]:,} out: %{z:.4g} " + unit + "<extra></extra>"
+    tokens = np.dstack([x, y])
+    figure = go.Figure(go.Surface(x=place(x), y=place(y), z=z, colorscale="Viridis", name=fit.form,
+                                  colorbar={"title": unit}, customdata=tokens, hovertemplate=hover))
+    if band and np.isfinite(uncertainty).any():
+        half_width = uncertainty / (x + y) if view == "per token" else uncertainty
+        for sign, label in ((1, "upper"), (-1, "lower")):
+            figure.add_trace(go.Surface(x=place(x), y=place(y), z=z + sign * half_width, showscale=False, opacity=0.2,
+                                        colorscale=[[0, "grey"], [1, "grey"]], name=f"90% band ({label})",
+                                        hoverinfo="skip"))
+    column = fit.value_column
+    if trials is not None and len(trials) and trials[column].notna().any():
+        shown = trials[trials[column].notna()]
+        values = shown[column] / (shown.input_tokens + shown.output_tokens) if view == "per token" else shown[column]
+        figure.add_trace(go.Scatter3d(
+            x=place(shown.input_tokens.to_numpy(dtype=float)), y=place(shown.output_tokens.to_numpy(dtype=float)),
+            z=values, mode="markers", marker={"size": 3, "color": "crimson"}, name="measured trials",
+            customdata=np.column_stack([shown.input_tokens, shown.output_tokens]), hovertemplate=hover))
+    figure.update_layout(
+        title=f"{fit.model} on {fit.device}: {what}, form {fit.form}", height=480,
+        margin={"l": 0, "r": 0, "t": 40, "b": 0},
+        scene={"xaxis": _token_axis("input tokens", x, log_axes), "yaxis": _token_axis("output tokens", y, log_axes),
+               "zaxis": {"title": f"{fit.target} ({unit}{'/token' if view == 'per token' else ''})"},
+               "aspectmode": "cube",
+               "camera": {"eye": {"x": -1.7, "y": -1.7, "z": 1.2}}},  # the whole cube in a two-thirds-wide chart
+        uirevision=f"{fit.model}@{fit.device}/{fit.target}")  # a redraw keeps the camera the user turned
+    return figure
+
+
+def residual_figure(fit: FitResult, trials: pd.DataFrame) -> go.Figure:
+    frame = residuals(fit, trials)
+    figure = go.Figure(go.Scatter(x=frame.predicted, y=frame.relative_residual * 100, mode="markers",
+                                  marker={"size": 5}, text=[f"{i} in, {o} out" for i, o in
+                                                            zip(frame.input_tokens, frame.output_tokens)]))
+    figure.add_hline(y=0, line_dash="dot")
+    unit = "J" if fit.target == "energy" else "s"
+    figure.update_layout(title=f"Residuals of {fit.target}: (measured − predicted) / measured", height=360,
+                         xaxis_title=f"predicted {fit.target} ({unit})", yaxis_title="relative residual (%)")
+    return figure
+
+
+# -- fitting (in the background) ---------------------------------------------------------------
+
+def _fit_in_background(progress: background.TaskProgress, store: Store, include_executed: bool):
+    progress.report("reading the measurements")
+    before = {f.key: f for f in load_latest_fits(store, source="measured")}
+    progress.report("cross-validating every form for each model and device")
+    fits = fit_all(store, include_executed=include_executed)
+    progress.check()  # dropped meanwhile: store nothing
+    progress.report("storing the fits")
+    return before, save_fits(store, fits)
+
+
+def _show_fit_outcome(outcome: background.Outcome) -> None:
+    if outcome.error is not None:
+        show_error(outcome.error)
+        return
+    before, saved = outcome.value
+    st.success(f"Fitted {format_count(len(saved), 'surface')}"
+               + (" including executed queries." if outcome.request else "."))
+    changes = [{"model": f.model, "device": f.device, "target": f.target,
+                "trials before": before[f.key].n_trials if f.key in before else None, "trials now": f.n_trials,
+                "form before": before[f.key].form if f.key in before else "", "form now": f.form,
+                "CV MAPE before": format_percent(before[f.key].cv_mape, unknown="") if f.key in before else "",
+                "CV MAPE now": format_percent(f.cv_mape, unknown="")}
+               for f in saved]
+    st.markdown("**How the fits changed**")
+    st.dataframe(changes, hide_index=True, width="stretch")
+
+
+def show_fit_controls(store: Store) -> None:
+    """Fit every measured model (in the background), or load the paper's published A100 profiles."""
+    outcome = background.take_outcome("fit")
+    if outcome is not None:
+        _show_fit_outcome(outcome)
+    left, right = st.columns(2)
+    executed = count_executed_measurements(store)
+    include_executed = left.checkbox(
+        f"Include the {format_count(executed, 'query', 'queries')} measured while executing plans", value=False,
+        key="fit_include_executed", disabled=not executed,
+        help="Executed queries are real requests (real prompts, answers that may end early); profiling trials are "
+             "controlled. Off: fit on profiling trials only.")
+    if left.button("Fit all measured models", type="primary", key="fit_all"):
+        background.start("fit", "Fitting", partial(_fit_in_background, store=store,
+                                                   include_executed=include_executed),
+                         request=include_executed)
+    if right.button("Load the paper's published A100 profiles", key="load_reference",
+                    help="Coefficients of Wilkins et al. Table 5.2 (Swing, AMD + A100): published, no measurements."):
+        try:
+            load_reference_profiles(store)
+            st.success("Loaded the published A100 coefficients as reference fits (no measurements).")
+        except PlannerError as exc:
+            show_error(exc)
+    background.show_progress("fit", stop_label="Stop waiting")
+
+
+# -- the panel of one (model, device) --------------------------------------------------------------
+
+def _show_forms(pair: list[FitResult]) -> None:
+    rows = [{"target": fit.target, "form": candidate.form, "CV MAPE": candidate.cv_mape, "R²": candidate.r2,
+             "chosen": "✓" if candidate.chosen else "", "offered": "yes" if candidate.offered else "no"}
+            for fit in pair for candidate in fit.candidates or []]
+    if rows:
+        st.subheader("Forms compared")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+            "CV MAPE": st.column_config.NumberColumn(format="percent"),
+            "R²": st.column_config.NumberColumn(format="%.4f")})
+
+
+def _show_coefficients(pair: list[FitResult]) -> None:
+    st.subheader("Chosen coefficients")
+    for fit in sorted(pair, key=lambda f: f.target):
+        units = fit.units or {}
+        coefficients = pd.DataFrame([{"term": term, "value": value, "unit": units.get(term, "")}
+                                     for term, value in fit.coefficients.items()])
+        r2 = "—" if fit.r2 is None else f"{fit.r2:.4f}"
+        st.markdown(f"**{fit.target}** — form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}, R² {r2}, domain "
+                    f"input {fit.domain['input_tokens']}, output {fit.domain['output_tokens']} tokens")
+        st.dataframe(coefficients, hide_index=True, width="stretch",
+                     column_config={"value": st.column_config.NumberColumn(format="%.6g")})
+
+
+def _show_residuals(pair: list[FitResult], trials: pd.DataFrame, version: tuple) -> None:
+    for fit in sorted(pair, key=lambda f: f.target):
+        st.plotly_chart(_residual_figure(fit.fit_id, version, fit, trials), width="stretch",
+                        key=f"residual_{fit.target}")
+    suggestions = _suggestions(tuple(f.fit_id for f in pair), pair)
+    if suggestions is not None:
+        st.markdown("**Measure next** (largest uncertainty): " + ", ".join(
+            f"({int(r.input_tokens)} in, {int(r.output_tokens)} out)" for r in suggestions.itertuples()))
+
+
+def _scope_note(pair: list[FitResult]) -> bool:
+    """Say where the fits come from; returns whether they are published (no trials to show)."""
+    published = all(f.source == "published" for f in pair)
+    if published:
+        st.warning("Published coefficients, no measurements: these are the paper's fits on its A100 system. "
+                   "Where they predict negative energy (long inputs, short outputs) the surface shows it; plans clamp "
+                   "it at 0 with a warning.")
+    elif any(f.energy_estimated for f in pair if f.target == "energy"):
+        st.info("Energy here is **estimated** (no sensor on the host that measured it).")
+    return published
+
+
+@st.fragment
+def surfaces_panel(store: Store) -> None:
+    """One (model, device) at a time: choosing it, or the view, reruns only this panel."""
+    version = data_version(store)
+    fits = _latest_fits(str(store.path), version, store)
+    if not fits:
+        st.info("No fits yet: profile a model on the Profile page (or import measurements), then fit.")
+        return
+    pairs = sorted({(f.model, f.device) for f in fits})
+    model, device = st.selectbox("Model and device", pairs, format_func=lambda p: f"{p[0]} on {p[1]}", key="fit_pair")
+    pair = [f for f in fits if (f.model, f.device) == (model, device)]
+    scopes = sorted({f.energy_scope for f in pair})
+    scope = st.radio("Energy scope", scopes, horizontal=True, key="fit_scope") if len(scopes) > 1 else scopes[0]
+    pair = [f for f in pair if f.energy_scope == scope]
+    trials = None
+    if not _scope_note(pair):
+        try:
+            trials = _trials(str(store.path), version, model, device, scope, store)
+        except PlannerError as exc:
+            show_error(exc)
+
+    by_target = {f.target: f for f in pair}
+    targets = sorted(by_target)
+    chart, controls = st.columns([3, 2])
+    # One 3-D chart at a time, two thirds wide, opaque, its band on request: a browser without
+    # a GPU draws 3-D in software, and transparent layers cost it seconds per click.
+    target = controls.segmented_control("Surface", targets, default=targets[0], key="fit_target") or targets[0]
+    view = controls.radio("View", ["per request", "per token"], horizontal=True, key="fit_view")
+    log_axes = controls.toggle("Log axes", value=True, key="fit_log")
+    band = controls.toggle("90% band", value=False, key="fit_band",
+                           help="The range a single request's value falls in 9 times out of 10: trial noise plus the "
+                                "coefficients' own uncertainty, drawn as two grey surfaces.")
+    fit = by_target[target]
+    controls.caption(f"Form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}; red points are measured trials. "
+                     "Drag to turn the surface.")
+    # One key: a new view updates the chart in place instead of building a new one.
+    chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, fit, trials), width="stretch",
+                       key="surface")
+    _show_forms(pair)
+    _show_coefficients(pair)
+    if trials is not None and len(trials):
+        _show_residuals(pair, trials, version)
+    card = energy_model_card(pair)
+    st.download_button("Download the energy model card (JSON)", json.dumps(card, indent=2),
+                       file_name=f"energy-model-card-{model}-{device}.json".replace(" ", "_").replace(":", "_"),
+                       mime="application/json", key="card_download")
+
+
+def show_surfaces(store: Store) -> None:
+    """Fit, and show the latest fits with their measured points, metrics and model card."""
+    st.header("Fitted surfaces")
+    st.caption("Energy and runtime per request as functions of input and output tokens, fitted per model and device. "
+               "The form is chosen by cross-validated relative error on held-out design points (CV MAPE); "
+               "R² is shown beside it, never alone.")
+    show_fit_controls(store)
+    surfaces_panel(store)
