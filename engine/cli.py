@@ -22,7 +22,7 @@ from engine import catalog
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.paths import DEFAULT_MODELS_DIR
-from engine.profiling.design import DESIGN_KINDS
+from engine.profiling.design import ALL_DESIGN_KINDS
 from engine.store import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -84,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", parents=[common], help="measure a model's energy and runtime over a design")
     profile.add_argument("--model", help="a model from the catalog")
     profile.add_argument("--device", default="cpu", help="cpu (default) or cuda:N")
-    profile.add_argument("--design", choices=DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are given")
+    profile.add_argument("--design", choices=ALL_DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are "
+                         "given, or adaptive with --budget-s")
     profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
     profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")
     profile.add_argument("--points", type=int, default=16, help="points of a space-filling design (default 16)")
+    profile.add_argument("--budget-s", type=float, help="adaptive design: seconds from loading the model to the last "
+                         "trial (default 120); it stops sooner when the fits stop improving")
     profile.add_argument("--max-trials", type=int, default=25, help="most trials per point (default 25)")
     profile.add_argument("--min-trials", type=int, default=3, help="fewest trials per point (default 3)")
     profile.add_argument("--rel-ci", type=float, default=0.05,
@@ -364,12 +367,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise InputError([Problem("--model", "is required", None, "a model from `models list` (or --resume JOB)")])
-        design = args.design or ("custom" if args.inputs or args.outputs else "quick")
+        design = args.design or ("adaptive" if args.budget_s is not None else "custom" if args.inputs or args.outputs
+                                 else "quick")
         inputs = parse_token_list(args.inputs, "--inputs") if args.inputs else None
         outputs = parse_token_list(args.outputs, "--outputs") if args.outputs else None
         settings = jobs.ProfileSettings(rel_bound=args.rel_ci, min_trials=args.min_trials, max_trials=args.max_trials,
                                         warmup_runs=args.warmup, cooldown_s=args.cooldown_s, idle_s=args.idle_s,
-                                        seed=args.seed, batch_size=args.batch_size)
+                                        seed=args.seed, batch_size=args.batch_size, budget_s=args.budget_s)
         job = jobs.create_job(store, args.model, args.device, design, inputs=inputs, outputs=outputs,
                               n_points=args.points, settings=settings)
         for note in job.design.dropped:
@@ -408,7 +412,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         _print_json(document)
     else:
         print(f"job {final.id} {final.status}: {final.points_done}/{final.points_total} points, {progress.trials} trials"
-              f" in {format_duration(progress.elapsed_s, unknown='?')}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else ""))
+              f" in {format_duration(progress.elapsed_s, unknown='?')}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else "")
+              + (f"; {final.reason}" if final.status == "done" and final.reason else ""))
     if final.status != "done":
         print(f"error: job {final.id} {final.status}: {final.reason}", file=sys.stderr)
         return EXIT_FAILURE
@@ -426,7 +431,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     elif not rows:
         print("No profiling jobs yet: start one with `python -m engine profile --model NAME`.")
     else:
-        _print_table(rows, ["id", "model", "device", "status", "points_done", "points_total", "trials", "reason"])
+        _print_table(rows, ["id", "model", "device", "status", "points_done", "points_total", "trials", "unconverged",
+                            "reason"])
     return EXIT_OK
 
 

@@ -151,6 +151,13 @@ class FitResult:
                                                                  else "measured runtime")
         return f"{kind}, {self.n_trials} trials at {self.n_points} points"
 
+    @property
+    def unconverged_points(self) -> list[list[int]]:
+        """The measured points ([τin, τout]) whose trials ended without meeting the profiling
+        job's confidence rule (most of their trials did); empty when every point converged,
+        or for fits made before points were judged. See :mod:`engine.fitting.selection`."""
+        return [[int(i), int(o)] for i, o in self.details.get("unconverged_points", [])]
+
     def estimator(self) -> ModelForm:
         """The form as a fitted estimator (``predict(X)`` with X = [[τin, τout], ...])."""
         return form_from_coefficients(self.form, self.terms, self.coefficients)
@@ -240,7 +247,7 @@ class FitResult:
         Contract keys: model, device, target, form, coefficients, r2, cv_mape, n_points,
         domain. Extras: id, energy_scope, source, energy_source, energy_estimated, label,
         units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
-        r2, cv_r2, chosen, offered}], warnings.
+        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout], ...]).
         """
         return json_safe({
             "model": self.model, "device": self.device, "target": self.target, "form": self.form,
@@ -253,6 +260,7 @@ class FitResult:
             "candidates": [{"form": c.form, "cv_mape": c.cv_mape, "r2": c.r2, "cv_r2": c.cv_r2, "chosen": c.chosen,
                             "offered": c.offered} for c in self.candidates],
             "warnings": list(self.details.get("warnings", [])),
+            "unconverged_points": self.unconverged_points,
         })
 
     def to_dict(self) -> dict:

@@ -328,6 +328,47 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    # Converged and unconverged points; adaptive profiling.
+    Migration(
+        7,
+        "profiling: how each point's trials ended (converged or not), and the adaptive design's rounds",
+        (
+            # One row per (job, point), written when the point's trials are over (replaced when
+            # an adaptive job adds trials). Jobs measured before this table have no rows: the
+            # readers assess their points from the trials (engine.profiling.jobs.point_outcomes).
+            """
+            CREATE TABLE profiling_points (
+                job_id         BIGINT NOT NULL,
+                input_tokens   INTEGER NOT NULL,
+                output_tokens  INTEGER NOT NULL,
+                trials         INTEGER NOT NULL,
+                converged      BOOLEAN NOT NULL,  -- the 95% CI of the mean met the job's bound
+                stopped        VARCHAR NOT NULL,  -- converged | max-trials | fixed-trials | budget | settled
+                runtime_ci_rel DOUBLE,            -- CI half-width / mean, runtime
+                energy_ci_rel  DOUBLE,            -- CI half-width / mean, energy (NULL when not measured)
+                updated_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (job_id, input_tokens, output_tokens)
+            )
+            """,
+            # One row per fit-and-decide round of an adaptive job.
+            """
+            CREATE TABLE profiling_rounds (
+                job_id             BIGINT NOT NULL,
+                round              INTEGER NOT NULL,
+                elapsed_s          DOUBLE NOT NULL,  -- since the job's model started loading
+                trials             INTEGER NOT NULL,
+                points             INTEGER NOT NULL,
+                energy_cv_mape     DOUBLE,           -- fractions, as the fits table
+                runtime_cv_mape    DOUBLE,
+                energy_noise_mape  DOUBLE,           -- the floor trial-to-trial noise sets
+                runtime_noise_mape DOUBLE,
+                decision           VARCHAR,          -- what the round did next, or why it stopped
+                recorded_at        TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (job_id, round)
+            )
+            """,
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
