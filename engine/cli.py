@@ -643,8 +643,11 @@ def _with_learned_output_lengths(store: Store, workload):
 
 
 def _print_plan_energy(result, estimated: str) -> None:
-    """The plan's energy, and which problem its bound and gap are for when batches were formed."""
+    """The plan's energy and its band, and which problem its bound and gap are for when batches were formed."""
+    from engine.planning.band import band_sentence, uncertainty_against_gap
+
     print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
+    print("  " + band_sentence(result.energy_band).replace("Expected", "expected"))
     batched = any(size > 1 for sizes in result.batch_sizes.values() for size in sizes)
     if batched:
         overhead = result.formation_overhead_j or 0.0
@@ -653,6 +656,9 @@ def _print_plan_energy(result, estimated: str) -> None:
     if result.lower_bound_j is not None:
         scope = " (of the assignment)" if batched else ""
         print(f"lower bound{scope}: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+    comparison = uncertainty_against_gap(result.energy_band, result.gap)
+    if comparison:
+        print(comparison)
     for device, seconds in result.assignment_deadlines_s.items():
         print(f"  for the batches on {device} to meet its deadline, the assignment held its per-request shares there "
               f"to {format_duration(seconds)} (gap against the deadlines as asked: "

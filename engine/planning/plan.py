@@ -20,6 +20,7 @@ import pandas as pd
 from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
+from engine.planning.band import EnergyBand, plan_energy_band
 from engine.planning.batches import Batches, form_batches
 from engine.planning.options import PlanOption, Predictions, predict_options
 from engine.planning.solver import AssignmentProblem, CouplingRow, Solution, check_assignment, solve
@@ -412,6 +413,8 @@ class PlanResult:
     ``batches``: batches per option key; ``batch_sizes``: the sizes offered per
     ``model@device``; ``batching_saving``: the share of the energy of the same plan at batch
     size 1 that batching saves (None when no option batches or there is no such plan).
+    ``energy_band``: the range the measured total is expected in (:mod:`engine.planning.band`;
+    None without a schedule or where a fit has no held-out error); ``energy_band_j`` in JSON.
     """
 
     settings: PlanSettings
@@ -446,6 +449,7 @@ class PlanResult:
     batching_saving: float | None = None
     assignment_deadlines_s: dict[str, float] = field(default_factory=dict)
     gap_as_asked: float | None = None
+    energy_band: EnergyBand | None = None
     # What it was solved from, for curves and re-solves (not stored).
     predictions: Predictions | None = field(default=None, repr=False)
     allowed: np.ndarray | None = field(default=None, repr=False)
@@ -470,6 +474,8 @@ class PlanResult:
             "n_batches": self.n_batches, "batches": self.batches, "batch_sizes": self.batch_sizes,
             "batching_saving": self.batching_saving, "assignment_deadlines_s": self.assignment_deadlines_s,
             "gap_as_asked": self.gap_as_asked,
+            "energy_band_j": None if self.energy_band is None else [self.energy_band.low_j, self.energy_band.high_j],
+            "energy_band": None if self.energy_band is None else self.energy_band.to_json(),
             "plan_s": self.plan_s, "energy_scope": self.energy_scope, "energy_estimated": self.energy_estimated,
             "objective": self.settings.objective, "objective_value": self.objective_value,
             "objective_lower_bound": self.objective_lower_bound, "diagnosis": self.diagnosis,
@@ -523,6 +529,7 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
         _explain_late_batches(result, settings, formed)
     elif solution.status in ("optimal", "feasible"):
         _fill_schedule(result, predictions, settings, allowed, formed, query_ids)
+        result.energy_band = plan_energy_band(result.schedule, predictions.options, result.energy_j)
     else:
         _diagnose(result, predictions, settings, allowed, solution, query_ids)
     if compare:

@@ -15,8 +15,9 @@ from engine import safe_write
 from engine.catalog import get_model
 from engine.csvio import csv_text
 from engine.errors import InputError, Problem
-from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.formatting import json_safe
+from engine.planning.band import EnergyBand
+from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.planning.plan import Baseline, ConstraintCost, PlanResult, PlanSettings, make_plan
 from engine.planning.workload import Workload, planning_tokens, store_workload
 from engine.store import Store, append_frame
@@ -98,7 +99,8 @@ def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int
 
     The plans table's energy_j is the energy of the batches as formed, its gap that of the
     assignment problem (see :class:`PlanResult`); the params keep assignment_energy_j,
-    formation_overhead_j, the batches per option and what batching saves.
+    formation_overhead_j, the batches per option, what batching saves, and the energy band
+    with each batch's own half-width (:meth:`EnergyBand.to_dict`; :func:`stored_energy_band`).
 
     Baselines are stored whole (:meth:`Baseline.to_dict`); :func:`load_plan` also reads the
     shorter shape of plans stored before (energy_j, accuracy, makespan_s, feasible).
@@ -111,6 +113,7 @@ def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int
                                              "batch_sizes", "batching_saving", "assignment_deadlines_s",
                                              "gap_as_asked")}
     params["options"] = result.options
+    params["energy_band"] = None if result.energy_band is None else result.energy_band.to_dict()
     params["solver"] = result.solver
     baselines = {name: baseline.to_dict() for name, baseline in result.baselines.items()}
     settings = result.settings
@@ -158,6 +161,15 @@ def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
                   accuracy, device_start_s, batch_id, batch_size, in_domain
            FROM plan_assignments WHERE plan_id = ? ORDER BY device, device_start_s, batch_id, rowid""", [int(plan_id)])
     return row, schedule
+
+
+def stored_energy_band(store: Store, plan_id: int) -> EnergyBand | None:
+    """The energy band a stored plan was made with (None for a plan without one: no schedule, a
+    fit without held-out error, an imported schedule, or a plan stored before bands)."""
+    row = store.query_one("SELECT CAST(params AS VARCHAR) FROM plans WHERE id = ?", [int(plan_id)])
+    if row is None or not row[0]:
+        return None
+    return EnergyBand.from_dict(json.loads(row[0]).get("energy_band"))
 
 
 def schedule_csv(schedule: pd.DataFrame) -> str:
