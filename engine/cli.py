@@ -23,7 +23,7 @@ from engine.cluster import commands as cluster_commands
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.paths import DEFAULT_MODELS_DIR
-from engine.profiling.design import DESIGN_KINDS
+from engine.profiling.design import ALL_DESIGN_KINDS
 from engine.store import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -86,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", parents=[common], help="measure a model's energy and runtime over a design")
     profile.add_argument("--model", help="a model from the catalog")
     profile.add_argument("--device", default="cpu", help="cpu (default) or cuda:N")
-    profile.add_argument("--design", choices=DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are given")
+    profile.add_argument("--design", choices=ALL_DESIGN_KINDS, help="default: quick, or custom when --inputs/--outputs are "
+                         "given, or adaptive with --budget-s")
     profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
     profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")
     profile.add_argument("--points", type=int, default=16, help="points of a space-filling design (default 16)")
+    profile.add_argument("--budget-s", type=float, help="adaptive design: seconds from loading the model to the last "
+                         "trial (default 120); it stops sooner when the fits stop improving")
     profile.add_argument("--max-trials", type=int, default=25, help="most trials per point (default 25)")
     profile.add_argument("--min-trials", type=int, default=3, help="fewest trials per point (default 3)")
     profile.add_argument("--rel-ci", type=float, default=0.05,
@@ -156,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="count a model's load time and energy once where it is used (repeatable)")
     plan.add_argument("--option", action="append", default=[], metavar="MODEL@DEVICE",
                       help="use only these options (repeatable; default every fitted one)")
+    plan.add_argument("--batch-sizes", metavar="B[,B...]",
+                      help="batch sizes the plan may use, e.g. 1,4,16 (each within what the model was profiled at; "
+                      "default every power of two profiled, plus 1)")
     plan.add_argument("--default-output-tokens", type=int,
                       help="output length for queries with neither output_tokens nor max_output_tokens")
     plan.add_argument("--learned-output-lengths", action="store_true",
@@ -375,12 +381,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise InputError([Problem("--model", "is required", None, "a model from `models list` (or --resume JOB)")])
-        design = args.design or ("custom" if args.inputs or args.outputs else "quick")
+        design = args.design or ("adaptive" if args.budget_s is not None else "custom" if args.inputs or args.outputs
+                                 else "quick")
         inputs = parse_token_list(args.inputs, "--inputs") if args.inputs else None
         outputs = parse_token_list(args.outputs, "--outputs") if args.outputs else None
         settings = jobs.ProfileSettings(rel_bound=args.rel_ci, min_trials=args.min_trials, max_trials=args.max_trials,
                                         warmup_runs=args.warmup, cooldown_s=args.cooldown_s, idle_s=args.idle_s,
-                                        seed=args.seed, batch_size=args.batch_size)
+                                        seed=args.seed, batch_size=args.batch_size, budget_s=args.budget_s)
         job = jobs.create_job(store, args.model, args.device, design, inputs=inputs, outputs=outputs,
                               n_points=args.points, settings=settings)
         for note in job.design.dropped:
@@ -419,7 +426,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         _print_json(document)
     else:
         print(f"job {final.id} {final.status}: {final.points_done}/{final.points_total} points, {progress.trials} trials"
-              f" in {format_duration(progress.elapsed_s, unknown='?')}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else ""))
+              f" in {format_duration(progress.elapsed_s, unknown='?')}" + (f"; energy {', '.join(document['energy_source'])}" if document["energy_source"] else "")
+              + (f"; {final.reason}" if final.status == "done" and final.reason else ""))
     if final.status != "done":
         print(f"error: job {final.id} {final.status}: {final.reason}", file=sys.stderr)
         return EXIT_FAILURE
@@ -437,7 +445,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     elif not rows:
         print("No profiling jobs yet: start one with `python -m engine profile --model NAME`.")
     else:
-        _print_table(rows, ["id", "model", "device", "status", "points_done", "points_total", "trials", "reason"])
+        _print_table(rows, ["id", "model", "device", "status", "points_done", "points_total", "trials", "unconverged",
+                            "reason"])
     return EXIT_OK
 
 
@@ -521,7 +530,7 @@ def _pairs(items: list[str], option: str, expected: str) -> dict[str, str]:
 #: Plan page shows it too); here the problem names the flag that was typed.
 _PLAN_SETTING_FLAGS = {"accuracy target": "--accuracy-target", "accuracy mode": "--accuracy-mode",
                        "deadline": "--deadline-s", "device deadline": "--device-deadline", "zeta": "--zeta",
-                       "minimum share": "--min-share", "time limit": "--time-limit-s"}
+                       "minimum share": "--min-share", "time limit": "--time-limit-s", "batch sizes": "--batch-sizes"}
 
 
 @contextlib.contextmanager
@@ -563,10 +572,20 @@ def _plan_settings(args: argparse.Namespace):
     settings = PlanSettings(accuracy_target=args.accuracy_target, accuracy_mode=args.accuracy_mode,
                             deadline_s=args.deadline_s, deadlines_s=deadlines,
                             objective="zeta" if args.zeta is not None else "energy", zeta=args.zeta, min_share=shares,
-                            count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s)
+                            count_load=bool(loads), energy_scope=args.energy_scope, time_limit_s=args.time_limit_s,
+                            batch_sizes=_batch_sizes(args.batch_sizes))
     with _plan_flags():
         settings.validate()
     return settings, loads
+
+
+def _batch_sizes(text: str | None) -> tuple | None:
+    """``--batch-sizes 1,4,16`` as a tuple; items that are not whole numbers are kept as text, so
+    that the settings' check names each one (0, -2, 2.5, abc, 300: one problem each)."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    return tuple(int(item) if item.lstrip("+-").isdigit() else item for item in items)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -600,14 +619,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         estimated = " (estimated energy)" if result.energy_estimated else ""
         print(f"status: {result.status}" + (f" (plan {result.plan_id})" if result.plan_id else ""))
         if result.has_schedule:
-            print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
-            if result.lower_bound_j is not None:
-                print(f"lower bound: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+            _print_plan_energy(result, estimated)
             print(f"accuracy: {result.accuracy:.4f} ({settings.accuracy_mode}-weighted)")
             print(f"solved in {format_duration(result.solve_s)}; planned in {format_duration(result.plan_s)}")
             for device, seconds in result.per_device_runtime_s.items():
                 print(f"{device}: {format_duration(seconds)} of work")
-            _print_table([{"option": k, "queries": v} for k, v in result.assignments.items()], ["option", "queries"])
+            batched = result.n_batches < sum(result.assignments.values())
+            _print_table([{"option": k, "queries": v, "batches": result.batches.get(k)}
+                          for k, v in result.assignments.items()], ["option", "queries"] + ["batches"] * batched)
             for cost in result.constraint_costs:
                 print(cost.text)
         for line in result.diagnosis:
@@ -635,6 +654,31 @@ def _with_learned_output_lengths(store: Store, workload):
         print("warning: no output lengths have been learned yet (execute a plan of prompts first); queries without "
               "one use the default output length", file=sys.stderr)
     return workload
+
+
+def _print_plan_energy(result, estimated: str) -> None:
+    """The plan's energy and its band, and which problem its bound and gap are for when batches were formed."""
+    from engine.planning.band import band_sentence, uncertainty_against_gap
+
+    print(f"energy: {format_energy(result.energy_j)} {result.energy_scope}{estimated}")
+    print("  " + band_sentence(result.energy_band).replace("Expected", "expected"))
+    batched = any(size > 1 for sizes in result.batch_sizes.values() for size in sizes)
+    if batched:
+        overhead = result.formation_overhead_j or 0.0
+        print(f"  in {result.n_batches} batches; the assignment counted {format_energy(result.assignment_energy_j)} "
+              f"(per-request shares), forming the batches adds {format_energy(overhead)}")
+    if result.lower_bound_j is not None:
+        scope = " (of the assignment)" if batched else ""
+        print(f"lower bound{scope}: {format_energy(result.lower_bound_j)}  gap: {format_percent(result.gap, 4)}")
+    comparison = uncertainty_against_gap(result.energy_band, result.gap)
+    if comparison:
+        print(comparison)
+    for device, seconds in result.assignment_deadlines_s.items():
+        print(f"  for the batches on {device} to meet its deadline, the assignment held its per-request shares there "
+              f"to {format_duration(seconds)} (gap against the deadlines as asked: "
+              f"{format_percent(result.gap_as_asked, 4)})")
+    if result.batching_saving is not None:
+        print(f"batching saves {format_percent(result.batching_saving, 1)} against the same plan at batch 1")
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
@@ -686,6 +730,10 @@ def cmd_execute(args: argparse.Namespace) -> int:
                 "per_query_energy_error_median": comparison.per_query_energy_error_median,
                 "per_query_energy_error_mean_abs": comparison.per_query_energy_error_mean_abs,
                 "outside_band": comparison.outside_band, "with_band": comparison.with_band,
+                "batches_run": comparison.n_batches, "batches_failed": comparison.n_batches_failed,
+                "per_batch_energy_error_median": comparison.per_batch_energy_error_median,
+                "per_batch_energy_error_mean_abs": comparison.per_batch_energy_error_mean_abs,
+                "per_batch_energy_error_p10_p90": comparison.per_batch_energy_error_p10_p90,
                 "per_option": comparison.per_option.to_dict("records")}
     if args.json:
         _print_json(document)
@@ -700,7 +748,21 @@ def cmd_execute(args: argparse.Namespace) -> int:
         else:
             print("energy: not measured")
         print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
+        print(_batch_errors_line(comparison))
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
+
+
+def _batch_errors_line(comparison) -> str:
+    """``batches: 12 run, 0 failed; energy error per batch: median +3.1%, 80% of batches within [-4.0%, +9.8%],
+    mean |error| 5.2%``."""
+    line = f"batches: {comparison.n_batches} run, {comparison.n_batches_failed} failed"
+    if comparison.per_batch_energy_error_median is None:
+        return line + "; energy error per batch: unknown (no batch with both a measurement and a prediction)"
+    low, high = comparison.per_batch_energy_error_p10_p90
+    median = format_percent(comparison.per_batch_energy_error_median, signed=True)
+    return (f"{line}; energy error per batch: median {median}, 80% of batches within "
+            f"[{format_percent(low, signed=True)}, {format_percent(high, signed=True)}], "
+            f"mean |error| {format_percent(comparison.per_batch_energy_error_mean_abs)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

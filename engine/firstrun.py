@@ -1,10 +1,19 @@
-"""First run: profile the demo models with a quick design, fit them, so a newcomer can plan.
+"""First run: profile the demo models with an adaptive design, fit them, so a newcomer can plan.
 
 ``python -m engine.firstrun --db PATH`` runs the steps one after another in its own process
-(profiling jobs on one device must not overlap): each demo model's quick profiling job (a
-worker process of its own, as from the Profile page), then one fit of every demo model.
+(profiling jobs on one device must not overlap): each demo model's adaptive profiling job
+(a worker process of its own, as from the Profile page), then one fit of every demo model.
 Its state lives in the ``settings`` table under :data:`STATE_KEY`, so the Home page can
 follow it and a restarted app finds it again.
+
+**Time.** The whole first run aims to end within :data:`FIRST_RUN_BUDGET_S` of wall time.
+Each job gets an equal share of what is left when it starts (so a model that finished
+early leaves its time to the next), less what starting its worker and the final fits
+take. Within its budget the adaptive design (:mod:`engine.profiling.adaptive`) measures a
+3 x 3 grid over the sample workloads' range, then adds trials and points where the fits
+are least sure, until the time is spent or the cross-validated error stops improving.
+The fixed design with at most 5 trials a point it replaces left fits with a CV error of
+27-36% (energy) here; :func:`first_run_report` gives the error each model reached.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import pandas as pd
+
 from engine import runs
 from engine.errors import PlannerError
 from engine.runs.local import is_process_of, log_path, spawn
@@ -24,12 +35,23 @@ from engine.store import Store
 STATE_KEY = "first_run"
 MODULE = "engine.firstrun"
 DEVICE = "cpu"
-QUICK_SETTINGS = {"max_trials": 5, "idle_s": 2.0, "warmup_runs": 1}
+#: Wall time the first run aims to end within: both demo models profiled and fitted.
+FIRST_RUN_BUDGET_S = 115.0
+#: Per job, outside its budget: starting the worker process and importing its libraries.
+WORKER_START_S = 8.0
+#: Kept back for the final fits of every model.
+FIT_RESERVE_S = 6.0
+FIRST_RUN_SETTINGS = {"min_trials": 2, "max_trials": 12, "idle_s": 2.0, "warmup_runs": 1}
 
 
 @dataclass
 class FirstRunState:
-    """status: running | done | failed. step: what it is doing, in words. jobs: model -> job id."""
+    """status: running | done | failed. step: what it is doing, in words. jobs: model -> job id.
+
+    ``load_at_start``/``load_at_end``: the host's 1-minute load average when the run
+    started and ended (None before then): on a machine whose cores other programs keep
+    busy, trials spread widely and every figure of the first run is worse; the page can say so.
+    """
 
     status: str
     step: str
@@ -38,6 +60,8 @@ class FirstRunState:
     reason: str | None = None
     started: float = 0.0
     finished: float | None = None
+    load_at_start: float | None = None
+    load_at_end: float | None = None
 
 
 def read_state(store: Store) -> FirstRunState | None:
@@ -82,20 +106,30 @@ def start_first_run(store: Store) -> FirstRunState:
     return state
 
 
-def run_first_run(store: Store, pid: int) -> FirstRunState:
-    """Profile every demo model on the CPU with the quick design, then fit them."""
+def job_budget_s(left_s: float, models_left: int) -> float:
+    """The budget of the next job: an equal share of the time left, less its worker's start and the final fits."""
+    from engine.profiling.jobs import MIN_BUDGET_S
+
+    share = (left_s - FIT_RESERVE_S) / max(models_left, 1) - WORKER_START_S
+    return round(max(share, MIN_BUDGET_S), 1)
+
+
+def run_first_run(store: Store, pid: int, *, budget_s: float = FIRST_RUN_BUDGET_S) -> FirstRunState:
+    """Profile every demo model on the CPU with the adaptive design within ``budget_s`` in all, then fit them."""
     from engine.fitting import fit_all, save_fits
     from engine.profiling import jobs
 
-    state = FirstRunState("running", "starting", pid=pid, started=time.time())
+    state = FirstRunState("running", "starting", pid=pid, started=time.time(), load_at_start=_load())
     write_state(store, state)
     models = demo_model_names(store)
-    for model in models:
+    deadline = time.monotonic() + budget_s
+    for number, model in enumerate(models):
         busy = runs.run_on_device(store, DEVICE)
         if busy is not None:
             raise PlannerError(f"{busy} is running on {DEVICE}; try again when it is done")
-        settings = jobs.ProfileSettings(**QUICK_SETTINGS)
-        job = jobs.create_job(store, model, DEVICE, "quick", settings=settings)
+        settings = jobs.ProfileSettings(**FIRST_RUN_SETTINGS,
+                                        budget_s=job_budget_s(deadline - time.monotonic(), len(models) - number))
+        job = jobs.create_job(store, model, DEVICE, "adaptive", settings=settings)
         state.jobs[model] = job.id
         state.step = f"profiling {model} (job {job.id})"
         write_state(store, state)
@@ -107,9 +141,55 @@ def run_first_run(store: Store, pid: int) -> FirstRunState:
     write_state(store, state)
     for model in models:
         save_fits(store, fit_all(store, model=model, device=DEVICE))
-    state.status, state.step, state.finished = "done", "done", time.time()
+    state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
     write_state(store, state)
     return state
+
+
+def _load() -> float | None:
+    """The host's 1-minute load average (None where the system does not say)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def first_run_report(store: Store) -> pd.DataFrame:
+    """What the first run reached, per demo model: for the Home page.
+
+    One row per model of the last first run (empty before one): model, job_id,
+    job_status, job_reason (why the adaptive design stopped, the error it reached, any
+    points that did not converge), elapsed_s (the job's wall time), trials, points,
+    energy_cv_mape and runtime_cv_mape (the stored fits' cross-validated error, fractions;
+    None before the fits), energy_noise_mape and runtime_noise_mape (the floor that
+    trial-to-trial noise puts under that error), unconverged_points (how many points the
+    energy fit flags).
+    """
+    from engine.fitting import load_latest_fits
+    from engine.profiling import jobs
+
+    state = read_state(store)
+    rows = []
+    for model, job_id in (state.jobs if state is not None else {}).items():
+        try:
+            progress = jobs.job_progress(store, job_id)
+        except PlannerError:
+            continue  # the job was removed since
+        fits = {f.target: f for f in load_latest_fits(store, model=model, device=DEVICE, energy_scope="total",
+                                                      source="measured")}
+        energy, runtime = fits.get("energy"), fits.get("runtime")
+        rows.append({
+            "model": model, "job_id": job_id, "job_status": progress.job.status, "job_reason": progress.job.reason,
+            "elapsed_s": progress.elapsed_s, "trials": progress.trials, "points": len(progress.points),
+            "energy_cv_mape": energy.cv_mape if energy else None,
+            "runtime_cv_mape": runtime.cv_mape if runtime else None,
+            "energy_noise_mape": energy.details.get("noise_mape") if energy else None,
+            "runtime_noise_mape": runtime.details.get("noise_mape") if runtime else None,
+            "unconverged_points": len(energy.unconverged_points) if energy else None,
+        })
+    return pd.DataFrame(rows, columns=["model", "job_id", "job_status", "job_reason", "elapsed_s", "trials", "points",
+                                       "energy_cv_mape", "runtime_cv_mape", "energy_noise_mape",
+                                       "runtime_noise_mape", "unconverged_points"])
 
 
 def main(argv: list[str] | None = None) -> int:

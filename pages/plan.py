@@ -163,16 +163,17 @@ if workload is not None:
 # -- options ----------------------------------------------------------------------------------------
 
 st.subheader("2. Options")
-st.caption("Each option is a model on a device with fitted energy and runtime surfaces. Tick the ones the plan may use.")
+st.caption("Each option is a model on a device with fitted energy and runtime surfaces, at the batch sizes it was "
+           "profiled at. Tick the ones the plan may use; the plan chooses the batch size.")
 chosen = choose_options(option_table(options, demo_models))
 for note in notes:
     st.caption(note)
-chosen_options = [o for o in options if o.key in set(chosen)]
+chosen_options = [o for o in options if o.pair in set(chosen)]  # each model@device at every batch size offered
 
 # -- targets ------------------------------------------------------------------------------------
 
 st.subheader("3. Targets")
-accuracies = [o.accuracy for o in chosen_options]
+accuracies = [o.accuracy for o in {o.pair: o for o in chosen_options}.values()]  # once per model@device
 suggested = round(float(np.mean(accuracies)), 2) if accuracies else 0.5
 # The target starts at the chosen options' mean score and never changes unannounced. Its widget's key
 # carries the suggestion, so a new set of options starts a fresh widget (a form widget's value set

@@ -400,10 +400,15 @@ def test_stop_after_k_queries_keeps_them_and_resume_runs_only_the_rest(fitted_st
 
 
 class ListSink(ResultSink):
-    """Keeps what the measuring hands over, in memory."""
+    """Keeps what the measuring hands over, in memory: each member of a batch with the batch's measurement."""
 
     def __init__(self):
         self.results = []
+        self.batches = []
+
+    def add_batch(self, batch, results, measurement):
+        self.batches.append(batch)
+        self.results += [({**result, "device": batch["device"]}, measurement) for result in results]
 
     def add_result(self, result, measurement):
         self.results.append((result, measurement))

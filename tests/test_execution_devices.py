@@ -73,6 +73,10 @@ class ListSink(ResultSink):
         self.results: list[dict] = []
         self._lock = threading.Lock()
 
+    def add_batch(self, batch, results, measurement):
+        with self._lock:
+            self.results += [{**result, "device": batch["device"]} for result in results]
+
     def add_result(self, result, measurement):
         with self._lock:
             self.results.append(result)
@@ -154,9 +158,9 @@ def test_a_stop_reaches_the_device_processes_after_their_query_in_flight():
     stop = threading.Event()
 
     class StopAfterFirst(ListSink):
-        def add_result(self, result, measurement):
-            super().add_result(result, measurement)
-            stop.set()  # as SIGTERM's handler would, once the first query is stored
+        def add_batch(self, batch, results, measurement):
+            super().add_batch(batch, results, measurement)
+            stop.set()  # as SIGTERM's handler would, once the first query (a batch of one) is stored
 
     sink = StopAfterFirst()
     with pytest.raises(ExecutionCancelled):

@@ -121,3 +121,45 @@ def test_the_first_run_refuses_a_cpu_that_an_execution_holds(store: Store, demo_
     with pytest.raises(PlannerError, match=f"execution {execution.id} is running on cpu"):
         firstrun.run_first_run(store, pid=0)
     assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0  # no job was started beside it
+
+
+def test_each_job_gets_an_equal_share_of_the_time_left():
+    share = firstrun.job_budget_s(firstrun.FIRST_RUN_BUDGET_S, 2)
+    assert share == pytest.approx((firstrun.FIRST_RUN_BUDGET_S - firstrun.FIT_RESERVE_S) / 2 - firstrun.WORKER_START_S,
+                                  abs=0.1)
+    assert 2 * (share + firstrun.WORKER_START_S) + firstrun.FIT_RESERVE_S <= firstrun.FIRST_RUN_BUDGET_S + 0.1
+    assert firstrun.job_budget_s(80.0, 1) > share  # the last model gets what the first left
+    assert firstrun.job_budget_s(0.0, 1) == 10.0   # never below the smallest budget a job takes
+
+
+def test_the_first_run_profiles_adaptively_within_its_budget_and_reports_the_error_reached(store: Store, demo_models,
+                                                                                         monkeypatch):
+    from engine.profiling import jobs, worker
+    from tests.test_adaptive import SimBackend, SimClock, sim_meter
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    clock = SimClock()
+
+    class InProcess:
+        """Runs the job here, against the simulated backend, instead of starting its worker."""
+
+        def __init__(self, store, job_id, watch=True):
+            worker.run_job(store, jobs.get_job(store, job_id), clock=clock, meter_factory=sim_meter(clock),
+                           backend_factory=lambda *a, **k: SimBackend(clock, noise=lambda i, o: 0.1))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(jobs, "start_worker", InProcess)
+    state = firstrun.run_first_run(store, pid=0, budget_s=200.0)  # simulated seconds, mostly
+    assert state.status == "done" and set(state.jobs) == {"demo-small", "demo-large"}
+    made = [jobs.get_job(store, job_id) for job_id in state.jobs.values()]
+    assert all(job.design.kind == "adaptive" and job.status == "done" for job in made)
+    assert firstrun.job_budget_s(150.0, 2) <= made[0].settings.budget_s <= firstrun.job_budget_s(200.0, 2)
+    assert made[1].settings.budget_s <= 200.0 - firstrun.FIT_RESERVE_S - firstrun.WORKER_START_S
+    report = firstrun.first_run_report(store).set_index("model")
+    assert set(report.index) == {"demo-small", "demo-large"}
+    assert report.energy_cv_mape.notna().all() and report.runtime_cv_mape.notna().all()
+    assert (report.energy_noise_mape > 0).all() and report.job_reason.str.contains("adaptive design").all()
+    assert (report.trials >= 9).all() and (report.points >= 9).all()
+    assert state.load_at_start is not None and state.load_at_end is not None

@@ -146,6 +146,12 @@ def test_infeasible_target_exits_1_naming_the_target_and_the_best_achievable(ref
     (["--accuracy-target", "1.5"], "--accuracy-target"),
     (["--device-deadline", "tpu0=60"], "--device-deadline"),   # not a device of the options
     (["--min-share", "ghost=0.1"], "--min-share"),             # not a model of the options
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--batch-sizes", "-2"], "--batch-sizes"),
+    (["--batch-sizes", "1,2.5"], "--batch-sizes"),
+    (["--batch-sizes", "4,abc"], "--batch-sizes"),
+    (["--batch-sizes", "1,,4"], "--batch-sizes"),
+    (["--batch-sizes", "257"], "--batch-sizes"),               # above the backends' maximum, 256
 ])
 def test_bad_flags_exit_2_and_store_nothing(reference_db: Path, capsys, flags: list[str], where: str):
     code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), *flags)
@@ -155,6 +161,40 @@ def test_bad_flags_exit_2_and_store_nothing(reference_db: Path, capsys, flags: l
     assert lines and all(line.startswith(where) for line in lines if not line.startswith("warning:")), lines
     assert "Traceback" not in captured.err
     assert stored_counts(reference_db)[0] == 0
+
+
+def test_each_bad_batch_size_gets_its_own_line(reference_db: Path, capsys):
+    code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), "--batch-sizes", "0,-3,2.5,300,4")
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2
+    assert lines == [
+        "--batch-sizes: 0 is not allowed: a batch holds at least one request; expected a whole number of requests "
+        "from 1 to 256",
+        "--batch-sizes: -3 is not allowed: a batch holds at least one request; expected a whole number of requests "
+        "from 1 to 256",
+        "--batch-sizes: '2.5' is not a whole number of requests; expected a whole number of requests from 1 to 256",
+        "--batch-sizes: 300 is more than the 256 requests one batch may hold here; expected a whole number of "
+        "requests from 1 to 256"]
+    assert stored_counts(reference_db) == (0, 0)
+
+
+def test_published_profiles_plan_at_batch_one_and_say_so(reference_db: Path, tmp_path: Path, capfd):
+    out = tmp_path / "schedule.csv"
+    code = plan(reference_db, "--workload", str(SAMPLE_TOKENS), "--accuracy-target", "0.6", "--batch-sizes",
+                "1,8,32", "--json", "--out", str(out))
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    document = json.loads(captured.out)
+    # Every batch holds one query: the energy is the assignment's, and the gap is as before batching.
+    assert document["batch_sizes"] == {f"{row['name']}@a100-swing": [1] for row in published_catalog_rows()}
+    assert document["assignment_energy_j"] == pytest.approx(document["energy_j"])
+    assert document["formation_overhead_j"] == pytest.approx(0.0, abs=1e-6)
+    assert document["n_batches"] == 200 and document["batching_saving"] is None
+    assert document["gap"] == pytest.approx((document["energy_j"] - document["lower_bound_j"]) / document["energy_j"])
+    assert "warning: The published profiles (" in captured.err and "are of single requests" in captured.err
+    schedule = pd.read_csv(out, dtype={"id": str})
+    assert list(schedule.columns[9:11]) == ["batch_id", "batch_size"]
+    assert sorted(schedule.batch_id) == list(range(1, 201)) and (schedule.batch_size == 1).all()
 
 
 def test_out_must_be_a_file_in_an_existing_folder_and_options_must_exist(reference_db: Path, tmp_path: Path,

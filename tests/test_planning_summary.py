@@ -5,13 +5,18 @@ learned from executions filled into a workload."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from engine.planning import Baseline, PlanResult, PlanSettings, parse_workload
+from engine.formatting import format_energy
+from engine.planning import (BEST_SINGLE_BATCHED, SAME_PLAN_AT_BATCH_ONE, Baseline, PlanResult, PlanSettings,
+                             make_plan, parse_workload)
 from engine.planning.output_lengths import fill_learned_output_lengths, missing_output_lengths
-from engine.planning.summary import baseline_misses, compare_with_baselines, timeline_blocks
+from engine.planning.summary import (baseline_misses, batching_sentences, compare_with_baselines, gap_sentence,
+                                     option_table, option_usage, single_options_at_best_batch, timeline_batches,
+                                     timeline_blocks)
 
 
 def test_timeline_blocks_group_consecutive_queries_of_a_model_on_a_device():
@@ -98,3 +103,104 @@ def test_nothing_learned_or_nothing_missing_leaves_the_workload_as_it_is():
     assert same is complete and fill is None
     one, fill = fill_learned_output_lengths(workload, learned([("m", "(all)", 50.0)]))
     assert fill.sentence == "1 query planned with output lengths learned from executed prompts (median 50 tokens)"
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def test_a_batch_is_drawn_from_its_start_for_its_whole_runtime():
+    # Two batches of cpu: members share the batch's start; their runtimes are shares of the batch's.
+    schedule = pd.DataFrame({
+        "id": ["a", "b", "c", "d", "e"], "model": ["m1", "m1", "m1", "m1", "m2"],
+        "device": "cpu", "device_start_s": [0.0, 0.0, 0.0, 6.0, 8.0],
+        "predicted_runtime_s": [3.0, 2.0, 1.0, 2.0, 1.5], "batch_id": [1, 1, 1, 2, 3]})
+    assert timeline_batches(schedule).to_dict("records") == [
+        {"device": "cpu", "model": "m1", "batch_id": 1, "start_s": 0.0, "end_s": 6.0, "queries": 3},
+        {"device": "cpu", "model": "m1", "batch_id": 2, "start_s": 6.0, "end_s": 8.0, "queries": 1},
+        {"device": "cpu", "model": "m2", "batch_id": 3, "start_s": 8.0, "end_s": 9.5, "queries": 1}]
+    # The block of m1 ends where its last batch does (a row's own share would end it at 3 s).
+    assert timeline_blocks(schedule).to_dict("records") == [
+        {"device": "cpu", "model": "m1", "start_s": 0.0, "end_s": 8.0, "queries": 4},
+        {"device": "cpu", "model": "m2", "start_s": 8.0, "end_s": 9.5, "queries": 1}]
+    # Rows outside any batch are batches of their own.
+    alone = schedule.assign(batch_id=[1, 1, 1, None, None])
+    assert timeline_batches(alone).batch_id.isna().tolist() == [False, True, True]
+    assert timeline_batches(alone).end_s.tolist() == [6.0, 8.0, 9.5]
+
+
+def batched_plan(n: int = 40, **settings):
+    from tests.test_plan_batches import predict, queries, two_models
+
+    options, _ = two_models()
+    tin, tout = queries(n, seed=3)
+    return make_plan(predict(options, tin, tout), PlanSettings(accuracy_target=0.6, **settings), explain=False)
+
+
+def test_the_timeline_of_a_batched_plan_ends_where_its_devices_do():
+    result = batched_plan()
+    batches = timeline_batches(result.schedule)
+    assert len(batches) == result.n_batches and batches.queries.sum() == 40
+    assert batches.end_s.max() == pytest.approx(result.per_device_runtime_s["cpu"])
+    assert (batches.start_s.iloc[1:].to_numpy() == pytest.approx(batches.end_s.iloc[:-1].to_numpy()))  # back to back
+    assert timeline_blocks(result.schedule).end_s.max() == pytest.approx(result.per_device_runtime_s["cpu"])
+
+
+def test_the_option_table_has_one_row_per_model_on_a_device_with_its_batch_sizes():
+    from tests.test_plan_batches import two_models
+
+    options, _ = two_models()
+    table = option_table(options, demo_models=set())
+    assert table.option.tolist() == ["a@cpu", "b@cpu"]
+    assert table["batch sizes"].tolist() == ["1, 2, 4, 8, 16", "1, 2, 4, 8, 16"]
+    unbatched, _ = two_models(batches=None)
+    assert option_table(unbatched, set())["batch sizes"].tolist() == ["1 (profiled at batch size 1 only)"] * 2
+
+
+def test_usage_per_option_says_the_batch_size_and_the_batches_formed():
+    result = batched_plan()
+    usage = option_usage(result).set_index("option")
+    schedule = result.schedule
+    for option, row in usage.iterrows():
+        mine = schedule[schedule.model + "@" + schedule.device == option]
+        assert row.queries == len(mine) and row.batches == mine.batch_id.nunique()
+        assert row["batch size"] == "16"
+        assert sum(int(part.split(" × ")[0]) for part in row.formed.split(", ")) == row.batches
+        assert row.energy_j == pytest.approx(mine.predicted_energy_j.sum())
+    assert sum(result.batches.values()) == usage.batches.sum()
+
+
+def test_batching_is_told_against_batch_one_and_the_best_single_option_at_its_best_size():
+    result = batched_plan()
+    singles = single_options_at_best_batch(result)
+    best = singles[0]
+    assert best.meets_targets and best.batch_size == 16  # every batch size of b was a baseline; 16 is cheapest
+    every_b = [b for name, b in result.baselines.items() if name.startswith("only b@cpu")]
+    assert best.energy_j == pytest.approx(min(b.energy_j for b in every_b if b.feasible))
+    assert best.energy_j == pytest.approx(result.baselines[BEST_SINGLE_BATCHED].energy_j)
+    saving, by_hand = batching_sentences(result)
+    assert saving == (f"Batching saves **{result.batching_saving:.1%}** against the same plan at batch 1 "
+                      f"({format_energy(result.baselines[SAME_PLAN_AT_BATCH_ONE].energy_j)}).")
+    assert by_hand == (f"The best a user could do by hand: batch everything on b at B=16: "
+                       f"{format_energy(best.energy_j)}; this plan saves {best.saving:.1%} against it.")
+    overhead = result.formation_overhead_j / result.assignment_energy_j
+    assert gap_sentence(result).startswith("The assignment is ")
+    assert gap_sentence(result).endswith(f"optimal for per-request costs (proven); forming the batches from the "
+                                         f"queries' real lengths adds {overhead:.1%}.")
+    assert gap_sentence(replace(result, gap=0.0)).startswith("The assignment is optimal for per-request costs "
+                                                             "(proven: gap 0); forming")
+    nearly = replace(result, gap=1.2e-5)
+    assert gap_sentence(nearly).startswith("The assignment is within 0.0012% of optimal for per-request costs "
+                                           "(proven); forming")
+
+
+def test_without_a_batch_axis_one_line_says_how_to_profile_batch_sizes():
+    from tests.test_plan_batches import predict, queries, two_models
+
+    options, _ = two_models(batches=None)
+    tin, tout = queries(20, seed=3)
+    result = make_plan(predict(options, tin, tout), PlanSettings(accuracy_target=0.6), explain=False)
+    lines = batching_sentences(result)
+    assert len(lines) == 1 and "Plans here are at batch size 1" in lines[0] and "--batch-sizes 1,2,4,8" in lines[0]
+    assert gap_sentence(replace(result, gap=0.0)) == "The schedule is the optimum of its predictions (proven: gap 0)."
+    assert gap_sentence(replace(result, gap=3e-4)) == ("The schedule is within 0.0300% of the optimum of its "
+                                                       "predictions (proven).")
+    assert option_usage(result)["formed"].tolist() == ["one at a time"] * len(option_usage(result))

@@ -181,13 +181,22 @@ class ListSink(TrialSink):
     """Keeps what the measuring hands over, in memory."""
 
     def __init__(self):
-        self.trials, self.points_done = [], []
+        self.trials, self.points_done, self.outcomes, self.designs, self.rounds = [], [], [], [], []
 
     def add_trial(self, row):
         self.trials.append(row)
 
     def point_done(self, points_done):
         self.points_done.append(points_done)
+
+    def point_finished(self, outcome):
+        self.outcomes.append(outcome)
+
+    def design_changed(self, design):
+        self.designs.append(design)
+
+    def round_done(self, record):
+        self.rounds.append(record)
 
 
 def test_measuring_hands_every_trial_to_its_sink_and_never_touches_the_database(demo_store: Store):
@@ -204,6 +213,112 @@ def test_measuring_hands_every_trial_to_its_sink_and_never_touches_the_database(
     assert sink.points_done == [1, 2]
     assert all(t["job_id"] == job.id and t["energy_source"] == "estimated" for t in sink.trials)
     assert not demo_store.path.exists()
+
+
+# -- points that did not converge ---------------------------------------------------------------
+
+class SwingingBackend(FakeBackend):
+    """Runtimes that swing by a factor of 3 from one trial to the next (as under load): no interval gets tight."""
+
+    def generate(self, input_tokens, output_tokens):
+        self.calls += 1
+        return GenerationResult(input_tokens, output_tokens, 0.001 * (3.0 if self.calls % 2 else 1.0), 0.0005)
+
+
+def swinging_meter(device="cpu"):
+    return EnergyMeter([ReplayMeter("cpu", "cpu", [5.0, 30.0], source="estimated", method="estimated: replay")])
+
+
+def test_a_point_that_reached_max_trials_without_converging_is_marked_and_listed(demo_store: Store, capsys):
+    job = jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[8, 32], outputs=[8], settings=FAST)
+    run_job(demo_store, job, backend_factory=SwingingBackend, meter_factory=swinging_meter)
+    finished = jobs.get_job(demo_store, job.id)
+    assert finished.status == "done"
+    assert finished.reason.startswith("2 of 2 points did not converge (worst ±") and "at 5 trials)" in finished.reason
+    outcomes = jobs.point_outcomes(demo_store, [job.id])
+    assert len(outcomes) == 2 and not outcomes.converged.any() and outcomes.unconverged.all()
+    assert set(outcomes.stopped) == {"max-trials"} and (outcomes.trials == FAST.max_trials).all()
+    assert (outcomes.runtime_ci_rel > FAST.rel_bound).all() and set(outcomes.assessed) == {"stored"}
+    assert jobs.list_jobs(demo_store).set_index("id").loc[job.id, "unconverged"] == 2
+    points = jobs.job_progress(demo_store, job.id).points  # what the Profile page draws, with each point's outcome
+    assert points.unconverged.all() and (points.stopped == "max-trials").all() and (points.ci_rel > 0.05).all()
+
+    from engine.cli import main
+
+    assert main(["jobs", "list", "--db", str(demo_store.path)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "unconverged" in header.split()
+    cells = row.split()
+    assert cells[header.split().index("unconverged")] == "2" and "did not converge" in row
+    assert main(["jobs", "list", "--json", "--db", str(demo_store.path)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["unconverged"] == 2
+
+
+def test_converged_points_are_recorded_as_such(demo_store: Store):
+    job = jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[8, 32], outputs=[8], settings=FAST)
+
+    class SteadyBackend(FakeBackend):
+        def generate(self, input_tokens, output_tokens):
+            self.calls += 1
+            return GenerationResult(input_tokens, output_tokens, 0.002, 0.0005)
+
+    def steady_meter(device="cpu"):  # energy in proportion to a fake clock that ticks 2 ms a window
+        ticks = iter(range(10**6))
+        return EnergyMeter([ReplayMeter("cpu", "cpu", 10.0, source="estimated", method="replay")],
+                           clock=lambda: next(ticks) * 0.001, background=False)
+
+    run_job(demo_store, job, backend_factory=SteadyBackend, meter_factory=steady_meter)
+    finished = jobs.get_job(demo_store, job.id)
+    assert finished.status == "done" and finished.reason is None
+    outcomes = jobs.point_outcomes(demo_store, [job.id])
+    assert outcomes.converged.all() and set(outcomes.stopped) == {"converged"} and (outcomes.trials == 3).all()
+    assert jobs.list_jobs(demo_store).set_index("id").loc[job.id, "unconverged"] == 0
+
+
+def _old_job_with_trials(store: Store, runtimes_by_point: dict) -> int:
+    """A finished job as an older version left it: trials, no recorded point outcomes."""
+    settings = json.dumps({"min_trials": 3, "max_trials": 5, "rel_bound": 0.05})
+    job_id = store.query_one("INSERT INTO profiling_jobs (model, device, host, design, settings, status, points_total) "
+                             "VALUES ('demo-small', 'cpu', 'h', '{\"kind\": \"custom\", \"points\": []}', ?, "
+                             "'done', ?) RETURNING id", [settings, len(runtimes_by_point)])[0]
+    rows = [{"job_id": job_id, "origin": "profiled", "model": "demo-small", "device": "cpu", "input_tokens": i,
+             "output_tokens": o, "trial": n + 1, "runtime_s": r, "energy_j": 10 * r, "energy_source": "estimated"}
+            for (i, o), runtimes in runtimes_by_point.items() for n, r in enumerate(runtimes)]
+    from engine.store import append_frame
+
+    with store.transaction() as con:
+        append_frame(con, "measurements", pd.DataFrame(rows))
+    return job_id
+
+
+def test_jobs_from_before_outcomes_were_recorded_are_judged_from_their_trials(store: Store):
+    job_id = _old_job_with_trials(store, {(8, 8): [1.0, 3.0, 1.0, 3.0, 1.0], (8, 32): [2.0, 2.0, 2.0],
+                                          (32, 8): [1.0, 1.0]})  # (32, 8): cut short, not judged
+    outcomes = jobs.point_outcomes(store, [job_id]).set_index(["input_tokens", "output_tokens"])
+    assert set(outcomes.index) == {(8, 8), (8, 32)} and set(outcomes.assessed) == {"from trials"}
+    assert not outcomes.loc[(8, 8), "converged"] and outcomes.loc[(8, 8), "stopped"] == "max-trials"
+    assert outcomes.loc[(8, 8), "unconverged"] and not outcomes.loc[(8, 32), "unconverged"]
+    assert outcomes.loc[(8, 32), "converged"]
+    assert jobs.list_jobs(store).set_index("id").loc[job_id, "unconverged"] == 1
+    assert jobs.point_outcomes(store, model="other").empty
+
+
+def test_an_old_database_migrates_and_its_jobs_are_judged(tmp_path: Path):
+    import duckdb
+
+    from engine.store import MIGRATIONS, migrate
+
+    path = tmp_path / "version4.duckdb"
+    with duckdb.connect(str(path)) as con:
+        assert migrate(con, MIGRATIONS[:4]) == 4
+    before = Store(path, migrations=MIGRATIONS[:4])
+    job_id = _old_job_with_trials(before, {(8, 8): [1.0, 3.0, 1.0, 3.0, 1.0], (8, 32): [2.0, 2.0, 2.0]})
+    store = Store(path)
+    assert store.schema_version() == MIGRATIONS[-1].version
+    assert store.query_one("SELECT count(*) FROM profiling_points")[0] == 0  # nothing invented on upgrade
+    assert store.query_one("SELECT count(*) FROM measurements WHERE job_id = ?", [job_id])[0] == 8
+    assert jobs.list_jobs(store).set_index("id").loc[job_id, "unconverged"] == 1
+    assert jobs.adaptive_rounds(store, job_id).empty
 
 
 def test_job_refusals(demo_store: Store):
@@ -313,3 +428,14 @@ def test_cli_profile_bad_input_exits_2(demo_store: Store):
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2
     assert "--inputs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fixed_trial_count_is_not_called_unconverged():
+    from engine.profiling.stopping import point_outcome
+
+    swinging = [1.0, 3.0, 1.0]
+    fixed = point_outcome(8, 8, swinging, [None] * 3, StopRule(min_trials=3, max_trials=3))
+    capped = point_outcome(8, 8, swinging, [None] * 3, StopRule(min_trials=2, max_trials=3))
+    assert (fixed.stopped, fixed.unconverged, fixed.converged) == ("fixed-trials", False, False)
+    assert (capped.stopped, capped.unconverged) == ("max-trials", True)
+    assert fixed.runtime_ci_rel == capped.runtime_ci_rel > 1.0

@@ -216,3 +216,72 @@ def test_a_nan_coefficient_never_reaches_cbc():
     runtime = np.array([[1.0, np.nan], [1.0, np.nan]])
     solution = solve(AssignmentProblem(energy, np.ones((2, 2), bool), [CouplingRow("deadline", runtime, "<=", 5.0)]))
     assert solution.status == "optimal" and list(solution.choice) == [0, 0]
+
+
+def brute_force_grouped(problem: AssignmentProblem) -> float:
+    """The optimum with the one-off costs counted once per open group used, recomputed here
+    from the arrays (not through check_assignment)."""
+    n, k = problem.shape
+    best = np.inf
+    for choice in itertools.product(range(k), repeat=n):
+        choice = np.array(choice)
+        if not problem.allowed[np.arange(n), choice].all():
+            continue
+        groups = {int(problem.open_group[c]) for c in choice}
+        first = {int(g): int(np.flatnonzero(problem.open_group == g)[0]) for g in groups}
+        objective = problem.cost[np.arange(n), choice].sum() + sum(problem.open_cost[first[g]] for g in groups)
+        feasible = True
+        for row in problem.rows:
+            value = row.coef[np.arange(n), choice].sum()
+            if row.open_coef is not None:
+                value += sum(row.open_coef[first[g]] for g in groups)
+            feasible &= value <= row.rhs + 1e-9 if row.sense == "<=" else value >= row.rhs - 1e-9
+        if feasible:
+            best = min(best, objective)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("limit", [6000, 2])
+def test_options_of_one_open_group_pay_its_cost_once(seed, limit):
+    # Options in pairs (a model at two batch sizes on a device): loading costs once per pair.
+    rng = np.random.default_rng(100 + seed)
+    n, k = 5, 4
+    problem = random_instance(rng, n, k, accuracy_target=0.5, deadline_share=1.2, open_costs=True)
+    problem.open_group = np.array([0, 0, 1, 1])
+    problem.open_cost = np.repeat(rng.uniform(200, 2000, 2), 2)
+    for row in problem.rows:
+        if row.open_coef is not None:
+            row.open_coef = np.repeat(row.open_coef[::2], 2)
+    expected = brute_force_grouped(problem)
+    solution = solve(problem, full_mip_max_vars=limit)
+    assert_claims_hold(problem, solution, expected)
+    if solution.status in ("optimal", "feasible"):
+        used = set(solution.choice.tolist())
+        groups = {int(problem.open_group[c]) for c in used}
+        by_hand = problem.cost[np.arange(n), solution.choice].sum() + sum(problem.open_cost[2 * g] for g in groups)
+        assert solution.objective == pytest.approx(by_hand)
+    assert np.isfinite(expected) == (solution.status in ("optimal", "feasible")) or solution.status == "unsolved"
+
+
+def test_a_re_solve_reuses_the_grouping_and_the_dual_cuts_and_finds_the_same_optimum():
+    rng = np.random.default_rng(7)
+    base = random_instance(rng, 60, 6, accuracy_target=0.55, deadline_share=0.9)
+    tile = lambda a: np.tile(a, (10, 1))  # noqa: E731 (ten copies of each query)
+    problem = AssignmentProblem(tile(base.cost), tile(base.allowed),
+                                [CouplingRow(r.name, tile(r.coef), r.sense, r.rhs * 10) for r in base.rows])
+    first = solve(problem)
+    assert first.grouping is not None and first.n_groups == 60
+    for row in problem.rows:
+        if row.name.startswith("deadline"):
+            row.rhs *= 1.1
+    fresh = solve(problem)
+    for again in (solve(problem, grouping=first.grouping),
+                  solve(problem, grouping=first.grouping, warm_start=first.warm_start)):  # the dual's cuts too
+        assert again.n_groups == fresh.n_groups
+        assert again.status == "optimal"
+        assert again.objective == pytest.approx(fresh.objective, rel=2e-3)
+        # Each bound is a real lower bound: below the other's schedule.
+        assert again.lower_bound <= fresh.objective * (1 + 1e-9) and fresh.lower_bound <= again.objective * (1 + 1e-9)
+    warm = solve(problem, grouping=first.grouping, warm_start=first.warm_start)
+    assert warm.dual_iterations <= fresh.dual_iterations

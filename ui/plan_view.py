@@ -16,7 +16,13 @@ import streamlit as st
 from engine.formatting import (format_accuracy, format_count, format_duration, format_energy, format_percent,
                                format_timestamp, format_watt_hours)
 from engine.planning import PlanResult, PlanSettings, Workload
-from engine.planning.summary import SOURCE_DEMO, compare_with_baselines, timeline_blocks
+from engine.planning.band import band_sentence, uncertainty_against_gap
+from engine.planning.summary import (SOURCE_DEMO, batching_sentences, compare_with_baselines, gap_sentence,
+                                     offers_batches, option_usage, single_options_at_best_batch, timeline_batches,
+                                     timeline_blocks)
+
+#: Above this many batches the timeline draws one bar per block of a model instead of one per batch.
+TIMELINE_MAX_BARS = 2000
 
 
 # -- what a plan was made for ----------------------------------------------------------------
@@ -73,16 +79,30 @@ def energy_text(joules: float | None, estimated: bool) -> str:
 
 
 def show_headline(result: PlanResult) -> None:
-    """Energy, energy per query, accuracy and the proven gap, with the solve's status line."""
+    """Energy with the range it is expected to measure in, energy per query, accuracy and the
+    proven gap; in words, which is larger (the prediction's uncertainty or the gap), which problem
+    the gap is for, and what batching saves; then the solve's status line."""
     estimated = result.energy_estimated
+    band = result.energy_band
+    batched = offers_batches(result)
     top = st.columns(4)
     top[0].metric("Energy" + (" (estimated)" if estimated else ""), format_energy(result.energy_j),
-                  help=f"{result.energy_scope} energy, predicted by the fits ({format_watt_hours(result.energy_j)})")
+                  delta=f"±{format_percent(band.relative)} expected" if band is not None else None,
+                  delta_color="off", delta_arrow="off",
+                  help=f"{result.energy_scope} energy, predicted by the fits ({format_watt_hours(result.energy_j)})"
+                       + ("" if band is None else f"; expected to measure between {format_energy(band.low_j)} and "
+                                                  f"{format_energy(band.high_j)}"))
     per_query_j = result.energy_j / result.n_queries
     top[1].metric("Per query", format_energy(per_query_j), help=f"{format_watt_hours(per_query_j)} per query")
     top[2].metric("Mean accuracy", f"{result.accuracy:.4f}", help=f"{result.settings.accuracy_mode}-weighted")
     top[3].metric("Proven gap", format_percent(result.gap, 4),
-                  help="(energy − lower bound) / energy: no schedule can use less than the lower bound.")
+                  help=("of the assignment problem, which costs each query its per-request share of a batch: "
+                        if batched else "") + "(energy − lower bound) / energy; no schedule can use less than the "
+                                              "lower bound.")
+    st.markdown(f"{band_sentence(band, estimated)} {uncertainty_against_gap(band, result.gap)}")
+    st.markdown(gap_sentence(result))
+    for line in batching_sentences(result):
+        st.markdown(line)
     bound = (f"lower bound {energy_text(result.lower_bound_j, estimated)}" if result.lower_bound_j is not None
              else f"objective bound {result.objective_lower_bound:.6g}")
     method = result.solver.get("method", "")
@@ -92,23 +112,28 @@ def show_headline(result: PlanResult) -> None:
 
 
 def show_assignment(result: PlanResult) -> None:
-    """Per device: busy time against its deadline; per option: queries, energy, time."""
+    """Per device: busy time against its deadline; per option: its batch size, queries (and the
+    batches they were formed into), energy and time."""
     device_rows = []
     for device, seconds in result.per_device_runtime_s.items():
         limit = result.settings.device_deadline(device)
         device_rows.append({"device": device, "busy": format_duration(seconds),
                             "deadline": format_duration(limit) if limit else "none",
                             "used": format_percent(seconds / limit, 0) if limit else ""})
-    schedule = result.schedule
-    per_option = schedule.assign(option=schedule.model + "@" + schedule.device).groupby("option").agg(
-        queries=("id", "size"), energy_j=("predicted_energy_j", "sum"), runtime_s=("predicted_runtime_s", "sum"))
-    left, right = st.columns(2)
+    usage = option_usage(result).assign(energy=lambda f: f.energy_j.map(format_energy),
+                                        time=lambda f: f.runtime_s.map(format_duration))
+    columns = ["option", "batch size", "queries"] + (["batches", "formed"] if offers_batches(result) else []) + [
+        "energy", "time"]
+    left, right = st.columns([1, 2])
     left.markdown("**Per device**")
     left.dataframe(pd.DataFrame(device_rows), hide_index=True, width="stretch")
     right.markdown("**Queries per option**")
-    right.dataframe(per_option.reset_index().assign(
-        energy=lambda f: f.energy_j.map(format_energy), time=lambda f: f.runtime_s.map(format_duration))[
-        ["option", "queries", "energy", "time"]], hide_index=True, width="stretch")
+    right.dataframe(usage[columns], hide_index=True, width="stretch", column_config={
+        "batch size": st.column_config.TextColumn("batch size", help="The batch size the plan runs this model at "
+                                                                       "on this device (1: one request at a time)"),
+        "formed": st.column_config.TextColumn("batches formed", help="How many batches of each size, formed from the "
+                                                                      "queries' real lengths (a batch may be smaller "
+                                                                      "than the batch size where that costs less)")})
 
 
 def show_extrapolation(result: PlanResult) -> None:
@@ -127,13 +152,19 @@ def show_extrapolation(result: PlanResult) -> None:
 
 
 def timeline_figure(result: PlanResult) -> go.Figure:
-    """One bar per block of consecutive queries of one model on a device; deadlines as dashed lines."""
-    spans = timeline_blocks(result.schedule)
+    """One bar per batch (each from its start for its whole runtime; above
+    :data:`TIMELINE_MAX_BARS` batches, one per block of consecutive batches of a model), coloured
+    by model; deadlines as dashed lines."""
+    per_batch = result.n_batches <= TIMELINE_MAX_BARS
+    spans = timeline_batches(result.schedule) if per_batch else timeline_blocks(result.schedule)
     figure = go.Figure()
     for model, part in spans.groupby("model"):
+        what = ("batch %{customdata[1]}, " if per_batch else "") + "%{customdata[0]} queries"
+        labels = part.batch_id.astype(object).where(part.batch_id.notna(), "—") if per_batch else part.queries
         figure.add_trace(go.Bar(y=part.device, x=part.end_s - part.start_s, base=part.start_s, orientation="h",
-                                name=model, customdata=part.queries,
-                                hovertemplate="%{y}: " + model + ", %{customdata} queries<br>"
+                                name=model, customdata=list(zip(part.queries, labels)),
+                                marker_line=dict(width=1 if per_batch else 0, color="white"),
+                                hovertemplate="%{y}: " + model + ", " + what + "<br>"
                                               "from %{base:.1f} s, for %{x:.1f} s<extra></extra>"))
     makespan = max(result.per_device_runtime_s.values(), default=0.0) or 1.0
     far = []
@@ -143,7 +174,7 @@ def timeline_figure(result: PlanResult) -> go.Figure:
             figure.add_vline(x=limit, line_dash="dash", annotation_text=f"deadline {device}")
         elif limit:
             far.append(f"{device} {format_duration(limit)}")
-    title = "When each device runs which model"
+    title = "When each device runs which model" + (", batch by batch" if per_batch and offers_batches(result) else "")
     if far:
         title += f" (deadlines far to the right: {', '.join(far)})"
     figure.update_layout(barmode="overlay", title=title, xaxis_title="time from start (s)", yaxis_title="device",
@@ -152,16 +183,35 @@ def timeline_figure(result: PlanResult) -> go.Figure:
 
 
 def show_baselines(result: PlanResult) -> None:
-    """The obvious alternatives on the same predictions, what the plan saves, and why one misses the targets."""
-    rows = [{"schedule": row.name, "energy": format_energy(row.energy_j),
-             "plan saves": format_percent(row.saving, unknown=""), "accuracy": f"{row.accuracy:.4f}",
-             "makespan": format_duration(row.makespan_s),
-             "meets the targets": "yes" if row.meets_targets else "no: " + "; ".join(row.misses)}
-            for row in compare_with_baselines(result)]
+    """The obvious alternatives on the same predictions, what the plan saves, and why one misses the
+    targets. When some option batches, each model on its own is listed at its best batch size, and
+    every other batch size in an expander."""
+    rows = compare_with_baselines(result)
+    shown, others = rows, []
+    if offers_batches(result):
+        best = {f"only {single.option}" + (f"×{single.batch_size}" if single.batch_size > 1 else ""): single
+                for single in single_options_at_best_batch(result)}
+        shown = [row for row in rows if not row.name.startswith("only ") or row.name in best]
+        others = [row for row in rows if row.name.startswith("only ") and row.name not in best]
+        names = {name: f"only {single.option} at B={single.batch_size} (its best batch size)"
+                 for name, single in best.items()}
+    else:
+        names = {}
     st.markdown("**Compared with the obvious alternatives** (same predictions)")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.dataframe(_baseline_table(shown, names), hide_index=True, width="stretch")
+    if others:
+        with st.expander(f"Each model on its own at its other batch sizes ({format_count(len(others), 'schedule')})"):
+            st.dataframe(_baseline_table(others, {}), hide_index=True, width="stretch")
     if result.energy_estimated:
         st.caption("Energies include estimated figures (labelled above).")
+
+
+def _baseline_table(rows, names: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame([{"schedule": names.get(row.name, row.name), "energy": format_energy(row.energy_j),
+                          "plan saves": format_percent(row.saving, unknown=""), "accuracy": f"{row.accuracy:.4f}",
+                          "makespan": format_duration(row.makespan_s),
+                          "meets the targets": "yes" if row.meets_targets else "no: " + "; ".join(row.misses)}
+                         for row in rows])
 
 
 # -- the trade-off curves --------------------------------------------------------------------------

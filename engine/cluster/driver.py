@@ -6,7 +6,7 @@ worker entry records how it ended). It joins the cluster, starts one actor per d
 that device's node, and stores what they stream back through the kind's own store sink,
 as it arrives: it is the database's only writer, the nodes never open it. A record
 already stored (a stream re-run, a resumed run) is skipped by its id: a trial by its
-point, batch size and number, a query by its id. A device whose node is lost is marked
+point, batch size and number, a query by its id, an executed batch by its id. A device whose node is lost is marked
 failed at once with the reason while the others go on; the run then ends failed, and
 resume runs only what is left (on the same node once it is back, or, for an execution,
 on another node's device of the same type: :func:`engine.cluster.runstate.move_device`).
@@ -53,6 +53,11 @@ def query_key(result: dict, *_, **__) -> str:
     return str(result["query_id"])
 
 
+def batch_key(batch: dict, *_, **__) -> tuple[str, int]:
+    """An executed batch's id within its execution (a query's key is its id, a string: never equal)."""
+    return "batch", int(batch["batch_id"])
+
+
 def stored_trial_keys(store: Store, job_id: int) -> set:
     frame = store.query_df("SELECT input_tokens, output_tokens, batch_size, trial FROM measurements WHERE job_id = ?",
                            [int(job_id)])
@@ -61,7 +66,8 @@ def stored_trial_keys(store: Store, job_id: int) -> set:
 
 def stored_query_keys(store: Store, execution_id: int) -> set:
     frame = store.query_df("SELECT query_id FROM execution_results WHERE execution_id = ?", [int(execution_id)])
-    return set(frame["query_id"].astype(str))
+    batches = store.query_df("SELECT batch_id FROM execution_batches WHERE execution_id = ?", [int(execution_id)])
+    return set(frame["query_id"].astype(str)) | {batch_key(row) for row in batches.to_dict("records")}
 
 
 # -- the two kinds --------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ def drive_execution(store: Store, execution_id: int, cluster: ClusterInterface, 
         parts.append(Part(runs_on, work))
         planned_of[runs_on] = device
         record_part(store, execution_id, DevicePart(device, runs_on, "running"))
-    sink = StoringSink(StoreResultSink(store, execution_id), {"add_result": query_key},
+    sink = StoringSink(StoreResultSink(store, execution_id), {"add_result": query_key, "add_batch": batch_key},
                        stored_query_keys(store, execution_id))
     ended: list[PartResult] = []
 

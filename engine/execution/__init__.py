@@ -5,7 +5,8 @@ Public API (the CLI's ``execute`` and the Execute page use only these):
 :func:`cancel_execution`, :func:`resume_execution`, :func:`reconcile_executions`,
 :func:`execution_progress`, :func:`execution_results`, :func:`compare`,
 :func:`learned_output_lengths`, :func:`list_executions`, :func:`get_execution`,
-:func:`execution_energy_scope`, :func:`why_plan_cannot_run_here`.
+:func:`execution_energy_scope`, :func:`why_plan_cannot_run_here`,
+:func:`execution_batches` (each executed batch as measured, next to its prediction).
 """
 
 from engine.execution.jobs import (
@@ -28,11 +29,11 @@ from engine.execution.jobs import (
     why_plan_cannot_run_here,
     worker_log_path,
 )
-from engine.execution.report import Comparison, compare, learned_output_lengths
+from engine.execution.report import Comparison, compare, execution_batches, learned_output_lengths
 
 __all__ = [
     "ACTIVE", "Comparison", "Execution", "ExecutionProgress", "FINISHED", "cancel_execution", "compare",
-    "create_execution", "execution_energy_scope", "execution_progress", "execution_results", "get_execution", "import_schedule",
-    "learned_output_lengths", "list_executions", "plan_queries", "reconcile_executions", "resume_execution",
-    "start_worker", "why_plan_cannot_run_here", "worker_log_path",
+    "create_execution", "execution_batches", "execution_energy_scope", "execution_progress", "execution_results",
+    "get_execution", "import_schedule", "learned_output_lengths", "list_executions", "plan_queries",
+    "reconcile_executions", "resume_execution", "start_worker", "why_plan_cannot_run_here", "worker_log_path",
 ]

@@ -1,11 +1,12 @@
 """Executions of a schedule: their state in the database, and what they measured.
 
 An execution runs a stored plan (or a schedule CSV, stored as a plan first) on this host:
-every query on its assigned model and device, devices in parallel, each device's queries in
-the schedule's order, each model loaded once per device. Like profiling, inference runs in
-a worker process (``python -m engine.execution.worker``) that stores every query's result
-the moment it is measured, so a crash or kill loses at most the query in flight, the app
-stays up, and :func:`resume_execution` runs only what is left. Starting, watching,
+every query on its assigned model and device in its planned batch (a query without one runs
+alone), devices in parallel, each device's batches in the schedule's order, each model
+loaded once per device. Like profiling, inference runs in a worker process
+(``python -m engine.execution.worker``) that stores every batch, all its members at once,
+the moment it is measured, so a crash or kill loses at most the batch in flight, the app
+stays up, and :func:`resume_execution` runs only the batches left. Starting, watching,
 cancelling and resuming it is the lifecycle every long run shares (:mod:`engine.runs`). A
 device that a profiling job or another execution holds is refused.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import pandas as pd
 
 from engine import catalog, runs
 from engine.backends.base import parse_device
+from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
 from engine.cluster.naming import is_qualified
 from engine.csvio import read_csv_rows
 from engine.errors import DeviceUnavailableError, InputError, Problem
@@ -31,7 +33,7 @@ from engine.store import Store, append_frame
 
 SCHEDULE_REQUIRED = ("id", "model", "device", "input_tokens", "output_tokens")
 SCHEDULE_KNOWN = SCHEDULE_REQUIRED + ("predicted_energy_j", "predicted_runtime_s", "accuracy", "device_start_s",
-                                      "in_domain")
+                                      "batch_id", "batch_size", "in_domain")
 #: A reason that stops many rows of a schedule from running is listed for this many, then counted.
 MAX_ROWS_PER_REFUSAL = 20
 
@@ -73,15 +75,41 @@ def list_executions(store: Store, limit: int = 50) -> pd.DataFrame:
 # -- what to run ------------------------------------------------------------------------------
 
 def plan_queries(store: Store, plan_id: int) -> pd.DataFrame:
-    """A plan's queries in run order (device, start), with their prompt and category when the
-    plan's workload is stored."""
-    return store.query_df(
+    """A plan's queries in run order (device, start, batch), with their batch, and their prompt
+    and category when the plan's workload is stored.
+
+    ``batch_id`` and ``batch_size`` are the plan's; a query without them (a plan stored before
+    batching, a schedule without those columns) is a batch of its own (:func:`with_batches`).
+    """
+    queries = store.query_df(
         """SELECT a.query_id, a.model, a.device, a.input_tokens, a.output_tokens, a.predicted_energy_j,
-                  a.predicted_runtime_s, a.device_start_s, q.prompt, q.category, q.output_tokens AS given_output_tokens
+                  a.predicted_runtime_s, a.device_start_s, a.batch_id, a.batch_size, q.prompt, q.category,
+                  q.output_tokens AS given_output_tokens
            FROM plan_assignments a
            JOIN plans p ON p.id = a.plan_id
            LEFT JOIN workload_queries q ON q.workload_id = p.workload_id AND q.query_id = a.query_id
-           WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.rowid""", [int(plan_id)])
+           WHERE a.plan_id = ? ORDER BY a.device, a.device_start_s, a.batch_id, a.rowid""", [int(plan_id)])
+    return with_batches(queries)
+
+
+def with_batches(queries: pd.DataFrame) -> pd.DataFrame:
+    """``queries`` with every row in a batch: a row without ``batch_id`` (or a frame without the
+    column) becomes a batch of one of its own, numbered after the plan's batches in row order."""
+    queries = queries.copy()
+    if "batch_id" not in queries.columns:
+        queries["batch_id"] = pd.NA
+    if "batch_size" not in queries.columns:
+        queries["batch_size"] = pd.NA
+    batch_id = pd.to_numeric(queries["batch_id"]).astype("Int64")
+    alone = batch_id.isna()
+    first_free = int(batch_id.max()) + 1 if (~alone).any() else 1
+    batch_id[alone] = np.arange(first_free, first_free + int(alone.sum()))
+    queries["batch_id"] = batch_id.astype("int64")
+    batch_size = pd.to_numeric(queries["batch_size"]).astype("Int64")
+    batch_size[alone] = 1
+    members = queries.groupby("batch_id")["batch_id"].transform("size")
+    queries["batch_size"] = batch_size.fillna(members).astype("int64")  # a size left out: the members'
+    return queries
 
 
 def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = True) -> int:
@@ -92,8 +120,12 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
     (``cpu``, ``cuda:N``; a cluster node's ``NODE/DEVICE`` only while a cluster address is set);
     token counts (whole, 1 to :data:`MAX_TOKENS_PER_QUERY`); predicted energy (J) and
     runtime (s) finite and ≥ 0; accuracy a fraction in [0, 1] (``64.5%`` is 0.645);
-    device_start_s finite and ≥ 0; in_domain true or false. An empty cell is unknown
-    (a missing start is the row's place on its device). With ``runnable_here`` (the
+    device_start_s finite and ≥ 0; in_domain true or false; batch_id (a whole number ≥ 1)
+    and batch_size (1 to the backends' maximum) given together or not at all. An empty cell
+    is unknown (a missing start is the row's place on its device; a row without a batch runs
+    on its own). The rows of one batch must agree (:func:`_batch_problems`): one device, one
+    model, one batch size, one start, and no more rows than the batch size. With
+    ``runnable_here`` (the
     default), the schedule must also be able to run on this host now, row by row (the
     checks of :func:`check_runnable`). A refused schedule stores nothing; an accepted one
     is stored, plan and assignments, in one transaction.
@@ -115,6 +147,7 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
         lines.append(line)
     if not records and not problems:
         problems.append(Problem(str(path), "has no queries", None, "one row per query"))
+    problems.extend(_batch_problems(records, [f"{path}:{line}" for line in lines], lines))
     if problems:
         raise InputError(problems)
     frame = pd.DataFrame(records)
@@ -123,6 +156,11 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
         if refusals:
             raise InputError(_row_problems(refusals, [f"{path}:{line}" for line in lines], str(path)))
     frame["device_start_s"] = frame["device_start_s"].fillna(frame.groupby("device").cumcount().astype(float))
+    for column in ("batch_id", "batch_size"):
+        frame[column] = frame[column].astype("Int64")
+    batched = frame["batch_id"].notna()
+    if batched.any():  # a batch starts once: members without a start take the batch's
+        frame.loc[batched, "device_start_s"] = frame[batched].groupby("batch_id")["device_start_s"].transform("min")
     frame["in_domain"] = frame["in_domain"].astype("boolean")
     with store.transaction() as con:
         plan_id = int(con.execute(
@@ -185,6 +223,7 @@ def _schedule_row(row: dict[str, str], where: str, models: set[str]) -> tuple[di
             record["accuracy"] = catalog.parse_accuracy(text, where, "accuracy")
         except InputError as exc:
             problems.extend(exc.problems)
+    problems.extend(_batch_cells(row, where, record))
     text = (row.get("in_domain") or "").strip()
     record["in_domain"] = _BOOLEANS.get(text.lower()) if text else None
     if text and record["in_domain"] is None:
@@ -200,6 +239,70 @@ def _device_name(text: str) -> str:
         return runs.check_device(text)  # its spelling and a cluster address; the node is asked when the run starts
     spec = parse_device(text)
     return "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"
+
+
+def _batch_cells(row: dict[str, str], where: str, record: dict) -> list[Problem]:
+    """A row's batch_id and batch_size (None where empty or bad), and what is wrong with them."""
+    problems = []
+    texts = {column: (row.get(column) or "").strip() for column in ("batch_id", "batch_size")}
+    record["batch_id"] = record["batch_size"] = None
+    if texts["batch_id"]:
+        try:
+            value = float(texts["batch_id"])
+            ok = value.is_integer() and value >= 1
+        except ValueError:
+            ok = False
+        if ok:
+            record["batch_id"] = int(value)
+        else:
+            problems.append(Problem(where, f"{texts['batch_id']!r} is not a batch id", "batch_id",
+                                    "a whole number ≥ 1 shared by the rows of one batch, or an empty cell"))
+    if texts["batch_size"]:
+        try:
+            value = float(texts["batch_size"])
+            size = int(value) if value.is_integer() else texts["batch_size"]
+        except ValueError:
+            size = texts["batch_size"]
+        try:
+            record["batch_size"] = check_batch_size(size, MAX_BATCH_SIZE, where)
+        except InputError as exc:
+            problems.extend(replace(p, column="batch_size") for p in exc.problems)
+    if bool(texts["batch_id"]) != bool(texts["batch_size"]):
+        given, missing = ("batch_id", "batch_size") if texts["batch_id"] else ("batch_size", "batch_id")
+        problems.append(Problem(where, f"has a {given} but no {missing}", missing,
+                                "batch_id and batch_size together, or neither (the query runs on its own)"))
+    return problems
+
+
+def _batch_problems(records: list[dict], wheres: list[str], lines: list[int]) -> list[Problem]:
+    """Rows of one batch that disagree: another device, model or batch size than the batch's
+    first row, another start, or more rows than the batch size. One problem per row, by file:line."""
+    problems = []
+    first: dict[int, int] = {}
+    members: dict[int, int] = {}
+    expected = "the rows of one batch on one device and model, with one batch size and one start"
+    for position, record in enumerate(records):
+        batch = record.get("batch_id")
+        if batch is None or record.get("batch_size") is None:
+            continue
+        if batch not in first:
+            first[batch], members[batch] = position, 1
+            continue
+        members[batch] += 1
+        head = records[first[batch]]
+        line = lines[first[batch]]
+        for column, unit in (("device", ""), ("model", ""), ("batch_size", ""), ("device_start_s", " s")):
+            mine, theirs = record[column], head[column]
+            if column == "device_start_s" and (pd.isna(mine) or pd.isna(theirs)):
+                continue
+            if mine != theirs:
+                problems.append(Problem(wheres[position], f"batch {batch} has {column} {mine}{unit} here but "
+                                        f"{theirs}{unit} on line {line}", column, expected))
+        if members[batch] == head["batch_size"] + 1:
+            problems.append(Problem(wheres[position], f"batch {batch} has more rows than its batch size "
+                                    f"{head['batch_size']} (from line {line})", "batch_id",
+                                    "at most batch_size rows with one batch_id"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -353,14 +456,15 @@ def reconcile_executions(store: Store) -> None:
 
 
 def cancel_execution(store: Store, execution_id: int, *, grace_s: float = 10.0) -> Execution:
-    """Stop an execution within seconds (after the query in flight); what ran is kept."""
+    """Stop an execution within seconds (after the batch in flight, or killing it after ``grace_s``: it then
+    runs again whole on resume); what ran is kept."""
     get_execution(store, execution_id)
     runs.cancel(store, EXECUTION, execution_id, grace_s=grace_s)
     return get_execution(store, execution_id)
 
 
 def resume_execution(store: Store, execution_id: int) -> Execution:
-    """Queue a failed or cancelled execution again; its worker runs only the queries left."""
+    """Queue a failed or cancelled execution again; its worker runs only the batches left."""
     execution = get_execution(store, execution_id)
     runs.check_resumable(store, EXECUTION, execution_id)
     check_runnable(store, execution.plan_id, plan_queries(store, execution.plan_id))
@@ -374,9 +478,11 @@ def resume_execution(store: Store, execution_id: int) -> Execution:
 class ExecutionProgress:
     """Where an execution stands, overall and per device.
 
-    ``devices`` has per device: done, total, measured_energy_j (NaN while none is known),
-    predicted_done_j (the predictions of the queries done), predicted_total_j, elapsed_s,
-    remaining_s (from the measured pace against the predicted runtimes).
+    ``devices`` has per device: done, total (queries), batches_done, batches_total,
+    measured_energy_j (NaN while none is known), predicted_done_j (the predictions of the
+    queries done), predicted_total_j, elapsed_s, remaining_s (from the measured pace against
+    the predicted runtimes). A batch's queries are stored together, so ``done`` grows by a
+    batch at a time; a query outside any batch counts as a batch of its own.
     ``elapsed_s`` is the running time of the whole execution across its runs: the current
     (or last) run's wall-clock time plus the time the queries of earlier runs took (on the
     busiest device, as devices run in parallel; the pauses between runs do not count).
@@ -392,6 +498,8 @@ class ExecutionProgress:
     energy_estimated: bool
     elapsed_s: float | None
     remaining_s: float | None
+    batches_done: int = 0
+    batches_total: int = 0
 
 
 def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
@@ -400,6 +508,10 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
         else pd.Timestamp(execution.started_at)
     per_device = store.query_df(
         """SELECT a.device, count(*) AS total, count(r.query_id) AS done,
+                  count(DISTINCT coalesce(CAST(a.batch_id AS VARCHAR), 'query ' || a.query_id)) AS batches_total,
+                  count(DISTINCT CASE WHEN r.query_id IS NOT NULL
+                                      THEN coalesce(CAST(a.batch_id AS VARCHAR), 'query ' || a.query_id) END)
+                      AS batches_done,
                   sum(r.energy_j) AS measured_energy_j,
                   sum(CASE WHEN r.query_id IS NOT NULL THEN a.predicted_energy_j END) AS predicted_done_j,
                   sum(a.predicted_energy_j) AS predicted_total_j,
@@ -433,7 +545,8 @@ def execution_progress(store: Store, execution_id: int) -> ExecutionProgress:
         execution, per_device, done, total,
         None if pd.isna(measured) else float(measured),
         _maybe(per_device.predicted_done_j.sum(min_count=1)), _maybe(per_device.predicted_total_j.sum(min_count=1)),
-        bool(per_device.estimated.fillna(False).any()), elapsed, remaining)
+        bool(per_device.estimated.fillna(False).any()), elapsed, remaining,
+        int(per_device.batches_done.sum()), int(per_device.batches_total.sum()))
 
 
 def _zero(value) -> float:
@@ -446,12 +559,19 @@ def _maybe(value) -> float | None:
 
 
 def execution_results(store: Store, execution_id: int) -> pd.DataFrame:
-    """Per query: what ran and what it cost next to what was predicted, in run order."""
+    """Per query: what ran and what it cost next to what was predicted, in schedule order.
+
+    A member of a batch has its share of the batch's energy and runtime (``energy_share``, the
+    rule of :data:`engine.execution.worker.SHARE_RULE`), its batch (``batch_id``, the planned
+    ``batch_size``) and the waste the batch ran for it (``wasted_decode_tokens``,
+    ``padding_tokens``); the batch's own figures are :func:`engine.execution.execution_batches`.
+    """
     return store.query_df(
         """SELECT query_id AS id, model, device, prompt_kind, planned_input_tokens, input_tokens, planned_output_tokens,
                   output_tokens, stopped, runtime_s, predicted_runtime_s, energy_j, predicted_energy_j,
                   predicted_energy_uncertainty_j, energy_source, energy_method, idle_power_w, category, error,
-                  generated_text, started_at, finished_at
+                  generated_text, batch_id, batch_size, energy_share, wasted_decode_tokens, padding_tokens,
+                  started_at, finished_at
            FROM execution_results WHERE execution_id = ? ORDER BY device, position""", [int(execution_id)])
 
 

@@ -3,23 +3,31 @@
 One process per device, devices in parallel (:func:`run_devices` with ``isolate``): each
 device's energy is read in its own process, so a device is charged its own work only,
 never another device's, a model load of another device or this process's database
-writes (see "Attribution" below). On each device the queries run in the schedule's order,
-grouped by model so each model is loaded once; after each load the device does what a
-profiling job does (idle baseline, then discarded warm-up runs: the first query is not
-cold), and the load and warm-up are measured and kept as the model's load cost
-(:mod:`engine.energy.load_cost`). A prompt is answered as given (capped at the planned
-output length), a token-count query runs a synthetic prompt of exactly that length. Each
-query's result (answer, actual token counts, runtime, energy with its source, the
-prediction it had) is stored the moment it is measured, together with a measurement row
-(origin 'executed') so a refit can learn from it. A query that fails alone
-(out of memory, too long for the context) is stored with its error and the run goes on.
-SIGTERM stops every device after its query in flight. Queries already stored are skipped
-(resume).
+writes (see "Attribution" below). On each device the plan's batches run in the schedule's
+order (start, then batch id), grouped by model so each model is loaded once; after each
+load the device does what a profiling job does (idle baseline, then discarded warm-up
+runs: the first batch is not cold), and the load and warm-up are measured and kept as the
+model's load cost (:mod:`engine.energy.load_cost`).
+
+A batch runs through ``backend.generate_batch`` in one energy window: a token-count query
+as an :class:`~engine.backends.batch.ExactRequest` (a synthetic prompt of exactly its
+length, exactly its output), a prompt as a :class:`~engine.backends.batch.PromptRequest`
+capped at the planned output length (it may end earlier, at an end-of-answer token, as in
+service). A batch of one (every query of a plan without batches) runs as a single request
+(``generate`` / ``generate_text``), as executions always did. Each batch is stored the
+moment it is measured, all its members in one transaction (:class:`StoreResultSink`): the
+batch as measured (energy, wall time, waste, members), each member's share of it
+(:func:`share_by_tokens`, the rule of :data:`SHARE_RULE`), and, where the batch ran one
+exact shape, a measurement (origin 'executed', :func:`refit_shape`) so a refit can learn
+from it. A batch that fails alone (out of memory, refused by the backend's memory check,
+too long for the context, a library failure) is stored with its error on every member and
+the run goes on. SIGTERM stops every device after its batch in flight. Batches already
+stored are skipped (resume); one killed in flight runs again whole.
 
 The measuring (:func:`run_devices`, :func:`run_device`) never touches the database: it is
-given the queries left and hands every result to a :class:`ResultSink`; here the sink
-writes it to the database (:class:`StoreResultSink`, one transaction a query). Device
-processes hand their results to this process through a pipe; only this process writes.
+given the queries left and hands every batch to a :class:`ResultSink`; here the sink
+writes it to the database. Device processes hand their batches to this process through a
+pipe; only this process writes.
 
 Attribution: the CPU estimate counts the CPU time of the device's own process (its
 inference threads included); a GPU is read alone. A RAPL package is one reading for all
@@ -51,12 +59,13 @@ import pandas as pd
 from engine import __version__, catalog, runs
 from engine.backends import open_backend
 from engine.backends.base import Backend
+from engine.backends.batch import STOPPED_CAP, BatchResult, ExactRequest, PromptRequest, RequestResult
 from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
 from engine.energy.load_cost import WARMUP_RUNS, LoadCost, measure_window, warm_up
 from engine.energy.meter import IDLE_BASELINE_S
 from engine.energy.waiting import WAIT_POLICY_ENV, apply_passive_waiting
-from engine.errors import InputError, PlannerError, TokenCountMismatchError
-from engine.execution.jobs import get_execution, plan_queries
+from engine.errors import InferenceError, InputError, PlannerError, TokenCountMismatchError
+from engine.execution.jobs import get_execution, plan_queries, with_batches
 from engine.fitting import load_latest_fits
 from engine.runs import EXECUTION
 from engine.store import Store, append_frame
@@ -74,19 +83,51 @@ class ExecutionCancelled(runs.RunCancelled):
 # -- where results go ----------------------------------------------------------------------------
 
 class ResultSink(abc.ABC):
-    """Where an execution's query results go, one at a time, the moment each is measured."""
+    """Where an execution's results go, a batch at a time, the moment each batch is measured."""
+
+    @abc.abstractmethod
+    def add_batch(self, batch: dict[str, Any], results: list[dict[str, Any]],
+                  measurement: dict[str, Any] | None) -> None:
+        """Keep one batch: its row (of execution_batches), its members' results (rows of
+        execution_results, without ``device``: the batch's is theirs) and, when the batch ran
+        one exact shape (:func:`refit_shape`), its measurement (a row of measurements, which
+        the batch and its members then refer to). All of it or none of it."""
 
     @abc.abstractmethod
     def add_result(self, result: dict[str, Any], measurement: dict[str, Any] | None) -> None:
-        """Keep one query's result (a row of execution_results) and, when the query generated
-        tokens, its measurement (a row of measurements, which the result then refers to)."""
+        """Keep one query's result outside any batch (a row of execution_results) and its
+        measurement. The measuring here hands over batches only; this is the single-record
+        form that the cluster's stream protocol is tested with."""
 
 
 class StoreResultSink(ResultSink):
-    """Writes each result (and its measurement) to the database as it comes, in one transaction."""
+    """Writes each batch (its members and measurement with it) to the database as it comes, in one transaction.
+
+    A batch already stored for the execution (a stream the cluster re-ran from its start) is
+    skipped, so a batch is never stored twice.
+    """
 
     def __init__(self, store: Store, execution_id: int) -> None:
         self.store, self.execution_id = store, execution_id
+
+    def add_batch(self, batch: dict[str, Any], results: list[dict[str, Any]],
+                  measurement: dict[str, Any] | None) -> None:
+        with _WRITE_LOCK, self.store.transaction() as con:
+            ids = [str(r["query_id"]) for r in results]
+            stored = con.execute(
+                "SELECT (SELECT count(*) FROM execution_batches WHERE execution_id = ? AND batch_id = ?) + "
+                "(SELECT count(*) FROM execution_results WHERE execution_id = ? AND list_contains(?, query_id))",
+                [self.execution_id, int(batch["batch_id"]), self.execution_id, ids]).fetchone()[0]
+            if stored:
+                return
+            if measurement is not None:
+                measurement_id = con.execute("SELECT nextval('measurement_id_seq')").fetchone()[0]
+                append_frame(con, "measurements", pd.DataFrame([{"id": measurement_id, **measurement}]))
+                batch = {**batch, "measurement_id": measurement_id}
+                results = [{**r, "measurement_id": measurement_id} for r in results]
+            append_frame(con, "execution_batches", pd.DataFrame([batch]))
+            append_frame(con, "execution_results", pd.DataFrame([{**r, "device": batch["device"]} for r in results]))
+            self._count_done(con)
 
     def add_result(self, result: dict[str, Any], measurement: dict[str, Any] | None) -> None:
         with _WRITE_LOCK, self.store.transaction() as con:
@@ -95,20 +136,30 @@ class StoreResultSink(ResultSink):
                 append_frame(con, "measurements", pd.DataFrame([{"id": measurement_id, **measurement}]))
                 result = {**result, "measurement_id": measurement_id}
             append_frame(con, "execution_results", pd.DataFrame([result]))
-            con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
-                        "WHERE execution_id = ?) WHERE id = ?", [self.execution_id, self.execution_id])
+            self._count_done(con)
+
+    def _count_done(self, con) -> None:
+        con.execute("UPDATE executions SET queries_done = (SELECT count(*) FROM execution_results "
+                    "WHERE execution_id = ?) WHERE id = ?", [self.execution_id, self.execution_id])
 
 
 # -- what is left to run ---------------------------------------------------------------------------
 
 def _uncertainty(store: Store, queries: pd.DataFrame) -> np.ndarray:
-    """Half-width of the 90% prediction interval of each query's energy, from the current fits (NaN if none)."""
+    """Half-width of the 90% prediction interval of each query's energy, from the current fits (NaN if none).
+
+    Only for queries planned alone: a member of a larger batch is predicted as a share of its
+    batch, which a single request's interval does not describe (NaN: no band, not a wrong one).
+    """
     out = np.full(len(queries), np.nan)
     fits = {(f.model, f.device): f for f in load_latest_fits(store, energy_scope="total") if f.target == "energy"}
+    inputs, outputs = queries.input_tokens.to_numpy(), queries.output_tokens.to_numpy()
+    alone = queries["batch_size"].to_numpy() == 1
     for (model, device), rows in queries.groupby(["model", "device"]).indices.items():
         fit = fits.get((model, device))
-        if fit is not None:
-            out[rows] = fit.uncertainty(queries.input_tokens.to_numpy()[rows], queries.output_tokens.to_numpy()[rows])
+        rows = rows[alone[rows]]
+        if fit is not None and len(rows):
+            out[rows] = fit.uncertainty(inputs[rows], outputs[rows])
     return out
 
 
@@ -190,16 +241,19 @@ def run_device(execution_id: int, device: str, queries: pd.DataFrame, entries: d
                meter_factory: Callable = open_meter, idle_s: float = IDLE_S, warmup_runs: int = WARMUP_RUNS,
                progress: Callable[[str], None] = lambda line: None,
                peers: Callable[[], Sequence[int]] | None = None) -> None:
-    """Run one device's queries (already in order, those done removed), model by model.
+    """Run one device's batches (their queries already in order, those done removed), model by model.
 
+    A query without ``batch_id`` runs alone (:func:`engine.execution.jobs.with_batches`).
     After each load, as in profiling: the idle baseline (``idle_s``), then ``warmup_runs``
     discarded requests; the load and warm-up are measured into the provenance of every
-    measurement of that model (its load cost). ``peers`` (the other device processes) goes
-    to the meter, which splits a shared package reading with them.
+    measurement of that model (its load cost). Then each batch of the model, in order, in
+    one energy window (:func:`_measure_batch`), handed to ``sink`` whole. ``peers`` (the
+    other device processes) goes to the meter, which splits a shared package reading with them.
 
     Raises on a failure that stops the device (a model gone from the catalog or that
-    cannot load); a query that fails alone is a result with its error.
+    cannot load); a batch that fails alone is stored with its error on every member.
     """
+    queries = with_batches(queries)  # a batch id missing (a frame of older callers): the query alone
     meter = meter_factory(device, peers=peers) if peers is not None else meter_factory(device)
     try:
         for model in dict.fromkeys(queries["model"]):
@@ -216,18 +270,28 @@ def run_device(execution_id: int, device: str, queries: pd.DataFrame, entries: d
                 idle = measure_idle_power(meter, idle_s)
                 warmed = measure_window(meter, lambda: warm_up(backend, warmup_runs))
                 load = LoadCost.from_windows(loaded, warmed, warmup_runs, idle)
-                versions = json.dumps({**backend.settings, "engine": __version__, "meter": meter.description,
-                                       "origin": "execution", "execution_id": execution_id, "load": load.to_dict(),
-                                       "omp_wait_policy": os.environ.get(WAIT_POLICY_ENV)})
-                for row in queries[queries["model"] == model].itertuples():
+                versions = {**backend.settings, "engine": __version__, "meter": meter.description,
+                            "origin": "execution", "execution_id": execution_id, "load": load.to_dict(),
+                            "omp_wait_policy": os.environ.get(WAIT_POLICY_ENV)}
+                for batch_id, members in queries[queries["model"] == model].groupby("batch_id", sort=False):
                     if stop.is_set():
                         raise ExecutionCancelled()
-                    sink.add_result(*_measure_query(execution_id, device, backend, meter, idle, versions, row))
-                    progress(f"{device}: {row.query_id} done")
+                    named = _named(members["query_id"].astype(str).tolist())
+                    progress(f"{device}: batch {batch_id} started ({named})")
+                    sink.add_batch(*_measure_batch(execution_id, device, entry.backend, backend, meter, idle,
+                                                   versions, members))
+                    # A query alone says so as it always did (the cluster's tests and people read these lines).
+                    progress(f"{device}: {named} done" if len(members) == 1 else
+                             f"{device}: batch {batch_id} done ({named})")
             finally:
                 backend.close()
     finally:
         meter.close()
+
+
+def _named(ids: list[str]) -> str:
+    """``q1``, ``q1, q2``, ``q1, q2, q3 and 5 more``."""
+    return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
 
 
 # -- one process per device ------------------------------------------------------------------------
@@ -237,10 +301,14 @@ DEVICE_STOP_GRACE_S = 30.0
 
 
 class _PipeSink(ResultSink):
-    """A device process's sink: each result goes through the pipe to the execution's process, which stores it."""
+    """A device process's sink: each batch goes through the pipe to the execution's process, which stores it."""
 
     def __init__(self, connection) -> None:
         self.connection = connection
+
+    def add_batch(self, batch: dict[str, Any], results: list[dict[str, Any]],
+                  measurement: dict[str, Any] | None) -> None:
+        self.connection.send(("batch", batch, results, measurement))
 
     def add_result(self, result: dict[str, Any], measurement: dict[str, Any] | None) -> None:
         self.connection.send(("result", result, measurement))
@@ -250,9 +318,9 @@ def _run_device_process(execution_id: int, device: str, queries: pd.DataFrame,
                         entries: dict[str, catalog.CatalogEntry | None], sink: ResultSink, stop: threading.Event,
                         peer_slots, slot: int, *, progress: Callable[[str], None] = lambda line: None,
                         **measuring) -> None:
-    """Run one device's queries in a child process; its results go to ``sink`` here, as they come.
+    """Run one device's batches in a child process; each goes to ``sink`` here, as it comes.
 
-    A stop here (``stop``) is passed on; the child finishes its query in flight. Raises what
+    A stop here (``stop``) is passed on; the child finishes its batch in flight. Raises what
     the child raised (an exception that cannot cross processes as itself, as a
     PlannerError naming it), or PlannerError when the child died without a word.
     """
@@ -278,7 +346,9 @@ def _run_device_process(execution_id: int, device: str, queries: pd.DataFrame,
                 message = receiver.recv()
             except EOFError:
                 break
-            if message[0] == "result":
+            if message[0] == "batch":
+                sink.add_batch(message[1], message[2], message[3])
+            elif message[0] == "result":
                 sink.add_result(message[1], message[2])
             elif message[0] == "progress":
                 progress(message[1])
@@ -342,49 +412,168 @@ def _portable(exc: BaseException) -> BaseException:
         return PlannerError(f"{type(exc).__name__}: {exc}")
 
 
-def _measure_query(execution_id: int, device: str, backend: Backend, meter: EnergyMeter, idle: IdleBaseline,
-                   versions: str, row) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run one query: its result row and, when it generated tokens, its measurement row."""
+# -- one batch ------------------------------------------------------------------------------------
+
+#: How a batch's measured energy and runtime are shared among its requests (see :func:`share_by_tokens`).
+SHARE_RULE = "tokens processed"
+
+#: Errors that fail a batch alone (the run goes on): out of memory (``RuntimeError`` covers torch's),
+#: refused by the backend's checks before it ran (memory, context: ``InputError``), the library's
+#: failure (``InferenceError``), other counts than asked (``TokenCountMismatchError``).
+BATCH_ERRORS = (MemoryError, InputError, InferenceError, TokenCountMismatchError, RuntimeError)
+
+#: Backends whose batch is a rectangle: prompts padded on the left to the longest, and every row
+#: computing every step until the longest answer is done (engine.backends.hf).
+PADDED_BACKENDS = frozenset({"transformers"})
+
+
+def share_by_tokens(total: float | None, tokens: Sequence[int]) -> list[float | None]:
+    """Each request's share of a batch's ``total`` (energy or runtime), by tokens processed.
+
+    The rule: request *i* is charged ``total × (τin_i + τout_i) / Σ_j (τin_j + τout_j)``,
+    where τin and τout are the prompt tokens it ran and the tokens it generated, as read back
+    from the library (``tokens[i] = τin_i + τout_i``). The last request takes what the others
+    leave, so the shares add up to the batch's total (to the last bit of a double). ``None``
+    (unknown) shares ``None``: an unknown energy is never split into zeros.
+
+    Why this rule: it uses measured counts only, never the fits being judged, so a request's
+    measured share can be compared with its predicted one (a rule proportional to the
+    prediction would give every member its batch's error); for a batch of one shape (the
+    planner sorts lengths so that most batches are) it is an equal split; the batch's waste
+    (padding, steps run for requests already done) is paid by its members in proportion, since
+    they chose to run together. Its limit: a prompt token costs less than a generated one
+    (prefill runs in parallel, decode one step at a time), so in a batch mixing long prompts
+    with long answers a long prompt is charged somewhat more than it caused; the batch's own
+    figures, stored beside the shares, are exact.
+    """
+    weights = [int(t) for t in tokens]
+    if total is None or (isinstance(total, float) and np.isnan(total)):
+        return [None] * len(weights)
+    whole = sum(weights)
+    shares = [float(total) * w / whole for w in weights[:-1]]
+    return shares + [float(total) - sum(shares)]
+
+
+def refit_shape(backend_name: str, ran: BatchResult) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """The (τin, τout) a batch ran for each of its requests, for a measurement of batch size b;
+    with its kind (``exact`` / ``padded``) and a note, or ``(None, None, note)`` when it has none.
+
+    A batch whose requests all ran one (τin, τout) is a measurement of that shape. On a backend
+    that pads and keeps finished rows computing (transformers), a batch of mixed lengths ran b
+    rows of the longest prompt (padding included) for as many steps as its longest answer:
+    the shape (max τin, decode steps), exactly what profiling that shape at b runs. llama.cpp
+    runs each sequence at its own length and drops finished ones, so a mixed batch is no shape
+    of the (τin, τout, B) surface and is kept out of refits.
+    """
+    shapes = {(r.input_tokens, r.output_tokens) for r in ran.requests}
+    if len(shapes) == 1:
+        return next(iter(shapes)), "exact", None
+    if backend_name in PADDED_BACKENDS:
+        shape = (max(r.input_tokens for r in ran.requests), int(ran.decode_steps))
+        return shape, "padded", (f"members of {len(shapes)} lengths ran padded to {shape[0]} prompt tokens for "
+                                 f"{shape[1]} steps each ({backend_name} pads on the left and keeps finished rows "
+                                 "computing), so the batch is the measurement of that shape")
+    return None, None, (f"members of {len(shapes)} lengths, each run at its own length ({backend_name} neither pads "
+                        "nor keeps finished sequences): no single shape, kept out of refits")
+
+
+def _request(row) -> ExactRequest | PromptRequest:
+    """A planned query as a backend request: its prompt capped at the planned output, or its exact counts."""
     prompt = row.prompt if isinstance(row.prompt, str) and row.prompt.strip() else None
-    error = None
-    text = stopped = None
+    if prompt is not None:
+        return PromptRequest(prompt, int(row.output_tokens))
+    return ExactRequest(int(row.input_tokens), int(row.output_tokens))
+
+
+def _run_alone(backend: Backend, request: ExactRequest | PromptRequest) -> BatchResult:
+    """One request through the single-request calls (as executions always ran a query), as a batch of one."""
+    if isinstance(request, PromptRequest):
+        answer = backend.generate_text(request.prompt, request.max_output_tokens)
+        one = RequestResult(answer.input_tokens, answer.output_tokens, answer.stopped, answer.text)
+        return BatchResult((one,), answer.runtime_s, None, answer.output_tokens)
+    result = backend.generate(request.input_tokens, request.output_tokens)
+    one = RequestResult(result.input_tokens, result.output_tokens, STOPPED_CAP)
+    return BatchResult((one,), result.runtime_s, result.time_to_first_token_s, result.output_tokens)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _measure_batch(execution_id: int, device: str, backend_name: str, backend: Backend, meter: EnergyMeter,
+                   idle: IdleBaseline, versions: dict[str, Any], members: pd.DataFrame,
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """Run one batch in one energy window: its row, its members' rows, and its measurement (or None)."""
+    rows = list(members.itertuples())
+    requests = [_request(row) for row in rows]
+    error, ran = None, None
     with meter.window() as window:
         try:
-            if prompt is not None:
-                answer = backend.generate_text(prompt, int(row.output_tokens))
-                got_in, got_out, runtime, text, stopped = (answer.input_tokens, answer.output_tokens,
-                                                          answer.runtime_s, answer.text, answer.stopped)
-            else:
-                result = backend.generate(int(row.input_tokens), int(row.output_tokens))
-                got_in, got_out, runtime, stopped = result.input_tokens, result.output_tokens, result.runtime_s, \
-                    "output cap"
-        except (MemoryError, InputError, TokenCountMismatchError, RuntimeError) as exc:
-            # RuntimeError covers torch's out-of-memory errors; the query is recorded as failed.
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            ran = _run_alone(backend, requests[0]) if len(requests) == 1 else backend.generate_batch(requests)
+        except BATCH_ERRORS as exc:
+            error = _error_text(exc)
     columns = window.result.measurement_columns(idle)
-    record = {
-        "execution_id": execution_id, "query_id": row.query_id, "model": row.model, "device": device,
-        "position": int(row.position), "prompt_kind": "text" if prompt is not None else "tokens",
+    batch_id, planned_size = int(rows[0].batch_id), int(rows[0].batch_size)
+    batch = {
+        "execution_id": execution_id, "batch_id": batch_id, "model": rows[0].model, "device": device,
+        "position": int(members["position"].min()), "batch_size": planned_size, "members": len(rows),
+        "query_ids": json.dumps([str(row.query_id) for row in rows]),
+        "predicted_energy_j": _sum_known(members["predicted_energy_j"]),
+        "predicted_runtime_s": _sum_known(members["predicted_runtime_s"]),
+        "share_rule": SHARE_RULE, "started_at": window.result.started_at, "finished_at": window.result.finished_at,
+    }
+    results = [{
+        "execution_id": execution_id, "query_id": row.query_id, "model": row.model, "position": int(row.position),
+        "prompt_kind": "text" if isinstance(request, PromptRequest) else "tokens",
         "planned_input_tokens": int(row.input_tokens), "planned_output_tokens": int(row.output_tokens),
         "predicted_energy_j": row.predicted_energy_j, "predicted_runtime_s": row.predicted_runtime_s,
-        "predicted_energy_uncertainty_j": row.uncertainty_j, "category": row.category,
-        "started_at": window.result.started_at, "finished_at": window.result.finished_at,
-    }
+        "predicted_energy_uncertainty_j": row.uncertainty_j, "category": row.category, "batch_id": batch_id,
+        "batch_size": planned_size, "started_at": window.result.started_at, "finished_at": window.result.finished_at,
+    } for row, request in zip(rows, requests, strict=True)]
     if error is not None:
-        record.update(input_tokens=int(row.input_tokens), output_tokens=0, error=error)
-        return record, None
-    record.update(input_tokens=got_in, output_tokens=got_out, runtime_s=runtime, energy_j=columns["energy_j"],
-                  energy_source=columns["energy_source"], energy_method=columns["energy_method"],
-                  idle_power_w=columns["idle_power_w"], generated_text=text, stopped=stopped)
-    if got_out < 1:  # a measurement needs at least one generated token
-        return record, None
+        batch["error"] = error
+        for result, row in zip(results, rows, strict=True):
+            result.update(input_tokens=int(row.input_tokens), output_tokens=0, error=error)
+        return batch, results, None
+
+    tokens = [r.input_tokens + r.output_tokens for r in ran.requests]
+    energies, runtimes = share_by_tokens(columns["energy_j"], tokens), share_by_tokens(ran.runtime_s, tokens)
+    method = columns["energy_method"]
+    if len(rows) > 1 and method:
+        method += f"; this request's share of batch {batch_id} by {SHARE_RULE}"
+    for result, got, energy_j, runtime_s, weight in zip(results, ran.requests, energies, runtimes, tokens,
+                                                       strict=True):
+        result.update(input_tokens=got.input_tokens, output_tokens=got.output_tokens, stopped=got.stopped,
+                      generated_text=got.text, runtime_s=runtime_s, energy_j=energy_j,
+                      energy_share=weight / sum(tokens),
+                      energy_source=columns["energy_source"], energy_method=method,
+                      idle_power_w=columns["idle_power_w"], wasted_decode_tokens=got.wasted_decode_tokens,
+                      padding_tokens=got.padding_tokens)
+    shape, kind, note = refit_shape(backend_name, ran)
+    batch.update(runtime_s=ran.runtime_s, energy_j=columns["energy_j"], energy_source=columns["energy_source"],
+                 energy_method=columns["energy_method"], idle_power_w=columns["idle_power_w"],
+                 input_tokens=ran.input_tokens, output_tokens=ran.output_tokens,
+                 max_input_tokens=max(r.input_tokens for r in ran.requests), decode_steps=int(ran.decode_steps),
+                 wasted_decode_tokens=ran.wasted_decode_tokens, padding_tokens=ran.padding_tokens,
+                 refit_shape=kind, refit_note=note)
+    if shape is None or min(shape) < 1:  # a measurement needs at least one token in and one out
+        if shape is not None:
+            batch.update(refit_shape=None, refit_note="no token generated: kept out of refits")
+        return batch, results, None
+    provenance = {**versions, "batch": {"batch_id": batch_id, "members": len(rows), "shape": kind,
+                                        **({"note": note} if note else {})}}
     measurement = {
-        "origin": "executed", "model": row.model, "device": device, "host": runs.host_name(), "input_tokens": got_in,
-        "output_tokens": got_out, "batch_size": 1, "trial": 1, "runtime_s": runtime,
-        "library_versions": versions, "started_at": window.result.started_at,
-        "finished_at": window.result.finished_at, **columns,
+        "origin": "executed", "model": rows[0].model, "device": device, "host": runs.host_name(),
+        "input_tokens": shape[0], "output_tokens": shape[1], "batch_size": len(rows), "trial": 1,
+        "runtime_s": ran.runtime_s, "library_versions": json.dumps(provenance),
+        "started_at": window.result.started_at, "finished_at": window.result.finished_at, **columns,
     }
-    return record, measurement
+    return batch, results, measurement
+
+
+def _sum_known(values: pd.Series) -> float | None:
+    """The sum when every value is known, else None (a batch's prediction is its members' together)."""
+    return None if values.isna().any() else float(values.sum())
 
 
 # -- the process ----------------------------------------------------------------------------------

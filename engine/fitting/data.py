@@ -38,11 +38,13 @@ _SHOW_IDS = 5
 
 @dataclass(frozen=True)
 class TargetTrials:
-    """The trials of one target: token counts X (n, 2), values y (n,), measurement ids."""
+    """The trials of one target: token counts X (n, 2), values y (n,), measurement ids, and
+    which trials belong to a profiled point that did not converge (None: none known)."""
 
     X: np.ndarray
     y: np.ndarray
     ids: np.ndarray
+    unconverged: np.ndarray | None = None
 
 
 @dataclass
@@ -97,7 +99,7 @@ def read_measurements(store: Store, model: str | None = None, device: str | None
     clause = ("WHERE " + " AND ".join(where)) if where else ""
     trials = store.query_df(
         f"""
-        SELECT id, model, device, input_tokens, output_tokens, batch_size, runtime_s, energy_j,
+        SELECT id, job_id, model, device, input_tokens, output_tokens, batch_size, runtime_s, energy_j,
                energy_j IS NULL AS energy_missing, energy_source, idle_power_w,
                gpu_energy_j IS NOT NULL AS has_gpu, cpu_energy_j IS NOT NULL AS has_cpu,
                dram_energy_j IS NOT NULL AS has_dram
@@ -143,8 +145,9 @@ def build_trial_sets(trials: pd.DataFrame, energy_scope: str = "total", source_f
 
     ``trials`` has the measurements columns (id, model, device, input_tokens,
     output_tokens, runtime_s, energy_j, energy_source, idle_power_w; optional
-    batch_size, energy_missing). Without ``energy_missing`` a NaN energy is read as
-    not measured. Raises :class:`InputError` listing every problem.
+    batch_size, energy_missing, unconverged). Without ``energy_missing`` a NaN energy is
+    read as not measured; ``unconverged`` (bool) marks trials of profiled points whose
+    trials did not converge. Raises :class:`InputError` listing every problem.
     """
     check_arguments(energy_scope, source_filter)
     if trials.empty:
@@ -207,11 +210,14 @@ def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str
     for column in ("has_gpu", "has_cpu", "has_dram"):
         if column in group.columns:
             sensor[column.removeprefix("has_") + "_energy"] = bool(group[column].to_numpy(dtype=bool)[energy_rows].any())
-    energy_trials = (TargetTrials(X=X[energy_rows], y=y_energy[energy_rows], ids=ids[energy_rows])
+    unconverged = (group["unconverged"].fillna(False).to_numpy(dtype=bool) if "unconverged" in group.columns
+                   else None)
+    energy_trials = (TargetTrials(X=X[energy_rows], y=y_energy[energy_rows], ids=ids[energy_rows],
+                                  unconverged=None if unconverged is None else unconverged[energy_rows])
                      if energy_rows.any() else None)
     return TrialSet(model=model, device=device, energy_scope=energy_scope, energy_source=energy_source,
-                    energy=energy_trials, runtime=TargetTrials(X=X, y=runtime, ids=ids), sensor=sensor,
-                    warnings=warnings)
+                    energy=energy_trials, runtime=TargetTrials(X=X, y=runtime, ids=ids, unconverged=unconverged),
+                    sensor=sensor, warnings=warnings)
 
 
 def _batch_size_one(group: pd.DataFrame, where: str, warnings: list[str], problems: list[Problem]) -> pd.DataFrame | None:

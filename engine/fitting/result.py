@@ -83,7 +83,8 @@ class FitResult:
             k-fold cross-validated MAPE over held-out trials, a fraction (None when
             published).
         n_points: distinct (input_tokens, output_tokens) points; n_trials: trials.
-        domain: {input_tokens: [lo, hi], output_tokens: [lo, hi]} that was measured.
+        domain: {input_tokens: [lo, hi], output_tokens: [lo, hi]} that was measured, and
+            batch_size: [lo, hi] when the fit has a batch axis (:attr:`has_batch_axis`).
         source: 'measured' (fitted here) or 'published' (the paper's coefficients).
         energy_source: 'measured' or 'estimated' for energy fits, None for runtime.
         candidates: every form tried (:class:`FormCandidate`); forms not offered have no
@@ -150,46 +151,93 @@ class FitResult:
                                                                  else "measured runtime")
         return f"{kind}, {self.n_trials} trials at {self.n_points} points"
 
+    @property
+    def unconverged_points(self) -> list[list[int]]:
+        """The measured points ([τin, τout]) whose trials ended without meeting the profiling
+        job's confidence rule (most of their trials did); empty when every point converged,
+        or for fits made before points were judged. See :mod:`engine.fitting.selection`."""
+        return [[int(i), int(o)] for i, o in self.details.get("unconverged_points", [])]
+
     def estimator(self) -> ModelForm:
         """The form as a fitted estimator (``predict(X)`` with X = [[τin, τout], ...])."""
         return form_from_coefficients(self.form, self.terms, self.coefficients)
 
     # -- predictions -------------------------------------------------------------------
 
-    def _features(self, input_tokens, output_tokens) -> np.ndarray:
-        X = np.column_stack([np.asarray(input_tokens, dtype=float).reshape(-1),
-                             np.asarray(output_tokens, dtype=float).reshape(-1)])
-        return self.estimator().features(X)
+    # -- the batch axis --------------------------------------------------------------
+    # A fit with a batch axis predicts ONE BATCH of ``batch_size`` requests of the same
+    # shape (τin, τout): its X has a third column, the batch size, and its domain a
+    # "batch_size" range. A fit without one was measured at batch size 1 only and predicts
+    # one request; it refuses any other batch size rather than guess what batching does.
 
-    def predict_raw(self, input_tokens, output_tokens) -> np.ndarray:
-        """The form's value (may be negative only for the paper's unconstrained form)."""
+    @property
+    def batch_domain(self) -> tuple[int, int]:
+        """The batch sizes measured, (lo, hi); (1, 1) for a fit without a batch axis."""
+        lo, hi = self.domain.get("batch_size") or (1, 1)
+        return int(lo), int(hi)
+
+    @property
+    def has_batch_axis(self) -> bool:
+        """True when the fit was measured at several batch sizes (its predictions depend on B)."""
+        lo, hi = self.batch_domain
+        return "batch_size" in self.domain and hi > lo
+
+    def _columns(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
+        """X: (n, 2) token counts, or (n, 3) with the batch size for a fit with a batch axis.
+
+        The arguments broadcast; ``batch_size=None`` means 1. A fit without a batch axis
+        refuses any batch size but 1 (ValueError): it knows nothing about batches.
+        """
+        arrays = [np.asarray(input_tokens, dtype=float), np.asarray(output_tokens, dtype=float)]
+        if batch_size is not None:
+            sizes = np.asarray(batch_size, dtype=float)
+            if not self.has_batch_axis and (sizes != 1).any():
+                raise ValueError(f"the {self.target} fit of {self.model} on {self.device} was measured at batch size 1 "
+                                 "only: it cannot predict batches (profile with several batch sizes)")
+            if self.has_batch_axis:
+                arrays.append(sizes)
+        elif self.has_batch_axis:
+            arrays.append(np.ones(1))
+        return np.column_stack([a.reshape(-1) for a in np.broadcast_arrays(*arrays)])
+
+    def _features(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
+        return self.estimator().features(self._columns(input_tokens, output_tokens, batch_size))
+
+    def predict_raw(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
+        """The form's value (may be negative only for the paper's unconstrained form): for a
+        fit with a batch axis, the energy (J) or runtime (s) of one batch of ``batch_size``
+        requests of this shape (None: 1); for a fit without one, of one request."""
         coef = np.array([self.coefficients[t] for t in self.terms], dtype=float)
-        return self._features(input_tokens, output_tokens) @ coef
+        return self._features(input_tokens, output_tokens, batch_size) @ coef
 
-    def standard_error(self, input_tokens, output_tokens) -> np.ndarray:
+    def standard_error(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
         """Bootstrap standard error of the mean surface at each point (NaN when unknown)."""
-        n = np.asarray(input_tokens).reshape(-1).shape[0]
+        features = self._features(input_tokens, output_tokens, batch_size)
         if self.coef_cov is None:
-            return np.full(n, np.nan)
-        features = self._features(input_tokens, output_tokens)
+            return np.full(features.shape[0], np.nan)
         cov = np.asarray(self.coef_cov, dtype=float)
         variance = np.einsum("ij,jk,ik->i", features, cov, features)
         return np.sqrt(np.maximum(variance, 0.0))
 
-    def uncertainty(self, input_tokens, output_tokens) -> np.ndarray:
-        """Half-width of a 90% prediction interval for one request (NaN when unknown)."""
-        se = self.standard_error(input_tokens, output_tokens)
+    def uncertainty(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
+        """Half-width of a 90% prediction interval for one request, or one batch of
+        ``batch_size`` for a fit with a batch axis (NaN when unknown)."""
+        se = self.standard_error(input_tokens, output_tokens, batch_size)
         if self.noise_rel_sd is None:
             return np.full_like(se, np.nan)
-        value = np.maximum(self.predict_raw(input_tokens, output_tokens), 0.0)
+        value = np.maximum(self.predict_raw(input_tokens, output_tokens, batch_size), 0.0)
         return Z_90 * np.sqrt(se * se + (self.noise_rel_sd * value) ** 2)
 
-    def in_domain(self, input_tokens, output_tokens) -> np.ndarray:
-        """True where both token counts lie within the measured range."""
-        tokens_in = np.asarray(input_tokens, dtype=float).reshape(-1)
-        tokens_out = np.asarray(output_tokens, dtype=float).reshape(-1)
+    def in_domain(self, input_tokens, output_tokens, batch_size=None) -> np.ndarray:
+        """True where both token counts (and the batch size, None meaning 1) lie within the
+        measured range; a fit without a batch axis holds batch size 1 only."""
+        sizes = np.ones(1) if batch_size is None else np.asarray(batch_size, dtype=float)
+        tokens_in, tokens_out, sizes = (a.reshape(-1) for a in np.broadcast_arrays(
+            np.asarray(input_tokens, dtype=float), np.asarray(output_tokens, dtype=float), sizes))
         (in_lo, in_hi), (out_lo, out_hi) = self.domain["input_tokens"], self.domain["output_tokens"]
-        return (tokens_in >= in_lo) & (tokens_in <= in_hi) & (tokens_out >= out_lo) & (tokens_out <= out_hi)
+        batch_lo, batch_hi = self.batch_domain if self.has_batch_axis else (1, 1)
+        return ((tokens_in >= in_lo) & (tokens_in <= in_hi) & (tokens_out >= out_lo) & (tokens_out <= out_hi)
+                & (sizes >= batch_lo) & (sizes <= batch_hi))
 
     # -- serialisation -----------------------------------------------------------------
 
@@ -199,7 +247,7 @@ class FitResult:
         Contract keys: model, device, target, form, coefficients, r2, cv_mape, n_points,
         domain. Extras: id, energy_scope, source, energy_source, energy_estimated, label,
         units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
-        r2, cv_r2, chosen, offered}], warnings.
+        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout], ...]).
         """
         return json_safe({
             "model": self.model, "device": self.device, "target": self.target, "form": self.form,
@@ -212,6 +260,7 @@ class FitResult:
             "candidates": [{"form": c.form, "cv_mape": c.cv_mape, "r2": c.r2, "cv_r2": c.cv_r2, "chosen": c.chosen,
                             "offered": c.offered} for c in self.candidates],
             "warnings": list(self.details.get("warnings", [])),
+            "unconverged_points": self.unconverged_points,
         })
 
     def to_dict(self) -> dict:

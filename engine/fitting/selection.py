@@ -9,16 +9,31 @@ The scheme, per (model, device, energy scope, target):
    design point**: all trials of a (τin, τout) point are held out together. Holding out
    single trials of a point whose other trials were fitted would leak: a form that
    memorised the point would look perfect. k = 5 (shuffled with ``random_state``);
-   designs of at most 10 points use one fold per point (leave-one-point-out), because
+   designs of at most 20 points use one fold per point (leave-one-point-out), because
    with so few points the score and the choice otherwise depend on which points happen
    to share a fold (on the 3x3 demo designs, 5-fold CV MAPE moved by up to 5 points
-   between seeds).
+   between seeds; on a 12-point adaptive demo design the chosen form changed with the
+   seed), and an adaptive design growing from 9 to 15 points keeps one scheme, so its
+   rounds' errors compare like with like.
 3. The score is the MAPE over every held-out trial (noise between trials kept, not
    averaged away); R² (in-sample, as the paper reports it) and the cross-validated R²
    are reported beside it. The lowest CV MAPE among the non-negative forms wins; on a
    tie the simpler form (fewer terms; forms are listed simplest first).
 4. The chosen form is refitted on every trial, and a residual bootstrap over the
    design points gives the covariance of its coefficients (the uncertainty band).
+
+**Points that did not converge.** A profiled point whose trials stopped without meeting
+the job's confidence rule (:mod:`engine.profiling.stopping`; e.g. 25 trials spread by
+±100% under load) is kept, flagged and weighed by what its mean is worth: each of its
+trials gets the weight min(1, s²_ref / s²_p), where s²_p is the point's relative
+variance between trials and s²_ref the median of the converged points' (of all points'
+when none converged), so a point 4 times as noisy as usual counts as its mean's
+information, not as its many trials. Without this, such a point (which ran to the trial
+cap) weighs most in the fit, the wrong way round. The CV MAPE stays unweighted over
+every held-out trial, and the noise behind the uncertainty band is pooled over every
+trial, so both show their spread; ``details`` gives the flagged points, their share, and
+the CV MAPE over the converged points' trials alone; a fit whose points mostly did not
+converge carries a warning that says so.
 """
 
 from __future__ import annotations
@@ -60,16 +75,18 @@ def point_groups(X: np.ndarray) -> np.ndarray:
 
 
 def fold_count(n_groups: int, n_splits: int = DEFAULT_N_SPLITS) -> int:
-    """Folds for ``n_groups`` design points: one per point up to 2·n_splits, else n_splits."""
-    return n_groups if n_groups <= 2 * n_splits else n_splits
+    """Folds for ``n_groups`` design points: one per point up to 4·n_splits, else n_splits."""
+    return n_groups if n_groups <= 4 * n_splits else n_splits
 
 
 def cross_validated_predictions(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                                n_splits: int = DEFAULT_N_SPLITS, random_state: int | None = 0) -> np.ndarray:
+                                n_splits: int = DEFAULT_N_SPLITS, random_state: int | None = 0,
+                                sample_weight: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold predictions: each trial predicted by a fit that never saw its group.
 
     ``groups`` are the design points (:func:`point_groups`) for honest scores; pass
-    per-trial ids instead and the folds leak (what the tests show).
+    per-trial ids instead and the folds leak (what the tests show). ``sample_weight``
+    (per trial) goes to each fold's fit.
     """
     splits = fold_count(len(np.unique(groups)), n_splits)
     if splits < 2:
@@ -77,15 +94,17 @@ def cross_validated_predictions(form: ModelForm, X: np.ndarray, y: np.ndarray, g
     folds = GroupKFold(n_splits=splits, shuffle=True, random_state=random_state)
     predictions = np.empty_like(y, dtype=float)
     for train, test in folds.split(X, y, groups):
-        predictions[test] = clone(form).fit(X[train], y[train]).predict(X[test])
+        weight = None if sample_weight is None else sample_weight[train]
+        predictions[test] = clone(form).fit(X[train], y[train], sample_weight=weight).predict(X[test])
     return predictions
 
 
 def score_form(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int = DEFAULT_N_SPLITS,
-               random_state: int | None = 0) -> tuple[FormCandidate, ModelForm]:
-    """CV MAPE, CV R² and in-sample R² of one form, and the form fitted on all trials."""
-    held_out = cross_validated_predictions(form, X, y, groups, n_splits, random_state)
-    fitted = clone(form).fit(X, y)
+               random_state: int | None = 0, sample_weight: np.ndarray | None = None
+               ) -> tuple[FormCandidate, ModelForm]:
+    """CV MAPE, CV R² and in-sample R² of one form, and the form fitted on all trials (weighted by ``sample_weight``)."""
+    held_out = cross_validated_predictions(form, X, y, groups, n_splits, random_state, sample_weight)
+    fitted = clone(form).fit(X, y, sample_weight=sample_weight)
     in_sample = fitted.predict(X)
     candidate = FormCandidate(form=form.name, n_terms=len(form.terms), selectable=bool(form.selectable), offered=True,
                               cv_mape=mape(y, held_out), cv_r2=r2(y, held_out),
@@ -97,8 +116,12 @@ def score_form(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray
 def relative_noise(y: np.ndarray, inverse: np.ndarray, n_points: int) -> tuple[float | None, float | None]:
     """Pooled relative SD of trials around their point mean, and the noise-floor MAPE.
 
-    The noise-floor MAPE is the MAPE of predicting every trial by its own point's mean:
-    roughly the best any smooth surface can reach. None when no point was repeated.
+    The noise-floor MAPE is the MAPE of predicting every trial by the best single value
+    for its own point (the 1/y-weighted median of its trials, which minimises the
+    point's MAPE): no surface that gives one value per point can do better, whatever
+    the spread. (The point's mean is not that value when trials have a long tail: under
+    load a few slow trials pull it up, and its MAPE then exceeds a fitted surface's.)
+    None when no point was repeated.
     """
     counts = np.bincount(inverse, minlength=n_points)
     means = np.bincount(inverse, weights=y, minlength=n_points) / counts
@@ -106,7 +129,47 @@ def relative_noise(y: np.ndarray, inverse: np.ndarray, n_points: int) -> tuple[f
     dof = int(np.sum(counts - 1))
     if dof <= 0:
         return None, None
-    return float(np.sqrt(np.sum(relative ** 2) / dof)), float(np.mean(np.abs(y - means[inverse]) / y))
+    best = _mape_optimal_values(y, inverse, n_points)
+    return float(np.sqrt(np.sum(relative ** 2) / dof)), float(np.mean(np.abs(y - best[inverse]) / y))
+
+
+def _mape_optimal_values(y: np.ndarray, inverse: np.ndarray, n_points: int) -> np.ndarray:
+    """Per point, the value c minimising Σ|y − c|/y over its trials: the median of y weighted by 1/y."""
+    order = np.lexsort((y, inverse))
+    sorted_y, sorted_point = y[order], inverse[order]
+    weight = 1.0 / sorted_y
+    cumulative = np.cumsum(weight)
+    totals = np.bincount(sorted_point, weights=weight, minlength=n_points)
+    before = cumulative - weight
+    start = np.concatenate(([0.0], np.cumsum(totals)[:-1]))  # the cumulative weight before each point's trials
+    reached = (cumulative - start[sorted_point]) >= totals[sorted_point] / 2 - 1e-15 * totals[sorted_point]
+    reached &= (before - start[sorted_point]) < totals[sorted_point] / 2
+    values = np.zeros(n_points)
+    values[sorted_point[reached]] = sorted_y[reached]
+    return values
+
+
+def unconverged_weights(y: np.ndarray, inverse: np.ndarray, loose: np.ndarray) -> np.ndarray:
+    """Per-trial weights that count each unconverged point (``loose``, per point) by its mean's information.
+
+    min(1, s²_ref / s²_p) for the trials of a loose point p with at least 2 trials
+    (s²: relative variance between a point's trials; s²_ref: the median over converged
+    points with 2 trials or more, else over all such points); 1 for every other trial.
+    """
+    n_points = len(loose)
+    counts = np.bincount(inverse, minlength=n_points)
+    means = np.bincount(inverse, weights=y, minlength=n_points) / counts
+    squares = np.bincount(inverse, weights=(y / means[inverse] - 1.0) ** 2, minlength=n_points)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        variance = np.where(counts > 1, squares / np.maximum(counts - 1, 1), np.nan)
+    repeated = counts > 1
+    reference_pool = variance[repeated & ~loose] if (repeated & ~loose).any() else variance[repeated]
+    point_weight = np.ones(n_points)
+    if len(reference_pool):
+        reference = float(np.median(reference_pool))
+        noisy = loose & repeated & (variance > 0)
+        point_weight[noisy] = np.minimum(1.0, reference / variance[noisy])
+    return point_weight[inverse]
 
 
 def bootstrap_covariance(fitted: ModelForm, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
@@ -159,8 +222,10 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
     """
     X, y = trials.X, trials.y
     points, inverse = point_index(X)
+    loose = _loose_points(trials.unconverged, inverse, len(points))
+    weight = unconverged_weights(y, inverse, loose) if loose.any() else None
     estimators = [f if isinstance(f, ModelForm) else f() for f in forms]
-    candidates, fitted = _score_forms(estimators, X, y, inverse, n_splits, random_state)
+    candidates, fitted = _score_forms(estimators, X, y, inverse, n_splits, random_state, weight)
     selectable = [i for i, c in enumerate(candidates) if c.offered and c.selectable]
     if not selectable:
         raise _no_form_problem(estimators, points, f"measurements of {model!r} on {device!r}", target_label or target)
@@ -186,6 +251,14 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
         "warnings": list(warnings or []),
         "fitted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }
+    if loose.any():
+        details.update(_unconverged_details(estimators[best], X, y, inverse, points, loose, weight, n_splits,
+                                            random_state))
+        if loose.mean() >= 0.5:
+            details["warnings"].append(
+                f"{int(loose.sum())} of {len(points)} points did not converge when profiled (their trials spread more "
+                "than the job's confidence rule allows): this fit's error and band include that spread; profile "
+                "again when the machine is quieter, or with more trials")
     if candidates[best].min_prediction < 0:  # impossible for NNLS on non-negative terms; a guard for custom forms
         details["warnings"].append("the chosen form predicts negative values at measured points")
     return FitResult(
@@ -198,8 +271,31 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
     )
 
 
+def _loose_points(unconverged: np.ndarray | None, inverse: np.ndarray, n_points: int) -> np.ndarray:
+    """Per point: most of its trials belong to a profiled point that did not converge."""
+    if unconverged is None or not np.any(unconverged):
+        return np.zeros(n_points, dtype=bool)
+    counts = np.bincount(inverse, minlength=n_points)
+    return np.bincount(inverse, weights=np.asarray(unconverged, dtype=float), minlength=n_points) > counts / 2
+
+
+def _unconverged_details(form: ModelForm, X: np.ndarray, y: np.ndarray, inverse: np.ndarray, points: np.ndarray,
+                         loose: np.ndarray, weight: np.ndarray, n_splits: int, random_state: int | None) -> dict:
+    """What a fit records about its unconverged points: which, their share, their weights, the CV MAPE without them."""
+    held_out = cross_validated_predictions(form, X, y, inverse, n_splits, random_state, weight)
+    converged_trials = ~loose[inverse]
+    return {
+        "unconverged_points": points[loose].astype(int).tolist(),
+        "unconverged_share": float(loose.mean()),
+        "unconverged_weights": [round(float(weight[inverse == p][0]), 4) for p in np.flatnonzero(loose)],
+        "cv_mape_converged": mape(y[converged_trials], held_out[converged_trials]) if converged_trials.any() else None,
+        "unconverged_weighting": "trials of an unconverged point weigh min(1, s²_ref/s²_p): their mean's information",
+    }
+
+
 def _score_forms(estimators: list[ModelForm], X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int,
-                 random_state: int | None) -> tuple[list[FormCandidate], list[ModelForm | None]]:
+                 random_state: int | None, sample_weight: np.ndarray | None = None
+                 ) -> tuple[list[FormCandidate], list[ModelForm | None]]:
     """Every form as a candidate (scored when the points can tell its terms apart), and
     each offered form fitted on all trials (None for the others), in the forms' order."""
     candidates, fitted = [], []
@@ -210,7 +306,7 @@ def _score_forms(estimators: list[ModelForm], X: np.ndarray, y: np.ndarray, grou
                                             offered=False, reason=reason))
             fitted.append(None)
             continue
-        candidate, estimator = score_form(form, X, y, groups, n_splits, random_state)
+        candidate, estimator = score_form(form, X, y, groups, n_splits, random_state, sample_weight)
         candidates.append(candidate)
         fitted.append(estimator)
     return candidates, fitted

@@ -33,9 +33,28 @@ def fit_all(store: Store, model: str | None = None, device: str | None = None, e
     """
     check_arguments(energy_scope, source_filter)
     trials, notes = read_measurements(store, model, device, include_executed=include_executed)
+    trials["unconverged"] = unconverged_trials(store, trials)
     trial_sets = build_trial_sets(trials, energy_scope, source_filter, notes=notes, model=model, device=device)
     return fit_trial_sets(trial_sets, forms=forms, random_state=random_state, n_splits=n_splits,
                           n_bootstrap=n_bootstrap)
+
+
+def unconverged_trials(store: Store, trials: pd.DataFrame) -> np.ndarray:
+    """For each trial (columns job_id, input_tokens, output_tokens), whether its profiled
+    point's trials reached the cap without converging (see :func:`engine.profiling.jobs.point_outcomes`)."""
+    from engine.profiling.jobs import point_outcomes  # profiling's record of its points; fitting needs only this
+
+    job_ids = trials["job_id"].dropna().unique() if "job_id" in trials.columns else []
+    if not len(job_ids):
+        return np.zeros(len(trials), dtype=bool)
+    outcomes = point_outcomes(store, [int(j) for j in job_ids])
+    loose = outcomes.loc[outcomes["unconverged"].astype(bool), ["job_id", "input_tokens", "output_tokens"]]
+    if loose.empty:
+        return np.zeros(len(trials), dtype=bool)
+    keys = trials[["job_id", "input_tokens", "output_tokens"]].astype("float64")
+    marked = keys.merge(loose.astype("float64").drop_duplicates().assign(unconverged=True), how="left",
+                        on=["job_id", "input_tokens", "output_tokens"])
+    return marked["unconverged"].fillna(False).to_numpy(dtype=bool)
 
 
 def fit_frame(trials: pd.DataFrame, energy_scope: str = "total", source_filter: str | None = None,
@@ -44,7 +63,8 @@ def fit_frame(trials: pd.DataFrame, energy_scope: str = "total", source_filter: 
     """:func:`fit_all` on a DataFrame of measurements instead of the database.
 
     Columns: model, device, input_tokens, output_tokens, runtime_s, energy_j (NaN = not
-    measured), optional id, energy_source, idle_power_w, batch_size.
+    measured), optional id, energy_source, idle_power_w, batch_size, unconverged (bool:
+    the trial's profiled point did not converge).
     """
     frame = trials.copy()
     missing = [c for c in ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j")

@@ -6,16 +6,22 @@ Public API (the CLI's ``plan`` and the Plan page use only these):
   :func:`workload_from_frame`, :func:`planning_tokens`, :func:`store_workload`,
   :func:`load_workload`, :func:`list_workloads`
 - options and predictions: :func:`load_options`, :func:`options_from_fits`, :func:`predict_options`
+  (an option is a model on a device at a batch size)
 - the plan: :class:`PlanSettings`, :func:`make_plan`, :func:`plan_workload`,
   :func:`pareto_curve`, :func:`baselines`, :func:`evaluate`; its typed parts
   :class:`PlanResult`, :class:`Baseline`, :class:`ConstraintCost`
+- batches: :func:`form_batches` and :class:`Batches` (how the queries of an option are
+  run together, and predicted from their real members)
 - stored plans: :func:`store_plan`, :func:`list_plans`, :func:`load_plan`,
   :func:`schedule_csv`, :func:`write_schedule`
 - the solver: :func:`solve`, :class:`AssignmentProblem`, :class:`CouplingRow`
 """
 
+from engine.planning.batches import Batches, form_batches
 from engine.planning.options import PlanOption, Predictions, load_options, options_from_fits, predict_options
 from engine.planning.plan import (
+    BEST_SINGLE_BATCHED,
+    SAME_PLAN_AT_BATCH_ONE,
     Baseline,
     ConstraintCost,
     PlanResult,
@@ -27,6 +33,7 @@ from engine.planning.plan import (
     pareto_curve,
 )
 from engine.planning.service import (
+    BATCH_COLUMNS,
     SCHEDULE_COLUMNS,
     choose_options,
     list_plans,
@@ -50,6 +57,7 @@ from engine.planning.workload import (
 )
 
 __all__ = [
+    "BATCH_COLUMNS", "BEST_SINGLE_BATCHED", "SAME_PLAN_AT_BATCH_ONE", "Batches", "form_batches",
     "AssignmentProblem", "Baseline", "ConstraintCost", "CouplingRow", "PlanOption", "PlanResult", "PlanSettings",
     "Predictions", "SCHEDULE_COLUMNS", "Solution", "Workload", "allowed_options", "baselines", "check_assignment",
     "choose_options", "evaluate", "list_plans", "list_workloads", "load_options", "load_plan", "load_workload",

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
+from engine.planning.band import EnergyBand, plan_energy_band
+from engine.planning.batches import Batches, form_batches
 from engine.planning.options import PlanOption, Predictions, predict_options
 from engine.planning.solver import AssignmentProblem, CouplingRow, Solution, check_assignment, solve
 
@@ -39,7 +42,10 @@ class PlanSettings:
     objective: 'energy' (total energy of the fits' scope) or 'zeta' (the paper's
         ζ·normalised energy − (1 − ζ)·normalised token accuracy).
     min_share: model -> minimum fraction of the queries it must serve (the paper's γ).
-    count_load: count each used option's load time and energy once.
+    count_load: count each used model's load time and energy once per device.
+    batch_sizes: the batch sizes a plan may use (each a whole number from 1 to
+        :data:`engine.backends.batch.MAX_BATCH_SIZE`); None: every power of two within each
+        fit's measured batch range, plus 1 (see :func:`engine.planning.options.options_from_fits`).
     """
 
     accuracy_target: float | None = None
@@ -54,6 +60,7 @@ class PlanSettings:
     gap_target: float = 1e-3
     time_limit_s: float = 30.0
     seed: int = 0
+    batch_sizes: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         """InputError naming every bad setting (by the setting's name: the CLI maps them to its flags)."""
@@ -85,11 +92,29 @@ class PlanSettings:
             problems.append(Problem("gap target", f"{self.gap_target!r}", None, "a fraction between 0 and 1"))
         if not (_finite(self.time_limit_s) and self.time_limit_s > 0):
             problems.append(Problem("time limit", f"{self.time_limit_s!r}", None, "seconds > 0"))
+        problems.extend(batch_size_problems(self.batch_sizes))
         if problems:
             raise InputError(problems)
 
     def device_deadline(self, device: str) -> float | None:
         return self.deadlines_s.get(device, self.deadline_s)
+
+
+def batch_size_problems(batch_sizes, where: str = "batch sizes") -> list[Problem]:
+    """One problem per bad batch size (not a whole number from 1 to the backends' maximum), or
+    for an empty list; none for None (the default sizes)."""
+    if batch_sizes is None:
+        return []
+    if isinstance(batch_sizes, (str, bytes)) or len(batch_sizes) == 0:
+        return [Problem(where, f"{batch_sizes!r} is not a list of batch sizes", None,
+                        f"one or more whole numbers from 1 to {MAX_BATCH_SIZE}, e.g. 1,4,16")]
+    problems = []
+    for size in batch_sizes:
+        try:
+            check_batch_size(size, MAX_BATCH_SIZE, where)
+        except InputError as exc:
+            problems.extend(exc.problems)
+    return problems
 
 
 def _finite(value) -> bool:
@@ -110,9 +135,10 @@ def accuracy_weights(predictions: Predictions, mode: str) -> np.ndarray:
 
 def allowed_options(predictions: Predictions, min_accuracy: np.ndarray | None) -> np.ndarray:
     """(N, K) True where the option may serve the query: the query's τin + τout fits in the
-    option's context, its model meets the query's own minimum accuracy, and its prediction
+    option's context (and a batch of the option's size of it in the device's memory, where
+    that is known), its model meets the query's own minimum accuracy, and its prediction
     was not clamped (see :func:`_not_clamped`)."""
-    fits = predictions.fits_context
+    fits = predictions.holds
     if min_accuracy is None:
         return fits & _not_clamped(predictions, fits)
     floor = np.nan_to_num(np.asarray(min_accuracy, dtype=float), nan=-np.inf)
@@ -160,20 +186,30 @@ def build_problem(predictions: Predictions, settings: PlanSettings, allowed: np.
         if share > 0:
             rows.append(CouplingRow(name=f"share {model}", kind="share", sense=">=", rhs=math.ceil(share * n - 1e-9),
                                     coef=np.broadcast_to((model_of == model)[None, :], (n, k)).astype(float)))
-    open_cost = None
+    open_cost = open_group = None
     if settings.count_load:
         open_cost = np.array([o.load_energy_j for o in predictions.options])
         if settings.objective == "zeta":  # the same normalisation as the per-query energy
             open_cost = settings.zeta * open_cost / (float(predictions.energy_j.max()) or 1.0)
+        pairs = list(dict.fromkeys(o.pair for o in predictions.options))
+        open_group = np.array([pairs.index(o.pair) for o in predictions.options])  # loaded once, any batch size
     return AssignmentProblem(cost=objective_costs(predictions, settings), allowed=allowed, rows=rows,
-                             open_cost=open_cost)
+                             open_cost=open_cost, open_group=open_group)
 
 
 # -- evaluating any assignment ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an assignment costs, recomputed from the predictions alone."""
+    """What an assignment costs, recomputed from the predictions alone, once its batches are
+    formed (:mod:`engine.planning.batches`; at batch size 1 every query is its own batch).
+
+    energy_j, per_device_runtime_s, makespan_s: of the batches as formed and predicted from
+    their real members (load energy and time included when counted); deadlines are judged on
+    these times. assignment_energy_j, assignment_runtime_s: the same from the per-request
+    shares the assignment problem costs (equal to the former when every batch holds one query).
+    batches: the batches.
+    """
 
     energy_j: float
     accuracy: float
@@ -182,37 +218,55 @@ class Outcome:
     meets_accuracy: bool
     meets_deadlines: bool
     meets_min_accuracy: bool
+    assignment_energy_j: float = math.nan
+    assignment_runtime_s: dict[str, float] = field(default_factory=dict)
+    batches: Batches | None = field(default=None, repr=False, compare=False)
 
     @property
     def feasible(self) -> bool:
         return self.meets_accuracy and self.meets_deadlines and self.meets_min_accuracy
 
+    def late_devices(self, settings: PlanSettings) -> dict[str, float]:
+        """Devices whose batches run past their deadline: device -> seconds needed."""
+        return {d: s for d, s in self.per_device_runtime_s.items() if not _within(s, settings.device_deadline(d))}
 
-def evaluate(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, choice: np.ndarray) -> Outcome:
-    """Energy (with load energy if counted), accuracy, per-device time and which targets it meets."""
+
+def _within(seconds: float, limit: float | None) -> bool:
+    """A device's time meets its deadline, with the solver's own tolerance (check_assignment: 1e-7 relative)."""
+    return limit is None or seconds <= limit + 1e-7 * max(1.0, limit)
+
+
+def evaluate(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, choice: np.ndarray,
+             batches: Batches | None = None) -> Outcome:
+    """Energy (with load energy if counted), accuracy, per-device time and which targets it
+    meets, after forming the batches of ``choice`` (formed here unless given)."""
     n = len(choice)
     rows = np.arange(n)
-    used = np.unique(choice)
-    energy = float(predictions.energy_j[rows, choice].sum())
+    options = predictions.options
+    batches = form_batches(predictions, choice) if batches is None else batches
+    load_energy = 0.0
     load_s = {device: 0.0 for device in predictions.devices}
-    if settings.count_load:
-        energy += sum(predictions.options[k].load_energy_j for k in used)
-        for k in used:
-            load_s[predictions.options[k].device] += predictions.options[k].load_s
+    if settings.count_load:  # once per model and device, whatever batch sizes it runs at
+        loaded = {options[column].pair: options[column] for column in np.unique(choice)}
+        for option in loaded.values():
+            load_energy += option.load_energy_j
+            load_s[option.device] += option.load_s
     weights = accuracy_weights(predictions, settings.accuracy_mode)[rows, choice]
     accuracy = float((predictions.accuracy[choice] * weights).sum() / weights.sum())
-    device_of = np.array([predictions.devices.index(o.device) for o in predictions.options])
-    per_device_runtime = np.bincount(device_of[choice], weights=predictions.runtime_s[rows, choice],
-                                     minlength=len(predictions.devices))
-    per_device = {d: float(per_device_runtime[i] + load_s[d]) for i, d in enumerate(predictions.devices)}
-    # The solver's own tolerance (check_assignment): 1e-7 relative.
-    meets_deadlines = all(settings.device_deadline(d) is None
-                          or per_device[d] <= settings.device_deadline(d) + 1e-7 * max(1.0, settings.device_deadline(d))
-                          for d in per_device)
+    device_of = np.array([predictions.devices.index(o.device) for o in options])
+    devices = len(predictions.devices)
+    formed = np.bincount(device_of[batches.option], weights=batches.runtime_s, minlength=devices)
+    shares = np.bincount(device_of[choice], weights=predictions.runtime_s[rows, choice], minlength=devices)
+    per_device = {d: float(formed[i] + load_s[d]) for i, d in enumerate(predictions.devices)}
+    meets_deadlines = all(_within(seconds, settings.device_deadline(d)) for d, seconds in per_device.items())
     meets_accuracy = settings.accuracy_target is None or accuracy >= settings.accuracy_target - 1e-7
-    return Outcome(energy_j=energy, accuracy=accuracy, per_device_runtime_s=per_device,
-                   makespan_s=max(per_device.values()), meets_accuracy=meets_accuracy,
-                   meets_deadlines=meets_deadlines, meets_min_accuracy=bool(allowed[rows, choice].all()))
+    return Outcome(energy_j=float(batches.energy_j.sum()) + load_energy, accuracy=accuracy,
+                   per_device_runtime_s=per_device, makespan_s=max(per_device.values()),
+                   meets_accuracy=meets_accuracy, meets_deadlines=meets_deadlines,
+                   meets_min_accuracy=bool(allowed[rows, choice].all()),
+                   assignment_energy_j=float(predictions.energy_j[rows, choice].sum()) + load_energy,
+                   assignment_runtime_s={d: float(shares[i] + load_s[d]) for i, d in enumerate(predictions.devices)},
+                   batches=batches)
 
 
 # -- baselines -------------------------------------------------------------------------------
@@ -261,10 +315,20 @@ def _float(value) -> float:
     return math.nan if value is None else float(value)
 
 
+#: The baseline of a plan whose options batch: the best single option at its best batch size.
+BEST_SINGLE_BATCHED = "batch everything on one model"
+#: The baseline of a plan whose options batch: the same plan with every option at batch size 1.
+SAME_PLAN_AT_BATCH_ONE = "same plan at batch 1"
+
+
 def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> dict[str, Baseline]:
-    """The obvious alternatives on the same predictions: every single option, round-robin,
-    random (seeded) and greedy cheapest-first (each query, in order, to its cheapest allowed
-    option whose device still has time before its deadline)."""
+    """The obvious alternatives on the same predictions, each costed after forming its batches
+    as the plan's are: every single option (each model on each device at each batch size
+    offered), round-robin and random (seeded) over the options each query may use at batch
+    size 1 (the paper's baselines, one request at a time), and greedy cheapest-first (each
+    query, in order, to its cheapest allowed option whose device still has time before its
+    deadline). When some option batches, also :data:`BEST_SINGLE_BATCHED`: the single option
+    at its best batch size that meets the targets, the best a person could do by hand."""
     n, k = predictions.energy_j.shape
 
     def costed(choice: np.ndarray, note: str) -> Baseline:
@@ -272,19 +336,39 @@ def baselines(predictions: Predictions, settings: PlanSettings, allowed: np.ndar
         return Baseline(energy_j=outcome.energy_j, accuracy=outcome.accuracy, makespan_s=outcome.makespan_s,
                         feasible=outcome.feasible, per_device_runtime_s=outcome.per_device_runtime_s, note=note)
 
-    results = {f"only {option.key}": costed(np.full(n, column), "every query on one option")
-               for column, option in enumerate(predictions.options)}
-    # Round-robin and random draw among each query's allowed options (all of them if none is).
-    pools = [np.flatnonzero(row) if row.any() else np.arange(k) for row in allowed]
+    results = {f"only {option.key}": costed(np.full(n, column), "every query on one option" + (
+        f", in batches of {option.batch_size}" if option.batch_size > 1 else ""))
+        for column, option in enumerate(predictions.options)}
+    if predictions.batched:
+        results[BEST_SINGLE_BATCHED] = _best_single(results, predictions)
+    # Round-robin and random draw among each query's allowed options at batch size 1 (else its
+    # allowed options, else all of them).
+    single = predictions.batch_sizes == 1
+    pools = [np.flatnonzero(row & single) if (row & single).any() else
+             np.flatnonzero(row) if row.any() else np.arange(k) for row in allowed]
+    each = " at batch size 1" if predictions.batched else ""
     results["round-robin"] = costed(np.array([pool[i % len(pool)] for i, pool in enumerate(pools)]),
-                                    "queries in turn over the options each may use")
+                                    f"queries in turn over the options each may use{each}")
     rng = np.random.default_rng(settings.seed)
     results["random"] = costed(np.array([pool[rng.integers(len(pool))] for pool in pools]),
-                               f"uniformly at random over the options each may use (seed {settings.seed})")
+                               f"uniformly at random over the options each may use{each} (seed {settings.seed})")
     results["greedy cheapest-first"] = costed(
         _greedy_cheapest_first(predictions, settings, allowed),
         "each query to its cheapest allowed option whose device still has time; accuracy target not considered")
     return results
+
+
+def _best_single(results: dict[str, Baseline], predictions: Predictions) -> Baseline:
+    """The cheapest single-option baseline that meets the targets (the cheapest of all when none does)."""
+    singles = {f"only {o.key}": o for o in predictions.options}
+    meeting = [name for name in singles if results[name].feasible and math.isfinite(results[name].energy_j)]
+    pool = meeting or [name for name in singles if math.isfinite(results[name].energy_j)] or list(singles)
+    name = min(pool, key=lambda key: results[key].energy_j if math.isfinite(results[key].energy_j) else math.inf)
+    option = singles[name]
+    how = "in batches of {}".format(option.batch_size) if option.batch_size > 1 else "one request at a time"
+    note = (f"{option.key}: every query on {option.model} on {option.device}, {how}: the best single option at its "
+            "best batch size" + ("" if meeting else " (none meets the targets: the cheapest is shown)"))
+    return replace(results[name], note=note)
 
 
 def _greedy_cheapest_first(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> np.ndarray:
@@ -309,7 +393,29 @@ def _greedy_cheapest_first(predictions: Predictions, settings: PlanSettings, all
 @dataclass
 class PlanResult:
     """A solved plan (see :func:`make_plan`). ``schedule`` has the schedule CSV columns of
-    DESIGN.md plus in_domain, clamped and option. Energies are in J of ``energy_scope``."""
+    DESIGN.md (batch_id and batch_size included) plus in_domain and clamped. Energies are in
+    J of ``energy_scope``.
+
+    What the figures refer to. The assignment problem costs each query at its per-request
+    share on its option (for batch size B, a batch of B of its shape / B); ``lower_bound_j``
+    and ``gap`` are proven for that problem: gap = (assignment_energy_j − lower_bound_j) /
+    assignment_energy_j (of the ζ objective with ``objective="zeta"``). The batches are then
+    formed from the real members (:mod:`engine.planning.batches`): ``energy_j``,
+    ``per_device_runtime_s`` and the schedule are those of the batches as formed, and
+    ``formation_overhead_j`` = energy_j − assignment_energy_j is what forming them cost
+    beyond the shares. With every option at batch size 1 the two are the same and
+    gap = (energy_j − lower_bound_j) / energy_j, as before batching.
+    When forming the batches broke a deadline, the assignment problem solved holds the shares
+    on that device to a shorter deadline (``assignment_deadlines_s``; the batches meet the
+    deadline asked for): ``lower_bound_j`` and ``gap`` are that problem's, and
+    ``gap_as_asked`` is the assignment's gap against the bound of the problem with the
+    deadlines as asked (what holding the shares tighter cost; equal to ``gap`` otherwise).
+    ``batches``: batches per option key; ``batch_sizes``: the sizes offered per
+    ``model@device``; ``batching_saving``: the share of the energy of the same plan at batch
+    size 1 that batching saves (None when no option batches or there is no such plan).
+    ``energy_band``: the range the measured total is expected in (:mod:`engine.planning.band`;
+    None without a schedule or where a fit has no held-out error); ``energy_band_j`` in JSON.
+    """
 
     settings: PlanSettings
     status: str
@@ -336,6 +442,14 @@ class PlanResult:
     solver: dict = field(default_factory=dict)
     plan_id: int | None = None
     workload_id: int | None = None
+    assignment_energy_j: float | None = None
+    formation_overhead_j: float | None = None
+    batches: dict[str, int] = field(default_factory=dict)
+    batch_sizes: dict[str, list[int]] = field(default_factory=dict)
+    batching_saving: float | None = None
+    assignment_deadlines_s: dict[str, float] = field(default_factory=dict)
+    gap_as_asked: float | None = None
+    energy_band: EnergyBand | None = None
     # What it was solved from, for curves and re-solves (not stored).
     predictions: Predictions | None = field(default=None, repr=False)
     allowed: np.ndarray | None = field(default=None, repr=False)
@@ -344,13 +458,24 @@ class PlanResult:
     def has_schedule(self) -> bool:
         return self.status in ("optimal", "feasible")
 
+    @property
+    def n_batches(self) -> int:
+        return int(sum(self.batches.values()))
+
     def to_json(self) -> dict:
-        """The ``plan --json`` document of DESIGN.md, plus documented extra keys."""
+        """The ``plan --json`` document of DESIGN.md, plus documented extra keys (see the class
+        docstring for what energy_j and gap refer to)."""
         document = {
             "status": self.status, "energy_j": self.energy_j, "lower_bound_j": self.lower_bound_j, "gap": self.gap,
             "solve_s": self.solve_s, "accuracy": self.accuracy, "per_device_runtime_s": self.per_device_runtime_s,
             "n_queries": self.n_queries, "assignments": self.assignments,
             "baselines": {name: baseline.to_json() for name, baseline in self.baselines.items()},
+            "assignment_energy_j": self.assignment_energy_j, "formation_overhead_j": self.formation_overhead_j,
+            "n_batches": self.n_batches, "batches": self.batches, "batch_sizes": self.batch_sizes,
+            "batching_saving": self.batching_saving, "assignment_deadlines_s": self.assignment_deadlines_s,
+            "gap_as_asked": self.gap_as_asked,
+            "energy_band_j": None if self.energy_band is None else [self.energy_band.low_j, self.energy_band.high_j],
+            "energy_band": None if self.energy_band is None else self.energy_band.to_json(),
             "plan_s": self.plan_s, "energy_scope": self.energy_scope, "energy_estimated": self.energy_estimated,
             "objective": self.settings.objective, "objective_value": self.objective_value,
             "objective_lower_bound": self.objective_lower_bound, "diagnosis": self.diagnosis,
@@ -366,9 +491,11 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
               started: float | None = None, warnings: list[str] | None = None) -> PlanResult:
     """Solve the plan for ``predictions`` under ``settings``.
 
-    ``explain`` adds what each constraint costs (a re-solve per binding constraint);
-    ``compare`` adds the baselines. ``started`` (perf_counter) is when the workload was
-    parsed, so ``plan_s`` covers tokenizing, predicting and solving.
+    The assignment problem is solved with its proof, the batches formed (and repaired when
+    forming them breaks a deadline: :func:`solve_and_form`). ``explain`` adds what each
+    constraint costs (a re-solve per binding constraint); ``compare`` adds the baselines (and,
+    when some option batches, the same plan at batch size 1). ``started`` (perf_counter) is
+    when the workload was parsed, so ``plan_s`` covers tokenizing, predicting and solving.
     """
     settings.validate()
     started = time.perf_counter() if started is None else started
@@ -384,76 +511,288 @@ def make_plan(predictions: Predictions, settings: PlanSettings, *, query_ids: np
                                     ", ".join(predictions.devices)) for d in unknown_devices])
     query_ids = np.asarray(query_ids if query_ids is not None else [str(i + 1) for i in range(n)], dtype=object)
     allowed = allowed_options(predictions, min_accuracy)
-    problem = build_problem(predictions, settings, allowed)
-    solution = solve(problem, gap_target=settings.gap_target, time_limit_s=settings.time_limit_s)
-    result = PlanResult(settings=settings, status=solution.status, n_queries=n, solve_s=solution.solve_s,
+    formed = solve_and_form(predictions, settings, allowed)
+    solution = formed.solution
+    result = PlanResult(settings=settings, status=solution.status, n_queries=n, solve_s=formed.solve_s,
                         plan_s=0.0, energy_scope=settings.energy_scope,
                         energy_estimated=predictions.energy_estimated,
-                        warnings=list(warnings or []) + list(predictions.warnings),
+                        warnings=list(warnings or []) + list(predictions.warnings) + formed.repairs,
                         options=[o.key for o in predictions.options],
+                        batch_sizes={pair: sorted(o.batch_size for o in predictions.options if o.pair == pair)
+                                     for pair in dict.fromkeys(o.pair for o in predictions.options)},
                         solver={"method": solution.method, "groups": solution.n_groups,
                                 "free_groups": solution.n_free_groups, "dual_iterations": solution.dual_iterations,
-                                "cbc_status": solution.mip_status, "prices": solution.prices},
+                                "cbc_status": solution.mip_status, "prices": solution.prices,
+                                "formation_repairs": formed.repairs, "solves": formed.solves},
                         predictions=predictions, allowed=allowed)
-    if solution.status in ("optimal", "feasible"):
-        _fill_schedule(result, predictions, settings, allowed, solution, query_ids)
+    if formed.late:
+        _explain_late_batches(result, settings, formed)
+    elif solution.status in ("optimal", "feasible"):
+        _fill_schedule(result, predictions, settings, allowed, formed, query_ids)
+        result.energy_band = plan_energy_band(result.schedule, predictions.options, result.energy_j)
     else:
         _diagnose(result, predictions, settings, allowed, solution, query_ids)
     if compare:
         result.baselines = baselines(predictions, settings, allowed)
+        if predictions.batched:
+            _compare_with_batch_one(result, predictions, settings, min_accuracy)
     if explain and result.has_schedule:
         result.constraint_costs = constraint_costs(predictions, settings, allowed, result)
     result.plan_s = time.perf_counter() - started
     return result
 
 
+# -- batches after the assignment ---------------------------------------------------------------
+
+#: Re-solves when batches run past a deadline, before the late devices are planned at batch size 1.
+MAX_DEADLINE_TIGHTENINGS = 5
+#: Of those, re-solves that loosen the shares' deadline again, when the batches fit with more than
+#: LOOSEN_SLACK of a deadline left (each costs a solve: the gain is the energy of that slack).
+MAX_LOOSENINGS = 1
+LOOSEN_SLACK = 0.02
+
+
+@dataclass(frozen=True)
+class FormedPlan:
+    """An assignment and its batches, after any repair (see :func:`solve_and_form`).
+
+    solution: the assignment used, with the proven bound and gap of the assignment problem it
+    solved. That problem is the one asked for, unless forming the batches broke a deadline:
+    then it is the one asked for with the per-request shares held to a tighter deadline on
+    those devices (``assignment_deadlines_s``), or those devices at batch size 1 (said in
+    ``repairs``). requested_lower_bound: the proven bound of the problem as asked (the first
+    solve), lower than or equal to the solved one's. outcome: the assignment's batches and what
+    they cost (None without a schedule). late: devices whose batches still run past their
+    deadline after every repair (device -> seconds needed; then there is no schedule).
+    solve_s, solves: solver time and the number of solves, repairs included.
+    """
+
+    solution: Solution
+    outcome: Outcome | None
+    requested_lower_bound: float
+    repairs: list[str]
+    late: dict[str, float]
+    solve_s: float
+    solves: int
+    assignment_deadlines_s: dict[str, float] = field(default_factory=dict)
+
+
+def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> FormedPlan:
+    """Solve the assignment problem, form its batches, and repair a deadline they break.
+
+    The assignment counts per-request shares; a formed batch runs as long as its longest
+    members, so a device's batches can take longer than its shares. When they run past a
+    deadline, the shares on that device are held to a shorter deadline (:func:`_shares_for`;
+    halfway back when that left no schedule) and the assignment is solved again, warm-started;
+    once the batches fit with more than :data:`LOOSEN_SLACK` of the deadline to spare, the
+    shares' deadline is loosened halfway back towards the tightest one whose batches ran late
+    (at most :data:`MAX_LOOSENINGS` times), keeping the cheapest schedule whose batches fit (at
+    most :data:`MAX_DEADLINE_TIGHTENINGS` solves in all). If no batched schedule fits, the late devices are planned at batch size 1 (where the
+    batches are the shares). The schedule's deadlines are always checked on the batches, as
+    asked.
+    """
+    def attempt(deadlines: dict[str, float], options_allowed: np.ndarray) -> Solution:
+        nonlocal solve_s, solves
+        same_options = options_allowed is allowed  # then only right-hand sides changed: the dual's cuts hold
+        found = solve(build_problem(predictions, replace(settings, deadline_s=None, deadlines_s=deadlines),
+                                    options_allowed),
+                      gap_target=settings.gap_target, time_limit_s=settings.time_limit_s,
+                      grouping=solution.grouping, warm_start=solution.warm_start if same_options else None)
+        solve_s += found.solve_s
+        solves += 1
+        return found
+
+    solution = solve(build_problem(predictions, settings, allowed), gap_target=settings.gap_target,
+                     time_limit_s=settings.time_limit_s)
+    requested_lower = solution.lower_bound
+    solve_s, solves, repairs = solution.solve_s, 1, []
+    if solution.status not in ("optimal", "feasible"):
+        return FormedPlan(solution, None, requested_lower, [], {}, solve_s, solves)
+    outcome = evaluate(predictions, settings, allowed, solution.choice)
+    late = outcome.late_devices(settings)
+    asked = {d: settings.device_deadline(d) for d in predictions.devices if settings.device_deadline(d) is not None}
+    current = dict(asked)  # the shares' deadlines of the assignment at hand
+    best: tuple[Solution, Outcome, dict[str, float]] | None = None if late else (solution, outcome, current)
+    seen: dict[str, list[tuple[float, float]]] = {}  # per device: (seconds of shares, seconds of batches) when late
+    too_late = dict(asked)  # per device: the loosest deadline for the shares whose batches ran late
+    too_tight: dict[str, float] = {}  # per device: a deadline for the shares that left no schedule
+    loosened = 0
+    for _ in range(MAX_DEADLINE_TIGHTENINGS if late else 0):
+        deadlines = dict(current)
+        if late:  # tighter, where the batches ran late
+            for device, needed in late.items():
+                shares = outcome.assignment_runtime_s[device]
+                seen.setdefault(device, []).append((shares, needed))
+                target = _shares_for(seen[device], settings.device_deadline(device))
+                if device in too_tight and target <= too_tight[device]:
+                    target = (too_tight[device] + shares) / 2
+                deadlines[device] = min(deadlines[device], target)
+                repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
+                               f"{format_duration(asked[device])}; the assignment was solved again with "
+                               f"{format_duration(deadlines[device])} of per-request shares there")
+        else:  # the batches fit: back towards the tightest deadline whose batches ran late, where time is left
+            roomy = [d for d in current
+                     if current[d] < too_late[d] and outcome.per_device_runtime_s[d] < asked[d] * (1 - LOOSEN_SLACK)]
+            if not roomy or loosened >= MAX_LOOSENINGS:
+                break
+            loosened += 1
+            for device in roomy:  # the secant through the late point and this one, kept between the two
+                points = seen[device][-1:] + [(outcome.assignment_runtime_s[device],
+                                               outcome.per_device_runtime_s[device])]
+                target = _shares_for(points, asked[device], cap=False)
+                inside = current[device] < target < too_late[device]
+                deadlines[device] = target if inside else (current[device] + too_late[device]) / 2
+        candidate = attempt(deadlines, allowed)
+        if candidate.status not in ("optimal", "feasible"):
+            for device, seconds in deadlines.items():
+                if seconds < current[device]:
+                    too_tight[device] = max(too_tight.get(device, 0.0), seconds)
+            repairs.append("That left no schedule: the next try holds the shares less tight")
+            continue
+        found = evaluate(predictions, settings, allowed, candidate.choice)
+        found_late = found.late_devices(settings)
+        if found_late and best is not None:  # loosened too far: keep the schedule that fits
+            too_late.update({d: deadlines[d] for d in found_late})
+            continue
+        solution, outcome, late, current = candidate, found, found_late, deadlines
+        if late:
+            too_late.update({d: min(too_late[d], deadlines[d]) for d in late})
+        elif best is None or candidate.objective < best[0].objective:
+            best = (candidate, found, deadlines)
+    if best is not None:
+        solution, outcome, current = best
+        late = {}
+    else:  # the late devices at batch size 1, where the batches are the shares
+        batched_here = np.array([o.device in late and o.batch_size > 1 for o in predictions.options])
+        deadlines = {**current, **{device: asked[device] for device in late}}
+        candidate = attempt(deadlines, allowed & ~batched_here[None, :])
+        repairs.append(f"Batches on {', '.join(late)} still ran past the deadline: planned at batch size 1 there"
+                       + ("" if candidate.status in ("optimal", "feasible") else ", which left no schedule either"))
+        if candidate.status in ("optimal", "feasible"):
+            solution, current = candidate, deadlines
+            outcome = evaluate(predictions, settings, allowed, solution.choice)
+            late = outcome.late_devices(settings)
+    held = {d: seconds for d, seconds in current.items() if seconds != asked[d]}
+    return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
+                      assignment_deadlines_s=held)
+
+
+def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: float = 2e-3, cap: bool = True) -> float:
+    """The seconds of per-request shares to allow on a device so that its batches take
+    ``deadline_s`` (less a small margin), from what was seen: (shares, batches) of earlier
+    assignments there. The batches take longer than the shares by a ratio that itself grows as
+    the shares are squeezed, so after two points the secant through them is followed (when it
+    rises), else the ratio of the last; with ``cap``, always less than the last one's shares."""
+    goal = deadline_s * (1 - margin)
+    shares, batches = seen[-1]
+    target = shares * goal / batches
+    if len(seen) >= 2:
+        (s0, b0), (s1, b1) = seen[-2], seen[-1]
+        if s1 != s0 and (b1 - b0) / (s1 - s0) > 0:
+            target = s1 + (goal - b1) * (s1 - s0) / (b1 - b0)
+    return min(target, shares * (1 - margin)) if cap else target
+
+
+def _explain_late_batches(result: PlanResult, settings: PlanSettings, formed: FormedPlan) -> None:
+    """No schedule: forming batches breaks a deadline that no repair could restore."""
+    result.status = "infeasible"
+    for device, needed in formed.late.items():
+        limit = settings.device_deadline(device)
+        result.diagnosis.append(
+            f"Formed into batches, the queries on {device} need {format_duration(needed)} against its deadline of "
+            f"{format_duration(limit)}: a batch runs as long as its longest members, and neither a tighter deadline "
+            f"for the assignment nor {device} at batch size 1 meets it. Give {device} about "
+            f"{format_duration(needed)}, or lower the accuracy target.")
+        result.best_achievable[f"deadline_s {device}"] = needed
+
+
+def _compare_with_batch_one(result: PlanResult, predictions: Predictions, settings: PlanSettings,
+                            min_accuracy: np.ndarray | None) -> None:
+    """The same plan with every (model, device) at batch size 1: a baseline, and what batching saves."""
+    ones = predictions.at_batch_size_one()
+    allowed = allowed_options(ones, min_accuracy)
+    formed = solve_and_form(ones, settings, allowed)
+    outcome = formed.outcome
+    if outcome is None or formed.late:
+        result.baselines[SAME_PLAN_AT_BATCH_ONE] = Baseline(
+            energy_j=math.nan, accuracy=math.nan, makespan_s=math.nan, feasible=False,
+            note=f"no schedule meets the targets with every option at batch size 1 ({formed.solution.status})")
+        return
+    result.baselines[SAME_PLAN_AT_BATCH_ONE] = Baseline(
+        energy_j=outcome.energy_j, accuracy=outcome.accuracy, makespan_s=outcome.makespan_s,
+        feasible=outcome.feasible, per_device_runtime_s=outcome.per_device_runtime_s,
+        note="the energy-optimal plan with every option at batch size 1 (one request at a time)")
+    if result.has_schedule and outcome.energy_j > 0:
+        result.batching_saving = 1.0 - result.energy_j / outcome.energy_j
+
+
 def _fill_schedule(result: PlanResult, predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
-                   solution: Solution, query_ids: np.ndarray) -> None:
+                   formed: FormedPlan, query_ids: np.ndarray) -> None:
+    solution, outcome = formed.solution, formed.outcome
     choice = solution.choice
-    outcome = evaluate(predictions, settings, allowed, choice)
     # The sanity check beside the solver: the schedule is recomputed from scratch.
     if not (outcome.feasible or solution.status == "infeasible"):
         raise PlannerError("the solver returned a schedule that misses a target (a bug; please report it with the "
                            "workload); nothing was stored")
+    result.status = solution.status
     result.energy_j = outcome.energy_j
+    result.assignment_energy_j = outcome.assignment_energy_j
+    result.formation_overhead_j = outcome.energy_j - outcome.assignment_energy_j
     result.accuracy = outcome.accuracy
     result.per_device_runtime_s = outcome.per_device_runtime_s
     result.objective_value = solution.objective
     result.objective_lower_bound = solution.lower_bound
     result.gap = solution.gap
+    result.gap_as_asked = (solution.objective - formed.requested_lower_bound) / max(abs(solution.objective), 1e-12)
+    result.assignment_deadlines_s = formed.assignment_deadlines_s
     if settings.objective == "energy":
         result.lower_bound_j = solution.lower_bound
     counts = np.bincount(choice, minlength=len(predictions.options))
     result.assignments = {o.key: int(c) for o, c in zip(predictions.options, counts) if c}
-    result.schedule = schedule_frame(predictions, settings, choice, query_ids)
+    per_option = outcome.batches.per_option(len(predictions.options))
+    result.batches = {o.key: int(c) for o, c in zip(predictions.options, per_option) if c}
+    result.schedule = schedule_frame(predictions, settings, choice, query_ids, outcome.batches)
 
 
 def schedule_frame(predictions: Predictions, settings: PlanSettings, choice: np.ndarray,
-                   query_ids: np.ndarray) -> pd.DataFrame:
-    """The schedule: per device, queries grouped by model (each model loaded once, in order
-    of first use) and in workload order within a model; ``device_start_s`` is when each query
-    starts on its device (after its model's load time when loads are counted)."""
+                   query_ids: np.ndarray, batches: Batches | None = None) -> pd.DataFrame:
+    """The schedule: per device, queries grouped by model (each model loaded once, in order of
+    first use), a model's batch sizes largest first, its batches in formation order (at batch
+    size 1, workload order). ``device_start_s`` is when each query's batch starts on its
+    device (after its model's load time when loads are counted); every member of a batch has
+    the same ``batch_id`` (numbered from 1 in schedule order), start and ``batch_size`` (the
+    requests the batch holds). ``predicted_energy_j`` and ``predicted_runtime_s`` are each
+    query's share of its batch's (they add up to the batch's)."""
+    batches = form_batches(predictions, choice) if batches is None else batches
     n = len(choice)
     rows = np.arange(n)
     options = predictions.options
+    rank = np.empty(n, dtype=np.int64)
+    rank[batches.members] = rows
     frame = pd.DataFrame({
         "id": query_ids, "model": [options[c].model for c in choice], "device": [options[c].device for c in choice],
         "input_tokens": predictions.input_tokens[rows, choice], "output_tokens": predictions.output_tokens,
-        "predicted_energy_j": predictions.energy_j[rows, choice],
-        "predicted_runtime_s": predictions.runtime_s[rows, choice],
-        "accuracy": predictions.accuracy[choice], "option": choice, "position": rows,
-        "in_domain": predictions.in_domain[rows, choice], "clamped": predictions.clamped[rows, choice],
+        "predicted_energy_j": batches.member_energy_j, "predicted_runtime_s": batches.member_runtime_s,
+        "accuracy": predictions.accuracy[choice], "batch": batches.batch_of, "batch_size": batches.size[batches.batch_of],
+        "option_size": predictions.batch_sizes[choice], "position": rows, "rank": rank,
+        "in_domain": batches.in_domain[batches.batch_of], "clamped": batches.clamped[batches.batch_of],
     })
-    first_use = frame.groupby("option")["position"].transform("min")
-    frame = frame.assign(first_use=first_use).sort_values(["device", "first_use", "position"], kind="stable")
-    load = np.array([o.load_s for o in options]) if settings.count_load else np.zeros(len(options))
-    new_model = frame["option"].ne(frame.groupby("device")["option"].shift())
-    load_before = np.where(new_model, load[frame["option"].to_numpy()], 0.0)
-    elapsed = frame["predicted_runtime_s"].to_numpy() + load_before
+    first_use = frame.groupby(["device", "model"])["position"].transform("min")
+    frame = frame.assign(first_use=first_use, larger_first=-frame["option_size"]).sort_values(
+        ["device", "first_use", "larger_first", "batch", "rank"], kind="stable")
+    load_of = {(o.device, o.model): o.load_s for o in options} if settings.count_load else {}
+    starts_batch = frame["batch"].ne(frame["batch"].shift()).to_numpy()
+    new_model = (frame["model"].ne(frame.groupby("device")["model"].shift())).to_numpy()
+    load_before = np.array([load_of.get((d, m), 0.0) if new else 0.0
+                            for d, m, new in zip(frame["device"], frame["model"], new_model)])
+    batch_runtime = batches.runtime_s[frame["batch"].to_numpy()]
+    elapsed = np.where(starts_batch, batch_runtime, 0.0) + load_before
     end = pd.Series(elapsed, index=frame.index).groupby(frame["device"]).cumsum().to_numpy()
-    frame["device_start_s"] = end - frame["predicted_runtime_s"].to_numpy()
+    start = pd.Series(np.where(starts_batch, end - batch_runtime, np.nan), index=frame.index).ffill()
+    frame["device_start_s"] = start.to_numpy()
+    frame["batch_id"] = np.cumsum(starts_batch)
     columns = ["id", "model", "device", "input_tokens", "output_tokens", "predicted_energy_j", "predicted_runtime_s",
-               "accuracy", "device_start_s", "in_domain", "clamped"]
+               "accuracy", "device_start_s", "batch_id", "batch_size", "in_domain", "clamped"]
     return frame[columns].reset_index(drop=True)
 
 
@@ -511,12 +850,12 @@ def constraint_costs(predictions: Predictions, settings: PlanSettings, allowed: 
 
 
 def _resolved_energy_j(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray) -> float | None:
-    """The optimal energy under ``settings`` (a re-solve), or None when there is no schedule."""
-    other = solve(build_problem(predictions, settings, allowed), gap_target=settings.gap_target,
-                  time_limit_s=settings.time_limit_s)
-    if other.status not in ("optimal", "feasible"):
+    """The optimal energy under ``settings`` (a re-solve, batches formed as the plan's), or None
+    when there is no schedule."""
+    other = solve_and_form(predictions, settings, allowed)
+    if other.outcome is None or other.late:
         return None
-    return evaluate(predictions, settings, allowed, other.choice).energy_j
+    return other.outcome.energy_j
 
 
 def _accuracy_cost(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray,
@@ -729,7 +1068,8 @@ def _minimum_deadline_scale(predictions: Predictions, settings: PlanSettings, al
 
 def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.ndarray, *, vary: str = "accuracy",
                  points: int = 9, on_point: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed.
+    """Optimal energy as the accuracy target (or the common deadline) varies, the rest fixed
+    (each point's batches formed, and repaired against its deadline, as the plan's).
 
     Returns columns value (target or deadline s), energy_j, accuracy, makespan_s, status.
     ``on_point(n)`` is called after the n-th solve (a caller's progress; it may raise to stop).
@@ -751,20 +1091,20 @@ def pareto_curve(predictions: Predictions, settings: PlanSettings, allowed: np.n
         changed = {"accuracy_target": float(value)} if vary == "accuracy" else {"deadline_s": float(value),
                                                                               "deadlines_s": {}}
         varied = replace(settings, **changed, time_limit_s=min(settings.time_limit_s, 10.0))
-        solution = solve(build_problem(predictions, varied, allowed), gap_target=varied.gap_target,
-                         time_limit_s=varied.time_limit_s)
-        if solution.status in ("optimal", "feasible"):
-            outcome = evaluate(predictions, varied, allowed, solution.choice)
+        formed = solve_and_form(predictions, varied, allowed)  # batches formed (and repaired) as the plan's
+        solution, outcome = formed.solution, formed.outcome
+        if outcome is not None and not formed.late:
             rows.append({"value": float(value), "energy_j": outcome.energy_j, "accuracy": outcome.accuracy,
                          "makespan_s": outcome.makespan_s, "status": solution.status})
         else:
             rows.append({"value": float(value), "energy_j": math.nan, "accuracy": math.nan, "makespan_s": math.nan,
-                         "status": solution.status})
+                         "status": "infeasible" if formed.late else solution.status})
         if on_point is not None:
             on_point(len(rows))
     return pd.DataFrame(rows)
 
 
-__all__ = ["Baseline", "ConstraintCost", "PlanOption", "PlanResult", "PlanSettings", "Predictions", "baselines",
-           "build_problem", "check_assignment", "constraint_costs", "evaluate", "make_plan", "pareto_curve",
-           "predict_options", "schedule_frame"]
+__all__ = ["BEST_SINGLE_BATCHED", "SAME_PLAN_AT_BATCH_ONE", "Baseline", "ConstraintCost", "FormedPlan", "PlanOption",
+           "PlanResult", "PlanSettings", "Predictions", "baselines", "build_problem", "check_assignment",
+           "constraint_costs", "evaluate", "make_plan", "pareto_curve", "predict_options", "schedule_frame",
+           "solve_and_form"]

@@ -15,28 +15,35 @@ from engine import safe_write
 from engine.catalog import get_model
 from engine.csvio import csv_text
 from engine.errors import InputError, Problem
-from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.formatting import json_safe
+from engine.planning.band import EnergyBand
+from engine.planning.options import PlanOption, load_options, predict_options, with_load_costs
 from engine.planning.plan import Baseline, ConstraintCost, PlanResult, PlanSettings, make_plan
 from engine.planning.workload import Workload, planning_tokens, store_workload
 from engine.store import Store, append_frame
 
 SCHEDULE_COLUMNS = ("id", "model", "device", "input_tokens", "output_tokens", "predicted_energy_j",
                     "predicted_runtime_s", "accuracy", "device_start_s")
+#: The schedule's batch columns (DESIGN.md: ``device_start_s[, batch_id, batch_size]``), written after those.
+BATCH_COLUMNS = ("batch_id", "batch_size")
 
 
 def choose_options(store: Store, settings: PlanSettings, only: list[str] | None = None,
                    load_costs: dict[str, tuple[float, float]] | None = None) -> tuple[list[PlanOption], list[str]]:
-    """The options a plan may use: every fitted (model, device) with an accuracy, or those
-    named in ``only`` ("model@device"), with the planner's load costs."""
-    options, notes = load_options(store, settings.energy_scope)
+    """The options a plan may use: every fitted (model, device) with an accuracy at each batch
+    size offered (``settings.batch_sizes``), or those named in ``only``: ``model@device`` (at
+    every batch size offered for it) or ``model@device×B`` (at that one); with the planner's
+    load costs."""
+    options, notes = load_options(store, settings.energy_scope, settings.batch_sizes)
     if only:
         known = {o.key: o for o in options}
-        unknown = [key for key in only if key not in known]
+        pairs = {o.pair for o in options}
+        unknown = [key for key in only if key not in known and key not in pairs]
         if unknown:
             raise InputError([Problem("options", f"{key!r} is not an available option", None,
                                       ", ".join(known) or "a fitted model@device") for key in unknown])
-        options = [known[key] for key in only]
+        wanted = set(only)
+        options = [o for o in options if o.key in wanted or o.pair in wanted]
     if load_costs:
         options = with_load_costs(options, load_costs)
     return options, notes
@@ -90,14 +97,23 @@ def _json(value) -> str:
 def store_plan(store: Store, result: PlanResult, workload_id: int | None) -> int:
     """The plan, its settings and baselines, and (when it has one) its schedule, in one transaction.
 
+    The plans table's energy_j is the energy of the batches as formed, its gap that of the
+    assignment problem (see :class:`PlanResult`); the params keep assignment_energy_j,
+    formation_overhead_j, the batches per option, what batching saves, and the energy band
+    with each batch's own half-width (:meth:`EnergyBand.to_dict`; :func:`stored_energy_band`).
+
     Baselines are stored whole (:meth:`Baseline.to_dict`); :func:`load_plan` also reads the
     shorter shape of plans stored before (energy_j, accuracy, makespan_s, feasible).
     """
     document = result.to_json()
     params = {key: document[key] for key in ("settings", "warnings", "diagnosis", "best_achievable",
                                              "constraint_costs", "plan_s", "energy_estimated", "objective_value",
-                                             "objective_lower_bound", "per_device_runtime_s", "assignments")}
+                                             "objective_lower_bound", "per_device_runtime_s", "assignments",
+                                             "assignment_energy_j", "formation_overhead_j", "n_batches", "batches",
+                                             "batch_sizes", "batching_saving", "assignment_deadlines_s",
+                                             "gap_as_asked")}
     params["options"] = result.options
+    params["energy_band"] = None if result.energy_band is None else result.energy_band.to_dict()
     params["solver"] = result.solver
     baselines = {name: baseline.to_dict() for name, baseline in result.baselines.items()}
     settings = result.settings
@@ -142,16 +158,31 @@ def load_plan(store: Store, plan_id: int) -> tuple[dict, pd.DataFrame]:
     row["baselines"] = {name: Baseline.from_dict(b) for name, b in json.loads(row.pop("baselines_text") or "{}").items()}
     schedule = store.query_df(
         """SELECT query_id AS id, model, device, input_tokens, output_tokens, predicted_energy_j, predicted_runtime_s,
-                  accuracy, device_start_s, in_domain
-           FROM plan_assignments WHERE plan_id = ? ORDER BY device, device_start_s, rowid""", [int(plan_id)])
+                  accuracy, device_start_s, batch_id, batch_size, in_domain
+           FROM plan_assignments WHERE plan_id = ? ORDER BY device, device_start_s, batch_id, rowid""", [int(plan_id)])
     return row, schedule
 
 
+def stored_energy_band(store: Store, plan_id: int) -> EnergyBand | None:
+    """The energy band a stored plan was made with (None for a plan without one: no schedule, a
+    fit without held-out error, an imported schedule, or a plan stored before bands)."""
+    row = store.query_one("SELECT CAST(params AS VARCHAR) FROM plans WHERE id = ?", [int(plan_id)])
+    if row is None or not row[0]:
+        return None
+    return EnergyBand.from_dict(json.loads(row[0]).get("energy_band"))
+
+
 def schedule_csv(schedule: pd.DataFrame) -> str:
-    """The schedule CSV of DESIGN.md (plus in_domain), as text; ids and names that start like a
-    spreadsheet formula get a leading quote (:func:`engine.csvio.csv_text`), which import removes."""
-    columns = list(SCHEDULE_COLUMNS) + [c for c in ("in_domain", "clamped") if c in schedule.columns]
-    return csv_text(schedule[columns], float_format="%.6g")
+    """The schedule CSV of DESIGN.md (with batch_id and batch_size where the schedule has them,
+    plus in_domain), as text; ids and names that start like a spreadsheet formula get a leading
+    quote (:func:`engine.csvio.csv_text`), which import removes. A stored plan from before
+    batching has empty batch cells (each query runs on its own)."""
+    extra = [c for c in (*BATCH_COLUMNS, "in_domain", "clamped") if c in schedule.columns]
+    frame = schedule[list(SCHEDULE_COLUMNS) + extra].copy()
+    for column in BATCH_COLUMNS:
+        if column in frame.columns:  # whole numbers, empty where unknown (never "3.0")
+            frame[column] = frame[column].astype("Int64")
+    return csv_text(frame, float_format="%.6g")
 
 
 def write_schedule(schedule: pd.DataFrame, path: str | Path, *, overwrite: bool = False,

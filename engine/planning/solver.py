@@ -3,8 +3,8 @@
 Every query goes to exactly one option (a model on a device); a few *coupling* rows tie
 the queries together: the mean-accuracy target, one deadline per device, optionally a
 minimum share per model. Objective: the sum of per-query costs (energy in J, or the
-paper's ζ-weighted cost), plus an optional one-off cost per option that is used (loading
-the model on the device).
+paper's ζ-weighted cost), plus an optional one-off cost per option, or group of options,
+that is used (loading the model on the device, once whatever batch sizes it runs at).
 
 Why it scales. With N queries and m coupling rows, a basic optimal solution of the LP
 relaxation splits at most m queries between options; every other query sits at its
@@ -12,7 +12,8 @@ cheapest option under the rows' prices. So:
 
 1. Identical queries (same costs, coefficients and allowed options) are grouped; an
    integer count per (group, option) replaces one binary per (query, option) without
-   changing the problem.
+   changing the problem. (Rows are matched by an exact hash of their bits, checked row by
+   row; a re-solve with other right-hand sides can reuse the groups.)
 2. The rows are priced by Lagrangian relaxation: for prices λ ≥ 0 each group independently
    takes its cheapest option under cost + λ·coefficients, which is a vectorised argmin.
    The dual function L(λ) is maximised by Kelley's cutting planes, the master being a
@@ -80,16 +81,41 @@ class CouplingRow:
 class AssignmentProblem:
     """N queries x K options. ``cost`` (N, K); ``allowed`` (N, K) bool; ``open_cost`` (K,)
     is paid once per used option (None: nothing). Disallowed entries of ``cost`` and the rows'
-    coefficients are ignored (they may be NaN)."""
+    coefficients are ignored (they may be NaN).
+
+    ``open_group`` (K,) ints, optional: options with the same group are opened together, so
+    the one-off cost (and ``open_coef``) is paid once for the group however many of its
+    options are used (a model is loaded once on a device, whatever batch size it runs at).
+    The group's cost is that of its first option; the planner gives every option of a group
+    the same one.
+    """
 
     cost: np.ndarray
     allowed: np.ndarray
     rows: list[CouplingRow] = field(default_factory=list)
     open_cost: np.ndarray | None = None
+    open_group: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.cost.shape
+
+    def opened(self, used: np.ndarray) -> np.ndarray:
+        """(K,) True at the first option of every group that has a used option (``used``: (K,) bool):
+        where the one-off costs are counted."""
+        k = self.shape[1]
+        groups = np.arange(k) if self.open_group is None else np.asarray(self.open_group)
+        _, first = np.unique(groups, return_index=True)
+        used_groups = np.unique(groups[np.asarray(used, dtype=bool)])
+        opened = np.zeros(k, dtype=bool)
+        opened[first[np.isin(groups[first], used_groups)]] = True
+        return opened
+
+    def group_members(self) -> list[np.ndarray]:
+        """The options of each open group (each option alone without ``open_group``), first option first."""
+        k = self.shape[1]
+        groups = np.arange(k) if self.open_group is None else np.asarray(self.open_group)
+        return [np.flatnonzero(groups == group) for group in dict.fromkeys(groups.tolist())]
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,9 @@ class Solution:
     row_values: per row, its left-hand side under ``choice``. violations: per row, how far
     ``choice`` misses it (only rows that are missed). capped_rows: rows whose price reached the
     cap (the LP relaxation cannot meet them). method, n_groups, n_free_groups,
-    dual_iterations, mip_status: how it was solved (for the plan's report).
+    dual_iterations, mip_status: how it was solved (for the plan's report). grouping: the
+    groups of identical queries found, warm_start: the dual's cuts (a re-solve of the same
+    problem with other right-hand sides may pass them back).
     """
 
     status: str
@@ -125,6 +153,8 @@ class Solution:
     n_free_groups: int = 0
     dual_iterations: int = 0
     mip_status: str = ""
+    grouping: Grouping | None = field(default=None, repr=False, compare=False)
+    warm_start: DualWarmStart | None = field(default=None, repr=False, compare=False)
 
 
 _STDOUT_LOCK = threading.Lock()
@@ -200,14 +230,15 @@ def check_assignment(problem: AssignmentProblem, choice: np.ndarray) -> tuple[fl
         raise ValueError("a query was sent to an option it may not use")
     used = np.zeros(k, dtype=bool)
     used[np.unique(choice)] = True
+    opened = problem.opened(used)
     objective = float(problem.cost[idx, choice].sum())
     if problem.open_cost is not None:
-        objective += float(problem.open_cost[used].sum())
+        objective += float(problem.open_cost[opened].sum())
     values, violations = {}, {}
     for row in problem.rows:
         value = float(row.coef[idx, choice].sum())
         if row.open_coef is not None:
-            value += float(row.open_coef[used].sum())
+            value += float(row.open_coef[opened].sum())
         values[row.name] = value
         miss = value - row.rhs if row.sense == "<=" else row.rhs - value
         if miss > 1e-7 * max(1.0, abs(row.rhs)):
@@ -229,23 +260,48 @@ class _Normalised:
     cost_scale: float
     row_scale: np.ndarray     # (m,) original = scaled * row_scale * sign
     row_sign: np.ndarray      # (m,) +1 for ≤ rows, -1 for ≥ rows
+    grouping: Grouping | None = None
 
 
-def _group(problem: AssignmentProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Groups of identical queries: representative indices, counts, and every query index
-    listed group by group."""
-    n, k = problem.shape
+@dataclass(frozen=True)
+class Grouping:
+    """Groups of identical queries (same costs, allowed options and row coefficients):
+    representative query of each group, its size, and every query index listed group by
+    group. Still valid for the same problem with other right-hand sides or with some options
+    disallowed for every query (identical rows stay identical), so a re-solve can reuse it."""
+
+    first: np.ndarray
+    counts: np.ndarray
+    members: np.ndarray
+
+
+def _group(problem: AssignmentProblem) -> Grouping:
+    """Groups of identical queries, by an exact 128-bit hash of each row's bit patterns
+    (integer arithmetic modulo 2^64, so identical rows always hash alike), checked row by row
+    against the group's representative; the bytewise comparison of every row is the fallback."""
     parts = [np.where(problem.allowed, problem.cost, np.inf), problem.allowed.astype(float)]
     parts += [np.where(problem.allowed, row.coef, 0.0) for row in problem.rows]
-    stacked = np.ascontiguousarray(np.concatenate(parts, axis=1))
-    keys = stacked.view(np.dtype((np.void, stacked.dtype.itemsize * stacked.shape[1]))).reshape(-1)
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(0x5EED)
+    keys = np.zeros((problem.shape[0], 2), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            bits = np.ascontiguousarray(part, dtype=np.float64).view(np.uint64)
+            keys += bits @ (rng.integers(1, 2 ** 62, size=(part.shape[1], 2), dtype=np.uint64) | np.uint64(1))
+    hashed = np.ascontiguousarray(keys).view(np.dtype((np.void, 16))).reshape(-1)
+    _, first, inverse, counts = np.unique(hashed, return_index=True, return_inverse=True, return_counts=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    if not all(np.array_equal(part, part[first][inverse]) for part in parts):  # a collision: compare bytes
+        stacked = np.ascontiguousarray(np.concatenate(parts, axis=1))
+        rows = stacked.view(np.dtype((np.void, stacked.dtype.itemsize * stacked.shape[1]))).reshape(-1)
+        _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True, return_counts=True)
+        inverse = np.asarray(inverse).reshape(-1)
     members = np.argsort(inverse, kind="stable")  # group by group, each group's queries ascending
-    return first, counts, members
+    return Grouping(first=first, counts=counts, members=members)
 
 
-def _normalise(problem: AssignmentProblem) -> _Normalised:
-    first, counts, members = _group(problem)
+def _normalise(problem: AssignmentProblem, grouping: Grouping | None = None) -> _Normalised:
+    grouping = grouping or _group(problem)
+    first, counts, members = grouping.first, grouping.counts, grouping.members
     allowed = problem.allowed[first]
     raw_cost = np.where(allowed, problem.cost[first], np.nan)
     best = np.nanmin(np.abs(raw_cost), axis=1)
@@ -265,51 +321,98 @@ def _normalise(problem: AssignmentProblem) -> _Normalised:
         coef[j] = values / scale
         rhs[j] = sign * row.rhs / scale
         row_scale[j], row_sign[j] = scale, sign
-    return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign)
+    return _Normalised(cost, coef, rhs, counts, members, cost_scale, row_scale, row_sign, grouping)
 
 
-def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """L(λ) (scaled), a subgradient, and the reduced costs (G, K)."""
-    reduced = norm.cost + np.tensordot(prices, norm.coef, axes=1) if len(prices) else norm.cost.copy()
+@dataclass(frozen=True)
+class DualCut:
+    """One point of the Lagrangian dual, whatever the rows' right-hand sides: prices λ (m,),
+    priced = Σ counts·min_k(cost + λ·coef) and usage (m,) = the rows' left-hand sides at that
+    choice (scaled, ≤ form). For right-hand sides b, L(λ) = priced − λ·b and usage − b is a
+    subgradient: a re-solve with other right-hand sides starts from every cut already made."""
+
+    prices: np.ndarray
+    priced: float
+    usage: np.ndarray
+
+
+@dataclass(frozen=True)
+class DualWarmStart:
+    """The cuts of a solve and the scales they were made in (a re-solve uses them only when its
+    own scales are the same: same costs, coefficients and allowed options)."""
+
+    cuts: tuple[DualCut, ...]
+    cost_scale: float
+    row_scale: np.ndarray
+
+
+def _lagrangian(norm: _Normalised, prices: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, DualCut]:
+    """L(λ) (scaled), a subgradient, the reduced costs (G, K) and the point as a cut."""
+    reduced = norm.cost.copy()
+    term = np.empty_like(reduced)
+    for j, price in enumerate(prices):
+        if price != 0.0:  # a row at price 0 (not binding) changes nothing
+            np.multiply(norm.coef[j], price, out=term)
+            reduced += term
     best = np.argmin(reduced, axis=1)
     rows = np.arange(len(best))
-    value = float(norm.counts @ reduced[rows, best]) - float(prices @ norm.rhs)
+    priced = float(norm.counts @ reduced[rows, best])
     usage = np.einsum("mg,g->m", norm.coef[:, rows, best], norm.counts) if len(prices) else np.zeros(0)
-    return value, usage - norm.rhs, reduced
+    return priced - float(prices @ norm.rhs), usage - norm.rhs, reduced, DualCut(prices.copy(), priced, usage)
 
 
 @dataclass(frozen=True)
 class _DualBound:
     """The best point of the dual found: L(λ) (scaled; a valid lower bound), its prices λ (m,),
-    the reduced costs under them (G, K), and the cutting-plane iterations it took."""
+    the reduced costs under them (G, K), the cutting-plane iterations it took, and every cut."""
 
     lower_scaled: float
     prices: np.ndarray
     reduced: np.ndarray
     iterations: int
+    cuts: tuple[DualCut, ...] = ()
 
 
-def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
-                   max_iterations: int = 200) -> _DualBound:
-    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip."""
+def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7, max_iterations: int = 200,
+                   warm: tuple[DualCut, ...] = ()) -> _DualBound:
+    """Kelley's cutting planes on L(λ), λ in [0, PRICE_CAP]^m, master LP by python-mip; ``warm``:
+    the cuts of an earlier solve of the same problem with other right-hand sides."""
     m = len(norm.rhs)
     prices = np.zeros(m)
-    value, subgradient, reduced = _lagrangian(norm, prices)
+    value, subgradient, reduced, cut = _lagrangian(norm, prices)
+    cuts = [cut]
     best = (value, prices.copy(), reduced)
     if m == 0 or (subgradient <= 1e-12).all():
         # The unconstrained choice already meets every row.
-        return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=1)
+        return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=1, cuts=tuple(cuts))
     master = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     master.verbose = 0
     master.threads = 1
     theta = master.add_var(lb=-mip.INF, name="theta")
     lam = [master.add_var(lb=0.0, ub=PRICE_CAP, name=f"lambda{j}") for j in range(m)]
     master.objective = mip.maximize(theta)
-    iterations = 1
+
+    def add(cut: DualCut) -> None:
+        # θ ≤ L(λt) + g·(λ − λt) = priced + usage·(λ − λt) − b·λ
+        master.add_constr(theta - mip.xsum(float(cut.usage[j] - norm.rhs[j]) * lam[j] for j in range(m))
+                          <= cut.priced - float(cut.usage @ cut.prices))
+
+    for old in warm:
+        add(old)
+    if warm:  # start again from the best earlier point, priced with these right-hand sides
+        start = max(warm, key=lambda c: c.priced - float(c.prices @ norm.rhs))
+        if start.prices.any():
+            prices = start.prices.copy()
+            value, subgradient, reduced, cut = _lagrangian(norm, prices)
+            cuts.append(cut)
+            if value > best[0]:
+                best = (value, prices.copy(), reduced)
+    added = 0  # this solve's cuts already in the master
+    iterations = len(cuts)
     while iterations < max_iterations and time.perf_counter() < deadline:
-        # θ ≤ L(λt) + g·(λ − λt)
-        master += theta - mip.xsum(float(subgradient[j]) * lam[j] for j in range(m)) <= \
-            value - float(subgradient @ prices)
+        for new in cuts[added:]:
+            add(new)
+        added = len(cuts)
         status = _optimize(master, relax=True)
         if status != mip.OptimizationStatus.OPTIMAL:
             break
@@ -317,11 +420,13 @@ def _maximise_dual(norm: _Normalised, deadline: float, tolerance: float = 1e-7,
         if upper - best[0] <= tolerance * max(1.0, abs(best[0])):
             break
         prices = np.array([min(max(v.x, 0.0), PRICE_CAP) for v in lam])
-        value, subgradient, reduced = _lagrangian(norm, prices)
+        value, subgradient, reduced, cut = _lagrangian(norm, prices)
+        cuts.append(cut)
         iterations += 1
         if value > best[0]:
             best = (value, prices.copy(), reduced)
-    return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=iterations)
+    return _DualBound(lower_scaled=best[0], prices=best[1], reduced=best[2], iterations=iterations,
+                      cuts=tuple(warm) + tuple(cuts))
 
 
 def _free_groups(reduced: np.ndarray, allowed: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
@@ -398,28 +503,32 @@ def _add_counts(model: mip.Model, norm: _Normalised, free: np.ndarray, offered: 
 
 def _add_open_costs(model: mip.Model, problem: AssignmentProblem, norm: _Normalised, terms: _Terms,
                     fixed_opened: np.ndarray) -> tuple[list, list[list]]:
-    """The one-off cost (and row terms) of each option in use: a binary per option the free
-    groups may open, a constant 1 for an option the fixed groups already use. Returns the
-    objective terms and, per row, its terms."""
+    """The one-off cost (and row terms) of each open group in use (see ``open_group``): a
+    binary per group the free groups may open, a constant 1 for a group the fixed groups
+    already use. Returns the objective terms and, per row, its terms."""
     m, k = len(norm.rhs), norm.cost.shape[1]
     open_terms, open_rows = [], [[] for _ in range(m)]
     if problem.open_cost is None and all(r.open_coef is None for r in problem.rows):
         return open_terms, open_rows
     open_cost = problem.open_cost if problem.open_cost is not None else np.zeros(k)
-    for option in range(k):
-        if not terms.per_option[option] and not fixed_opened[option]:
+    free_count = np.zeros(k, dtype=np.int64)  # queries the free groups could send to each option
+    for group, option, _ in terms.variables:
+        free_count[option] += int(norm.counts[group])
+    for members in problem.group_members():
+        variables = [var for option in members for var in terms.per_option[option]]
+        if not variables and not fixed_opened[members].any():
             continue
-        if fixed_opened[option]:
+        if fixed_opened[members].any():
             opened: object = 1.0
         else:
             y = model.add_var(var_type=mip.BINARY)
-            free_count = sum(int(norm.counts[gr]) for gr, op, _ in terms.variables if op == option)
-            model += mip.xsum(terms.per_option[option]) <= free_count * y
+            model += mip.xsum(variables) <= int(free_count[members].sum()) * y
             opened = y
-        open_terms.append(float(open_cost[option]) / norm.cost_scale * opened)
+        first = members[0]
+        open_terms.append(float(open_cost[first]) / norm.cost_scale * opened)
         for j, row in enumerate(problem.rows):
-            if row.open_coef is not None and row.open_coef[option] != 0.0:
-                open_rows[j].append(float(norm.row_sign[j] * row.open_coef[option] / norm.row_scale[j]) * opened)
+            if row.open_coef is not None and row.open_coef[first] != 0.0:
+                open_rows[j].append(float(norm.row_sign[j] * row.open_coef[first] / norm.row_scale[j]) * opened)
     return open_terms, open_rows
 
 
@@ -478,10 +587,17 @@ def _disaggregate(norm: _Normalised, counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def solve(problem: AssignmentProblem, *, gap_target: float = DEFAULT_GAP_TARGET,
-          time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS) -> Solution:
-    """Minimise the objective subject to the rows; see the module docstring for how."""
+          time_limit_s: float = DEFAULT_TIME_LIMIT_S, full_mip_max_vars: int = FULL_MIP_MAX_VARS,
+          grouping: Grouping | None = None, warm_start: DualWarmStart | None = None) -> Solution:
+    """Minimise the objective subject to the rows; see the module docstring for how.
+
+    ``grouping``: the :attr:`Solution.grouping` of an earlier solve of the same costs and
+    coefficients (other right-hand sides, or options disallowed for every query), to skip
+    grouping the queries again. ``warm_start``: its :attr:`Solution.warm_start`, when only the
+    right-hand sides changed: the dual starts from its cuts (used only when the scales agree).
+    """
     with _collector_paused():
-        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars)
+        return _solve(problem, gap_target, time_limit_s, full_mip_max_vars, grouping, warm_start)
 
 
 _NEAR_TIES = "Lagrangian prices + CBC on the near-ties"
@@ -578,7 +694,8 @@ def _search(problem: AssignmentProblem, norm: _Normalised, dual: _DualBound, pro
                    everything_free=everything_free, mip_status=found.status)
 
 
-def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int) -> Solution:
+def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, full_mip_max_vars: int,
+           grouping: Grouping | None = None, warm_start: DualWarmStart | None = None) -> Solution:
     started = time.perf_counter()
     deadline = started + time_limit_s
     n = problem.shape[0]
@@ -587,13 +704,18 @@ def _solve(problem: AssignmentProblem, gap_target: float, time_limit_s: float, f
     if n == 0 or len(stranded):
         return Solution(status="no_option", choice=np.full(n, -1), objective=math.nan, lower_bound=math.nan,
                         gap=math.nan, solve_s=time.perf_counter() - started, unassignable=stranded)
-    norm = _normalise(problem)
-    dual = _maximise_dual(norm, deadline)
+    norm = _normalise(problem, grouping)
+    warm = ()
+    if warm_start is not None and warm_start.cost_scale == norm.cost_scale \
+            and np.array_equal(warm_start.row_scale, norm.row_scale):
+        warm = warm_start.cuts
+    dual = _maximise_dual(norm, deadline, warm=warm)
     capped = [problem.rows[j].name for j in range(len(dual.prices)) if dual.prices[j] >= PRICE_CAP * (1 - 1e-9)]
     search = _search(problem, norm, dual, bool(capped), gap_target, deadline, full_mip_max_vars)
     g = len(norm.counts)
     how = dict(capped_rows=capped, n_groups=g, n_free_groups=search.n_free_groups, dual_iterations=dual.iterations,
-               mip_status=search.mip_status)
+               mip_status=search.mip_status, grouping=norm.grouping,
+               warm_start=DualWarmStart(cuts=dual.cuts, cost_scale=norm.cost_scale, row_scale=norm.row_scale))
     best = search.best
     if best is None:
         return Solution(status="unsolved", choice=np.full(n, -1), objective=math.nan, lower_bound=search.lower_bound,

@@ -6,7 +6,12 @@
   outputs 8..4096 at 32 input tokens;
 - ``space-filling``: a seeded Latin hypercube in log2 space over the given ranges,
   for a good surface with few points;
-- ``custom``: the cross product of given input and output lists.
+- ``custom``: the cross product of given input and output lists;
+- ``adaptive``: a 3 x 3 grid in log2 space over the given ranges (default inputs
+  8..256, outputs 8..64, the sample workloads' range) to start from; the worker then
+  adds trials and points where the fitted surfaces are least sure, until the job's time
+  budget is spent or the cross-validated error stops improving
+  (:mod:`engine.profiling.adaptive`). The stored design grows as points are added.
 
 Points past the model's context are dropped with a note (the paper's output sweep
 reaches 4096 tokens, more than many models hold), never silently run short.
@@ -21,8 +26,13 @@ import numpy as np
 
 from engine.errors import InputError, Problem
 
+#: Designs whose points are all known when the job is made (the ones the Profile page has offered).
 DESIGN_KINDS = ("quick", "paper-grid", "paper-sweeps", "space-filling", "custom")
+#: Every design: the fixed ones, and ``adaptive``, whose points grow while it runs (it takes a time budget).
+ALL_DESIGN_KINDS = DESIGN_KINDS + ("adaptive",)
 QUICK_TOKENS = (8, 32, 128)
+ADAPTIVE_INPUTS = (8, 256)   # default ranges of the adaptive design: the sample workloads'
+ADAPTIVE_OUTPUTS = (8, 64)
 PAPER_POWERS = tuple(2 ** k for k in range(3, 12))  # 8 .. 2048
 MAX_TOKENS = 1_000_000
 
@@ -80,10 +90,10 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
     """The design of the given kind, with points beyond ``context_length`` dropped (and named).
 
     ``inputs``/``outputs`` are the lists of ``custom`` and the ranges (min and max are
-    used) of ``space-filling``.
+    used) of ``space-filling`` and ``adaptive``.
     """
-    if kind not in DESIGN_KINDS:
-        raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(DESIGN_KINDS)))
+    if kind not in ALL_DESIGN_KINDS:
+        raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(ALL_DESIGN_KINDS)))
     if kind == "quick":
         points = [DesignPoint(i, o) for i in QUICK_TOKENS for o in QUICK_TOKENS]
     elif kind == "paper-grid":
@@ -95,6 +105,13 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
             raise InputError(Problem("inputs/outputs", "a custom design needs both lists", None,
                                      "e.g. inputs 8,32,128 and outputs 8,32"))
         points = [DesignPoint(i, o) for i in inputs for o in outputs]
+    elif kind == "adaptive":
+        levels_in, levels_out = log_levels(inputs or ADAPTIVE_INPUTS), log_levels(outputs or ADAPTIVE_OUTPUTS)
+        if len(levels_in) < 2 or len(levels_out) < 2:
+            raise InputError(Problem("inputs/outputs", "an adaptive design needs a range of input and of output token "
+                                     "counts (a surface cannot be fitted to one value)", None,
+                                     "two or more values each, e.g. inputs 8,256 and outputs 8,64"))
+        points = [DesignPoint(i, o) for i in levels_in for o in levels_out]
     else:
         points = space_filling(inputs or [8, 2048], outputs or [8, 512], n_points, seed)
     dropped = []
@@ -107,6 +124,12 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
         raise InputError(Problem("design", "no point fits the model's context" if dropped else "has no points", None,
                                  f"points with input + output <= {context_length}" if context_length else "at least one point"))
     return Design(kind=kind, points=tuple(points), dropped=tuple(dropped))
+
+
+def log_levels(values) -> list[int]:
+    """Three levels spread evenly in log2 space over a range: its ends and their geometric mean (fewer when narrow)."""
+    lo, hi = min(values), max(values)
+    return sorted({int(lo), int(round(math.sqrt(lo * hi))), int(hi)})
 
 
 def space_filling(inputs: list[int], outputs: list[int], n_points: int, seed: int) -> list[DesignPoint]:

@@ -10,7 +10,8 @@ watching, cancelling and resuming it is the lifecycle every long run shares
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,14 @@ from engine.backends.base import MAX_BATCH_SIZE
 from engine.cluster.naming import is_qualified
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
 from engine.profiling.design import Design, build_design, run_order
-from engine.profiling.stopping import StopRule
+from engine.profiling.stopping import StopRule, point_complete, point_outcome
 from engine.runs import ACTIVE, FINISHED, PROFILING
 from engine.store import Store
+
+
+#: An adaptive job's time budget when none is given, and the range one may have (seconds).
+DEFAULT_BUDGET_S = 120.0
+MIN_BUDGET_S, MAX_BUDGET_S = 10.0, 86_400.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class ProfileSettings:
     seed: int = 0
     batch_size: int = 1  # identical requests run together; a trial's runtime and energy cover the batch
     backend_options: dict = field(default_factory=dict)
+    budget_s: float | None = None  # adaptive design only: wall time from loading the model to the last trial
 
     @property
     def stop_rule(self) -> StopRule:
@@ -57,6 +64,8 @@ class ProfileSettings:
             ("cool-down", 0 <= self.cooldown_s <= 600, f"{self.cooldown_s}", "0 to 600 seconds"),
             ("idle baseline", 0.5 <= self.idle_s <= 600, f"{self.idle_s}", "0.5 to 600 seconds"),
             ("batch size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"{self.batch_size}", f"1 to {MAX_BATCH_SIZE}"),
+            ("budget", self.budget_s is None or MIN_BUDGET_S <= self.budget_s <= MAX_BUDGET_S, f"{self.budget_s} s",
+             f"{MIN_BUDGET_S:g} to {MAX_BUDGET_S:g} seconds"),
         ]
         for where, ok, value, expected in checks:
             if not ok:
@@ -104,12 +113,105 @@ def get_job(store: Store, job_id: int) -> Job:
 
 
 def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
-    """The latest jobs, newest first, with their trial counts."""
-    return store.query_df(
+    """The latest jobs, newest first, with their trial counts.
+
+    ``unconverged`` counts the job's points whose trials reached the trial cap without
+    meeting the confidence rule (see :func:`point_outcomes`); None while no point of the
+    job is over.
+    """
+    frame = store.query_df(
         """SELECT j.id, j.model, j.device, j.status, j.points_done, j.points_total,
                   (SELECT count(*) FROM measurements m WHERE m.job_id = j.id) AS trials,
                   j.reason, j.created_at, j.started_at, j.finished_at
            FROM profiling_jobs j ORDER BY j.id DESC LIMIT ?""", [limit])
+    outcomes = point_outcomes(store, frame["id"].tolist()) if len(frame) else point_outcomes(store, [])
+    loose = outcomes["unconverged"].astype(bool).groupby(outcomes["job_id"]).sum()
+    counts = frame["id"].map(loose)
+    frame.insert(frame.columns.get_loc("trials") + 1, "unconverged",
+                 pd.array([None if pd.isna(c) else int(c) for c in counts], dtype="Int64"))
+    return frame
+
+
+#: Columns of :func:`point_outcomes`.
+OUTCOME_COLUMNS = ("job_id", "model", "device", "input_tokens", "output_tokens", "trials", "converged", "unconverged",
+                   "stopped", "runtime_ci_rel", "energy_ci_rel", "assessed")
+
+
+def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model: str | None = None,
+                   device: str | None = None) -> pd.DataFrame:
+    """How each profiled point's trials ended: converged to the job's confidence bound, or not.
+
+    One row per (job, point) whose trials are over, for the jobs given (all without
+    ``job_ids``), narrowed by ``model``/``device``. Columns :data:`OUTCOME_COLUMNS`:
+    ``converged`` (bool: the interval met the bound), ``unconverged`` (bool: the trials
+    reached the cap without that: what the job's reason, ``jobs list`` and the fits
+    flag), ``stopped`` (converged | max-trials | fixed-trials: the job asked for as many
+    minimum as maximum trials | budget, settled: an adaptive design ended the point sooner),
+    ``runtime_ci_rel``/``energy_ci_rel`` (the 95% CI half-width of the mean over the
+    mean; a fraction), ``assessed``: ``stored`` (recorded by the worker) or ``from
+    trials`` (a finished job measured before points were recorded: its points are judged
+    now by the job's own rule; only points the rule had finished are listed).
+    """
+    where, params = [], []
+    if job_ids is not None:
+        where.append("list_contains(?, j.id)")
+        params.append([int(i) for i in job_ids])
+    for column, value in (("model", model), ("device", device)):
+        if value is not None:
+            where.append(f"j.{column} = ?")
+            params.append(value)
+    clause = (" AND " + " AND ".join(where)) if where else ""
+    stored = store.query_df(
+        f"""SELECT p.job_id, j.model, j.device, p.input_tokens, p.output_tokens, p.trials, p.converged,
+                   p.stopped = 'max-trials' AS unconverged, p.stopped, p.runtime_ci_rel, p.energy_ci_rel,
+                   'stored' AS assessed
+            FROM profiling_points p JOIN profiling_jobs j ON j.id = p.job_id WHERE true{clause}
+            ORDER BY p.job_id, p.input_tokens, p.output_tokens""", params)
+    legacy = store.query_df(
+        f"""SELECT j.id, j.model, j.device, CAST(j.settings AS VARCHAR) AS settings FROM profiling_jobs j
+            WHERE j.status IN ({", ".join("?" * len(FINISHED))})
+              AND NOT EXISTS (SELECT 1 FROM profiling_points p WHERE p.job_id = j.id)
+              AND EXISTS (SELECT 1 FROM measurements m WHERE m.job_id = j.id){clause}""", [*FINISHED, *params])
+    frames = [stored] + [_outcomes_from_trials(store, row) for row in legacy.itertuples()]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=stored[c].dtype) for c in OUTCOME_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[list(OUTCOME_COLUMNS)]
+
+
+def _outcomes_from_trials(store: Store, job) -> pd.DataFrame:
+    """The finished points of a job that recorded none, judged from its trials by its own rule."""
+    settings = ProfileSettings(**(json.loads(job.settings) if job.settings else {}))
+    rule = settings.stop_rule
+    trials = store.query_df("SELECT input_tokens, output_tokens, runtime_s, energy_j FROM measurements "
+                            "WHERE job_id = ? ORDER BY id", [int(job.id)])
+    rows = []
+    for (tokens_in, tokens_out), group in trials.groupby(["input_tokens", "output_tokens"], sort=True):
+        energies = [None if pd.isna(e) else float(e) for e in group.energy_j]
+        if not point_complete(group.runtime_s.tolist(), energies, rule):
+            continue  # cut short by a failure or a cancel: not over, nothing to judge
+        outcome = point_outcome(tokens_in, tokens_out, group.runtime_s.tolist(), energies, rule)
+        rows.append({"job_id": int(job.id), "model": job.model, "device": job.device, **outcome.to_row(),
+                     "unconverged": outcome.unconverged, "assessed": "from trials"})
+    return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
+
+
+#: Columns of :func:`adaptive_rounds`.
+ROUND_COLUMNS = ("round", "elapsed_s", "trials", "points", "energy_cv_mape", "runtime_cv_mape", "energy_noise_mape",
+                 "runtime_noise_mape", "decision")
+
+
+def adaptive_rounds(store: Store, job_id: int) -> pd.DataFrame:
+    """The fit-and-decide rounds of an adaptive job, in order (empty for other designs).
+
+    Columns :data:`ROUND_COLUMNS`: after each round's trials, the cross-validated error
+    its fits reached (``*_cv_mape``, fractions; None when a fit could not be made), the
+    floor that trial-to-trial noise sets on that error (``*_noise_mape``), the seconds
+    since the model started loading, and the decision taken (what to measure next, or
+    why it stopped). The last row is the error the job reached.
+    """
+    return store.query_df(f"SELECT {', '.join(ROUND_COLUMNS)} FROM profiling_rounds WHERE job_id = ? ORDER BY round",
+                          [int(job_id)])
 
 
 def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,
@@ -139,6 +241,11 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     if not files_here and not is_qualified(device):
         raise InputError(Problem("model", f"{model}'s files are gone from {entry.path}", None,
                                  "restore them, or `models remove` and add it again"))
+    if design_kind == "adaptive" and settings.budget_s is None:
+        settings = replace(settings, budget_s=DEFAULT_BUDGET_S)
+    elif design_kind != "adaptive" and settings.budget_s is not None:
+        raise InputError(Problem("budget", f"a time budget ({settings.budget_s:g} s) applies to the adaptive design "
+                                 f"only, not to {design_kind!r}", None, "the adaptive design, or no budget"))
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
                           context_length=model_context_length(entry) if files_here else None, seed=settings.seed)
     return entry, device, design, settings
@@ -216,7 +323,8 @@ class Progress:
     trials: int
     elapsed_s: float | None
     remaining_s: float | None
-    points: pd.DataFrame  # per measured point: trials, mean runtime and energy, energy source
+    points: pd.DataFrame  # per measured point: trials, mean runtime and energy, energy source, and once its
+    #                       trials are over: converged, unconverged, stopped, ci_rel (see point_outcomes)
 
 
 #: Time around each trial beyond its own runtime (reading the meter, storing the row), as a share of it.
@@ -235,6 +343,10 @@ def job_progress(store: Store, job_id: int) -> Progress:
                   min(started_at) AS first_at, max(finished_at) AS last_at
            FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
         [started, started, started, started, job.id])
+    outcomes = point_outcomes(store, [job.id])
+    outcomes["ci_rel"] = outcomes[["runtime_ci_rel", "energy_ci_rel"]].max(axis=1)
+    points = points.merge(outcomes[["input_tokens", "output_tokens", "converged", "unconverged", "stopped", "ci_rel"]],
+                          how="left", on=["input_tokens", "output_tokens"])
     trials = int(points.trials.sum()) if len(points) else 0
     cooldown_s = job.settings.cooldown_s
     earlier_s = float(points.earlier_runtime_s.sum() + cooldown_s * points.earlier_trials.sum()) if len(points) else 0.0
@@ -245,7 +357,11 @@ def job_progress(store: Store, job_id: int) -> Progress:
         elapsed = max(0.0, (end - started).total_seconds()) + earlier_s
     elif earlier_s:
         elapsed = earlier_s  # queued again after a pause: the runs so far
-    remaining = _remaining_s(job, points) if job.status in ACTIVE else None
+    remaining = None
+    if job.status in ACTIVE and job.settings.budget_s is not None:
+        remaining = max(job.settings.budget_s - (elapsed or 0.0), 0.0)  # an adaptive job stops at its budget
+    elif job.status in ACTIVE:
+        remaining = _remaining_s(job, points)
     return Progress(job=job, trials=trials, elapsed_s=elapsed, remaining_s=remaining,
                     points=points.drop(columns=["earlier_trials", "earlier_runtime_s"]))
 
@@ -272,13 +388,14 @@ def estimate_duration_s(store: Store, model: str, device: str, design: Design,
                         settings: ProfileSettings) -> tuple[float, float] | None:
     """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device.
 
-    None when there are no earlier measurements to go by.
+    None when there are no earlier measurements to go by, except for an adaptive job,
+    which takes its budget at most (and at most that, at least, without history).
     """
     history = store.query_df(
         "SELECT input_tokens, output_tokens, avg(runtime_s) AS runtime_s FROM measurements "
         "WHERE model = ? AND device = ? GROUP BY ALL", [model, device])
     if len(history) < 3:
-        return None
+        return None if settings.budget_s is None else (settings.budget_s, settings.budget_s)
     features = np.column_stack([np.ones(len(history)), history.input_tokens, history.output_tokens])
     coef, *_ = np.linalg.lstsq(features, history.runtime_s.to_numpy(), rcond=None)
     per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) for p in design.points]
@@ -286,4 +403,6 @@ def estimate_duration_s(store: Store, model: str, device: str, design: Design,
     per_point_extra = settings.cooldown_s
     low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)
     high = fixed + sum((t + per_point_extra) * settings.max_trials for t in per_trial)
+    if settings.budget_s is not None:  # adaptive: at least its first points, at most its budget
+        return min(low, settings.budget_s), settings.budget_s
     return low, high

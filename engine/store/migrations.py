@@ -263,9 +263,115 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE execution_results ADD COLUMN measurement_id BIGINT",
         ),
     ),
-    # wave-e-ray2 (cluster device names); renumber at merge, keep after the migrations before it.
+    # Planning with batches.
     Migration(
         5,
+        "plans choose batch sizes: each assignment's batch (id, and the requests it holds)",
+        (
+            # Every member of a batch has the same batch_id (numbered from 1 within the plan)
+            # and batch_size; NULL in plans stored before batching and in imported schedules
+            # without these columns (each query then runs on its own).
+            "ALTER TABLE plan_assignments ADD COLUMN batch_id INTEGER",
+            "ALTER TABLE plan_assignments ADD COLUMN batch_size INTEGER",
+        ),
+    ),
+    # Executing batches. Migration 5 already added the two plan_assignments columns; IF NOT
+    # EXISTS keeps a database that has them either way.
+    Migration(
+        6,
+        "executions run batches: each plan assignment's batch, each executed batch as measured, "
+        "each request's share of it",
+        (
+            # Every member of a batch has the same batch_id (numbered from 1 within the plan) and
+            # batch_size; NULL in older plans and in schedules without them (the query runs alone).
+            "ALTER TABLE plan_assignments ADD COLUMN IF NOT EXISTS batch_id INTEGER",
+            "ALTER TABLE plan_assignments ADD COLUMN IF NOT EXISTS batch_size INTEGER",
+            # Per request: its batch, and its share of the batch's energy and runtime (the rule is
+            # engine.execution.worker.SHARE_RULE); the computation spent for it on nobody's answer.
+            "ALTER TABLE execution_results ADD COLUMN IF NOT EXISTS batch_id INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN IF NOT EXISTS batch_size INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN IF NOT EXISTS energy_share DOUBLE",
+            "ALTER TABLE execution_results ADD COLUMN IF NOT EXISTS wasted_decode_tokens INTEGER",
+            "ALTER TABLE execution_results ADD COLUMN IF NOT EXISTS padding_tokens INTEGER",
+            """
+            CREATE TABLE IF NOT EXISTS execution_batches (
+                execution_id         BIGINT NOT NULL,
+                batch_id             INTEGER NOT NULL,  -- the plan's (or the query's own, for a query alone)
+                model                VARCHAR NOT NULL,
+                device               VARCHAR NOT NULL,
+                position             INTEGER,           -- its place in its device's run
+                batch_size           INTEGER NOT NULL,  -- planned B (the option's)
+                members              INTEGER NOT NULL,  -- requests it held (the last of an option may hold fewer)
+                query_ids            JSON,              -- its members, in the order they were fed
+                runtime_s            DOUBLE,            -- wall time of the whole batch (a member's latency)
+                energy_j             DOUBLE,            -- the whole batch's, NULL when unknown, never 0
+                energy_source        VARCHAR,           -- measured | estimated
+                energy_method        VARCHAR,
+                idle_power_w         DOUBLE,
+                input_tokens         INTEGER,           -- run, all members (padding not included)
+                output_tokens        INTEGER,           -- generated, all members (waste not included)
+                max_input_tokens     INTEGER,
+                decode_steps         INTEGER,           -- generation steps the batch ran (its longest answer)
+                wasted_decode_tokens INTEGER,           -- steps run for members already finished
+                padding_tokens       INTEGER,           -- padding positions run
+                predicted_energy_j   DOUBLE,            -- the sum of its members' predictions
+                predicted_runtime_s  DOUBLE,
+                share_rule           VARCHAR,           -- how members' shares were taken
+                refit_shape          VARCHAR,           -- exact | padded | NULL (kept out of refits)
+                refit_note           VARCHAR,           -- why padded, or why kept out
+                measurement_id       BIGINT,
+                error                VARCHAR,           -- why it failed (every member failed with it)
+                started_at           TIMESTAMPTZ,
+                finished_at          TIMESTAMPTZ,
+                PRIMARY KEY (execution_id, batch_id)
+            )
+            """,
+        ),
+    ),
+    # Converged and unconverged points; adaptive profiling.
+    Migration(
+        7,
+        "profiling: how each point's trials ended (converged or not), and the adaptive design's rounds",
+        (
+            # One row per (job, point), written when the point's trials are over (replaced when
+            # an adaptive job adds trials). Jobs measured before this table have no rows: the
+            # readers assess their points from the trials (engine.profiling.jobs.point_outcomes).
+            """
+            CREATE TABLE profiling_points (
+                job_id         BIGINT NOT NULL,
+                input_tokens   INTEGER NOT NULL,
+                output_tokens  INTEGER NOT NULL,
+                trials         INTEGER NOT NULL,
+                converged      BOOLEAN NOT NULL,  -- the 95% CI of the mean met the job's bound
+                stopped        VARCHAR NOT NULL,  -- converged | max-trials | fixed-trials | budget | settled
+                runtime_ci_rel DOUBLE,            -- CI half-width / mean, runtime
+                energy_ci_rel  DOUBLE,            -- CI half-width / mean, energy (NULL when not measured)
+                updated_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (job_id, input_tokens, output_tokens)
+            )
+            """,
+            # One row per fit-and-decide round of an adaptive job.
+            """
+            CREATE TABLE profiling_rounds (
+                job_id             BIGINT NOT NULL,
+                round              INTEGER NOT NULL,
+                elapsed_s          DOUBLE NOT NULL,  -- since the job's model started loading
+                trials             INTEGER NOT NULL,
+                points             INTEGER NOT NULL,
+                energy_cv_mape     DOUBLE,           -- fractions, as the fits table
+                runtime_cv_mape    DOUBLE,
+                energy_noise_mape  DOUBLE,           -- the floor trial-to-trial noise sets
+                runtime_noise_mape DOUBLE,
+                decision           VARCHAR,          -- what the round did next, or why it stopped
+                recorded_at        TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (job_id, round)
+            )
+            """,
+        ),
+    ),
+    # Cluster device names.
+    Migration(
+        8,
         "device names: every measurement this app took records the host that took it (a node's device, its node)",
         (
             # The rule (README, "Device names"): a short name (cpu, cuda:0) is a device of the app's own host,
@@ -281,9 +387,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
             """
             UPDATE measurements SET host = CASE WHEN strpos(device, '/') > 0 THEN split_part(device, '/', 1)
-                                                ELSE (SELECT e.host FROM execution_results r
-                                                      JOIN executions e ON e.id = r.execution_id
-                                                      WHERE r.measurement_id = measurements.id LIMIT 1) END
+                                                ELSE coalesce(
+                                                    (SELECT e.host FROM execution_results r
+                                                     JOIN executions e ON e.id = r.execution_id
+                                                     WHERE r.measurement_id = measurements.id LIMIT 1),
+                                                    (SELECT e.host FROM execution_batches b
+                                                     JOIN executions e ON e.id = b.execution_id
+                                                     WHERE b.measurement_id = measurements.id LIMIT 1)) END
             WHERE origin = 'executed'
               AND (host IS NULL OR (strpos(device, '/') > 0 AND host <> split_part(device, '/', 1)))
             """,
