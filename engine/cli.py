@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine import catalog
+from engine.cluster import commands as cluster_commands
 from engine.errors import InputError, PlannerError, Problem
 from engine.formatting import format_duration, format_energy, format_percent, json_safe
 from engine.paths import DEFAULT_MODELS_DIR
@@ -32,6 +33,7 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
                         help="database file (default data/planner.duckdb, or $PLANNER_DB)")
+    cluster_commands.add_address_option(common)
     return common
 
 
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--schedule", help="a schedule CSV (as written by plan --out)")
     what.add_argument("--resume", type=int, metavar="EXECUTION", help="run what is left of a stopped execution")
     what.add_argument("--cancel", type=int, metavar="EXECUTION", help="stop a running execution")
+    cluster_commands.add_move_option(execute)
     execute.add_argument("--detach", action="store_true", help="start the worker and return at once")
     execute.add_argument("--json", action="store_true", help="print JSON")
     execute.set_defaults(handler=cmd_execute)
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cancel = jobs_sub.add_parser("cancel", parents=[common], help="stop a running job")
     jobs_cancel.add_argument("job", type=int)
     jobs_cancel.set_defaults(handler=cmd_jobs_cancel)
+
+    cluster_commands.add_subcommands(sub, common)
 
     demo = sub.add_parser("demo-models", parents=[common], help="generate the local demo models and add them to the catalog")
     demo.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where to write them (default data/models)")
@@ -209,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        cluster_commands.apply_address(args)
         return args.handler(args) or EXIT_OK
     except InputError as exc:
         for problem in exc.problems:
@@ -280,11 +286,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(document)
         return EXIT_OK
     print(f"database {view.db_path} (schema version {view.schema_version})")
+    _print_cluster_line()
     print(f"{len(view.models)} models, {view.n_measurements} measurements "
           f"({view.n_measurements_estimated} with estimated energy)")
     for line in latest_work(view):
         print(f"latest {line.kind.lower()}: {line.text}")
     return EXIT_OK
+
+
+def _print_cluster_line() -> None:
+    from engine.runs.cluster import cluster_address
+
+    address = cluster_address()
+    print(f"cluster: {address} (`nodes` lists its nodes)" if address else "cluster: none, everything runs on this host")
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -675,7 +689,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
         done = execution.cancel_execution(store, args.cancel)
         print(f"execution {done.id}: {done.status} ({done.reason})", file=sys.stderr)
         return EXIT_OK
+    if args.move and args.resume is None:
+        raise InputError(Problem("--move", "moves a device of a stopped execution", None, "--resume EXECUTION"))
     if args.resume is not None:
+        if args.move:
+            cluster_commands.move_before_resume(store, args.resume, args.move)
         run = execution.resume_execution(store, args.resume)
     else:
         plan_id = args.plan if args.plan is not None else execution.import_schedule(store, args.schedule)

@@ -11,15 +11,20 @@ from engine.csvio import csv_text
 from engine.errors import PlannerError
 from engine.formatting import format_count, format_duration, format_energy, format_percent, format_timestamp
 from engine.planning import list_plans
+from engine.cluster.inventory import ClusterInventory
+from engine.cluster.runstate import apply_moves, move_candidates, part_states, parts_table, planned_devices
+from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import flash, get_store, show_error, show_flash
 from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
 st.title("Execute")
-st.caption("Run a plan on this host: every query on its model and device, devices in parallel, each model loaded "
+st.caption("Run a plan on this host (and on the nodes of a cluster, for devices named NODE/DEVICE): every query on "
+           "its model and device, devices in parallel, each model loaded "
            "once. Every result is stored as it is measured; closing the browser does not stop the run.")
 store = get_store()
 show_flash()
+cluster, _ = cluster_in_use(store)  # runs on a node's device (NODE/DEVICE) go through the cluster
 
 try:
     execution.reconcile_executions(store)
@@ -85,8 +90,45 @@ def energy_label(joules: float | None, estimated: bool) -> str:
     return format_energy(joules) + (" (estimated)" if estimated else "")
 
 
+def cluster_parts(progress) -> None:
+    """A cluster execution's progress by node and device, and each failed part with its reason."""
+    table = parts_table(progress.devices, part_states(store, progress.execution.id))
+    moved = table.runs_on != table.device
+    shown = table.assign(queries=[f"{d} of {t}" for d, t in zip(table.done, table.total)],
+                         runs_on=table.runs_on.where(moved, ""), reason=table.reason.fillna(""),
+                         node=table.node.replace("", "this host"))
+    st.dataframe(shown[["node", "device", "queries", "status", "runs_on", "reason"]].rename(
+        columns={"node": "Node", "device": "Device", "queries": "Queries", "status": "Part", "runs_on": "Runs on",
+                 "reason": "Reason"}), hide_index=True, width="stretch")
+    for row in table[table.status == "failed"].itertuples():
+        st.error(f"{row.device}: failed after {row.done} of {format_count(row.total, 'query')}: {row.reason}")
+
+
+def resume_choices(execution_id: int, found) -> dict[str, str]:
+    """For each stopped cluster part: where its queries run when resumed (its node, or a live device of the
+    same type on another node, from the node list)."""
+    parts = part_states(store, execution_id)
+    stopped = {device: part for device, part in parts.items() if part.status in ("failed", "cancelled")}
+    if not stopped:
+        return {}
+    if isinstance(found, BaseException):
+        st.caption(f"Resuming on another node needs the cluster's node list: {found}")
+    live = live_devices(found)
+    planned = planned_devices(store, execution_id)
+    same_type = found.same_type if isinstance(found, ClusterInventory) else None
+    choices = {}
+    for device, part in sorted(stopped.items()):
+        options = list(dict.fromkeys([part.runs_on, device, *(move_candidates(device, planned, live, same_type)
+                                                               if same_type else [])]))
+        choices[device] = st.selectbox(
+            f"Resume {device}'s queries on", options, key=f"resume_on_{execution_id}_{device}",
+            format_func=lambda d, device=device: f"{d} (its own node)" if d == device else f"{d} (same type)",
+            help="Its own node once it is back, or a live device of the same type on another node.")
+    return choices
+
+
 @st.fragment(run_every=1.0)
-def live_progress(execution_id: int) -> None:
+def live_progress(execution_id: int, found=None) -> None:
     """Progress while it runs; refreshes itself every second, and the whole page once at the end."""
     try:
         execution.reconcile_executions(store)
@@ -115,7 +157,10 @@ def live_progress(execution_id: int) -> None:
                       help="Running time of the execution across its runs (pauses between runs do not count).")
     columns[3].metric("Remaining (estimate)", format_duration(progress.remaining_s)
                       if status in execution.ACTIVE else "—")
-    for row in devices.itertuples() if len(devices) > 1 else ():
+    on_cluster = bool(part_states(store, execution_id))
+    if on_cluster:
+        cluster_parts(progress)
+    for row in devices.itertuples() if len(devices) > 1 and not on_cluster else ():
         estimated = False if pd.isna(row.estimated) else bool(row.estimated)  # NULL until a query is done
         st.progress(row.done / row.total if row.total else 0.0,
                     text=f"{row.device}: {row.done} of {format_count(row.total, 'query')}; "
@@ -124,6 +169,7 @@ def live_progress(execution_id: int) -> None:
                          "predicted so far")
     if run.reason:
         (st.error if status == "failed" else st.info)(run.reason)
+    moves = resume_choices(execution_id, found) if on_cluster and status in ("failed", "cancelled") else {}
     left, right = st.columns(2)
     if status in execution.ACTIVE and left.button("Cancel", key=f"cancel_{execution_id}"):
         try:
@@ -135,6 +181,9 @@ def live_progress(execution_id: int) -> None:
             right.button(f"Resume ({format_count(progress.total - progress.done, 'query', 'queries')} left)",
                          key=f"resume_{execution_id}"):
         try:
+            if moves:
+                apply_moves(store, execution_id, moves,
+                            same_type=found.same_type if isinstance(found, ClusterInventory) else None)
             execution.resume_execution(store, execution_id)
             execution.start_worker(store, execution_id)
             st.rerun(scope="app")
@@ -142,7 +191,12 @@ def live_progress(execution_id: int) -> None:
             show_error(exc)
 
 
-live_progress(execution_id)
+# A stopped cluster execution may resume on another node: the node list is read (off the script thread) for it.
+stopped_on_cluster = cluster and any(p.status in ("failed", "cancelled")
+                                     for p in part_states(store, execution_id).values())
+live_progress(execution_id, node_list(cluster) if stopped_on_cluster else None)
+if stopped_on_cluster:
+    show_reading()
 
 # -- predicted against measured -----------------------------------------------------------------
 

@@ -12,6 +12,9 @@ from engine.fitting import load_reference_profiles
 from engine.formatting import format_accuracy, format_count, format_duration, format_parameters, format_timestamp
 from engine.overview import latest_work, read_overview
 from engine.profiling import jobs
+from engine.cluster.inventory import inventory_tables
+from engine.runs.cluster import ADDRESS_ENV, save_address, saved_address
+from ui.cluster import cluster_in_use, node_list, show_reading
 from ui.common import get_store, show_error
 from ui.navigation import ensure_app_navigation
 
@@ -127,6 +130,58 @@ st.table(
                                        "fix": "How to fix"}),
     hide_index=True,
 )
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+st.subheader("Cluster")
+address, source = cluster_in_use(store)
+from_env = source == ADDRESS_ENV
+
+
+def save_cluster_address(forget: bool = False) -> None:
+    """Form callbacks (they run before the page, so the field can be emptied): save or forget the address."""
+    try:
+        saved = save_address(store, None if forget else st.session_state.get("cluster_address"))
+        st.session_state["cluster_address"] = saved or ""
+    except PlannerError as exc:
+        st.session_state["cluster_address_error"] = exc
+
+
+if "cluster_address" not in st.session_state:
+    st.session_state["cluster_address"] = saved_address(store) or ""
+with st.form("cluster_setting", border=False):
+    st.text_input("Cluster address (the Ray head's HOST:PORT)", key="cluster_address", disabled=from_env,
+                  placeholder="e.g. 10.0.0.5:6379; empty: everything runs on this host",
+                  help="Profile and execute on the devices of other hosts through a Ray cluster (README: Running "
+                       "on a cluster). This host must be a node of it, with the cluster's token.")
+    save_column, forget_column = st.columns(2)
+    save_column.form_submit_button("Save", disabled=from_env, on_click=save_cluster_address)
+    forget_column.form_submit_button("Forget the address", disabled=from_env, on_click=save_cluster_address,
+                                     kwargs={"forget": True})
+if "cluster_address_error" in st.session_state:
+    show_error(st.session_state.pop("cluster_address_error"))
+if from_env:
+    st.caption(f"`{ADDRESS_ENV}={address}` is set in the app's environment; it wins over the saved address.")
+if address is None:
+    st.caption("No cluster: everything runs on this host, and devices keep their short names (`cpu`, `cuda:0`).")
+else:
+    refresh = st.button("Read the node list again", key="cluster_refresh")
+    found = node_list(address, refresh=refresh)
+    if isinstance(found, BaseException):
+        show_error(found)
+    elif found is not None:
+        alive = sum(n.alive for n in found.nodes)
+        st.markdown(f"**{alive} of {format_count(len(found.nodes), 'node')} alive** in the cluster at `{found.head}`. "
+                    "Their devices are named `NODE/DEVICE` on the Profile, Plan and Execute pages.")
+        nodes, devices, node_sensors = inventory_tables(found)
+        st.table(nodes.rename(columns=str.capitalize), hide_index=True)
+        devices = devices.assign(memory_gib=devices.memory_gib.map(lambda gib: "" if pd.isna(gib) else f"{gib:g}"))
+        st.table(devices.rename(columns={"device": "Device", "node": "Node", "status": "Node status",
+                                         "model": "Model", "memory_gib": "Memory (GiB)"}), hide_index=True)
+        if len(node_sensors):
+            with st.expander("Energy sensors of the nodes"):
+                st.table(node_sensors.rename(columns=str.capitalize), hide_index=True)
+    show_reading()
 
 # -- what is stored ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
 from engine.formatting import format_count, format_duration, format_timestamp
+from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import get_store, show_error
 from ui.navigation import ensure_app_navigation
 
@@ -43,12 +44,17 @@ DESIGN_LABELS = {
     "custom": "Custom lists",
 }
 gpus = [s.device for s in discover_sensors() if s.device.startswith("cuda:") and s.status == "measured"]
+# A cluster's devices (NODE/DEVICE) once its node list has been read, off the script thread.
+cluster, _ = cluster_in_use(store)
+found = node_list(cluster) if cluster else None
+node_devices = live_devices(found)
 
 with st.form("new_job"):
     left, right = st.columns(2)
     model = left.selectbox("Model", local.name.tolist(), key="profile_model")
-    device = right.selectbox("Device", ["cpu", *gpus], key="profile_device",
-                             help="GPUs appear here when NVML finds them.")
+    device = right.selectbox("Device", ["cpu", *gpus, *node_devices], key="profile_device",
+                             help="GPUs appear here when NVML finds them; with a cluster (Home page), the devices of "
+                                  "its live nodes as NODE/DEVICE.")
     kind = st.radio("Design", DESIGN_KINDS, format_func=DESIGN_LABELS.get, key="profile_design")
     c1, c2, c3 = st.columns(3)
     inputs_text = c1.text_input("Input tokens", "8,32,128", key="profile_inputs",
@@ -69,6 +75,10 @@ with st.form("new_job"):
                                     help="Identical requests run together; a trial's runtime and energy cover the batch.")
     preview = st.form_submit_button("Check the design")
     start = st.form_submit_button("Start profiling", type="primary")
+if isinstance(found, BaseException):
+    st.warning(f"The cluster's devices are not offered: {found}")
+if cluster:
+    show_reading()
 
 
 def job_request():

@@ -761,3 +761,256 @@ def test_the_single_host_path_never_imports_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# -- qualified names through schedules, plans and executions; the migration ---------------------------
+
+def write_schedule(path: Path, rows: list[str]) -> Path:
+    path.write_text("id,model,device,input_tokens,output_tokens,predicted_energy_j,predicted_runtime_s,device_start_s\n"
+                    + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_schedule_names_cluster_devices_only_while_a_cluster_address_is_set(demo_store: Store, tmp_path, monkeypatch):
+    from engine.execution import import_schedule, plan_queries
+
+    schedule = write_schedule(tmp_path / "s.csv", ["a1,demo-large,nodeA/cpu,8,4,1,0.1,0", "b1,demo-large,nodeB/CUDA,8,4,1,0.1,0",
+                                                   "h1,demo-large,cpu,8,4,1,0.1,0"])
+    plan_id = import_schedule(demo_store, schedule)
+    assert sorted(plan_queries(demo_store, plan_id)["device"]) == ["cpu", "nodeA/cpu", "nodeB/cuda:0"]
+    monkeypatch.delenv(ADDRESS_ENV)
+    with pytest.raises(InputError) as refused:
+        import_schedule(demo_store, schedule)
+    problems = [str(p) for p in refused.value.problems]
+    assert len(problems) == 2 and f"{schedule}:2" in problems[0] and f"{schedule}:3" in problems[1]
+    assert "nodeA/cpu is a device of a cluster node; set PLANNER_RAY_ADDRESS" in problems[0]
+    assert demo_store.query_one("SELECT count(*) FROM plans")[0] == 1  # the refused file stored nothing
+
+
+def test_model_files_are_checked_on_this_host_for_its_devices_and_left_to_the_node_for_a_nodes(demo_store: Store):
+    demo_store.execute("UPDATE models SET path = '/only/on/the/nodes/demo-large.gguf' WHERE name = 'demo-large'")
+    node_plan, here_plan = make_plan(demo_store, {"nodeA/cpu": 2}), make_plan(demo_store, {"cpu": 2})
+    assert create_execution(demo_store, node_plan).status == "queued"
+    with pytest.raises(InputError, match="the files of 'demo-large' are no longer at /only/on/the/nodes"):
+        create_execution(demo_store, here_plan)
+    job = jobs.create_job(demo_store, "demo-large", "nodeB/cpu", "custom", inputs=[8], outputs=[4], settings=SETTINGS)
+    assert job.device == "nodeB/cpu"
+    with pytest.raises(InputError, match="demo-large's files are gone"):
+        jobs.prepare_job(demo_store, "demo-large", "cpu", "custom", inputs=[8], outputs=[4], settings=SETTINGS)
+
+
+def test_a_plan_over_two_nodes_devices_keeps_their_names_and_a_deadline_each_and_runs_there(demo_store: Store,
+                                                                                            tmp_path):
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+    from engine.planning import PlanSettings, plan_workload, read_workload
+    from tests.conftest import write_grid_csv
+
+    grid = write_grid_csv(tmp_path / "grid.csv", "estimated").read_text().splitlines()
+    slower = [",".join(f"{float(v) * 2:g}" if i in (4, 5) else v for i, v in enumerate(line.split(",")))
+              for line in grid[1:]]
+    text = "\n".join([grid[0], *[line.replace("sim,gpu0,", "demo-large,nodeA/cpu,") for line in grid[1:]],
+                      *[line.replace("sim,gpu0,", "demo-large,nodeB/cpu,") for line in slower]])
+    (tmp_path / "m.csv").write_text(text + "\n")
+    import_measurements(demo_store, tmp_path / "m.csv")
+    fits = save_fits(demo_store, fit_all(demo_store, model="demo-large"))
+    assert {f.device for f in fits} == {"nodeA/cpu", "nodeB/cpu"}
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens,output_tokens\n" + "".join(f"q{i},32,8\n" for i in range(20)))
+    alone = plan_workload(demo_store, read_workload(workload), PlanSettings())
+    assert alone.assignments == {"demo-large@nodeA/cpu": 20}  # the faster node's device takes everything
+    needed_s = alone.per_device_runtime_s["nodeA/cpu"]
+    split = plan_workload(demo_store, read_workload(workload),
+                          PlanSettings(deadlines_s={"nodeA/cpu": needed_s / 2, "nodeB/cpu": 10 * needed_s}))
+    assert set(split.assignments) == {"demo-large@nodeA/cpu", "demo-large@nodeB/cpu"}  # a deadline per device
+    assert split.per_device_runtime_s["nodeA/cpu"] <= needed_s / 2 * 1.001
+    execution = create_execution(demo_store, split.plan_id)
+    drive_execution(demo_store, execution.id, FakeCluster(), measuring=EXECUTION_FAKES, poll_s=0.01)
+    frame = results(demo_store, execution.id)
+    assert len(frame) == 20 and set(frame["device"]) == {"nodeA/cpu", "nodeB/cpu"}
+    assert (frame["host"] == frame["device"].str.split("/").str[0]).all()
+
+
+def test_the_migration_records_each_measurements_host_and_an_old_database_plans_as_before(tmp_path):
+    import duckdb
+
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+    from engine.planning import PlanSettings, plan_workload, read_workload
+    from engine.store import MIGRATIONS, migrate
+    from tests.conftest import write_grid_csv
+
+    hosts = next(m for m in MIGRATIONS if m.description.startswith("device names:"))
+    before = tuple(m for m in MIGRATIONS if m.version < hosts.version)
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        migrate(con, before)
+    old = Store(path, migrations=before)
+    catalog.add_model(old, name="sim", accuracy=0.6, accuracy_source="test", backend="external", path=None)
+    import_measurements(old, write_grid_csv(tmp_path / "grid.csv"))
+    save_fits(old, fit_all(old))
+    workload = tmp_path / "w.csv"
+    workload.write_text("id,input_tokens,output_tokens\n" + "".join(f"q{i},{8 * (i + 1)},16\n" for i in range(10)))
+    planned_before = plan_workload(old, read_workload(workload), PlanSettings(deadline_s=100.0))
+    rows = [  # (id, job, origin, device, host) as versions before the migration left them
+        (1001, 1, "profiled", "cpu", None), (1002, 1, "profiled", "cpu", "elsewhere"),
+        (1003, 2, "profiled", "nodeA/cpu", "apphost"), (1004, None, "imported", "cpu", None),
+        (1005, None, "executed", "cpu", None), (1006, None, "executed", "nodeB/cuda:0", None)]
+    with old.transaction() as con:
+        con.execute("INSERT INTO profiling_jobs (id, model, device, host, design, status) VALUES "
+                    "(1, 'sim', 'cpu', 'apphost', '{}', 'done'), (2, 'sim', 'nodeA/cpu', 'apphost', '{}', 'done')")
+        con.execute("INSERT INTO executions (id, plan_id, host, status) VALUES (1, 1, 'apphost', 'done')")
+        for id_, job, origin, device, host in rows:
+            con.execute("INSERT INTO measurements (id, job_id, origin, model, device, host, input_tokens, "
+                        "output_tokens, runtime_s) VALUES (?, ?, ?, 'sim', ?, ?, 8, 8, 0.1)",
+                        [id_, job, origin, device, host])
+        con.execute("INSERT INTO execution_results (execution_id, query_id, model, device, input_tokens, "
+                    "output_tokens, measurement_id) VALUES (1, 'x', 'sim', 'cpu', 8, 8, 1005), "
+                    "(1, 'y', 'sim', 'nodeB/cuda:0', 8, 8, 1006)")
+
+    new = Store(path)
+    assert new.schema_version() == MIGRATIONS[-1].version
+    stored = dict(new.query_df("SELECT id, coalesce(host, 'none') FROM measurements WHERE id > 1000").itertuples(
+        index=False))
+    assert stored == {1001: "apphost", 1002: "elsewhere", 1003: "nodeA", 1004: "none", 1005: "apphost",
+                      1006: "nodeB"}
+    assert new.query_one("SELECT count(*) FROM measurements WHERE id < 1000 AND host IS NULL")[0] == 36  # imported
+    planned_after = plan_workload(new, read_workload(workload), PlanSettings(deadline_s=100.0))
+    assert planned_after.assignments == planned_before.assignments == {"sim@gpu0": 10}
+    assert planned_after.energy_j == pytest.approx(planned_before.energy_j)
+    assert planned_after.per_device_runtime_s == pytest.approx(planned_before.per_device_runtime_s)
+
+
+# -- the cluster setting, the inventory in a process of its own, the CLI ------------------------------
+
+def two_nodes_one_left() -> ClusterInventory:
+    return ClusterInventory("10.0.0.5:6379", tuple(nodes_from_records(
+        [record("nodeA", True), record("nodeC", True), record("nodeB", False, DeathReasonMessage="killed")],
+        {"nodeA": NodeFacts("nodeA", "hostA", (CPU,), (SensorStatus("estimate", "cpu", "estimated", "no RAPL"),))})))
+
+
+def test_the_saved_address_is_checked_and_the_environment_wins(store: Store, monkeypatch):
+    from engine.runs.cluster import configured_address, save_address, saved_address
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    assert configured_address(store) == (None, None)
+    assert save_address(store, " head.lab ") == "head.lab:6379"
+    assert saved_address(store) == "head.lab:6379"
+    assert configured_address(store) == ("head.lab:6379", "the saved setting")
+    with pytest.raises(ClusterConfigError, match="not a cluster address"):
+        save_address(store, "head:port")
+    assert saved_address(store) == "head.lab:6379"
+    monkeypatch.setenv(ADDRESS_ENV, "10.0.0.5:6379")
+    assert configured_address(store) == ("10.0.0.5:6379", ADDRESS_ENV)
+    assert save_address(store, "") is None and saved_address(store) is None
+
+
+def test_the_inventory_round_trips_through_json_and_a_failing_process_says_why_in_words(monkeypatch):
+    from dataclasses import asdict
+
+    from engine.cluster.errors import ClusterError
+    from engine.cluster.inventory import read_inventory_in_subprocess
+
+    inventory = two_nodes_one_left()
+    again = ClusterInventory.from_dict(json.loads(json.dumps(asdict(inventory))))
+    assert again == inventory
+    assert [d.name for d in again.live_devices()] == ["nodeA/cpu", "nodeC/cpu"]
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="^connecting to a cluster needs token authentication"):
+        read_inventory_in_subprocess("127.0.0.1:9", timeout_s=60)
+    assert time.monotonic() - started < 60
+
+
+def test_an_executions_parts_by_node_and_where_a_failed_device_may_move(demo_store: Store):
+    from engine.cluster.runstate import apply_moves, move_candidates, parts_table
+    from engine.execution import execution_progress
+
+    execution = create_execution(demo_store, make_plan(demo_store, {"nodeA/cpu": 3, "nodeB/cpu": 4}))
+    with pytest.raises(PlannerError):
+        drive_execution(demo_store, execution.id, FakeCluster({"nodeB/cpu": {"lose_after": 1}}),
+                        measuring=EXECUTION_FAKES, poll_s=0.01)
+    table = parts_table(execution_progress(demo_store, execution.id).devices, part_states(demo_store, execution.id))
+    assert table[["node", "device", "done", "total", "status"]].values.tolist() == [
+        ["nodeA", "nodeA/cpu", 3, 3, "done"], ["nodeB", "nodeB/cpu", 1, 4, "failed"]]
+    assert "node nodeB was lost" in table.reason.iloc[1]
+    inventory = two_nodes_one_left()
+    live = [d.name for d in inventory.live_devices()]
+    assert move_candidates("nodeB/cpu", ["nodeA/cpu", "nodeB/cpu"], live, inventory.same_type) == ["nodeC/cpu"]
+    runs.set_status(demo_store, runs.EXECUTION, execution.id, "failed", "nodeB lost")
+    with pytest.raises(InputError, match="nodeB/cpu cannot stand in for nodeA/cpu: node nodeB has left"):
+        apply_moves(demo_store, execution.id, {"nodeA/cpu": "nodeB/cpu"}, same_type=inventory.same_type)
+    assert placement(demo_store, execution.id) == {}  # nothing kept when one move is refused
+    assert apply_moves(demo_store, execution.id, {"nodeB/cpu": "nodeC/cpu"},
+                       same_type=inventory.same_type) == {"nodeB/cpu": "nodeC/cpu"}
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    use_cluster(None)  # the CLI sets this process's cluster; tests run in one process
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_cluster_commands_without_a_cluster_say_so_in_one_sentence(store: Store, demo_models, monkeypatch):
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    catalog.register_demo_models(store, list(demo_models.values()))
+    db = str(store.path)
+    code, out, err = cli("nodes", "--db", db)
+    assert code == 2 and out == ""
+    assert err.strip() == ("--ray-address: no cluster address is set; expected the head's HOST:PORT, given here or "
+                           "in PLANNER_RAY_ADDRESS (or saved on the Home page)")
+    code, _, err = cli("execute", "--resume", "1", "--move", "nodeB/cpu=nodeC/cpu", "--db", db)
+    assert code == 2 and "no cluster address is set" in err
+    code, _, err = cli("--ray-address", "head:port", "status", "--db", db)
+    assert code == 2 and err.startswith("--ray-address: 'head:port' is not a cluster address")
+    code, out, _ = cli("status", "--db", db)
+    assert code == 0 and "cluster: none, everything runs on this host" in out
+    code, _, err = cli("profile", "--model", "demo-large", "--device", "nodeA/cpu", "--db", db)
+    assert code == 2 and "nodeA/cpu is a device of a cluster node; set PLANNER_RAY_ADDRESS" in err
+
+
+def test_the_cluster_commands_list_nodes_start_one_and_move_a_device_before_resume(demo_store: Store, monkeypatch):
+    from engine.cluster import inventory as inventory_module
+    from engine.runs.cluster import save_address
+
+    monkeypatch.delenv(ADDRESS_ENV)
+    asked = []
+    monkeypatch.setattr(inventory_module, "read_inventory_in_subprocess",
+                        lambda address, probe=True: asked.append((address, probe)) or two_nodes_one_left())
+    db = str(demo_store.path)
+    save_address(demo_store, "10.0.0.5:6379")  # the Home page's setting counts for the CLI too
+    code, out, _ = cli("nodes", "--db", db)
+    assert code == 0 and asked == [("10.0.0.5:6379", True)]
+    assert out.splitlines()[0] == "cluster at 10.0.0.5:6379: 2 of 3 nodes alive"
+    assert "nodeB (left, left the cluster (killed))" in out
+    code, out, _ = cli("--ray-address", "10.0.0.6:6379", "nodes", "--json", "--no-probe", "--db", db)
+    assert code == 0 and asked[-1] == ("10.0.0.6:6379", False)
+    assert [n["name"] for n in json.loads(out)["nodes"]] == ["nodeA", "nodeC", "nodeB"]
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    code, out, _ = cli("--ray-address", "10.0.0.5:6379", "node", "start", "--name", "nodeA", "--dry-run")
+    assert code == 0 and "ray start --address 10.0.0.5:6379 --node-name nodeA" in out
+    code, _, err = cli("node", "start", "--name", "nodeA", "--dry-run")  # no cluster in this process now
+    assert code == 2 and "give the head's address (--address HOST:PORT, or a cluster address) or --head" in err
+
+    use_cluster("10.0.0.5:6379")
+    execution = create_execution(demo_store, make_plan(demo_store, {"nodeA/cpu": 2, "nodeB/cpu": 3}))
+    with pytest.raises(PlannerError):
+        drive_execution(demo_store, execution.id, FakeCluster({"nodeB/cpu": {"lose_after": 1}}),
+                        measuring=EXECUTION_FAKES, poll_s=0.01)
+    runs.set_status(demo_store, runs.EXECUTION, execution.id, "failed", "nodeB lost")
+    code, _, err = cli("execute", "--resume", str(execution.id), "--move", "nodeB/cpu=nodeA/cpu", "--db", db)
+    assert code == 2 and "nodeA/cpu runs queries of its own" in err
+    monkeypatch.delenv("RAY_AUTH_MODE")  # the resumed run's driver fails at once, in words (no token)
+    code, _, err = cli("execute", "--resume", str(execution.id), "--move", "nodeB/cpu=nodeC/cpu", "--db", db)
+    assert "nodeB/cpu: what is left runs on nodeC/cpu" in err
+    assert placement(demo_store, execution.id) == {"nodeB/cpu": "nodeC/cpu"}
+    assert code == 1 and "needs token authentication" in get_execution(demo_store, execution.id).reason

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from engine.cluster.connection import check_token
-from engine.cluster.errors import ClusterError
+from engine.cluster.errors import ClusterConfigError, ClusterError
 from engine.cluster.facts import DeviceFacts, detect_devices
 from engine.cluster.naming import NODE_LABEL, QualifiedDevice, check_node_name, label_value
 from engine.errors import PlannerError
@@ -82,13 +82,9 @@ def node_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``start``: print the ``ray start`` command for this node's devices and run it (not with ``--dry-run``)."""
-    parser = argparse.ArgumentParser(prog="python -m engine.cluster.agent",
-                                     description="Start this host as a node of a Joule Planner cluster.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    start = commands.add_parser("start", help="join a cluster (or start its head) with this host's devices")
-    target = start.add_mutually_exclusive_group(required=True)
+def add_start_arguments(start: argparse.ArgumentParser, *, address_required: bool = True) -> None:
+    """The options of ``start`` (here and in ``python -m engine node start``)."""
+    target = start.add_mutually_exclusive_group(required=address_required)
     target.add_argument("--address", help="the head's HOST:PORT")
     target.add_argument("--head", action="store_true", help="start the cluster's head here")
     start.add_argument("--port", type=int, default=6379, help="the head's port (with --head)")
@@ -96,9 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     start.add_argument("ray_options", nargs=argparse.REMAINDER,
                        help="after --: more `ray start` options (ports, --node-ip-address, --num-cpus, ...)")
-    args = parser.parse_args(argv)
+
+
+def start(args: argparse.Namespace) -> int:
+    """Print the ``ray start`` command for this node's devices and run it (not with ``--dry-run``).
+
+    ``args`` as :func:`add_start_arguments` defines them; exit 2 with a sentence on bad
+    input (no token, a bad name, neither an address nor ``--head``).
+    """
     extra = [a for a in args.ray_options if a != "--"]
     try:
+        if not args.head and not args.address:
+            raise ClusterConfigError("give the head's address (--address HOST:PORT, or a cluster address) or --head "
+                                     "to start the head here")
         name = check_node_name(args.name or default_node_name())
         check_token()
         devices = detect_devices()
@@ -114,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     return subprocess.run(command, env=node_environment(), cwd=PROJECT_ROOT).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``start``: see :func:`start`."""
+    parser = argparse.ArgumentParser(prog="python -m engine.cluster.agent",
+                                     description="Start this host as a node of a Joule Planner cluster.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_start_arguments(commands.add_parser("start", help="join a cluster (or start its head) with this host's devices"))
+    return start(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from engine.errors import PlannerError
 from engine.execution.jobs import get_execution
 from engine.execution.worker import StoreResultSink, queries_left
 from engine.profiling.jobs import get_job
-from engine.profiling.worker import StoreTrialSink, stored_trials
+from engine.profiling.worker import StoreTrialSink, run_job
 from engine.runs import EXECUTION, PROFILING, RunKind
 from engine.store import Store
 
@@ -78,25 +78,31 @@ def drive_profiling(store: Store, job_id: int, cluster: ClusterInterface, *,
                     measuring: dict | None = None, poll_s: float = POLL_S, stall_s: float = STALL_S) -> None:
     """Run (or continue) a profiling job on its cluster device, storing every trial as it arrives.
 
-    Raises PlannerError with the reason when the device's part failed, RunCancelled when stopped.
-    ``measuring`` goes to the node's :func:`~engine.profiling.worker.measure_job` (tests' fakes).
+    The job runs through :func:`~engine.profiling.worker.run_job`, as on this host, with
+    the measuring done on the node: whatever ``run_job`` hands its measuring (the trials
+    stored before, an adaptive job's earlier rounds and budget) goes to the node's
+    :func:`~engine.profiling.worker.measure_job`, and what that returns comes back.
+    Raises PlannerError with the reason when the device's part failed, RunCancelled when
+    stopped. ``measuring`` goes to the node's measuring too (tests' fakes; they must pickle).
     """
     job = get_job(store, job_id)
     where = parse_qualified(job.device)
     entry = catalog.get_model(store, job.model)
     if entry is None:
         raise PlannerError(f"model {job.model} is no longer in the catalog")
-    runs.mark_running(store, PROFILING, job.id)
-    work = ProfileWork(replace(job, device=where.device), entry.backend, entry.path, stored_trials(store, job.id),
-                       measuring or {})
-    sink = StoringSink(StoreTrialSink(store, job.id), {"add_trial": trial_key}, stored_trial_keys(store, job.id))
-    with runs.device_lock(store, str(where)):
-        results = drive(cluster, [Part(str(where), work)], sink.deliver, stop_requested=stop_requested,
-                        progress=progress, poll_s=poll_s, stall_s=stall_s)
-    progress(_stored_line(sink))
-    _raise_unless_done(results.values())
-    outcome = results[str(where)].value
-    runs.set_status(store, PROFILING, job.id, "done", getattr(outcome, "reason", None), only_if=("running",))
+
+    def on_node(node_job, backend: str, model_path, stored, sink, **node_measuring):
+        # The model's path as the catalog stores it: resolved on the node, under its own checkout.
+        work = ProfileWork(replace(node_job, device=where.device), backend, entry.path, stored, node_measuring)
+        storing = StoringSink(sink, {"add_trial": trial_key}, stored_trial_keys(store, job.id))
+        with runs.device_lock(store, str(where)):
+            results = drive(cluster, [Part(str(where), work)], storing.deliver, stop_requested=stop_requested,
+                            progress=progress, poll_s=poll_s, stall_s=stall_s)
+        progress(_stored_line(storing))
+        _raise_unless_done(results.values())
+        return results[str(where)].value
+
+    run_job(store, job, sink=StoreTrialSink(store, job.id), measure=on_node, **(measuring or {}))
 
 
 def drive_execution(store: Store, execution_id: int, cluster: ClusterInterface, *,

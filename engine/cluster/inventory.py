@@ -64,6 +64,18 @@ class ClusterInventory:
     head: str
     nodes: tuple[ClusterNode, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClusterInventory":
+        """The inverse of ``dataclasses.asdict`` (what ``--json`` prints)."""
+        nodes = tuple(ClusterNode(**{**n, "devices": tuple(ClusterDevice(**d) for d in n.get("devices", ())),
+                                     "sensors": tuple(SensorStatus(**x) for x in n.get("sensors", ()))})
+                      for n in data.get("nodes", ()))
+        return cls(str(data["head"]), nodes)
+
+    def live_devices(self) -> list[ClusterDevice]:
+        """The devices of the nodes alive now, node by node."""
+        return [d for n in self.nodes if n.alive for d in n.devices]
+
     def node(self, name: str) -> ClusterNode | None:
         return next((n for n in self.nodes if n.name == name), None)
 
@@ -162,6 +174,69 @@ def read_inventory(address: str | None = None, *, probe: bool = True) -> Cluster
     return ClusterInventory(str(head), tuple(nodes_from_records(records, facts)))
 
 
+#: Seconds the inventory's process may take (joining, and each live node's probe: 20 s at most).
+SUBPROCESS_TIMEOUT_S = 60.0
+
+
+def read_inventory_in_subprocess(address: str, *, probe: bool = True,
+                                 timeout_s: float = SUBPROCESS_TIMEOUT_S) -> ClusterInventory:
+    """:func:`read_inventory` run in a process of its own (``python -m engine.cluster.inventory --json``).
+
+    For the app and the CLI: Ray's driver, its signal handlers and any hang stay out of
+    the caller's process, and the answer comes within ``timeout_s`` or as an error in
+    words (ClusterUnreachableError); the process and its children are then killed.
+    """
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from engine.cluster.errors import ClusterError, ClusterUnreachableError
+    from engine.paths import PROJECT_ROOT
+
+    command = [sys.executable, "-m", "engine.cluster.inventory", "--address", address, "--json"]
+    process = subprocess.Popen(command + ([] if probe else ["--no-probe"]), cwd=PROJECT_ROOT, text=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+        raise ClusterUnreachableError(f"the cluster at {address} did not list its nodes within {timeout_s:g} s") from None
+    if process.returncode != 0:
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
+        said = next((line.removeprefix("error: ") for line in reversed(lines) if line.startswith("error: ")), None)
+        raise ClusterError(said or f"listing the cluster's nodes failed (exit {process.returncode}): "
+                                   f"{lines[-1] if lines else 'no message'}")
+    try:
+        return ClusterInventory.from_dict(json.loads(out))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ClusterError(f"the cluster's node list could not be read ({type(exc).__name__}: {exc})") from None
+
+
+def inventory_tables(inventory: ClusterInventory):
+    """The inventory as three tables for a page: nodes (``node, status, devices, note``), devices (``device, node,
+    status, model, memory_gib``) and sensors (``node, source, device, status, detail``). pandas DataFrames."""
+    import pandas as pd
+
+    nodes = pd.DataFrame([{"node": n.name, "status": n.status, "devices": len(n.devices),
+                           "note": n.note or ("" if n.devices else "offers no devices")}
+                          for n in inventory.nodes], columns=["node", "status", "devices", "note"])
+    devices = pd.DataFrame([{"device": d.name, "node": n.name, "status": n.status, "model": d.model,
+                             "memory_gib": None if d.memory_bytes is None else round(d.memory_bytes / 2**30, 1)}
+                            for n in inventory.nodes for d in n.devices],
+                           columns=["device", "node", "status", "model", "memory_gib"])
+    sensors = pd.DataFrame([{"node": n.name, "source": x.source, "device": x.device, "status": x.status,
+                             "detail": x.detail} for n in inventory.nodes for x in n.sensors],
+                           columns=["node", "source", "device", "status", "detail"])
+    return nodes, devices, sensors
+
+
 def describe(inventory: ClusterInventory) -> list[str]:
     """The inventory in lines of text: each node, its state, its devices and its sensors."""
     lines = [f"cluster at {inventory.head}: {sum(n.alive for n in inventory.nodes)} of {len(inventory.nodes)} "
@@ -189,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="The cluster's nodes, their devices and sensors, alive or gone.")
     parser.add_argument("--address", help="the head's HOST:PORT (default: $PLANNER_RAY_ADDRESS)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="only Ray's node table (faster): devices' models from their labels, no sensors")
     args = parser.parse_args(argv)
     try:
-        inventory = read_inventory(args.address)
+        inventory = read_inventory(args.address, probe=not args.no_probe)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

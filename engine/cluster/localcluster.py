@@ -202,3 +202,44 @@ class LocalCluster:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.cluster.localcluster [--nodes nodeA nodeB] --env-file PATH``: a test cluster until Ctrl-C.
+
+    Writes the environment a driver (the app, the CLI) needs to join it to ``PATH`` (mode
+    0600: it holds the token), as ``export`` lines, and waits for SIGINT or SIGTERM; then
+    stops the cluster and says whether any of its processes had to be killed.
+    """
+    import argparse
+    import shlex
+    import signal
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m engine.cluster.localcluster",
+                                     description="A loopback-only test cluster: a head and nodes, as the agent "
+                                                 "starts them, until interrupted.")
+    parser.add_argument("--nodes", nargs="+", default=["nodeA", "nodeB"], help="the nodes' names")
+    parser.add_argument("--env-file", required=True, help="where to write the environment that joins it (0600)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    cluster = LocalCluster(args.nodes).start()
+    for number in (signal.SIGINT, signal.SIGTERM):  # after the start: Ray's nodes install a SIGTERM handler
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        environment = {**cluster.environment(), ADDRESS_ENV: cluster.address}
+        descriptor = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.writelines(f"export {key}={shlex.quote(value)}\n" for key, value in environment.items())
+        print(f"cluster at {cluster.address}: head, {', '.join(args.nodes)}; environment in {args.env_file}",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        killed = cluster.stop()
+        print(f"stopped; {len(killed)} processes had to be killed" + (f": {killed}" if killed else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,11 +15,13 @@ A profiling job has one device, so its run's own status is its part's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import pandas as pd
+
 from engine.cluster.naming import is_qualified, parse_qualified
-from engine.errors import InputError, Problem
+from engine.errors import DeviceUnavailableError, InputError, Problem
 from engine.runs import ACTIVE
 from engine.store import Store
 
@@ -109,3 +111,61 @@ def move_device(store: Store, execution_id: int, device: str, to: str, *,
         moves[source] = target
     settings["devices"] = sorted(planned | set(moves.values()))
     _save(store, execution_id, settings)
+
+
+def parts_table(devices: pd.DataFrame, parts: Mapping[str, DevicePart]) -> pd.DataFrame:
+    """Each planned device's progress with its node and its part: ``node, device, runs_on, done, total, status,
+    reason``.
+
+    ``devices`` is an execution's per-device progress (``device, done, total``, as
+    :func:`engine.execution.execution_progress` gives it); ``parts`` its
+    :func:`part_states`. A device of this host has node ``""`` (this host); a device
+    without a part yet has status ``waiting``.
+    """
+    rows = []
+    for row in devices.itertuples(index=False):
+        device = str(row.device)
+        part = parts.get(str(parse_qualified(device)) if is_qualified(device) else device)
+        rows.append({"node": parse_qualified(device).node if is_qualified(device) else "",
+                     "device": device, "runs_on": part.runs_on if part else device,
+                     "done": int(row.done), "total": int(row.total),
+                     "status": part.status if part else "waiting", "reason": part.reason if part else None})
+    return pd.DataFrame(rows, columns=["node", "device", "runs_on", "done", "total", "status", "reason"])
+
+
+def move_candidates(device: str, planned: Iterable[str], live: Iterable[str],
+                    same_type: Callable[[str, str], str | None]) -> list[str]:
+    """The devices a planned cluster device's queries may move to: live (``live``, qualified names), of the
+    same type (``same_type`` returns None), and not running queries of their own (not in ``planned``)."""
+    taken = set(planned)
+    return [candidate for candidate in live
+            if candidate != device and candidate not in taken and same_type(device, candidate) is None]
+
+
+def apply_moves(store: Store, execution_id: int, moves: Mapping[str, str], *,
+                same_type: Callable[[str, str], str | None] | None = None) -> dict[str, str]:
+    """:func:`move_device` for each ``planned device -> device`` (a device to itself undoes its move);
+    returns the placement after. All are checked before any is kept."""
+    planned = planned_devices(store, execution_id)
+    problems = []
+    for device, to in moves.items():
+        try:
+            source, target = str(parse_qualified(device)), str(parse_qualified(to))
+        except DeviceUnavailableError as exc:
+            problems.append(Problem(f"execution {execution_id}", str(exc).rstrip("."), "device", "NODE/DEVICE"))
+            continue
+        if source not in planned:
+            problems.append(Problem(f"execution {execution_id}", f"has no device {source}", "device",
+                                    ", ".join(sorted(planned)) or "none"))
+        elif source != target and same_type is not None and same_type(source, target) is not None:
+            problems.append(Problem(f"execution {execution_id}", f"{target} cannot stand in for {source}: "
+                                    f"{same_type(source, target)}", "device", "a device of the same type on another node"))
+    targets = [str(parse_qualified(t)) for t in moves.values() if is_qualified(t)]
+    if len(targets) != len(set(targets)):
+        problems.append(Problem(f"execution {execution_id}", "two devices move to one", "device",
+                                "one device in place of one device"))
+    if problems:
+        raise InputError(problems)
+    for device, to in moves.items():
+        move_device(store, execution_id, device, to, same_type=same_type)
+    return placement(store, execution_id)

@@ -24,6 +24,7 @@ import pandas as pd
 from engine import catalog, runs
 from engine.backends.base import parse_device
 from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
+from engine.cluster.naming import is_qualified
 from engine.csvio import read_csv_rows
 from engine.errors import DeviceUnavailableError, InputError, Problem
 from engine.planning.workload import MAX_TOKENS_PER_QUERY
@@ -115,7 +116,8 @@ def import_schedule(store: Store, path: str | Path, *, runnable_here: bool = Tru
     """Store a schedule CSV (as written by ``plan``) as a plan of its own; returns its id.
 
     Every column is checked as the workload reader checks its own, and every problem is
-    reported at once by ``file:line``: a unique id; a model of the catalog; a device name;
+    reported at once by ``file:line``: a unique id; a model of the catalog; a device name
+    (``cpu``, ``cuda:N``; a cluster node's ``NODE/DEVICE`` only while a cluster address is set);
     token counts (whole, 1 to :data:`MAX_TOKENS_PER_QUERY`); predicted energy (J) and
     runtime (s) finite and ≥ 0; accuracy a fraction in [0, 1] (``64.5%`` is 0.645);
     device_start_s finite and ≥ 0; in_domain true or false; batch_id (a whole number ≥ 1)
@@ -185,10 +187,10 @@ def _schedule_row(row: dict[str, str], where: str, models: set[str]) -> tuple[di
         problems.append(Problem(where, f"model {record['model']!r} is not in the catalog", "model",
                                 "a model of the catalog (Models page)"))
     try:
-        spec = parse_device(record["device"])
-        record["device"] = "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"  # one name per device
+        record["device"] = _device_name(record["device"])
     except DeviceUnavailableError as exc:
-        problems.append(Problem(where, str(exc).rstrip("."), "device", "cpu, cuda or cuda:N"))
+        problems.append(Problem(where, str(exc).rstrip("."), "device",
+                                "cpu, cuda or cuda:N (this host), or NODE/DEVICE (a cluster node's)"))
     for column in ("input_tokens", "output_tokens"):
         text = row.get(column, "").strip()
         try:
@@ -228,6 +230,15 @@ def _schedule_row(row: dict[str, str], where: str, models: set[str]) -> tuple[di
         problems.append(Problem(where, f"{text!r} is not true or false", "in_domain",
                                 "true or false, or an empty cell (unknown)"))
     return record, problems
+
+
+def _device_name(text: str) -> str:
+    """A schedule's device in its one spelling: ``cpu``, ``cuda:N`` (this host's), or ``node/device`` (a cluster
+    node's, accepted only while a cluster address is set); DeviceUnavailableError in words otherwise."""
+    if is_qualified(text):
+        return runs.check_device(text)  # its spelling and a cluster address; the node is asked when the run starts
+    spec = parse_device(text)
+    return "cpu" if spec.kind == "cpu" else f"cuda:{spec.index or 0}"
 
 
 def _batch_cells(row: dict[str, str], where: str, record: dict) -> list[Problem]:
@@ -307,13 +318,20 @@ def _refusals(store: Store, queries: pd.DataFrame, *, busy: bool = True) -> tupl
     """(row position, why) for every row that cannot run on this host now: its model is not in
     the catalog or has no local files, its τin + τout exceeds the model's context, its device
     is not on this host or (with ``busy``) another run holds it now. Also the devices, as stored,
-    that are here."""
+    that are here.
+
+    A row on a cluster node's device (``node/device``) is not refused for model files missing
+    on this host: the node checks its own files before it runs anything, and fails that
+    device's part naming the node and the path (:func:`engine.cluster.work.missing_model_files`).
+    Its context is checked where this host has the files (the same model at the same path)."""
     by_model: dict[str, _Refusal | None] = {}
+    by_model_on_node: dict[str, _Refusal | None] = {}
     contexts: dict[str, int | None] = {}
     for model in queries["model"].unique():
         entry = catalog.get_model(store, model)
         by_model[model], contexts[model] = _model_refusal(model, entry), None
-        if entry is not None and by_model[model] is None:
+        by_model_on_node[model] = _model_refusal(model, entry, files_here=False)
+        if entry is not None and by_model_on_node[model] is None:
             contexts[model] = catalog.runtime_context_length(entry)
     by_device: dict[str, _Refusal | None] = {}
     here = []
@@ -330,8 +348,9 @@ def _refusals(store: Store, queries: pd.DataFrame, *, busy: bool = True) -> tupl
     refusals = []
     for position, row in enumerate(queries[["model", "device", "input_tokens", "output_tokens"]].itertuples(index=False)):
         context = contexts[row.model]
-        if by_model[row.model] is not None:
-            refusals.append((position, by_model[row.model]))
+        refusal = (by_model_on_node if is_qualified(row.device) else by_model)[row.model]
+        if refusal is not None:
+            refusals.append((position, refusal))
         elif context is not None and row.input_tokens + row.output_tokens > context:
             refusals.append((position, _Refusal(
                 "input_tokens", f"{row.input_tokens:,} + {row.output_tokens:,} tokens exceed the {context:,}-token "
@@ -341,13 +360,14 @@ def _refusals(store: Store, queries: pd.DataFrame, *, busy: bool = True) -> tupl
     return refusals, here
 
 
-def _model_refusal(model: str, entry: catalog.CatalogEntry | None) -> _Refusal | None:
+def _model_refusal(model: str, entry: catalog.CatalogEntry | None, *, files_here: bool = True) -> _Refusal | None:
+    """Why a model cannot run (not in the catalog, no local weights, with ``files_here`` its files gone), or None."""
     if entry is None:
         return _Refusal("model", f"model {model!r} is no longer in the catalog", "add it again on the Models page")
     if entry.backend == "external" or not entry.path or entry.path.startswith(catalog.HUB_PREFIX):
         return _Refusal("model", f"model {model!r} has no local weights here ({entry.backend}); it can be planned "
                         "with its measurements but not run", "a local model")
-    if not catalog.resolve_model_path(entry.path).exists():
+    if files_here and not catalog.resolve_model_path(entry.path).exists():
         return _Refusal("model", f"the files of {model!r} are no longer at {entry.path}",
                         "move them back, or give the new path on the Models page")
     return None

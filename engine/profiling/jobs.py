@@ -19,6 +19,7 @@ import pandas as pd
 from engine import catalog, runs
 from engine.catalog import model_context_length  # moved to engine.catalog; still importable from here
 from engine.backends.base import MAX_BATCH_SIZE
+from engine.cluster.naming import is_qualified
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
 from engine.profiling.design import Design, build_design, run_order
 from engine.profiling.stopping import StopRule, point_complete, point_outcome
@@ -230,20 +231,23 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     if entry.backend == "llama.cpp" and settings.batch_size != 1:
         raise InputError(Problem("batch size", f"{settings.batch_size}: the llama.cpp backend runs one request at a time",
                                  None, "batch size 1 for a .gguf model"))
-    if not catalog.resolve_model_path(entry.path).exists():
-        raise InputError(Problem("model", f"{model}'s files are gone from {entry.path}", None,
-                                 "restore them, or `models remove` and add it again"))
     try:
         device = runs.check_device(device)
     except DeviceUnavailableError as exc:
-        raise InputError(Problem("device", str(exc), None, "cpu, or cuda:N for a GPU this host has")) from None
+        raise InputError(Problem("device", str(exc), None, "cpu, or cuda:N for a GPU this host has, or NODE/DEVICE "
+                                 "for a cluster node's")) from None
+    files_here = catalog.resolve_model_path(entry.path).exists()
+    # A cluster node's device: the node checks its own files before it measures, naming itself and the path.
+    if not files_here and not is_qualified(device):
+        raise InputError(Problem("model", f"{model}'s files are gone from {entry.path}", None,
+                                 "restore them, or `models remove` and add it again"))
     if design_kind == "adaptive" and settings.budget_s is None:
         settings = replace(settings, budget_s=DEFAULT_BUDGET_S)
     elif design_kind != "adaptive" and settings.budget_s is not None:
         raise InputError(Problem("budget", f"a time budget ({settings.budget_s:g} s) applies to the adaptive design "
                                  f"only, not to {design_kind!r}", None, "the adaptive design, or no budget"))
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
-                          context_length=model_context_length(entry), seed=settings.seed)
+                          context_length=model_context_length(entry) if files_here else None, seed=settings.seed)
     return entry, device, design, settings
 
 

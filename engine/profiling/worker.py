@@ -145,12 +145,15 @@ def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, **measuring) -> None:
+def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, measure: Callable | None = None,
+            **measuring) -> None:
     """Run (or continue) a job to the end, storing every trial. Raises on failure; the caller records it.
 
     The job ends done; its reason says how many points did not converge and, for an
     adaptive job, why it stopped and the error it reached (None when there is nothing to say).
-    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep, clock).
+    ``measuring`` goes to :func:`measure_job` (factories, cancel flag, progress, sleep, clock), or
+    to ``measure``, which takes its place and its arguments: the cluster's driver measures
+    on a node this way (:mod:`engine.cluster.driver`), given all a resumed job needs.
     """
     entry = catalog.get_model(store, job.model)
     if entry is None:
@@ -158,9 +161,9 @@ def run_job(store: Store, job: Job, *, sink: TrialSink | None = None, **measurin
     runs.mark_running(store, PROFILING, job.id)
     if job.design.kind == "adaptive":
         measuring.setdefault("earlier_rounds", adaptive_rounds(store, job.id))
-    outcome = measure_job(job, entry.backend, catalog.resolve_model_path(entry.path), stored_trials(store, job.id),
-                          sink or StoreTrialSink(store, job.id), **measuring)
-    runs.set_status(store, PROFILING, job.id, "done", outcome.reason, only_if=("running",))
+    outcome = (measure or measure_job)(job, entry.backend, catalog.resolve_model_path(entry.path),
+                                       stored_trials(store, job.id), sink or StoreTrialSink(store, job.id), **measuring)
+    runs.set_status(store, PROFILING, job.id, "done", getattr(outcome, "reason", None), only_if=("running",))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ from engine.store import Store
 ADDRESS_ENV = "PLANNER_RAY_ADDRESS"
 DRIVER_MODULE = "engine.cluster.driver"
 
+#: The settings table's key for the address saved on the Home page.
+SETTING_KEY = "cluster_address"
+
 _address_override: str | None = None
 
 
@@ -39,6 +42,39 @@ def cluster_address(explicit: str | None = None) -> str | None:
         if value and value.strip():
             return value.strip()
     return None
+
+
+def saved_address(store: Store) -> str | None:
+    """The cluster address saved in the database (the Home page's setting), or None."""
+    row = store.query_one("SELECT value FROM settings WHERE key = ?", [SETTING_KEY])
+    return row[0] if row and row[0] else None
+
+
+def save_address(store: Store, address: str | None) -> str | None:
+    """Save the cluster address (checked: ``HOST[:PORT]``, port 6379 when left out), or clear it with None or ''.
+
+    Returns the address as saved. Raises ClusterConfigError when it is not an address.
+    """
+    text = (address or "").strip()
+    if not text:
+        store.execute("DELETE FROM settings WHERE key = ?", [SETTING_KEY])
+        return None
+    from engine.cluster.connection import parse_address  # no Ray: parsing only
+
+    saved = str(parse_address(text))
+    store.execute("INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, ?, current_timestamp)",
+                  [SETTING_KEY, saved])
+    return saved
+
+
+def configured_address(store: Store) -> tuple[str | None, str | None]:
+    """The cluster this installation uses, and where that came from: ``$PLANNER_RAY_ADDRESS`` wins over the
+    address saved in the database; ``(None, None)`` without a cluster."""
+    from_env = os.environ.get(ADDRESS_ENV, "").strip()
+    if from_env:
+        return from_env, ADDRESS_ENV
+    saved = saved_address(store)
+    return (saved, "the saved setting") if saved else (None, None)
 
 
 def run_devices(store: Store, kind: RunKind, run_id: int) -> list[str]:

@@ -369,6 +369,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    # Cluster device names.
+    Migration(
+        8,
+        "device names: every measurement this app took records the host that took it (a node's device, its node)",
+        (
+            # The rule (README, "Device names"): a short name (cpu, cuda:0) is a device of the app's own host,
+            # a qualified one (node/cuda:0) a device of that cluster node; nothing stored is renamed. A
+            # profiled or executed row names the host that measured it: the app's host, as its job or
+            # execution recorded it, or for a node's device the node. Imported rows keep no host (their file
+            # has none).
+            """
+            UPDATE measurements SET host = CASE WHEN strpos(device, '/') > 0 THEN split_part(device, '/', 1)
+                                                ELSE (SELECT j.host FROM profiling_jobs j WHERE j.id = measurements.job_id) END
+            WHERE origin = 'profiled' AND job_id IS NOT NULL
+              AND (host IS NULL OR (strpos(device, '/') > 0 AND host <> split_part(device, '/', 1)))
+            """,
+            """
+            UPDATE measurements SET host = CASE WHEN strpos(device, '/') > 0 THEN split_part(device, '/', 1)
+                                                ELSE coalesce(
+                                                    (SELECT e.host FROM execution_results r
+                                                     JOIN executions e ON e.id = r.execution_id
+                                                     WHERE r.measurement_id = measurements.id LIMIT 1),
+                                                    (SELECT e.host FROM execution_batches b
+                                                     JOIN executions e ON e.id = b.execution_id
+                                                     WHERE b.measurement_id = measurements.id LIMIT 1)) END
+            WHERE origin = 'executed'
+              AND (host IS NULL OR (strpos(device, '/') > 0 AND host <> split_part(device, '/', 1)))
+            """,
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
