@@ -1,5 +1,6 @@
 """Home: the real state of this installation, each part linked to its page."""
 
+import os
 import time
 
 import pandas as pd
@@ -9,7 +10,8 @@ from engine import firstrun, runs
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.fitting import load_reference_profiles
-from engine.formatting import format_accuracy, format_count, format_duration, format_parameters, format_timestamp
+from engine.formatting import (format_accuracy, format_count, format_duration, format_parameters, format_percent,
+                               format_timestamp)
 from engine.overview import latest_work, read_overview
 from engine.profiling import jobs
 from engine.cluster.inventory import inventory_tables
@@ -113,6 +115,48 @@ with st.container(border=True):
                          "measurements): data-centre-scale what-ifs without a GPU."):
         explore_published_profiles()
     first_run_progress()
+
+
+
+def first_run_reached() -> None:
+    """What the last first run reached, per demo model: its time, trials, and the fits' cross-validated
+    error beside the floor trial-to-trial noise sets; and a word when a busy machine spoiled it."""
+    try:
+        report = firstrun.first_run_report(store)
+    except PlannerError as exc:
+        show_error(exc)
+        return
+    if report.empty or first is None or first.status != "done":
+        return
+    with st.expander("What the first run reached", expanded=not view.has_measured_fits):
+        st.table(pd.DataFrame({
+            "Model": report.model,
+            "Time": report.elapsed_s.map(format_duration),
+            "Trials": [f"{int(t)} over {format_count(int(p), 'point')}" for t, p in zip(report.trials, report.points)],
+            "Energy error (CV)": [_error_with_floor(e, n) for e, n in zip(report.energy_cv_mape,
+                                                                          report.energy_noise_mape)],
+            "Runtime error (CV)": [_error_with_floor(e, n) for e, n in zip(report.runtime_cv_mape,
+                                                                            report.runtime_noise_mape)],
+            "Points not converged": report.unconverged_points.map(lambda n: "—" if pd.isna(n) else f"{int(n)}"),
+            "Why it stopped": report.job_reason.fillna(""),
+        }), hide_index=True)
+        st.caption("Error (CV): the fit's mean relative error on design points it did not see; the floor is what "
+                   "trial-to-trial noise alone gives. Energy here is **estimated** unless a sensor is listed below.")
+        loads = [x for x in (first.load_at_start, first.load_at_end) if x is not None]
+        cores = os.cpu_count() or 1
+        if loads and max(loads) > 0.75 * cores:
+            st.warning(f"The machine was busy during the first run (load {max(loads):.1f} on {cores} cores): its "
+                       "figures are noisier than a quiet run's. Profile again on the Profile page when it is quiet.")
+
+
+def _error_with_floor(error, floor) -> str:
+    if error is None or pd.isna(error):
+        return "not fitted"
+    text = format_percent(error)
+    return text if floor is None or pd.isna(floor) else f"{text} (noise floor {format_percent(floor)})"
+
+
+first_run_reached()
 
 # -- sensors -------------------------------------------------------------------------------------
 

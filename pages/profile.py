@@ -13,7 +13,7 @@ from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.profiling import jobs
 from engine.profiling.design import DESIGN_KINDS, parse_token_list
-from engine.formatting import format_count, format_duration, format_timestamp
+from engine.formatting import format_count, format_duration, format_percent, format_timestamp
 from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import get_store, show_error
 from ui.navigation import ensure_app_navigation
@@ -149,26 +149,54 @@ def jobs_table(history: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "job": history.id.map(lambda i: f"#{i}"), "model": history.model, "device": history.device,
         "status": history.status, "points": [f"{d} / {t}" for d, t in zip(history.points_done, history.points_total)],
-        "trials": history.trials, "reason": history.reason.fillna(""),
+        "trials": history.trials,
+        "points not converged": [("" if pd.isna(n) else f"{int(n)}") for n in history.unconverged],
+        "reason": history.reason.fillna(""),
         "created": history.created_at.map(format_timestamp), "finished": history.finished_at.map(format_timestamp)})
 
 
-def show_points(job, points: pd.DataFrame) -> None:
-    """What a job measured so far, per point: a chart and a table.
+def point_state(points: pd.DataFrame) -> list[str]:
+    """Each point in words: still measuring, converged, or not converged (its trials reached the cap
+    with a wide interval: ±x% is the 95% interval of its mean)."""
+    if "stopped" not in points.columns:
+        return ["" for _ in range(len(points))]
+    words = []
+    for unconverged, stopped, ci_rel in zip(points.unconverged, points.stopped, points.ci_rel):
+        if pd.isna(stopped):
+            words.append("measuring")
+        elif bool(unconverged):
+            words.append("not converged" + ("" if pd.isna(ci_rel) else f" (±{format_percent(ci_rel)})"))
+        elif stopped == "converged":
+            words.append("converged")
+        else:
+            words.append({"fixed-trials": "fixed trial count", "budget": "stopped at the budget",
+                          "settled": "enough for the fit"}.get(stopped, str(stopped)))
+    return words
 
-    This is where a point's own flags belong (a point that reached its most trials
-    without meeting the confidence rule is to be marked here, beside its trials).
-    """
+
+def show_points(job, points: pd.DataFrame) -> None:
+    """What a job measured so far, per point: a chart and a table; points whose trials reached the
+    cap without meeting the confidence rule are marked (and weigh less in the fits)."""
     estimated = (points.energy_source == "estimated").any()
     label = "mean energy per request (J, estimated)" if estimated else "mean energy per request (J)"
-    chart = points.assign(input=points.input_tokens.astype(str))
+    state = point_state(points)
+    chart = points.assign(input=points.input_tokens.astype(str),
+                          state=["not converged" if s.startswith("not") else "ok" for s in state])
     figure = px.scatter(chart, x="output_tokens", y="energy_j", color="input", size="trials", log_x=True,
+                        symbol="state", symbol_map={"ok": "circle", "not converged": "x"},
                         title=f"Measured so far: {job.model} on {job.device}",
-                        labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens"})
+                        labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens",
+                                "state": "point"})
     st.plotly_chart(figure, width="stretch", key=f"chart_{job.id}_{int(points.trials.sum())}")
     if estimated:
         st.caption("Energy is **estimated** (no sensor on this host): CPU time × watts per logical CPU.")
-    shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]]
+    loose = [s for s in state if s.startswith("not")]
+    if loose:
+        st.warning(f"{format_count(len(loose), 'point')} of {len(points)} did not converge: their trials reached "
+                   "the most allowed without a tight 95% interval (a busy machine, usually). They are marked ✕ "
+                   "here, and the fits weigh them less and flag them.")
+    shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]].assign(
+        point=state)
     st.dataframe(shown, hide_index=True, width="stretch",
                  column_config={"runtime_s": st.column_config.NumberColumn("mean runtime (s)", format="%.4f"),
                                 "energy_j": st.column_config.NumberColumn("mean energy (J)", format="%.4f")})

@@ -228,3 +228,39 @@ def test_models_page_loads_the_published_profiles(store: Store):
     assert not at.exception, at.exception
     assert any("Published coefficients, no measurements" in w.value for w in at.warning)
     assert "llama-2-70b" in catalog.list_models(store).name.tolist()
+
+
+def test_profile_page_marks_points_that_did_not_converge(store: Store, demo_models):
+    from tests.test_profiling import _old_job_with_trials
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    job_id = _old_job_with_trials(store, {(8, 8): [1.0, 3.0, 1.0, 3.0, 1.0], (8, 32): [2.0, 2.0, 2.0]})
+    at = app().run()
+    at.switch_page("pages/profile.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="profile_watch").value == job_id
+    assert any("1 point of 2 did not converge" in w.value for w in at.warning)
+    points = next(d.value for d in at.dataframe if "point" in d.value.columns).set_index(
+        ["input_tokens", "output_tokens"])
+    assert points.loc[(8, 8), "point"].startswith("not converged (±") and points.loc[(8, 32), "point"] == "converged"
+    listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
+    assert listed.loc[f"#{job_id}", "points not converged"] == "1"
+
+
+def test_home_says_what_the_first_run_reached(store: Store, monkeypatch):
+    from engine import firstrun
+
+    report = pd.DataFrame([{"model": "demo-small", "job_id": 1, "job_status": "done",
+                            "job_reason": "the error stopped improving", "elapsed_s": 61.0, "trials": 40, "points": 9,
+                            "energy_cv_mape": 0.0812, "runtime_cv_mape": 0.05, "energy_noise_mape": 0.041,
+                            "runtime_noise_mape": None, "unconverged_points": 2}])
+    state = firstrun.FirstRunState("done", "done", started=0.0, finished=61.0, load_at_start=0.1,
+                                   load_at_end=50.0)
+    monkeypatch.setattr(firstrun, "first_run_report", lambda _store: report)
+    monkeypatch.setattr(firstrun, "read_state", lambda _store: state)
+    at = app().run()
+    assert not at.exception, at.exception
+    reached = next(t.value for t in at.table if "Energy error (CV)" in t.value.columns).iloc[0]
+    assert reached["Energy error (CV)"] == "8.1% (noise floor 4.1%)" and reached["Runtime error (CV)"] == "5.0%"
+    assert reached["Time"] == "1 min 01 s" and reached["Points not converged"] == "2"
+    assert any("The machine was busy during the first run (load 50.0" in w.value for w in at.warning)
