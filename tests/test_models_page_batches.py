@@ -119,12 +119,12 @@ def test_a_batched_fit_gets_a_batch_size_selector_that_redraws_the_surface_at_th
     assert NOTE not in page_text(at)
     assert at.radio(key="fit_view_batched").options == ["per request", "per token", "per batch"]
     surface = surface_spec(at)
-    assert "energy (J per request, in batches of 1, estimated)" in surface["layout"]["title"]["text"]
+    assert "on cpu, batches of 1: energy (J per request, estimated)" in surface["layout"]["title"]["text"]
 
     selector.set_value(16).run()
     assert not at.exception, at.exception
     surface = surface_spec(at)
-    assert "energy (J per request, in batches of 16, estimated)" in surface["layout"]["title"]["text"]
+    assert "on cpu, batches of 16: energy (J per request, estimated)" in surface["layout"]["title"]["text"]
     # The surface is a request's share of a batch of 16 (x and y are log10 tokens on log axes).
     fitted = surface["data"][0]
     tokens_in, tokens_out = 10 ** values(fitted["x"]), 10 ** values(fitted["y"])
@@ -135,10 +135,16 @@ def test_a_batched_fit_gets_a_batch_size_selector_that_redraws_the_surface_at_th
     trials = hand_trials(fits)
     at_16 = trials[trials.batch_size == 16]
     assert sorted(values(points["z"])) == pytest.approx(sorted(at_16.energy_j / 16))
+    assert any("red points are measured trials at batch size 16." in c.value for c in at.caption)
+    selector.set_value(8).run()  # offered (a power of two), but no trial was measured there
+    assert not any(t.get("name", "").startswith("measured") for t in surface_spec(at)["data"])
+    assert any("no trial was measured at batch size 8 (measured at 1, 4, 16), so no red points." in c.value
+               for c in at.caption)
+    selector.set_value(16).run()
 
     at.radio(key="fit_view_batched").set_value("per batch").run()
     surface = surface_spec(at)
-    assert "energy (J per batch of 16, estimated)" in surface["layout"]["title"]["text"]
+    assert "on cpu, batches of 16: energy (J per batch, estimated)" in surface["layout"]["title"]["text"]
     assert sorted(values(trace(surface, "measured trials")["z"])) == pytest.approx(sorted(at_16.energy_j))
 
 
@@ -151,7 +157,7 @@ def test_a_batched_fit_draws_energy_per_request_against_batch_size_with_the_meas
     assert (at.number_input(key="fit_curve_in_a@cpu").value, at.number_input(key="fit_curve_out_a@cpu").value) == SHAPE
     spec = curve_spec(at)
     assert spec is not None and f"{SHAPE[0]} in, {SHAPE[1]} out" in spec["layout"]["title"]["text"]
-    assert "estimated" in spec["layout"]["yaxis"]["title"]["text"]
+    assert spec["layout"]["yaxis"]["title"]["text"] == "J per request, estimated"
     line = trace(spec, "fitted, estimated")
     sizes, per_request = values(line["x"]), values(line["y"])
     assert sizes.tolist() == list(range(1, 17))

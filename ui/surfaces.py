@@ -121,9 +121,7 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
     x, y, z, uncertainty = _grid_arrays(fit, view, batch_size)
     place = np.log10 if log_axes else (lambda tokens: tokens)
     unit = "J" if fit.target == "energy" else "s"
-    per = {"per token": " per token", BATCH_VIEW: f" per batch of {batch_size}"}.get(view, "")
-    if batched and view != BATCH_VIEW:
-        per = f"{per or ' per request'}, in batches of {batch_size}"
+    per = {"per token": " per token", BATCH_VIEW: " per batch"}.get(view, " per request" if batched else "")
     what = f"{fit.target} ({unit}{per}" \
            f"{', estimated' if fit.target == 'energy' and fit.energy_estimated else ''})"
     hover = "%{customdata[0]:,} in, %{customdata[1]:,} out: %{z:.4g} " + unit + "<extra></extra>"
@@ -150,7 +148,9 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
             name=f"measured trials at batch size {batch_size}" if batched else "measured trials",
             customdata=np.column_stack([shown.input_tokens, shown.output_tokens]), hovertemplate=hover))
     figure.update_layout(
-        title=f"{fit.model} on {fit.device}: {what}, form {fit.form}", height=480,
+        # Batched: the form is in the caption beside the chart, so that the title fits.
+        title=(f"{fit.model} on {fit.device}, batches of {batch_size}: {what}" if batched
+               else f"{fit.model} on {fit.device}: {what}, form {fit.form}"), height=480,
         margin={"l": 0, "r": 0, "t": 40, "b": 0},
         scene={"xaxis": _token_axis("input tokens", x, log_axes), "yaxis": _token_axis("output tokens", y, log_axes),
                "zaxis": {"title": f"{fit.target} ({unit}"
@@ -183,13 +183,15 @@ def batch_curve_figure(fit: FitResult, trials: pd.DataFrame | None, input_tokens
         figure.add_trace(go.Scatter(x=measured.batch_size, y=measured.per_request, mode="markers",
                                     name=f"measured trials{estimated}", marker={"size": 7, "color": "crimson"},
                                     hovertemplate=hover))
+    lo, hi = fit.batch_domain
+    ticks = sorted({lo, hi} | {2 ** k for k in range(0, 31) if lo <= 2 ** k <= hi})
     figure.update_layout(
         title=f"{fit.model} on {fit.device}: {fit.target} per request against batch size, "
               f"{input_tokens:,} in, {output_tokens:,} out",
         height=380, margin={"l": 0, "r": 0, "t": 40, "b": 0}, legend={"orientation": "h", "y": -0.2},
-        xaxis={"title": "batch size (requests per batch, log scale)", "type": "log"},
-        yaxis={"title": f"{fit.target} per request ({unit}{estimated}; the batch's / batch size)",
-               "rangemode": "tozero"})
+        xaxis={"title": "batch size (requests per batch, log scale)", "type": "log",
+               "tickvals": ticks, "ticktext": [str(b) for b in ticks]},
+        yaxis={"title": f"{unit} per request{estimated}", "rangemode": "tozero"})
     return figure
 
 
@@ -311,6 +313,19 @@ def _scope_note(pair: list[FitResult]) -> bool:
     return published
 
 
+def _points_sentence(fit: FitResult, trials: pd.DataFrame | None, batch_size: int) -> str:
+    """What the red points on the surface are (for a fit with a batch axis: which batch sizes have any)."""
+    if not fit.has_batch_axis:
+        return "red points are measured trials."
+    if trials is None or "batch_size" not in trials.columns:
+        return f"red points are measured trials at batch size {batch_size}."
+    measured = sorted(int(b) for b in trials.loc[trials[fit.value_column].notna(), "batch_size"].unique())
+    if batch_size in measured:
+        return f"red points are measured trials at batch size {batch_size}."
+    return (f"no trial was measured at batch size {batch_size} (measured at "
+            f"{', '.join(map(str, measured)) or 'none'}), so no red points.")
+
+
 BATCH_ONE_NOTE = ("Measured at batch size 1 only: profile with several batch sizes (`python -m engine profile "
                   "--model M --device D --batch-sizes 1,2,4,8`, or the Profile page) and fit again to see the "
                   "batching lever.")
@@ -397,9 +412,8 @@ def surfaces_panel(store: Store) -> None:
     size_shown = batch_size if fit.has_batch_axis else 1
     if view == BATCH_VIEW and not fit.has_batch_axis:  # its other target has a batch axis, this one not
         view = "per request"
-    points = f"measured trials at batch size {size_shown}" if fit.has_batch_axis else "measured trials"
-    controls.caption(f"Form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}; red points are {points}. "
-                     "Drag to turn the surface.")
+    controls.caption(f"Form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}; "
+                     f"{_points_sentence(fit, trials, size_shown)} Drag to turn the surface.")
     # One key: a new view updates the chart in place instead of building a new one.
     chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, size_shown, fit, trials),
                        width="stretch", key="surface")
