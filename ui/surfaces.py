@@ -122,6 +122,7 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
     place = np.log10 if log_axes else (lambda tokens: tokens)
     unit = "J" if fit.target == "energy" else "s"
     per = {"per token": " per token", BATCH_VIEW: " per batch"}.get(view, " per request" if batched else "")
+    z_unit = {"per token": "/token", BATCH_VIEW: "/batch"}.get(view, "/request" if batched else "")
     what = f"{fit.target} ({unit}{per}" \
            f"{', estimated' if fit.target == 'energy' and fit.energy_estimated else ''})"
     hover = "%{customdata[0]:,} in, %{customdata[1]:,} out: %{z:.4g} " + unit + "<extra></extra>"
@@ -153,8 +154,7 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
                else f"{fit.model} on {fit.device}: {what}, form {fit.form}"), height=480,
         margin={"l": 0, "r": 0, "t": 40, "b": 0},
         scene={"xaxis": _token_axis("input tokens", x, log_axes), "yaxis": _token_axis("output tokens", y, log_axes),
-               "zaxis": {"title": f"{fit.target} ({unit}"
-                                  f"{ {'per token': '/token', BATCH_VIEW: '/batch'}.get(view, '/request' if batched else '')})"},
+               "zaxis": {"title": f"{fit.target} ({unit}{z_unit})"},
                "aspectmode": "cube",
                "camera": {"eye": {"x": -1.7, "y": -1.7, "z": 1.2}}},  # the whole cube in a two-thirds-wide chart
         uirevision=f"{fit.model}@{fit.device}/{fit.target}")  # a redraw keeps the camera the user turned
