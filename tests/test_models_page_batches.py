@@ -70,7 +70,9 @@ def hand_trials(fits: dict[str, PageFit]) -> pd.DataFrame:
 
 def serve(monkeypatch: pytest.MonkeyPatch, batches=(1, 16)) -> dict[str, PageFit]:
     fits = {"energy": page_fit("energy", 101, batches), "runtime": page_fit("runtime", 102, batches)}
-    trials = hand_trials(fits) if batches is not None else hand_trials(fits).query("batch_size == 1")
+    trials = hand_trials(fits)
+    if not fits["energy"].has_batch_axis:
+        trials = trials[trials.batch_size == 1]
     monkeypatch.setattr("ui.surfaces.load_latest_fits", lambda store: list(fits.values()))
     monkeypatch.setattr("engine.batch_curves.load_trials", lambda store, model, device, energy_scope: trials)
     return fits
@@ -187,14 +189,16 @@ def test_a_batched_fit_draws_energy_per_request_against_batch_size_with_the_meas
     assert any("No trial was measured at this shape" in c.value for c in at.caption)
 
 
+@pytest.mark.parametrize("batches, measured_at", [(None, 1), ((8, 8), 8)])
 def test_a_fit_without_a_batch_axis_is_drawn_as_before_with_one_line_on_batch_sizes(
-        store: Store, monkeypatch: pytest.MonkeyPatch):
-    serve(monkeypatch, batches=None)
+        store: Store, monkeypatch: pytest.MonkeyPatch, batches, measured_at):
+    serve(monkeypatch, batches=batches)
     at = models_page()
     assert not at.select_slider and curve_spec(at) is None
     assert "Energy per request against batch size" not in [s.value for s in at.subheader]
     assert at.radio(key="fit_view").options == ["per request", "per token"]
-    assert sum(NOTE in c.value for c in at.caption) == 1
+    note = NOTE.replace("batch size 1", f"batch size {measured_at}")
+    assert sum(note in c.value for c in at.caption) == 1
     surface = surface_spec(at)
     assert "energy (J, estimated)" in surface["layout"]["title"]["text"]
     assert trace(surface, "measured trials")["name"] == "measured trials"

@@ -326,9 +326,11 @@ def _points_sentence(fit: FitResult, trials: pd.DataFrame | None, batch_size: in
             f"{', '.join(map(str, measured)) or 'none'}), so no red points.")
 
 
-BATCH_ONE_NOTE = ("Measured at batch size 1 only: profile with several batch sizes (`python -m engine profile "
-                  "--model M --device D --batch-sizes 1,2,4,8`, or the Profile page) and fit again to see the "
-                  "batching lever.")
+def one_batch_size_note(fit: FitResult) -> str:
+    """One line for a fit without a batch axis: the one batch size it was measured at, and how to see batching."""
+    return (f"Measured at batch size {fit.batch_domain[0]} only: profile with several batch sizes (`python -m engine "
+            "profile --model M --device D --batch-sizes 1,2,4,8`, or the Profile page) and fit again to see the "
+            "batching lever.")
 
 
 def _show_batch_curve(fit: FitResult, trials: pd.DataFrame | None, version: tuple) -> None:
@@ -419,7 +421,7 @@ def surfaces_panel(store: Store) -> None:
                        width="stretch", key="surface")
     if batched is None:
         if not all(f.source == "published" for f in pair):
-            st.caption(BATCH_ONE_NOTE)
+            st.caption(one_batch_size_note(fit))
     elif "energy" in by_target and by_target["energy"].has_batch_axis:
         _show_batch_curve(by_target["energy"], trials, version)
     _show_forms(pair)
