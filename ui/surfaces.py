@@ -1,6 +1,8 @@
 """The fitted surfaces part of the Models page: fit (in the background), then energy and
 runtime over (input, output) tokens with the measured trials, the forms compared, the
-coefficients, the residuals and the model card.
+coefficients, the residuals and the model card. A fit with a batch axis is drawn at a chosen
+batch size, per request (one batch's value / B), beside the energy per request against batch
+size at one request shape (:mod:`engine.batch_curves` computes both).
 
 Not a page of its own: pages/models.py calls :func:`show_surfaces`. A click on the view
 (a pair, per token, log axes) reruns only the surfaces panel (a fragment), and the fits,
@@ -18,10 +20,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from engine.batch_curves import (batch_size_choices, best_measured_shape, load_trials_by_batch_size,
+                                 measured_per_request, per_request_curve, residuals_by_batch_size, surface_grid_at,
+                                 trials_at_batch_size)
 from engine.errors import PlannerError
 from engine.fitting import (FitResult, energy_model_card, fit_all, load_latest_fits, load_reference_profiles,
-                            load_trials, residuals, save_fits, suggest_points, surface_grid)
-from engine.formatting import format_count, format_percent
+                            save_fits, suggest_points)
+from engine.formatting import format_count, format_energy, format_percent
 from engine.overview import count_executed_measurements, data_version
 from engine.store import Store
 from ui import background
@@ -39,13 +44,19 @@ def _latest_fits(db_path: str, version: tuple, _store: Store) -> list[FitResult]
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _trials(db_path: str, version: tuple, model: str, device: str, scope: str, _store: Store) -> pd.DataFrame:
-    return load_trials(_store, model, device, energy_scope=scope)
+    return load_trials_by_batch_size(_store, model, device, energy_scope=scope)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _surface_figure(fit_id: int, version: tuple, view: str, log_axes: bool, band: bool, _fit: FitResult,
-                    _trials: pd.DataFrame | None) -> go.Figure:
-    return surface_figure(_fit, _trials, view, log_axes, band=band)
+def _surface_figure(fit_id: int, version: tuple, view: str, log_axes: bool, band: bool, batch_size: int,
+                    _fit: FitResult, _trials: pd.DataFrame | None) -> go.Figure:
+    return surface_figure(_fit, _trials, view, log_axes, band=band, batch_size=batch_size)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _batch_curve_figure(fit_id: int, version: tuple, input_tokens: int, output_tokens: int, _fit: FitResult,
+                        _trials: pd.DataFrame | None) -> go.Figure:
+    return batch_curve_figure(_fit, _trials, input_tokens, output_tokens)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -63,16 +74,25 @@ def _suggestions(fit_ids: tuple[int, ...], _pair: list[FitResult]) -> pd.DataFra
 
 # -- figures ----------------------------------------------------------------------------------------
 
-def _grid_arrays(fit: FitResult, view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x, y, z and the 90% half-width of a single request, on the surface's grid."""
-    grid = surface_grid(fit, n=SURFACE_GRID_N, log=True)
+#: The views of a surface: per request and per token always; per batch for a fit with a batch axis.
+VIEWS = ("per request", "per token")
+BATCH_VIEW = "per batch"
+
+
+def _grid_arrays(fit: FitResult, view: str, batch_size: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x, y, z and the 90% half-width of the value shown (a single request's, or per batch a
+    whole batch's), on the surface's grid at this batch size."""
+    grid = surface_grid_at(fit, batch_size, n=SURFACE_GRID_N, log=True)
     column = fit.value_column
-    z_column = f"{column}_per_token" if view == "per token" else f"{column}_raw"
+    z_column = {"per token": f"{column}_per_token", BATCH_VIEW: f"{column}_batch"}.get(view, f"{column}_raw")
     size = int(np.sqrt(len(grid)))
     shape = (size, size)
     x = grid.input_tokens.to_numpy().reshape(shape)
     y = grid.output_tokens.to_numpy().reshape(shape)
     uncertainty = grid[f"{column}_uncertainty"].to_numpy().reshape(shape)
+    if view == BATCH_VIEW:
+        uncertainty = uncertainty * batch_size
     return x, y, grid[z_column].to_numpy().reshape(shape), uncertainty
 
 
@@ -91,12 +111,19 @@ def _token_axis(title: str, tokens: np.ndarray, log_axes: bool) -> dict:
 
 
 def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_axes: bool, *,
-                   band: bool = True) -> go.Figure:
-    """The fitted surface, its 90% band (trial noise plus the coefficients' uncertainty) and the measured trials."""
-    x, y, z, uncertainty = _grid_arrays(fit, view)
+                   band: bool = True, batch_size: int = 1) -> go.Figure:
+    """The fitted surface, its 90% band (trial noise plus the coefficients' uncertainty) and the measured trials.
+
+    A fit with a batch axis is drawn at ``batch_size``, with the trials measured at that batch
+    size; "per request" and "per token" are then a request's share of one batch (its value / B).
+    """
+    batched = fit.has_batch_axis
+    x, y, z, uncertainty = _grid_arrays(fit, view, batch_size)
     place = np.log10 if log_axes else (lambda tokens: tokens)
     unit = "J" if fit.target == "energy" else "s"
-    what = f"{fit.target} ({unit}{' per token' if view == 'per token' else ''}" \
+    per = {"per token": " per token", BATCH_VIEW: " per batch"}.get(view, " per request" if batched else "")
+    z_unit = {"per token": "/token", BATCH_VIEW: "/batch"}.get(view, "/request" if batched else "")
+    what = f"{fit.target} ({unit}{per}" \
            f"{', estimated' if fit.target == 'energy' and fit.energy_estimated else ''})"
     hover = "%{customdata[0]:,} in, %{customdata[1]:,} out: %{z:.4g} " + unit + "<extra></extra>"
     tokens = np.dstack([x, y])
@@ -109,33 +136,76 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
                                         colorscale=[[0, "grey"], [1, "grey"]], name=f"90% band ({label})",
                                         hoverinfo="skip"))
     column = fit.value_column
+    if batched:
+        trials = trials_at_batch_size(trials, batch_size)
     if trials is not None and len(trials) and trials[column].notna().any():
         shown = trials[trials[column].notna()]
-        values = shown[column] / (shown.input_tokens + shown.output_tokens) if view == "per token" else shown[column]
+        values = shown[column] if view == BATCH_VIEW or not batched else shown[column] / batch_size
+        if view == "per token":
+            values = values / (shown.input_tokens + shown.output_tokens)
         figure.add_trace(go.Scatter3d(
             x=place(shown.input_tokens.to_numpy(dtype=float)), y=place(shown.output_tokens.to_numpy(dtype=float)),
-            z=values, mode="markers", marker={"size": 3, "color": "crimson"}, name="measured trials",
+            z=values, mode="markers", marker={"size": 3, "color": "crimson"},
+            name=f"measured trials at batch size {batch_size}" if batched else "measured trials",
             customdata=np.column_stack([shown.input_tokens, shown.output_tokens]), hovertemplate=hover))
     figure.update_layout(
-        title=f"{fit.model} on {fit.device}: {what}, form {fit.form}", height=480,
+        # Batched: the form is in the caption beside the chart, so that the title fits.
+        title=(f"{fit.model} on {fit.device}, batches of {batch_size}: {what}" if batched
+               else f"{fit.model} on {fit.device}: {what}, form {fit.form}"), height=480,
         margin={"l": 0, "r": 0, "t": 40, "b": 0},
         scene={"xaxis": _token_axis("input tokens", x, log_axes), "yaxis": _token_axis("output tokens", y, log_axes),
-               "zaxis": {"title": f"{fit.target} ({unit}{'/token' if view == 'per token' else ''})"},
+               "zaxis": {"title": f"{fit.target} ({unit}{z_unit})"},
                "aspectmode": "cube",
                "camera": {"eye": {"x": -1.7, "y": -1.7, "z": 1.2}}},  # the whole cube in a two-thirds-wide chart
         uirevision=f"{fit.model}@{fit.device}/{fit.target}")  # a redraw keeps the camera the user turned
     return figure
 
 
+def batch_curve_figure(fit: FitResult, trials: pd.DataFrame | None, input_tokens: int,
+                       output_tokens: int) -> go.Figure:
+    """A request's share of one batch (the batch's value / B) against the batch size B, at one
+    shape, with its 90% band and the trials measured at that shape at each batch size."""
+    curve = per_request_curve(fit, input_tokens, output_tokens)
+    measured = measured_per_request(trials, fit.value_column, input_tokens, output_tokens)
+    unit = fit.unit
+    estimated = ", estimated" if fit.energy_estimated else ""
+    hover = "B = %{x}: %{y:.4g} " + unit + " per request<extra></extra>"
+    figure = go.Figure()
+    if curve["per_request_uncertainty"].notna().any():
+        low = np.maximum(curve.per_request - curve.per_request_uncertainty, 0.0)
+        figure.add_trace(go.Scatter(x=curve.batch_size, y=curve.per_request + curve.per_request_uncertainty,
+                                    mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False))
+        figure.add_trace(go.Scatter(x=curve.batch_size, y=low, mode="lines", line={"width": 0}, fill="tonexty",
+                                    fillcolor="rgba(128, 128, 128, 0.25)", name="90% band", hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=curve.batch_size, y=curve.per_request, mode="lines", name=f"fitted{estimated}",
+                                line={"color": "#440154", "width": 2}, hovertemplate=hover))
+    if len(measured):
+        figure.add_trace(go.Scatter(x=measured.batch_size, y=measured.per_request, mode="markers",
+                                    name=f"measured trials{estimated}", marker={"size": 7, "color": "crimson"},
+                                    hovertemplate=hover))
+    lo, hi = fit.batch_domain
+    ticks = sorted({lo, hi} | {2 ** k for k in range(0, 31) if lo <= 2 ** k <= hi})
+    figure.update_layout(
+        title=f"{fit.model} on {fit.device}: {fit.target} per request against batch size, "
+              f"{input_tokens:,} in, {output_tokens:,} out",
+        height=380, margin={"l": 0, "r": 0, "t": 40, "b": 0}, legend={"orientation": "h", "y": -0.2},
+        xaxis={"title": "batch size (requests per batch, log scale)", "type": "log",
+               "tickvals": ticks, "ticktext": [str(b) for b in ticks]},
+        yaxis={"title": f"{unit} per request{estimated}", "rangemode": "tozero"})
+    return figure
+
+
 def residual_figure(fit: FitResult, trials: pd.DataFrame) -> go.Figure:
-    frame = residuals(fit, trials)
+    frame = residuals_by_batch_size(fit, trials)
+    labels = [f"{i} in, {o} out" + (f", batch of {b}" if fit.has_batch_axis else "")
+              for i, o, b in zip(frame.input_tokens, frame.output_tokens, frame.batch_size)]
     figure = go.Figure(go.Scatter(x=frame.predicted, y=frame.relative_residual * 100, mode="markers",
-                                  marker={"size": 5}, text=[f"{i} in, {o} out" for i, o in
-                                                            zip(frame.input_tokens, frame.output_tokens)]))
+                                  marker={"size": 5}, text=labels))
     figure.add_hline(y=0, line_dash="dot")
     unit = "J" if fit.target == "energy" else "s"
     figure.update_layout(title=f"Residuals of {fit.target}: (measured − predicted) / measured", height=360,
-                         xaxis_title=f"predicted {fit.target} ({unit})", yaxis_title="relative residual (%)")
+                         xaxis_title=f"predicted {fit.target} ({unit}{' per batch' if fit.has_batch_axis else ''})",
+                         yaxis_title="relative residual (%)")
     return figure
 
 
@@ -215,7 +285,8 @@ def _show_coefficients(pair: list[FitResult]) -> None:
                                      for term, value in fit.coefficients.items()])
         r2 = "—" if fit.r2 is None else f"{fit.r2:.4f}"
         st.markdown(f"**{fit.target}** — form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}, R² {r2}, domain "
-                    f"input {fit.domain['input_tokens']}, output {fit.domain['output_tokens']} tokens")
+                    f"input {fit.domain['input_tokens']}, output {fit.domain['output_tokens']} tokens"
+                    + (f", batch size {list(fit.batch_domain)} (values per batch)" if fit.has_batch_axis else ""))
         st.dataframe(coefficients, hide_index=True, width="stretch",
                      column_config={"value": st.column_config.NumberColumn(format="%.6g")})
 
@@ -242,6 +313,59 @@ def _scope_note(pair: list[FitResult]) -> bool:
     return published
 
 
+def _points_sentence(fit: FitResult, trials: pd.DataFrame | None, batch_size: int) -> str:
+    """What the red points on the surface are (for a fit with a batch axis: which batch sizes have any)."""
+    if not fit.has_batch_axis:
+        return "red points are measured trials."
+    if trials is None or "batch_size" not in trials.columns:
+        return f"red points are measured trials at batch size {batch_size}."
+    measured = sorted(int(b) for b in trials.loc[trials[fit.value_column].notna(), "batch_size"].unique())
+    if batch_size in measured:
+        return f"red points are measured trials at batch size {batch_size}."
+    return (f"no trial was measured at batch size {batch_size} (measured at "
+            f"{', '.join(map(str, measured)) or 'none'}), so no red points.")
+
+
+def one_batch_size_note(fit: FitResult) -> str:
+    """One line for a fit without a batch axis: the one batch size it was measured at, and how to see batching."""
+    return (f"Measured at batch size {fit.batch_domain[0]} only: profile with several batch sizes (`python -m engine "
+            "profile --model M --device D --batch-sizes 1,2,4,8`, or the Profile page) and fit again to see the "
+            "batching lever.")
+
+
+def _show_batch_curve(fit: FitResult, trials: pd.DataFrame | None, version: tuple) -> None:
+    """Energy per request against batch size at a chosen shape, and what batching saves there."""
+    st.subheader("Energy per request against batch size")
+    default_in, default_out = best_measured_shape(trials, fit)
+    (in_lo, in_hi), (out_lo, out_hi) = fit.domain["input_tokens"], fit.domain["output_tokens"]
+    pair_key = f"{fit.model}@{fit.device}"  # each pair has its own token range
+    chart, controls = st.columns([3, 2])
+    tokens_in = int(controls.number_input("Input tokens", min_value=int(in_lo), max_value=int(in_hi),
+                                          value=int(min(max(default_in, in_lo), in_hi)), step=1,
+                                          key=f"fit_curve_in_{pair_key}"))
+    tokens_out = int(controls.number_input("Output tokens", min_value=int(out_lo), max_value=int(out_hi),
+                                           value=int(min(max(default_out, out_lo), out_hi)), step=1,
+                                           key=f"fit_curve_out_{pair_key}"))
+    chart.plotly_chart(_batch_curve_figure(fit.fit_id, version, tokens_in, tokens_out, fit, trials),
+                       width="stretch", key="batch_curve")
+    lo, hi = fit.batch_domain
+    ends = per_request_curve(fit, tokens_in, tokens_out, [lo, hi])
+    first, last = ends.per_request.iloc[0], ends.per_request.iloc[-1]
+    estimated = " (estimated)" if fit.energy_estimated else ""
+    saving = (f": batches of {hi} use {first / last:.1f}× less energy per request than batches of {lo}"
+              if last > 0 and first > last else "")
+    controls.markdown(f"Per request{estimated}: **{format_energy(first)}** at batch size {lo}, "
+                      f"**{format_energy(last)}** at {hi}{saving}.")
+    measured = measured_per_request(trials, fit.value_column, tokens_in, tokens_out)
+    if len(measured):
+        controls.caption(f"Red points: the {format_count(len(measured), 'trial')} measured at this shape, each "
+                         "batch's energy / its batch size. The line is the fit, its band 90%.")
+    else:
+        controls.caption("No trial was measured at this shape: the line is the fit alone (its band 90%). "
+                         f"The default shape, {default_in:,} in and {default_out:,} out, has the most batch sizes "
+                         "measured.")
+
+
 @st.fragment
 def surfaces_panel(store: Store) -> None:
     """One (model, device) at a time: choosing it, or the view, reruns only this panel."""
@@ -265,21 +389,41 @@ def surfaces_panel(store: Store) -> None:
 
     by_target = {f.target: f for f in pair}
     targets = sorted(by_target)
+    batched = next((f for f in sorted(pair, key=lambda f: f.target) if f.has_batch_axis), None)  # energy first
     chart, controls = st.columns([3, 2])
     # One 3-D chart at a time, two thirds wide, opaque, its band on request: a browser without
     # a GPU draws 3-D in software, and transparent layers cost it seconds per click.
     target = controls.segmented_control("Surface", targets, default=targets[0], key="fit_target") or targets[0]
-    view = controls.radio("View", ["per request", "per token"], horizontal=True, key="fit_view")
+    if batched is None:
+        view = controls.radio("View", list(VIEWS), horizontal=True, key="fit_view")
+        batch_size = 1
+    else:
+        view = controls.radio("View", [*VIEWS, BATCH_VIEW], horizontal=True, key="fit_view_batched",
+                              help="Per request and per token: a request's share of one batch (the batch's value / B).")
+        choices = batch_size_choices(batched, trials)
+        # Keyed per pair: another pair measured other batch sizes.
+        batch_size = controls.select_slider(
+            "Batch size", choices, value=choices[0], key=f"fit_batch_{model}@{device}",
+            help=f"The surface at this many requests per batch (measured {batched.batch_domain[0]} to "
+                 f"{batched.batch_domain[1]}), with the trials measured at this batch size.")
     log_axes = controls.toggle("Log axes", value=True, key="fit_log")
     band = controls.toggle("90% band", value=False, key="fit_band",
                            help="The range a single request's value falls in 9 times out of 10: trial noise plus the "
                                 "coefficients' own uncertainty, drawn as two grey surfaces.")
     fit = by_target[target]
-    controls.caption(f"Form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}; red points are measured trials. "
-                     "Drag to turn the surface.")
+    size_shown = batch_size if fit.has_batch_axis else 1
+    if view == BATCH_VIEW and not fit.has_batch_axis:  # its other target has a batch axis, this one not
+        view = "per request"
+    controls.caption(f"Form `{fit.form}`, CV MAPE {format_percent(fit.cv_mape)}; "
+                     f"{_points_sentence(fit, trials, size_shown)} Drag to turn the surface.")
     # One key: a new view updates the chart in place instead of building a new one.
-    chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, fit, trials), width="stretch",
-                       key="surface")
+    chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, size_shown, fit, trials),
+                       width="stretch", key="surface")
+    if batched is None:
+        if not all(f.source == "published" for f in pair):
+            st.caption(one_batch_size_note(fit))
+    elif "energy" in by_target and by_target["energy"].has_batch_axis:
+        _show_batch_curve(by_target["energy"], trials, version)
     _show_forms(pair)
     _show_coefficients(pair)
     if trials is not None and len(trials):
