@@ -264,3 +264,20 @@ def test_home_says_what_the_first_run_reached(store: Store, monkeypatch):
     assert reached["Energy error (CV)"] == "8.1% (noise floor 4.1%)" and reached["Runtime error (CV)"] == "5.0%"
     assert reached["Time"] == "1 min 01 s" and reached["Points not converged"] == "2"
     assert any("The machine was busy during the first run (load 50.0" in w.value for w in at.warning)
+
+
+def test_models_page_flags_points_that_did_not_converge(store: Store, demo_models):
+    from engine.fitting import fit_all, save_fits
+    from tests.test_profiling import _old_job_with_trials
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    steady = {(i, o): [0.001 * (i + 4 * o)] * 3 for i in (8, 32, 128) for o in (8, 32, 128)}
+    steady[(8, 8)] = [0.04, 0.12, 0.04, 0.12, 0.04]  # reached the 5-trial cap, ±50%
+    _old_job_with_trials(store, steady)
+    fits = fit_all(store)
+    assert any(f.unconverged_points == [[8, 8]] for f in fits)
+    save_fits(store, fits)
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, at.exception
+    assert any("1 measured point (input×output tokens: 8×8) did not converge" in w.value for w in at.warning)

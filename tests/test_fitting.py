@@ -624,3 +624,12 @@ def test_fit_json_keeps_its_design_shape():
 def test_fit_result_dict_round_trip_is_exact():
     fit = published_fits()[0]
     assert FitResult.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
+def test_an_unconverged_point_among_steady_ones_weighs_one_trial_not_zero():
+    from engine.fitting.selection import unconverged_weights
+
+    y = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 3.0, 1.0, 3.0])
+    inverse = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    weights = unconverged_weights(y, inverse, np.array([False, False, True]))
+    assert np.all(weights[:6] == 1.0) and np.allclose(weights[6:], 0.25)  # s²_ref = 0: a floor of 1/4, not 0

@@ -143,9 +143,11 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
         values = shown[column] if view == BATCH_VIEW or not batched else shown[column] / batch_size
         if view == "per token":
             values = values / (shown.input_tokens + shown.output_tokens)
+        loose = {tuple(point) for point in fit.unconverged_points}  # trials at points that did not converge: ✕
+        symbols = ["x" if (i, o) in loose else "circle" for i, o in zip(shown.input_tokens, shown.output_tokens)]
         figure.add_trace(go.Scatter3d(
             x=place(shown.input_tokens.to_numpy(dtype=float)), y=place(shown.output_tokens.to_numpy(dtype=float)),
-            z=values, mode="markers", marker={"size": 3, "color": "crimson"},
+            z=values, mode="markers", marker={"size": 3, "color": "crimson", "symbol": symbols},
             name=f"measured trials at batch size {batch_size}" if batched else "measured trials",
             customdata=np.column_stack([shown.input_tokens, shown.output_tokens]), hovertemplate=hover))
     figure.update_layout(
@@ -419,6 +421,12 @@ def surfaces_panel(store: Store) -> None:
     # One key: a new view updates the chart in place instead of building a new one.
     chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, size_shown, fit, trials),
                        width="stretch", key="surface")
+    if fit.unconverged_points:
+        listed = ", ".join(f"{i}×{o}" for i, o in fit.unconverged_points[:8])
+        more = "" if len(fit.unconverged_points) <= 8 else f" and {len(fit.unconverged_points) - 8} more"
+        st.warning(f"{format_count(len(fit.unconverged_points), 'measured point')} (input×output tokens: {listed}{more}) "
+                   "did not converge: their trials reached the most allowed without a tight 95% interval. They are "
+                   "drawn ✕ and weigh less in this fit; profile them again on a quiet machine to firm them up.")
     if batched is None:
         if not all(f.source == "published" for f in pair):
             st.caption(one_batch_size_note(fit))

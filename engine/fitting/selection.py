@@ -152,7 +152,7 @@ def _mape_optimal_values(y: np.ndarray, inverse: np.ndarray, n_points: int) -> n
 def unconverged_weights(y: np.ndarray, inverse: np.ndarray, loose: np.ndarray) -> np.ndarray:
     """Per-trial weights that count each unconverged point (``loose``, per point) by its mean's information.
 
-    min(1, s²_ref / s²_p) for the trials of a loose point p with at least 2 trials
+    min(1, s²_ref / s²_p), but at least 1/n_p, for the trials of a loose point p with n_p ≥ 2 trials
     (s²: relative variance between a point's trials; s²_ref: the median over converged
     points with 2 trials or more, else over all such points); 1 for every other trial.
     """
@@ -168,7 +168,9 @@ def unconverged_weights(y: np.ndarray, inverse: np.ndarray, loose: np.ndarray) -
     if len(reference_pool):
         reference = float(np.median(reference_pool))
         noisy = loose & repeated & (variance > 0)
-        point_weight[noisy] = np.minimum(1.0, reference / variance[noisy])
+        # At least one trial's worth: a point never drops out of the fit (steady converged
+        # points, s²_ref = 0, would otherwise weigh it 0 and leave its fold nothing to fit).
+        point_weight[noisy] = np.clip(reference / variance[noisy], 1.0 / counts[noisy], 1.0)
     return point_weight[inverse]
 
 
