@@ -94,7 +94,7 @@ def test_backend_count_tokens_has_no_special_tokens(served):
     assert backend.count_tokens("Hi there") == len(backend.prompt_tokenizer.prompt_ids("Hi there")) - 1
 
 
-# -- counting with the model's own tokenizer (moved from test_workload.py) ----------------
+# -- counting with the model's own tokenizer (moved from test_planning_workload.py) ----------------
 
 def test_demo_small_counts_with_its_own_tokenizer(demo_models):
     from transformers import AutoTokenizer

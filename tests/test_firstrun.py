@@ -135,7 +135,7 @@ def test_each_job_gets_an_equal_share_of_the_time_left():
 def test_the_first_run_profiles_adaptively_within_its_budget_and_reports_the_error_reached(store: Store, demo_models,
                                                                                          monkeypatch):
     from engine.profiling import jobs, worker
-    from tests.test_adaptive import SimBackend, SimClock, sim_meter
+    from tests.test_profiling_adaptive import SimBackend, SimClock, sim_meter
 
     catalog.register_demo_models(store, list(demo_models.values()))
     clock = SimClock()

@@ -23,7 +23,7 @@ from engine.planning.band import EnergyBand, band_sentence, plan_energy_band, un
 from engine.planning.service import stored_energy_band
 from engine.store import Store
 from tests.conftest import write_grid_csv
-from tests.test_plan_batches import BatchFit, batch_fit, entry, no_memory, predict, queries
+from tests.test_planning_batches import BatchFit, batch_fit, entry, no_memory, predict, queries
 from engine.planning import options_from_fits
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -128,7 +128,7 @@ def test_a_batch_is_drawn_from_its_start_for_its_whole_runtime():
 
 
 def batched_plan(n: int = 40, **settings):
-    from tests.test_plan_batches import predict, queries, two_models
+    from tests.test_planning_batches import predict, queries, two_models
 
     options, _ = two_models()
     tin, tout = queries(n, seed=3)
@@ -145,7 +145,7 @@ def test_the_timeline_of_a_batched_plan_ends_where_its_devices_do():
 
 
 def test_the_option_table_has_one_row_per_model_on_a_device_with_its_batch_sizes():
-    from tests.test_plan_batches import two_models
+    from tests.test_planning_batches import two_models
 
     options, _ = two_models()
     table = option_table(options, demo_models=set())
@@ -193,7 +193,7 @@ def test_batching_is_told_against_batch_one_and_the_best_single_option_at_its_be
 
 
 def test_without_a_batch_axis_one_line_says_how_to_profile_batch_sizes():
-    from tests.test_plan_batches import predict, queries, two_models
+    from tests.test_planning_batches import predict, queries, two_models
 
     options, _ = two_models(batches=None)
     tin, tout = queries(20, seed=3)

@@ -145,77 +145,103 @@ def drive(cluster: ClusterInterface, parts: list[Part], deliver: Callable[[Part,
     ``on_end`` hears of each part as it ends (the driver marks a lost device failed at once).
     With ``stop_requested`` true, every running part is stopped and ends cancelled.
     """
-    results: dict[str, PartResult] = {}
-    running: dict[int, tuple[Part, Any]] = {}
-    heard: dict[int, float] = {}  # when each part last sent anything
-    started: set[int] = set()  # the parts that sent their first batch
-
-    def end(part: Part, status: str, reason: str | None = None, value: Any = None) -> None:
-        result = PartResult(part.device, status, reason, value)
-        results[part.device] = result
-        progress(f"{part.device}: {status}" + (f": {reason}" if reason and status != "cancelled" else ""))
-        on_end(result)
-
+    streams = _Streams(cluster, on_end, progress, clock)
     for part in parts:
-        try:
-            handle = cluster.start(part)
-        except ClusterError as exc:
-            end(part, "failed", f"{part.device}: {exc}")
-            continue
-        running[id(handle)] = (part, handle)
-        heard[id(handle)] = clock()
-
+        streams.start(part)
     checked = clock()
-    while running:
+    while streams.running:
         if stop_requested():
-            for part, handle in running.values():
-                cluster.stop(handle)
-                end(part, "cancelled", "cancelled")
-            running.clear()
+            streams.stop_all()
             break
-        ready = cluster.wait([handle for _, handle in running.values()], poll_s)
-        for handle in ready:
-            part, _ = running[id(handle)]
-            heard[id(handle)] = clock()
-            started.add(id(handle))
-            try:
-                batch = cluster.take(handle)
-            except NodeLostError as exc:
-                cluster.stop(handle)
-                del running[id(handle)]
-                end(part, "failed", f"{part.device}: {exc}")
-                continue
-            if batch is None:  # the stream ended without saying how
-                del running[id(handle)]
-                end(part, "failed", f"{part.device}: its work ended without reporting how")
-                continue
-            for call in batch.calls:
-                deliver(part, call)
-            local = getattr(part.work, "device", None)
-            for line in batch.progress:
-                progress(f"{part.device}: {line.removeprefix(f'{local}: ') if local else line}")
-            if batch.end is not None:
-                cluster.stop(handle)  # the model's memory on the node is freed now, not when the run ends
-                del running[id(handle)]
-                end(part, *_ended(part, batch.end))
-        if running and clock() - checked >= liveness_s:
+        for handle in cluster.wait(streams.handles(), poll_s):
+            streams.take(handle, deliver)
+        if streams.running and clock() - checked >= liveness_s:
             checked = clock()
-            for key, why in cluster.lost([handle for _, handle in running.values()]).items():
-                part, handle = running.pop(key)
-                cluster.stop(handle)
-                end(part, "failed", f"{part.device}: {why}")
-        for key, (part, handle) in list(running.items()):
-            if key in started and clock() - heard[key] > stall_s:
+            for key, why in cluster.lost(streams.handles()).items():
+                streams.drop(key, why)
+        streams.drop_silent(stall_s, start_s)
+    return streams.results
+
+
+class _Streams:
+    """The parts of one :func:`drive`: those still running (by their handle's ``id``), when each
+    last sent anything, which have sent their first batch, and how the ended ones ended."""
+
+    def __init__(self, cluster: ClusterInterface, on_end: Callable[[PartResult], None],
+                 progress: Callable[[str], None], clock: Callable[[], float]) -> None:
+        self.cluster, self.on_end, self.progress, self.clock = cluster, on_end, progress, clock
+        self.results: dict[str, PartResult] = {}
+        self.running: dict[int, tuple[Part, Any]] = {}
+        self.heard: dict[int, float] = {}  # when each part last sent anything
+        self.started: set[int] = set()  # the parts that sent their first batch
+
+    def handles(self) -> list[Any]:
+        return [handle for _, handle in self.running.values()]
+
+    def end(self, part: Part, status: str, reason: str | None = None, value: Any = None) -> None:
+        result = PartResult(part.device, status, reason, value)
+        self.results[part.device] = result
+        self.progress(f"{part.device}: {status}" + (f": {reason}" if reason and status != "cancelled" else ""))
+        self.on_end(result)
+
+    def start(self, part: Part) -> None:
+        try:
+            handle = self.cluster.start(part)
+        except ClusterError as exc:
+            self.end(part, "failed", f"{part.device}: {exc}")
+            return
+        self.running[id(handle)] = (part, handle)
+        self.heard[id(handle)] = self.clock()
+
+    def stop_all(self) -> None:
+        """A stop request: every running part stopped, and ended cancelled."""
+        for part, handle in self.running.values():
+            self.cluster.stop(handle)
+            self.end(part, "cancelled", "cancelled")
+        self.running.clear()
+
+    def drop(self, key: int, why: str) -> None:
+        """A running part stopped, and ended failed with why."""
+        part, handle = self.running.pop(key)
+        self.cluster.stop(handle)
+        self.end(part, "failed", f"{part.device}: {why}")
+
+    def take(self, handle: Any, deliver: Callable[[Part, SinkCall], Any]) -> None:
+        """A ready part's next batch: its calls delivered, its progress passed on, its end recorded."""
+        part, _ = self.running[id(handle)]
+        self.heard[id(handle)] = self.clock()
+        self.started.add(id(handle))
+        try:
+            batch = self.cluster.take(handle)
+        except NodeLostError as exc:
+            self.drop(id(handle), str(exc))
+            return
+        if batch is None:  # the stream ended without saying how
+            del self.running[id(handle)]
+            self.end(part, "failed", f"{part.device}: its work ended without reporting how")
+            return
+        for call in batch.calls:
+            deliver(part, call)
+        local = getattr(part.work, "device", None)
+        for line in batch.progress:
+            self.progress(f"{part.device}: {line.removeprefix(f'{local}: ') if local else line}")
+        if batch.end is not None:
+            self.cluster.stop(handle)  # the model's memory on the node is freed now, not when the run ends
+            del self.running[id(handle)]
+            self.end(part, *_ended(part, batch.end))
+
+    def drop_silent(self, stall_s: float, start_s: float) -> None:
+        """Stop the parts that went quiet (``stall_s``) or never started (``start_s``)."""
+        clock = self.clock
+        for key, (part, _) in list(self.running.items()):
+            if key in self.started and clock() - self.heard[key] > stall_s:
                 why = f"no word from node {part.where.node} for {stall_s:g} s (frozen, or its network is gone)"
-            elif key not in started and clock() - heard[key] > start_s:
+            elif key not in self.started and clock() - self.heard[key] > start_s:
                 why = (f"node {part.where.node} did not start the work within {start_s:g} s (another run may hold "
                        "the device, or the node is overloaded)")
             else:
                 continue
-            cluster.stop(handle)
-            del running[key]
-            end(part, "failed", f"{part.device}: {why}; its work there was stopped")
-    return results
+            self.drop(key, f"{why}; its work there was stopped")
 
 
 def _ended(part: Part, end: End) -> tuple[str, str | None, Any]:

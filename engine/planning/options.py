@@ -123,16 +123,8 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
     what was left out or limited, and why.
     """
     memory_rules = memory_rules or catalog_memory_rule
-    chosen: dict[tuple[str, str], dict[str, FitResult]] = {}
+    chosen = _preferred_fits(fits, energy_scope)
     contexts: dict[str, int | None] = {}
-    for fit in fits:
-        if fit.energy_scope != energy_scope:
-            continue
-        slot = chosen.setdefault((fit.model, fit.device), {})
-        current = slot.get(fit.target)
-        rank = (fit.source == "measured", fit.fit_id or 0)
-        if current is None or rank >= (current.source == "measured", current.fit_id or 0):
-            slot[fit.target] = fit
     options, notes = [], []
     single_measured, single_published, limits, checked, unchecked = [], [], [], [], {}
     for (model, device), slot in sorted(chosen.items(), key=lambda item: (item[0][1], item[0][0])):
@@ -169,6 +161,21 @@ def options_from_fits(fits: list[FitResult], catalog: dict[str, CatalogEntry], e
         options += [replace(base, batch_size=size, memory=rule if size > 1 else None) for size in sizes]
     notes += _batch_notes(single_measured, single_published, limits, checked, unchecked)
     return options, notes
+
+
+def _preferred_fits(fits: list[FitResult], energy_scope: str) -> dict[tuple[str, str], dict[str, FitResult]]:
+    """Per (model, device), the fit of each target in ``energy_scope`` to plan with: a measured
+    fit over a published one, then the latest."""
+    chosen: dict[tuple[str, str], dict[str, FitResult]] = {}
+    for fit in fits:
+        if fit.energy_scope != energy_scope:
+            continue
+        slot = chosen.setdefault((fit.model, fit.device), {})
+        current = slot.get(fit.target)
+        rank = (fit.source == "measured", fit.fit_id or 0)
+        if current is None or rank >= (current.source == "measured", current.fit_id or 0):
+            slot[fit.target] = fit
+    return chosen
 
 
 def _batch_notes(single_measured: list[str], single_published: list[str], limits: list[str], checked: list[str],

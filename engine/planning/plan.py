@@ -618,30 +618,14 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
     too_tight: dict[str, float] = {}  # per device: a deadline for the shares that left no schedule
     loosened = 0
     for _ in range(MAX_DEADLINE_TIGHTENINGS if late else 0):
-        deadlines = dict(current)
-        if late:  # tighter, where the batches ran late
-            for device, needed in late.items():
-                shares = outcome.assignment_runtime_s[device]
-                seen.setdefault(device, []).append((shares, needed))
-                target = _shares_for(seen[device], settings.device_deadline(device))
-                if device in too_tight and target <= too_tight[device]:
-                    target = (too_tight[device] + shares) / 2
-                deadlines[device] = min(deadlines[device], target)
-                repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
-                               f"{format_duration(asked[device])}; the assignment was solved again with "
-                               f"{format_duration(deadlines[device])} of per-request shares there")
-        else:  # the batches fit: back towards the tightest deadline whose batches ran late, where time is left
-            roomy = [d for d in current
-                     if current[d] < too_late[d] and outcome.per_device_runtime_s[d] < asked[d] * (1 - LOOSEN_SLACK)]
-            if not roomy or loosened >= MAX_LOOSENINGS:
+        if late:
+            deadlines = _tighter_deadlines(current, late, outcome, settings, seen, too_tight, repairs)
+        else:
+            deadlines = None if loosened >= MAX_LOOSENINGS else _looser_deadlines(current, outcome, asked, seen,
+                                                                                  too_late)
+            if deadlines is None:
                 break
             loosened += 1
-            for device in roomy:  # the secant through the late point and this one, kept between the two
-                points = seen[device][-1:] + [(outcome.assignment_runtime_s[device],
-                                               outcome.per_device_runtime_s[device])]
-                target = _shares_for(points, asked[device], cap=False)
-                inside = current[device] < target < too_late[device]
-                deadlines[device] = target if inside else (current[device] + too_late[device]) / 2
         candidate = attempt(deadlines, allowed)
         if candidate.status not in ("optimal", "feasible"):
             for device, seconds in deadlines.items():
@@ -675,6 +659,43 @@ def solve_and_form(predictions: Predictions, settings: PlanSettings, allowed: np
     held = {d: seconds for d, seconds in current.items() if seconds != asked[d]}
     return FormedPlan(solution, outcome, min(requested_lower, solution.lower_bound), repairs, late, solve_s, solves,
                       assignment_deadlines_s=held)
+
+
+def _tighter_deadlines(current: dict[str, float], late: dict[str, float], outcome: Outcome, settings: PlanSettings,
+                       seen: dict[str, list[tuple[float, float]]], too_tight: dict[str, float],
+                       repairs: list[str]) -> dict[str, float]:
+    """The shares' deadlines held tighter on each device whose batches ran late (``late``: the
+    seconds they needed), never as tight as one that left no schedule; each late run is noted
+    in ``seen``, and said in ``repairs``."""
+    deadlines = dict(current)
+    for device, needed in late.items():
+        shares = outcome.assignment_runtime_s[device]
+        seen.setdefault(device, []).append((shares, needed))
+        target = _shares_for(seen[device], settings.device_deadline(device))
+        if device in too_tight and target <= too_tight[device]:
+            target = (too_tight[device] + shares) / 2
+        deadlines[device] = min(deadlines[device], target)
+        repairs.append(f"Batches on {device} needed {format_duration(needed)} against its deadline of "
+                       f"{format_duration(settings.device_deadline(device))}; the assignment was solved again with "
+                       f"{format_duration(deadlines[device])} of per-request shares there")
+    return deadlines
+
+
+def _looser_deadlines(current: dict[str, float], outcome: Outcome, asked: dict[str, float],
+                      seen: dict[str, list[tuple[float, float]]], too_late: dict[str, float]) -> dict[str, float] | None:
+    """The batches fit: the shares' deadlines back towards the tightest one whose batches ran late,
+    on the devices with more than :data:`LOOSEN_SLACK` of their deadline to spare; None when none has."""
+    roomy = [d for d in current
+             if current[d] < too_late[d] and outcome.per_device_runtime_s[d] < asked[d] * (1 - LOOSEN_SLACK)]
+    if not roomy:
+        return None
+    deadlines = dict(current)
+    for device in roomy:  # the secant through the late point and this one, kept between the two
+        points = seen[device][-1:] + [(outcome.assignment_runtime_s[device], outcome.per_device_runtime_s[device])]
+        target = _shares_for(points, asked[device], cap=False)
+        inside = current[device] < target < too_late[device]
+        deadlines[device] = target if inside else (current[device] + too_late[device]) / 2
+    return deadlines
 
 
 def _shares_for(seen: list[tuple[float, float]], deadline_s: float, margin: float = 2e-3, cap: bool = True) -> float:

@@ -1,7 +1,7 @@
 """engine.planning.plan / options / service: schedules checked from scratch, constraints,
 diagnosis, baselines, the ζ objective, settings and stored plans.
 
-The solver itself is covered by test_solver.py; here every expectation is derived either
+The solver itself is covered by test_planning_solver.py; here every expectation is derived either
 by hand (crafted cases, the arithmetic is in the comments) or by brute force over every
 assignment of a small instance, recomputed from the predictions alone.
 """

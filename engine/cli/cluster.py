@@ -1,4 +1,4 @@
-"""The cluster's part of the command line, kept out of :mod:`engine.cli` (which only wires it in).
+"""The cluster's part of the command line: the option every subcommand takes, and its subcommands.
 
 - ``--ray-address HOST:PORT`` (before or after the subcommand): the cluster to use; without
   it, ``$PLANNER_RAY_ADDRESS``, else the address saved on the Home page (for the commands

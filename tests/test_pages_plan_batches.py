@@ -1,6 +1,6 @@
 """The Plan page shows the batching lever and how sure its prediction is (AppTest through app.py).
 
-The fits with a batch axis are the hand-made ones of tests/test_plan_batches.py (with a known
+The fits with a batch axis are the hand-made ones of tests/test_planning_batches.py (with a known
 held-out error and 90% bands, tests/test_planning_band.py), put where the planner loads fits
 from; everything else (the catalog, the stored plan) is real.
 """
@@ -18,7 +18,7 @@ from engine.planning import list_plans
 from engine.planning.service import stored_energy_band
 from engine.store import Store
 from tests.apptest_wait import has_metric, page_text, run_until
-from tests.test_plan_cli_and_page import ROOT, button, option_table, upload
+from tests.test_pages_plan import ROOT, button, option_table, upload
 from tests.test_planning_band import band_fit
 
 WORKLOAD = "id,input_tokens,output_tokens\n" + "".join(f"q{i},{20 + 7 * i},{10 + (13 * i) % 90}\n" for i in range(40))
