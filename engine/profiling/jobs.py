@@ -464,19 +464,22 @@ def _remaining_s(job: Job, points: pd.DataFrame) -> float | None:
 
 def estimate_duration_s(store: Store, model: str, device: str, design: Design,
                         settings: ProfileSettings) -> tuple[float, float] | None:
-    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device.
+    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device
+    (of single requests; a batch of B counted as B of them).
 
     None when there are no earlier measurements to go by, except for an adaptive job,
     which takes its budget at most (and at most that, at least, without history).
     """
     history = store.query_df(
         "SELECT input_tokens, output_tokens, avg(runtime_s) AS runtime_s FROM measurements "
-        "WHERE model = ? AND device = ? GROUP BY ALL", [model, device])
+        "WHERE model = ? AND device = ? AND coalesce(batch_size, 1) = 1 GROUP BY ALL", [model, device])
     if len(history) < 3:
         return None if settings.budget_s is None else (settings.budget_s, settings.budget_s)
     features = np.column_stack([np.ones(len(history)), history.input_tokens, history.output_tokens])
     coef, *_ = np.linalg.lstsq(features, history.runtime_s.to_numpy(), rcond=None)
-    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) for p in design.points]
+    # A batch of B is counted as B requests' time: an upper bound (batching is there to take less).
+    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) * settings.trial_batch_size(p)
+                 for p in design.points]
     fixed = settings.idle_s + 5.0  # idle baseline plus loading the model
     per_point_extra = settings.cooldown_s
     low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)
