@@ -48,6 +48,7 @@ def test_a_fit_with_a_batch_axis_recovers_the_physical_law_and_chooses_a_batch_f
     assert energy.cv_mape < 0.05
     # The held-out error is reported per batch size, over design points (τin, τout, B).
     assert set(energy.details["cv_mape_by_batch_size"]) == {"1", "2", "4", "8", "16"}
+    assert energy.to_json_dict()["cv_mape_by_batch_size"] == energy.details["cv_mape_by_batch_size"]
     assert "batch_size" in energy.details["cv"]["scheme"] or energy.details["cv"]["scheme"] == "leave-one-point-out"
     assert len(energy.details["points"][0]) == 3
     # The lever: per request, a batch of 16 shares each decode step's weights read 16 ways.
