@@ -179,3 +179,27 @@ def test_cli_profile_batch_sizes_bad_values_exit_2_and_store_nothing(demo_store:
     for item in ("0", "-2", "'2.5'", "'abc'"):
         assert item in result.stderr
     assert demo_store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def test_points_recorded_before_the_batch_axis_migrate_at_batch_size_one(tmp_path: Path):
+    import duckdb
+
+    from engine.store import MIGRATIONS, migrate
+
+    path = tmp_path / "version8.duckdb"
+    with duckdb.connect(str(path)) as con:
+        assert migrate(con, MIGRATIONS[:8]) == 8
+        job_id = con.execute("INSERT INTO profiling_jobs (model, device, host, design, settings, status, points_total) "
+                             "VALUES ('m', 'cpu', 'h', '{\"kind\": \"custom\", \"points\": [[8, 8]]}', '{}', 'done', 1) "
+                             "RETURNING id").fetchone()[0]
+        con.execute("INSERT INTO profiling_points (job_id, input_tokens, output_tokens, trials, converged, stopped, "
+                    "runtime_ci_rel) VALUES (?, 8, 8, 5, false, 'max-trials', 0.4)", [job_id])
+    store = Store(path)
+    assert store.schema_version() == MIGRATIONS[-1].version
+    outcomes = jobs.point_outcomes(store, [job_id])
+    assert outcomes[["input_tokens", "output_tokens", "batch_size", "trials"]].values.tolist() == [[8, 8, 1, 5]]
+    assert bool(outcomes.unconverged.iloc[0]) and jobs.get_job(store, job_id).design.points == (DesignPoint(8, 8),)
+    # A point is now (τin, τout, B): the same shape at another batch size is a point of its own.
+    store.execute("INSERT INTO profiling_points (job_id, input_tokens, output_tokens, batch_size, trials, converged, "
+                  "stopped) VALUES (?, 8, 8, 4, 3, true, 'converged')", [job_id])
+    assert len(jobs.point_outcomes(store, [job_id])) == 2
