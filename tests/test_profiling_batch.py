@@ -203,3 +203,14 @@ def test_points_recorded_before_the_batch_axis_migrate_at_batch_size_one(tmp_pat
     store.execute("INSERT INTO profiling_points (job_id, input_tokens, output_tokens, batch_size, trials, converged, "
                   "stopped) VALUES (?, 8, 8, 4, 3, true, 'converged')", [job_id])
     assert len(jobs.point_outcomes(store, [job_id])) == 2
+
+
+def test_cli_profile_with_batch_sizes_stores_each_batch(demo_store: Store):
+    result = subprocess.run([sys.executable, "-m", "engine", "profile", "--model", "demo-small", "--inputs", "8",
+                             "--outputs", "4", "--batch-sizes", "2,1", "--min-trials", "1", "--max-trials", "1",
+                             "--warmup", "0", "--idle-s", "0.5", "--json", "--db", str(demo_store.path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stored = demo_store.query_df("SELECT batch_size, input_tokens, output_tokens FROM measurements ORDER BY batch_size")
+    assert stored.values.tolist() == [[1, 8, 4], [2, 8, 4]]
+    assert jobs.get_job(demo_store, 1).settings.batch_sizes == (1, 2)
