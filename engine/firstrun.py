@@ -14,6 +14,11 @@ take. Within its budget the adaptive design (:mod:`engine.profiling.adaptive`) m
 are least sure, until the time is spent or the cross-validated error stops improving.
 The fixed design with at most 5 trials a point it replaces left fits with a CV error of
 27-36% (energy) here; :func:`first_run_report` gives the error each model reached.
+
+**Batch size 1.** The first run measures one request at a time (the adaptive design has no
+batch axis), so its fits plan batch size 1 only, and the plan says so. A batch axis comes
+from a fixed design profiled at several batch sizes (``profile --batch-sizes 1,4,16``,
+:mod:`engine.profiling.design`); ``bench/batching.py`` does that for both demo models.
 """
 
 from __future__ import annotations

@@ -432,14 +432,16 @@ def test_dynamic_scope_subtracts_idle_power_and_needs_it(store):
 
 
 def test_measurement_groups_and_batched_trials(store):
+    # Issue 13: batch trials are no longer left out; beside batch size 1 they give the fits a batch axis.
     frame = measurements_frame()
     batched = measurements_frame(trials=1).assign(batch_size=8)
     insert(store, frame)
     insert(store, batched)
     groups = measurement_groups(store)
-    assert groups.loc[0, "n_trials"] == 48 and groups.loc[0, "n_points"] == 16
+    assert groups.loc[0, "n_trials"] == 64 and groups.loc[0, "n_points"] == 32 and groups.loc[0, "n_batch_sizes"] == 2
     energy = fit_all(store)[0]
-    assert energy.n_trials == 48 and any("batch size" in w for w in energy.details["warnings"])
+    assert energy.n_trials == 64 and energy.has_batch_axis and energy.domain["batch_size"] == [1, 8]
+    assert energy.form.startswith("batch:")
 
 
 # -- predictions and guardrails ----------------------------------------------------------------

@@ -3,7 +3,7 @@ for the surface (with the trials measured at that batch size) and the energy per
 against batch size; a fit without one is drawn as before, with one line on profiling batch
 sizes. engine.batch_curves computes what the page draws.
 
-The fits with a batch axis are the hand-made ones of tests/test_plan_batches.py (one batch of B
+The fits with a batch axis are the hand-made ones of tests/test_planning_batches.py (one batch of B
 requests costs fixed + prefill·B·τin + step·τout + request_step·B·τout, so a request's share
 falls with B), handed to the page where it loads fits from; their trials are a hand-made
 frame with a batch_size column (what fitting with a batch axis reads), handed where the

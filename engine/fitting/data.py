@@ -2,8 +2,12 @@
 
 Rules (each broken rule is one :class:`~engine.errors.Problem`, all reported at once):
 
-- Only trials at batch size 1 are fitted (the surfaces are per request); others are
-  left out with a warning.
+- Batch sizes: a (model, device) measured at batch size 1 only is fitted per request, as
+  ever (X has two columns, τin and τout). One measured at several batch sizes gets a
+  batch axis: X gains a third column, B, and each trial's energy and runtime are those of
+  its whole batch of B requests (:mod:`engine.fitting.forms`, "The batch axis"). One
+  measured at a single batch size above 1 has no per-request surface and no axis either:
+  it is refused with a problem that says to profile batch size 1 or several sizes.
 - ``runtime_s`` must be finite and > 0 in every trial.
 - Trials outside the physical bounds of a measurement (:mod:`engine.bounds`: a runtime,
   energy, power or token count no real request has, such as 1e200 J stored before the
@@ -38,7 +42,8 @@ _SHOW_IDS = 5
 
 @dataclass(frozen=True)
 class TargetTrials:
-    """The trials of one target: token counts X (n, 2), values y (n,), measurement ids, and
+    """The trials of one target: token counts X (n, 2), or (n, 3) with the batch size when the
+    trials have a batch axis, values y (n,) (of the whole batch), measurement ids, and
     which trials belong to a profiled point that did not converge (None: none known)."""
 
     X: np.ndarray
@@ -64,18 +69,21 @@ class TrialSet:
 def measurement_groups(store: Store) -> pd.DataFrame:
     """One row per (model, device) with trials: counts, energy sources, idle power known.
 
-    Columns: model, device, n_trials, n_points, n_with_energy, n_measured, n_estimated,
-    n_with_idle. Lets a page or the CLI offer what can be fitted, and with which filter.
+    Columns: model, device, n_trials, n_points (distinct (τin, τout, B)), n_with_energy,
+    n_measured, n_estimated, n_with_idle, n_batch_sizes (distinct batch sizes: 2 or more
+    give the fits a batch axis). Lets a page or the CLI offer what can be fitted, and with
+    which filter.
     """
     return store.query_df(
         """
         SELECT model, device, count(*) AS n_trials,
-               count(DISTINCT (input_tokens, output_tokens)) AS n_points,
+               count(DISTINCT (input_tokens, output_tokens, coalesce(batch_size, 1))) AS n_points,
                count(energy_j) AS n_with_energy,
                count(energy_j) FILTER (WHERE coalesce(energy_source, 'measured') = 'measured') AS n_measured,
                count(energy_j) FILTER (WHERE energy_source = 'estimated') AS n_estimated,
-               count(idle_power_w) AS n_with_idle
-        FROM measurements WHERE batch_size = 1
+               count(idle_power_w) AS n_with_idle,
+               count(DISTINCT coalesce(batch_size, 1)) AS n_batch_sizes
+        FROM measurements
         GROUP BY model, device ORDER BY model, device
         """
     )
@@ -110,7 +118,7 @@ def read_measurements(store: Store, model: str | None = None, device: str | None
     notes = store.query_df(
         f"""
         SELECT model, device, energy_method, CAST(library_versions AS VARCHAR) AS library_versions, count(*) AS n
-        FROM measurements {clause}{" AND" if clause else "WHERE"} coalesce(batch_size, 1) = 1
+        FROM measurements {clause}
         GROUP BY ALL ORDER BY model, device, n DESC
         """,
         params,
@@ -185,14 +193,14 @@ def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str
     where = f"measurements of {model!r} on {device!r}"
     warnings: list[str] = []
     n_before = len(problems)
-    group = _batch_size_one(group, where, warnings, problems)
+    group, batch_axis = _batch_sizes(group, where, problems)
     if group is None:
         return None
     group = _within_bounds(group, where, warnings, problems)
     if group is None:
         return None
     ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
-    X = group[["input_tokens", "output_tokens"]].to_numpy(dtype=float)
+    X = group[["input_tokens", "output_tokens"] + (["batch_size"] if batch_axis else [])].to_numpy(dtype=float)
     runtime = group["runtime_s"].to_numpy(dtype=float)
     energy = group["energy_j"].to_numpy(dtype=float)
     missing = (group["energy_missing"].to_numpy(dtype=bool) if "energy_missing" in group.columns
@@ -220,19 +228,32 @@ def _check_group(model: str, device: str, group: pd.DataFrame, energy_scope: str
                     sensor=sensor, warnings=warnings)
 
 
-def _batch_size_one(group: pd.DataFrame, where: str, warnings: list[str], problems: list[Problem]) -> pd.DataFrame | None:
-    """The trials at batch size 1 (the surfaces are per request); None, with a problem, when there are none."""
+def _batch_sizes(group: pd.DataFrame, where: str, problems: list[Problem]) -> tuple[pd.DataFrame | None, bool]:
+    """The trials with their batch sizes made whole (missing means 1), and whether they give a batch axis.
+
+    Several batch sizes: an axis. Batch size 1 alone: none (per request, as ever). A single
+    size above 1: None, with a problem (a batch's cost cannot be split into requests
+    without another size to compare with). A batch size that is not a whole number >= 1:
+    None, with a problem.
+    """
     if "batch_size" not in group.columns:
-        return group
-    batched = group["batch_size"].fillna(1).to_numpy() != 1
-    if batched.any():
-        warnings.append(f"{_trials_word(int(batched.sum()))} at batch size > 1 left out (the surfaces are per request)")
-        group = group[~batched]
-    if group.empty:
-        problems.append(Problem(where, "has no trials at batch size 1", "batch_size",
-                                "profile at batch size 1 (the surfaces are per request)"))
-        return None
-    return group
+        return group, False
+    sizes = pd.to_numeric(group["batch_size"], errors="coerce").fillna(1).to_numpy(dtype=float)
+    bad = ~np.isfinite(sizes) | (sizes < 1) | (sizes != np.round(sizes))
+    if bad.any():
+        ids = group["id"].to_numpy() if "id" in group.columns else np.arange(1, len(group) + 1)
+        problems.append(Problem(where, f"{_trials_word(int(bad.sum()))} (ids {_ids(ids[bad])}) have a batch size that "
+                                "is not a whole number >= 1", "batch_size", "a whole number of requests >= 1"))
+        return None, False
+    group = group.assign(batch_size=sizes.astype(np.int64))
+    distinct = np.unique(sizes)
+    if len(distinct) == 1 and distinct[0] != 1:
+        problems.append(Problem(where, f"has trials at batch size {int(distinct[0])} only: one batch size above 1 "
+                                "tells neither what one request costs nor how the cost grows with the batch",
+                                "batch_size", "profile batch size 1 as well, or several batch sizes (profile "
+                                "--batch-sizes 1,4,16)"))
+        return None, False
+    return group, len(distinct) > 1
 
 
 def _within_bounds(group: pd.DataFrame, where: str, warnings: list[str],

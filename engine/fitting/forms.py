@@ -42,6 +42,23 @@ what is minimised: short requests count as much as long ones. Measured alternati
 Every trial stays a row of the fit (points measured more often count more); the solver
 works on the exact per-point sufficient statistics, so 100,000 trials fit quickly.
 Held-out Σŷ/Σy is reported per candidate as ``cv_total_ratio``.
+
+**The batch axis** (:data:`BATCH_FORMS`). Trials measured at several batch sizes B have a
+third column, B, and their target is the energy (runtime) of the whole batch of B requests
+of shape (τin, τout). The batch forms follow how a batch is run:
+
+- a fixed cost per batch (one generate call, its scheduling and launches): ``intercept``;
+- a fixed cost per request in it (its tokenisation, its row of logits): ``batch_size``;
+- prefill processes B·τin prompt tokens: ∝ B·τin (attention adds ∝ B·τin²);
+- a decode step runs once per output token *for the whole batch*: reading every weight
+  once costs the same whatever B (the term τout, shared B ways, the lever batching pulls),
+  while each request's own compute and its KV-cache reads grow with B: ∝ B·τout, and
+  attention over the context ∝ B·τin·τout (and ∝ B·τout² over the generated tokens).
+
+At B = 1 each batch form is one of the forms above (its B-terms merge with the others), so
+a batch fit predicts one request alike. The candidates are scored and chosen as the
+others: grouped cross-validation by design point, (τin, τout, B) here, so a held-out point
+is a shape at a batch size the fold never saw.
 """
 
 from __future__ import annotations
@@ -70,17 +87,26 @@ class Term:
     token_power: int
     description: str
 
-    def values(self, tokens_in: np.ndarray, tokens_out: np.ndarray) -> np.ndarray:
-        return _TERM_FUNCTIONS[self.name](tokens_in, tokens_out)
+    def values(self, tokens_in: np.ndarray, tokens_out: np.ndarray, batch_size: np.ndarray | None = None) -> np.ndarray:
+        """The term at each row; ``batch_size`` None means batches of 1 (one request)."""
+        sizes = np.ones_like(tokens_in) if batch_size is None else batch_size
+        return _TERM_FUNCTIONS[self.name](tokens_in, tokens_out, sizes)
 
 
 _TERM_FUNCTIONS = {
-    "intercept": lambda i, o: np.ones_like(i),
-    "input_tokens": lambda i, o: i,
-    "input_tokens_sq": lambda i, o: i * i,
-    "output_tokens": lambda i, o: o,
-    "input_x_output": lambda i, o: i * o,
-    "output_tokens_sq": lambda i, o: o * o,
+    "intercept": lambda i, o, b: np.ones_like(i),
+    "input_tokens": lambda i, o, b: i,
+    "input_tokens_sq": lambda i, o, b: i * i,
+    "output_tokens": lambda i, o, b: o,
+    "input_x_output": lambda i, o, b: i * o,
+    "output_tokens_sq": lambda i, o, b: o * o,
+    # The batch axis: b requests of shape (i, o) in one batch.
+    "batch_size": lambda i, o, b: b,
+    "batch_x_input": lambda i, o, b: b * i,
+    "batch_x_input_sq": lambda i, o, b: b * i * i,
+    "batch_x_output": lambda i, o, b: b * o,
+    "batch_x_input_x_output": lambda i, o, b: b * i * o,
+    "batch_x_output_sq": lambda i, o, b: b * o * o,
 }
 
 TERMS: dict[str, Term] = {
@@ -91,8 +117,18 @@ TERMS: dict[str, Term] = {
         Term("output_tokens", 1, "decode, per output token"),
         Term("input_x_output", 2, "decode attention over the prompt, per input x output token"),
         Term("output_tokens_sq", 2, "decode attention over generated tokens, per output token squared"),
+        Term("batch_size", 0, "fixed cost per request of a batch"),
+        Term("batch_x_input", 1, "prefill, per input token of each request of the batch"),
+        Term("batch_x_input_sq", 2, "prefill attention, per input token squared of each request"),
+        Term("batch_x_output", 1, "decode, per output token of each request (its own compute and KV reads)"),
+        Term("batch_x_input_x_output", 2, "decode attention over each request's prompt, per input x output token"),
+        Term("batch_x_output_sq", 2, "decode attention over each request's generated tokens, per output token squared"),
     )
 }
+
+#: The terms that need the batch size column.
+BATCH_TERMS = frozenset({"batch_size", "batch_x_input", "batch_x_input_sq", "batch_x_output",
+                         "batch_x_input_x_output", "batch_x_output_sq"})
 
 
 def term_unit(term: str, target: str) -> str:
@@ -104,16 +140,20 @@ def term_unit(term: str, target: str) -> str:
 
 # -- validation --------------------------------------------------------------------------
 
-def check_X(X, where: str = "X") -> np.ndarray:
-    """Token counts as a float array (n, 2); both columns finite and > 0."""
+def check_X(X, where: str = "X", batch_axis: bool = False) -> np.ndarray:
+    """Token counts as a float array (n, 2), or (n, 3) with the batch size for a form with a
+    batch axis; every column finite and > 0."""
     array = np.asarray(X, dtype=float)
-    if array.ndim != 2 or array.shape[1] != 2:
+    columns = 3 if batch_axis else 2
+    if array.ndim != 2 or array.shape[1] != columns:
         raise InputError(Problem(where, f"has shape {array.shape}", None,
+                                 "three columns: input_tokens, output_tokens, batch_size" if batch_axis else
                                  "two columns: input_tokens, output_tokens"))
     bad = ~np.isfinite(array).all(axis=1) | (array <= 0).any(axis=1)
     if bad.any():
         raise InputError(Problem(where, f"{int(bad.sum())} rows have token counts that are missing, infinite or not > 0",
-                                 "input_tokens/output_tokens", "whole numbers > 0"))
+                                 "input_tokens/output_tokens" + ("/batch_size" if batch_axis else ""),
+                                 "whole numbers > 0"))
     return array
 
 
@@ -134,9 +174,10 @@ def check_y(y, n: int, where: str = "y", positive: bool = True) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PointStats:
-    """Trials grouped by distinct (τin, τout) point: the sufficient statistics of a fit.
+    """Trials grouped by distinct (τin, τout) point (τin, τout, B with a batch axis): the
+    sufficient statistics of a fit.
 
-    ``points`` (P, 2) are the distinct points, ``inverse`` (n,) the point of each trial,
+    ``points`` (P, 2) (or (P, 3)) are the distinct points, ``inverse`` (n,) the point of each trial,
     ``weight`` (P,) the summed trial weights per point and ``mean`` (P,) the weighted mean.
     """
 
@@ -153,7 +194,11 @@ def point_index(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     than the fits themselves.
     """
     key = X[:, 0] * 4294967296.0 + X[:, 1]  # exact for token counts below 2**21
-    inverse, distinct = pd.factorize(key, sort=False)
+    if X.shape[1] > 2:  # the batch axis: a third column no longer fits in one exact float key
+        inverse = pd.MultiIndex.from_arrays([X[:, k] for k in range(X.shape[1])]).factorize(sort=False)[0]
+        distinct = np.arange(int(inverse.max()) + 1 if len(inverse) else 0)
+    else:
+        inverse, distinct = pd.factorize(key, sort=False)
     first = np.full(len(distinct), len(key), dtype=np.int64)
     np.minimum.at(first, inverse, np.arange(len(key)))
     return X[first], inverse.astype(np.int64)
@@ -239,6 +284,8 @@ class ModelForm(BaseEstimator, RegressorMixin):
 
     name: ClassVar[str] = "form"
     terms: ClassVar[tuple[str, ...]] = ()
+    #: Fitted to batches: X has a third column, the batch size, and y is the batch's value.
+    batch_axis: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = True
     #: Chosen only when it is non-negative by construction (the paper's form is not).
     selectable: ClassVar[bool] = True
@@ -255,10 +302,12 @@ class ModelForm(BaseEstimator, RegressorMixin):
         return len(self.terms) + 1
 
     def features(self, X) -> np.ndarray:
-        """The (n, k) feature matrix of token counts X (n, 2)."""
+        """The (n, k) feature matrix of token counts X (n, 2), or (n, 3) with batch sizes (no third
+        column: batches of 1)."""
         X = np.asarray(X, dtype=float)
         tokens_in, tokens_out = X[:, 0], X[:, 1]
-        return np.column_stack([TERMS[t].values(tokens_in, tokens_out) for t in self.terms])
+        sizes = X[:, 2] if X.shape[1] > 2 else None
+        return np.column_stack([TERMS[t].values(tokens_in, tokens_out, sizes) for t in self.terms])
 
     def unsupported_reason(self, X) -> str | None:
         """Why this form cannot be fitted to these points, or None when it can.
@@ -268,18 +317,20 @@ class ModelForm(BaseEstimator, RegressorMixin):
         """
         points, _ = point_index(np.asarray(X, dtype=float))
         if len(points) < self.min_points:
-            return f"needs at least {self.min_points} distinct (input_tokens, output_tokens) points, has {len(points)}"
+            what = "(input_tokens, output_tokens, batch_size)" if points.shape[1] > 2 else "(input_tokens, output_tokens)"
+            return f"needs at least {self.min_points} distinct {what} points, has {len(points)}"
         design = self.features(points)
         design = design / np.maximum(np.abs(design).max(axis=0), 1e-300)
         if np.linalg.matrix_rank(design, tol=1e-10) < len(self.terms):
-            return "its terms cannot be told apart on these points (too few distinct input or output counts)"
+            counts = "input or output counts or batch sizes" if points.shape[1] > 2 else "input or output counts"
+            return f"its terms cannot be told apart on these points (too few distinct {counts})"
         return None
 
     # -- estimator ---------------------------------------------------------------------
 
     def fit(self, X, y, sample_weight=None):
         """Fit on every trial: X (n, 2) token counts, y (n,) joules or seconds. Returns self."""
-        X = check_X(X)
+        X = check_X(X, batch_axis=self.batch_axis)
         y = check_y(y, X.shape[0], positive=self.weighting != "none")
         points, inverse = point_index(X)
         weights = trial_weights(y, inverse, len(points), self.weighting)
@@ -299,6 +350,8 @@ class ModelForm(BaseEstimator, RegressorMixin):
         self.n_trials_ = n_trials
         self.domain_ = {"input_tokens": [int(stats.points[:, 0].min()), int(stats.points[:, 0].max())],
                         "output_tokens": [int(stats.points[:, 1].min()), int(stats.points[:, 1].max())]}
+        if stats.points.shape[1] > 2:
+            self.domain_["batch_size"] = [int(stats.points[:, 2].min()), int(stats.points[:, 2].max())]
 
     def predict(self, X) -> np.ndarray:
         """Raw predictions (never negative for the NNLS forms; may be for the paper's)."""
@@ -364,7 +417,54 @@ DEFAULT_FORMS: tuple[type[ModelForm], ...] = (
     OverheadKVQuadratic,
 )
 
-FORMS_BY_NAME: dict[str, type[ModelForm]] = {form.name: form for form in DEFAULT_FORMS}
+
+# -- forms of one batch of B requests (see "The batch axis" in the module docstring) -------------
+
+class BatchForm(ModelForm):
+    """A form of one batch: X (n, 3) = τin, τout, B; y the whole batch's joules or seconds."""
+
+    batch_axis = True
+
+
+class BatchShared(BatchForm):
+    name = "batch:shared-decode"
+    terms = ("intercept", "batch_size", "batch_x_input", "output_tokens")
+    description = ("fixed cost per batch + per request + prefill ∝ B·τin + decode steps ∝ τout shared by the batch "
+                   "(weights read once a step)")
+
+
+class BatchLinear(BatchForm):
+    name = "batch:linear"
+    terms = ("intercept", "batch_size", "batch_x_input", "output_tokens", "batch_x_output")
+    description = ("fixed cost per batch + per request + prefill ∝ B·τin + per decode step a weights read (∝ τout) "
+                   "and per-request compute (∝ B·τout)")
+
+
+class BatchKV(BatchForm):
+    name = "batch:kv"
+    terms = ("intercept", "batch_size", "batch_x_input", "output_tokens", "batch_x_output", "batch_x_input_x_output")
+    description = ("fixed costs + prefill ∝ B·τin + decode ∝ τout (weights) + B·τout·(1 + c·τin) (per-request compute "
+                   "and KV reads)")
+
+
+class BatchKVDecode2(BatchForm):
+    name = "batch:kv+decode2"
+    terms = ("intercept", "batch_size", "batch_x_input", "output_tokens", "batch_x_output", "batch_x_input_x_output",
+             "batch_x_output_sq")
+    description = "batch:kv + KV reads over each request's generated tokens ∝ B·τout²"
+
+
+class BatchKVPrefill2(BatchForm):
+    name = "batch:kv+prefill2"
+    terms = ("intercept", "batch_size", "batch_x_input", "batch_x_input_sq", "output_tokens", "batch_x_output",
+             "batch_x_input_x_output")
+    description = "batch:kv + prefill attention ∝ B·τin²"
+
+
+#: The forms fitted to trials at several batch sizes, simplest first.
+BATCH_FORMS: tuple[type[ModelForm], ...] = (BatchShared, BatchLinear, BatchKV, BatchKVDecode2, BatchKVPrefill2)
+
+FORMS_BY_NAME: dict[str, type[ModelForm]] = {form.name: form for form in DEFAULT_FORMS + BATCH_FORMS}
 
 
 def form_from_coefficients(name: str, terms: list[str] | tuple[str, ...], coefficients: dict[str, float]) -> ModelForm:

@@ -174,11 +174,18 @@ def residuals(fit: FitResult, trials: pd.DataFrame) -> pd.DataFrame:
 
     Columns: id, input_tokens, output_tokens, measured, predicted, residual
     (measured − predicted, in the fit's unit), relative_residual (residual / measured).
-    Trials without a value for the fit's target are left out.
+    Trials without a value for the fit's target are left out. A fit with a batch axis
+    predicts each trial's whole batch; a fit without one, only its trials at batch size 1.
     """
     frame = trials[trials[fit.value_column].notna()]
+    if fit.has_batch_axis and "batch_size" in frame.columns:  # each trial is one batch: predict that batch
+        sizes = frame["batch_size"].fillna(1).to_numpy(dtype=float)
+    else:
+        sizes = None
+        if "batch_size" in frame.columns:  # a fit of one request says nothing about batch trials
+            frame = frame[frame["batch_size"].fillna(1) == 1]
     measured = frame[fit.value_column].to_numpy(dtype=float)
-    predicted = fit.predict_raw(frame["input_tokens"], frame["output_tokens"])
+    predicted = fit.predict_raw(frame["input_tokens"], frame["output_tokens"], sizes)
     return pd.DataFrame({"id": frame["id"].to_numpy() if "id" in frame.columns else np.arange(len(frame)),
                          "input_tokens": frame["input_tokens"].to_numpy(), "output_tokens": frame["output_tokens"].to_numpy(),
                          "measured": measured, "predicted": predicted, "residual": measured - predicted,

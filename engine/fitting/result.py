@@ -247,7 +247,9 @@ class FitResult:
         Contract keys: model, device, target, form, coefficients, r2, cv_mape, n_points,
         domain. Extras: id, energy_scope, source, energy_source, energy_estimated, label,
         units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
-        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout], ...]).
+        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout], ...]),
+        cv_mape_by_batch_size ({"B": fraction} for a fit with a batch axis: the held-out MAPE of
+        its trials at each batch size, CV grouped by (τin, τout, B); None without one).
         """
         return json_safe({
             "model": self.model, "device": self.device, "target": self.target, "form": self.form,
@@ -261,6 +263,7 @@ class FitResult:
                             "offered": c.offered} for c in self.candidates],
             "warnings": list(self.details.get("warnings", [])),
             "unconverged_points": self.unconverged_points,
+            "cv_mape_by_batch_size": self.details.get("cv_mape_by_batch_size"),
         })
 
     def to_dict(self) -> dict:

@@ -22,6 +22,13 @@ The scheme, per (model, device, energy scope, target):
 4. The chosen form is refitted on every trial, and a residual bootstrap over the
    design points gives the covariance of its coefficients (the uncertainty band).
 
+**The batch axis.** Trials measured at several batch sizes are fitted with the batch
+forms (:data:`~engine.fitting.forms.BATCH_FORMS`) on (τin, τout, B), by the same scheme:
+a design point is then (τin, τout, B), so a fold holds out a shape at a batch size
+together, and the held-out MAPE is also given per batch size
+(``details["cv_mape_by_batch_size"]``). Trials at batch size 1 alone are fitted as
+before, with the same forms and the same results.
+
 **Points that did not converge.** A profiled point whose trials stopped without meeting
 the job's confidence rule (:mod:`engine.profiling.stopping`; e.g. 25 trials spread by
 ±100% under load) is kept, flagged and weighed by what its mean is worth: each of its
@@ -49,7 +56,7 @@ from sklearn.model_selection import GroupKFold
 
 from engine.errors import InputError, Problem
 from engine.fitting.data import TargetTrials, TrialSet, id_ranges
-from engine.fitting.forms import DEFAULT_FORMS, ModelForm, point_index
+from engine.fitting.forms import BATCH_FORMS, DEFAULT_FORMS, ModelForm, point_index
 from engine.fitting.result import FitResult, FormCandidate
 
 DEFAULT_N_SPLITS = 5
@@ -241,7 +248,7 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
     details = {
         "description": chosen.description,
         "weighting": chosen.weighting,
-        "cv": _cv_scheme(len(points), n_splits, random_state),
+        "cv": _cv_scheme(len(points), n_splits, random_state, batch_axis=X.shape[1] > 2),
         "cv_r2": candidates[best].cv_r2,
         "noise_mape": noise.mape,
         "noise_basis": noise.basis,
@@ -261,6 +268,9 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
                 f"{int(loose.sum())} of {len(points)} points did not converge when profiled (their trials spread more "
                 "than the job's confidence rule allows): this fit's error and band include that spread; profile "
                 "again when the machine is quieter, or with more trials")
+    if X.shape[1] > 2:
+        details["cv_mape_by_batch_size"] = _cv_mape_by_batch_size(estimators[best], X, y, inverse, n_splits,
+                                                                  random_state, weight)
     if candidates[best].min_prediction < 0:  # impossible for NNLS on non-negative terms; a guard for custom forms
         details["warnings"].append("the chosen form predicts negative values at measured points")
     return FitResult(
@@ -271,6 +281,14 @@ def fit_target(trials: TargetTrials, *, model: str, device: str, energy_scope: s
         candidates=candidates, coef_cov=coef_cov.tolist() if coef_cov is not None else None,
         noise_rel_sd=noise.rel_sd, details=details,
     )
+
+
+def _cv_mape_by_batch_size(form: ModelForm, X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int,
+                           random_state: int | None, weight: np.ndarray | None) -> dict[str, float]:
+    """The chosen form's held-out MAPE over the trials of each batch size (keys are the sizes, as text for JSON)."""
+    held_out = cross_validated_predictions(form, X, y, groups, n_splits, random_state, weight)
+    sizes = X[:, 2]
+    return {str(int(size)): mape(y[sizes == size], held_out[sizes == size]) for size in np.unique(sizes)}
 
 
 def _loose_points(unconverged: np.ndarray | None, inverse: np.ndarray, n_points: int) -> np.ndarray:
@@ -319,18 +337,22 @@ def _no_form_problem(estimators: list[ModelForm], points: np.ndarray, where: str
     simplest = min((f for f in estimators if f.selectable), key=lambda f: f.min_points, default=None)
     need = f"at least {simplest.min_points} distinct points" if simplest else "more distinct points"
     distinct_in, distinct_out = len(np.unique(points[:, 0])), len(np.unique(points[:, 1]))
+    batched = points.shape[1] > 2
+    axes = "(input_tokens, output_tokens, batch_size)" if batched else "(input_tokens, output_tokens)"
+    sizes = f", batch sizes: {len(np.unique(points[:, 2]))}" if batched else ""
     return InputError(Problem(
-        where, f"has {len(points)} distinct (input_tokens, output_tokens) point"
+        where, f"has {len(points)} distinct {axes} point"
         f"{'' if len(points) == 1 else 's'} with {what} (distinct input counts: {distinct_in}, "
-        f"output counts: {distinct_out}); no form can be fitted to that", "input_tokens/output_tokens",
+        f"output counts: {distinct_out}{sizes}); no form can be fitted to that", "input_tokens/output_tokens",
         f"{need} with at least 2 different input and 2 different output counts (e.g. profile the quick design)"))
 
 
-def _cv_scheme(n_points: int, n_splits: int, random_state: int | None) -> dict:
+def _cv_scheme(n_points: int, n_splits: int, random_state: int | None, batch_axis: bool = False) -> dict:
     """How the forms were cross-validated, for the fit's details and its model card."""
     folds = fold_count(n_points, n_splits)
+    point = "(input_tokens, output_tokens, batch_size)" if batch_axis else "(input_tokens, output_tokens)"
     return {"scheme": ("leave-one-point-out" if folds == n_points
-                       else "GroupKFold by (input_tokens, output_tokens) point, shuffled"),
+                       else f"GroupKFold by {point} point, shuffled"),
             "n_splits": folds, "random_state": random_state, "metric": "MAPE over held-out trials"}
 
 
@@ -357,8 +379,13 @@ def _noise(chosen: ModelForm, y: np.ndarray, inverse: np.ndarray, points: np.nda
 
 def fit_trial_sets(trial_sets: Sequence[TrialSet], *, forms: Sequence[type[ModelForm] | ModelForm] = DEFAULT_FORMS,
                    random_state: int | None = 0, n_splits: int = DEFAULT_N_SPLITS,
-                   n_bootstrap: int = DEFAULT_N_BOOTSTRAP) -> list[FitResult]:
-    """Energy and runtime fits of each checked trial set; every problem raised at once."""
+                   n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+                   batch_forms: Sequence[type[ModelForm] | ModelForm] = BATCH_FORMS) -> list[FitResult]:
+    """Energy and runtime fits of each checked trial set; every problem raised at once.
+
+    A set measured at several batch sizes (its X has a batch-size column) is fitted with
+    ``batch_forms``, any other with ``forms``.
+    """
     versions = software_versions()
     results, problems = [], []
     for trial_set in trial_sets:
@@ -370,7 +397,8 @@ def fit_trial_sets(trial_sets: Sequence[TrialSet], *, forms: Sequence[type[Model
             try:
                 results.append(fit_target(
                     trials, model=trial_set.model, device=trial_set.device, energy_scope=trial_set.energy_scope,
-                    target=target, forms=forms, random_state=random_state, n_splits=n_splits,
+                    target=target, forms=batch_forms if trials.X.shape[1] > 2 else forms,
+                    random_state=random_state, n_splits=n_splits,
                     n_bootstrap=n_bootstrap, energy_source=trial_set.energy_source, sensor=trial_set.sensor,
                     warnings=trial_set.warnings, versions=versions,
                     target_label="energy and runtime" if same_points else f"{target} measured"))

@@ -9,7 +9,7 @@ import pandas as pd
 
 from engine.errors import InputError, Problem
 from engine.fitting.data import build_trial_sets, check_arguments, read_measurements
-from engine.fitting.forms import DEFAULT_FORMS, ModelForm
+from engine.fitting.forms import BATCH_FORMS, DEFAULT_FORMS, ModelForm
 from engine.fitting.result import FitResult
 from engine.fitting.selection import DEFAULT_N_BOOTSTRAP, DEFAULT_N_SPLITS, fit_trial_sets
 from engine.store import Store, append_frame
@@ -20,7 +20,8 @@ FIT_SOURCES = ("measured", "published")
 def fit_all(store: Store, model: str | None = None, device: str | None = None, energy_scope: str = "total",
             source_filter: str | None = None, random_state: int | None = 0, *,
             forms: Sequence[type[ModelForm] | ModelForm] = DEFAULT_FORMS, n_splits: int = DEFAULT_N_SPLITS,
-            n_bootstrap: int = DEFAULT_N_BOOTSTRAP, include_executed: bool = False) -> list[FitResult]:
+            n_bootstrap: int = DEFAULT_N_BOOTSTRAP, include_executed: bool = False,
+            batch_forms: Sequence[type[ModelForm] | ModelForm] = BATCH_FORMS) -> list[FitResult]:
     """Fit energy and runtime surfaces for every (model, device) with measurements.
 
     ``model``/``device`` narrow the set; ``energy_scope`` is 'total' or 'dynamic';
@@ -29,37 +30,41 @@ def fit_all(store: Store, model: str | None = None, device: str | None = None, e
     before runtime). ``include_executed`` adds the queries measured while executing plans.
     Nothing is stored (see :func:`save_fits`). Raises
     :class:`InputError` listing every problem of every (model, device) when any fit
-    cannot be made.
+    cannot be made. A (model, device) measured at several batch sizes gets fits with a batch
+    axis (``batch_forms``, see :mod:`engine.fitting.forms`); one measured at batch size 1
+    only, fits of one request as ever.
     """
     check_arguments(energy_scope, source_filter)
     trials, notes = read_measurements(store, model, device, include_executed=include_executed)
     trials["unconverged"] = unconverged_trials(store, trials)
     trial_sets = build_trial_sets(trials, energy_scope, source_filter, notes=notes, model=model, device=device)
     return fit_trial_sets(trial_sets, forms=forms, random_state=random_state, n_splits=n_splits,
-                          n_bootstrap=n_bootstrap)
+                          n_bootstrap=n_bootstrap, batch_forms=batch_forms)
 
 
 def unconverged_trials(store: Store, trials: pd.DataFrame) -> np.ndarray:
-    """For each trial (columns job_id, input_tokens, output_tokens), whether its profiled
-    point's trials reached the cap without converging (see :func:`engine.profiling.jobs.point_outcomes`)."""
+    """For each trial (columns job_id, input_tokens, output_tokens, optional batch_size), whether its
+    profiled point's trials reached the cap without converging (see :func:`engine.profiling.jobs.point_outcomes`)."""
     from engine.profiling.jobs import point_outcomes  # profiling's record of its points; fitting needs only this
 
     job_ids = trials["job_id"].dropna().unique() if "job_id" in trials.columns else []
     if not len(job_ids):
         return np.zeros(len(trials), dtype=bool)
     outcomes = point_outcomes(store, [int(j) for j in job_ids])
-    loose = outcomes.loc[outcomes["unconverged"].astype(bool), ["job_id", "input_tokens", "output_tokens"]]
+    on = ["job_id", "input_tokens", "output_tokens", "batch_size"]
+    loose = outcomes.loc[outcomes["unconverged"].astype(bool), on]
     if loose.empty:
         return np.zeros(len(trials), dtype=bool)
-    keys = trials[["job_id", "input_tokens", "output_tokens"]].astype("float64")
-    marked = keys.merge(loose.astype("float64").drop_duplicates().assign(unconverged=True), how="left",
-                        on=["job_id", "input_tokens", "output_tokens"])
+    keys = trials.assign(batch_size=trials["batch_size"].fillna(1) if "batch_size" in trials.columns else 1)[on]
+    marked = keys.astype("float64").merge(loose.astype("float64").drop_duplicates().assign(unconverged=True),
+                                          how="left", on=on)
     return marked["unconverged"].fillna(False).to_numpy(dtype=bool)
 
 
 def fit_frame(trials: pd.DataFrame, energy_scope: str = "total", source_filter: str | None = None,
               random_state: int | None = 0, *, forms: Sequence[type[ModelForm] | ModelForm] = DEFAULT_FORMS,
-              n_splits: int = DEFAULT_N_SPLITS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP) -> list[FitResult]:
+              n_splits: int = DEFAULT_N_SPLITS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+              batch_forms: Sequence[type[ModelForm] | ModelForm] = BATCH_FORMS) -> list[FitResult]:
     """:func:`fit_all` on a DataFrame of measurements instead of the database.
 
     Columns: model, device, input_tokens, output_tokens, runtime_s, energy_j (NaN = not
@@ -79,7 +84,7 @@ def fit_frame(trials: pd.DataFrame, energy_scope: str = "total", source_filter: 
             frame[column] = None if column == "energy_source" else np.nan
     trial_sets = build_trial_sets(frame, energy_scope, source_filter)
     return fit_trial_sets(trial_sets, forms=forms, random_state=random_state, n_splits=n_splits,
-                          n_bootstrap=n_bootstrap)
+                          n_bootstrap=n_bootstrap, batch_forms=batch_forms)
 
 
 def save_fits(store: Store, results: Sequence[FitResult]) -> list[FitResult]:
@@ -139,13 +144,17 @@ def load_trials(store: Store, model: str, device: str, energy_scope: str = "tota
                 source_filter: str | None = None) -> pd.DataFrame:
     """The checked trials one fit of (model, device) is made from, for plots.
 
-    Columns: id, input_tokens, output_tokens, runtime_s, energy_j (in the energy scope;
-    NaN where not measured or not used). Raises :class:`InputError` like :func:`fit_all`.
+    Columns: id, input_tokens, output_tokens, batch_size, runtime_s, energy_j (in the energy
+    scope; NaN where not measured or not used; of the whole batch where batch_size > 1).
+    Raises :class:`InputError` like :func:`fit_all`.
     """
     trials, _ = read_measurements(store, model, device)
     (trial_set,) = build_trial_sets(trials, energy_scope, source_filter, model=model, device=device)
-    frame = pd.DataFrame({"id": trial_set.runtime.ids, "input_tokens": trial_set.runtime.X[:, 0].astype(int),
-                          "output_tokens": trial_set.runtime.X[:, 1].astype(int), "runtime_s": trial_set.runtime.y})
+    X = trial_set.runtime.X
+    frame = pd.DataFrame({"id": trial_set.runtime.ids, "input_tokens": X[:, 0].astype(int),
+                          "output_tokens": X[:, 1].astype(int),
+                          "batch_size": X[:, 2].astype(int) if X.shape[1] > 2 else np.ones(len(X), dtype=int),
+                          "runtime_s": trial_set.runtime.y})
     energy = pd.Series(np.nan, index=frame.index)
     if trial_set.energy is not None:
         position = pd.Series(np.arange(len(frame)), index=frame["id"].to_numpy())

@@ -1,5 +1,8 @@
 """The adaptive design's judgement: fit what was measured, then measure where it helps most.
 
+The adaptive design measures one request at a time (batch size 1; a batch axis comes from a
+fixed design profiled at several batch sizes, :mod:`engine.profiling.design`).
+
 The worker (:mod:`engine.profiling.worker`) starts an adaptive job on its 3 x 3 grid, a
 few trials a point, then alternates **rounds**: fit the energy and runtime surfaces of
 everything measured so far (:func:`fit_round`, the same forms and grouped

@@ -15,6 +15,12 @@
 
 Points past the model's context are dropped with a note (the paper's output sweep
 reaches 4096 tokens, more than many models hold), never silently run short.
+
+**The batch axis.** Every fixed design can be crossed with a list of batch sizes
+(``batch_sizes``, default ``(1,)``: one request at a time, as before): each (τin, τout)
+becomes one point per batch size B, and one trial of a point is one batch of B requests
+of that shape, run together (its energy and runtime are the batch's; per request they are
+a B-th of it). The adaptive design stays at batch size 1.
 """
 
 from __future__ import annotations
@@ -35,14 +41,18 @@ ADAPTIVE_INPUTS = (8, 256)   # default ranges of the adaptive design: the sample
 ADAPTIVE_OUTPUTS = (8, 64)
 PAPER_POWERS = tuple(2 ** k for k in range(3, 12))  # 8 .. 2048
 MAX_TOKENS = 1_000_000
+#: The batch sizes ``profile --batch-sizes`` suggests for a batch axis (issue 13); the default is 1 alone.
+SUGGESTED_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True, order=True)
 class DesignPoint:
-    """One setting to measure: prompt tokens in, generated tokens out."""
+    """One setting to measure: prompt tokens in, generated tokens out, and the requests of
+    that shape run together in one trial (``batch_size``; 1: one request alone)."""
 
     input_tokens: int
     output_tokens: int
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,20 @@ class Design:
     points: tuple[DesignPoint, ...]
     dropped: tuple[str, ...] = ()
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The distinct batch sizes of the points, ascending."""
+        return tuple(sorted({p.batch_size for p in self.points}))
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "points": [[p.input_tokens, p.output_tokens] for p in self.points],
+        """Points as [τin, τout] (batch size 1, as stored before the batch axis) or [τin, τout, B]."""
+        return {"kind": self.kind, "points": [[p.input_tokens, p.output_tokens] + ([p.batch_size] if p.batch_size != 1
+                                                                                   else []) for p in self.points],
                 "dropped": list(self.dropped)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Design":
-        return cls(kind=data["kind"], points=tuple(DesignPoint(int(i), int(o)) for i, o in data["points"]),
+        return cls(kind=data["kind"], points=tuple(DesignPoint(*(int(v) for v in point)) for point in data["points"]),
                    dropped=tuple(data.get("dropped", ())))
 
 
@@ -85,15 +102,52 @@ def parse_token_list(text: str | list | tuple, where: str) -> list[int]:
     return sorted(set(values))
 
 
+def parse_batch_sizes(text: str | list | tuple, where: str = "batch sizes", max_batch_size: int | None = None
+                      ) -> tuple[int, ...]:
+    """``"1,4,16"`` (or a list) as sorted distinct batch sizes, or InputError with one problem per bad item.
+
+    Each must be a whole number of requests from 1 to ``max_batch_size`` (default: the most
+    one batch may hold, :data:`engine.backends.batch.MAX_BATCH_SIZE`); 0, negatives, ``2.5``
+    and ``abc`` are refused by name. Whether a batch fits in a device's memory is checked
+    where the model and the device are known (:func:`engine.profiling.jobs.prepare_job`).
+    """
+    from engine.backends.batch import MAX_BATCH_SIZE, check_batch_size
+
+    limit = max_batch_size or MAX_BATCH_SIZE
+    items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",")]
+    values, problems = [], []
+    for item in items:
+        value = item
+        if isinstance(item, str):
+            stripped = item.strip()
+            value = int(stripped) if stripped.lstrip("+-").isdigit() else stripped
+        try:
+            values.append(check_batch_size(value, limit, where))
+        except InputError as exc:
+            problems.extend(exc.problems)
+    if not values and not problems:
+        problems.append(Problem(where, "is empty", None, "one or more batch sizes, e.g. 1,4,16"))
+    if problems:
+        raise InputError(problems)
+    return tuple(sorted(set(values)))
+
+
 def build_design(kind: str = "quick", *, inputs: list[int] | None = None, outputs: list[int] | None = None,
-                 n_points: int = 16, context_length: int | None = None, seed: int = 0) -> Design:
+                 n_points: int = 16, context_length: int | None = None, seed: int = 0,
+                 batch_sizes: tuple[int, ...] | list[int] = (1,)) -> Design:
     """The design of the given kind, with points beyond ``context_length`` dropped (and named).
 
     ``inputs``/``outputs`` are the lists of ``custom`` and the ranges (min and max are
-    used) of ``space-filling`` and ``adaptive``.
+    used) of ``space-filling`` and ``adaptive``. ``batch_sizes`` crosses every (τin, τout)
+    with each batch size (see the module docstring); the adaptive design takes 1 only.
     """
     if kind not in ALL_DESIGN_KINDS:
         raise InputError(Problem("design", f"unknown design {kind!r}", None, " or ".join(ALL_DESIGN_KINDS)))
+    batch_sizes = parse_batch_sizes(batch_sizes)
+    if kind == "adaptive" and batch_sizes != (1,):
+        raise InputError(Problem("batch sizes", f"{', '.join(map(str, batch_sizes))}: the adaptive design measures "
+                                 "one request at a time", None, "batch size 1 with the adaptive design, or a fixed "
+                                 "design (quick, custom, ...) for a batch axis"))
     if kind == "quick":
         points = [DesignPoint(i, o) for i in QUICK_TOKENS for o in QUICK_TOKENS]
     elif kind == "paper-grid":
@@ -120,6 +174,7 @@ def build_design(kind: str = "quick", *, inputs: list[int] | None = None, output
         dropped = [f"({p.input_tokens}, {p.output_tokens}): {p.input_tokens + p.output_tokens} tokens exceed the "
                    f"model's context of {context_length}" for p in points if p not in kept]
         points = kept
+    points = [DesignPoint(p.input_tokens, p.output_tokens, size) for p in points for size in batch_sizes]
     if not points:
         raise InputError(Problem("design", "no point fits the model's context" if dropped else "has no points", None,
                                  f"points with input + output <= {context_length}" if context_length else "at least one point"))

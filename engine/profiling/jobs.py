@@ -21,7 +21,7 @@ from engine.catalog import model_context_length  # moved to engine.catalog; stil
 from engine.backends.base import MAX_BATCH_SIZE
 from engine.cluster.naming import is_qualified
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
-from engine.profiling.design import Design, build_design, run_order
+from engine.profiling.design import Design, build_design, parse_batch_sizes, run_order
 from engine.profiling.stopping import StopRule, point_complete, point_outcome
 from engine.runs import ACTIVE, FINISHED, PROFILING
 from engine.store import Store
@@ -43,9 +43,23 @@ class ProfileSettings:
     cooldown_s: float = 0.0
     idle_s: float = 5.0
     seed: int = 0
-    batch_size: int = 1  # identical requests run together; a trial's runtime and energy cover the batch
+    batch_size: int = 1  # the older option: identical requests run by the backend's generate (transformers only)
     backend_options: dict = field(default_factory=dict)
     budget_s: float | None = None  # adaptive design only: wall time from loading the model to the last trial
+    #: The batch axis: every (τin, τout) of the design is measured at each of these batch sizes, a
+    #: trial being one batch of B requests of that shape run together through the backend's
+    #: ``generate_batch`` (its energy and runtime are the batch's). (1,): one request at a time.
+    batch_sizes: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        # Stored as a JSON list: kept a tuple, so that settings compare and hash as they were made.
+        if not isinstance(self.batch_sizes, tuple):
+            object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes) if isinstance(self.batch_sizes, list)
+                               else self.batch_sizes)
+
+    def trial_batch_size(self, point) -> int:
+        """Requests one trial of a design point runs: the point's batch size, or the older option's."""
+        return point.batch_size if point.batch_size != 1 else self.batch_size
 
     @property
     def stop_rule(self) -> StopRule:
@@ -70,9 +84,18 @@ class ProfileSettings:
         for where, ok, value, expected in checks:
             if not ok:
                 problems.append(Problem(where, f"{value} is out of range", None, expected))
+        try:
+            sizes = parse_batch_sizes(self.batch_sizes)
+        except InputError as exc:
+            problems.extend(exc.problems)
+        else:
+            if self.batch_size != 1 and sizes != (1,):
+                problems.append(Problem("batch size", f"both the older batch size ({self.batch_size}) and batch sizes "
+                                        f"({', '.join(map(str, sizes))}) are set", None,
+                                        "batch sizes alone (a batch axis), e.g. 1,4,16"))
         if problems:
             raise InputError(problems)
-        return self
+        return replace(self, batch_sizes=sizes)
 
 
 @dataclass(frozen=True)
@@ -133,8 +156,8 @@ def list_jobs(store: Store, limit: int = 50) -> pd.DataFrame:
 
 
 #: Columns of :func:`point_outcomes`.
-OUTCOME_COLUMNS = ("job_id", "model", "device", "input_tokens", "output_tokens", "trials", "converged", "unconverged",
-                   "stopped", "runtime_ci_rel", "energy_ci_rel", "assessed")
+OUTCOME_COLUMNS = ("job_id", "model", "device", "input_tokens", "output_tokens", "batch_size", "trials", "converged",
+                   "unconverged", "stopped", "runtime_ci_rel", "energy_ci_rel", "assessed")
 
 
 def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model: str | None = None,
@@ -162,11 +185,11 @@ def point_outcomes(store: Store, job_ids: Iterable[int] | None = None, *, model:
             params.append(value)
     clause = (" AND " + " AND ".join(where)) if where else ""
     stored = store.query_df(
-        f"""SELECT p.job_id, j.model, j.device, p.input_tokens, p.output_tokens, p.trials, p.converged,
+        f"""SELECT p.job_id, j.model, j.device, p.input_tokens, p.output_tokens, p.batch_size, p.trials, p.converged,
                    p.stopped = 'max-trials' AS unconverged, p.stopped, p.runtime_ci_rel, p.energy_ci_rel,
                    'stored' AS assessed
             FROM profiling_points p JOIN profiling_jobs j ON j.id = p.job_id WHERE true{clause}
-            ORDER BY p.job_id, p.input_tokens, p.output_tokens""", params)
+            ORDER BY p.job_id, p.input_tokens, p.output_tokens, p.batch_size""", params)
     legacy = store.query_df(
         f"""SELECT j.id, j.model, j.device, CAST(j.settings AS VARCHAR) AS settings FROM profiling_jobs j
             WHERE j.status IN ({", ".join("?" * len(FINISHED))})
@@ -183,14 +206,15 @@ def _outcomes_from_trials(store: Store, job) -> pd.DataFrame:
     """The finished points of a job that recorded none, judged from its trials by its own rule."""
     settings = ProfileSettings(**(json.loads(job.settings) if job.settings else {}))
     rule = settings.stop_rule
-    trials = store.query_df("SELECT input_tokens, output_tokens, runtime_s, energy_j FROM measurements "
-                            "WHERE job_id = ? ORDER BY id", [int(job.id)])
+    trials = store.query_df("SELECT input_tokens, output_tokens, coalesce(batch_size, 1) AS batch_size, runtime_s, "
+                            "energy_j FROM measurements WHERE job_id = ? ORDER BY id", [int(job.id)])
     rows = []
-    for (tokens_in, tokens_out), group in trials.groupby(["input_tokens", "output_tokens"], sort=True):
+    for (tokens_in, tokens_out, size), group in trials.groupby(["input_tokens", "output_tokens", "batch_size"],
+                                                               sort=True):
         energies = [None if pd.isna(e) else float(e) for e in group.energy_j]
         if not point_complete(group.runtime_s.tolist(), energies, rule):
             continue  # cut short by a failure or a cancel: not over, nothing to judge
-        outcome = point_outcome(tokens_in, tokens_out, group.runtime_s.tolist(), energies, rule)
+        outcome = point_outcome(tokens_in, tokens_out, group.runtime_s.tolist(), energies, rule, batch_size=size)
         rows.append({"job_id": int(job.id), "model": job.model, "device": job.device, **outcome.to_row(),
                      "unconverged": outcome.unconverged, "assessed": "from trials"})
     return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
@@ -229,8 +253,12 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
         raise InputError(Problem("model", f"{model} is a hub id; download it and add its local directory", None,
                                  "a local model directory or .gguf file"))
     if entry.backend == "llama.cpp" and settings.batch_size != 1:
-        raise InputError(Problem("batch size", f"{settings.batch_size}: the llama.cpp backend runs one request at a time",
-                                 None, "batch size 1 for a .gguf model"))
+        # The older option batches generate(), which llama-cpp-python's Llama runs one sequence at a time;
+        # llama.cpp batches run through the batch axis (generate_batch, one sequence id per request).
+        raise InputError(Problem("batch size", f"{settings.batch_size}: the older batch-size option runs identical "
+                                 "requests through generate(), which the llama.cpp backend does one at a time", None,
+                                 f"--batch-sizes 1,{settings.batch_size} (a batch axis), which llama.cpp runs as "
+                                 "real batches"))
     try:
         device = runs.check_device(device)
     except DeviceUnavailableError as exc:
@@ -247,8 +275,56 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
         raise InputError(Problem("budget", f"a time budget ({settings.budget_s:g} s) applies to the adaptive design "
                                  f"only, not to {design_kind!r}", None, "the adaptive design, or no budget"))
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
-                          context_length=model_context_length(entry) if files_here else None, seed=settings.seed)
+                          context_length=model_context_length(entry) if files_here else None, seed=settings.seed,
+                          batch_sizes=settings.batch_sizes)
+    if files_here and max(design.batch_sizes) > 1:
+        check_design_memory(entry, device, design)
     return entry, device, design, settings
+
+
+def check_design_memory(entry: catalog.CatalogEntry, device: str, design: Design, *,
+                        memory_rule=None) -> None:
+    """Refuse, before anything is stored or run, a design whose batches do not fit in the device's free memory.
+
+    For each batch size above 1, its largest point (most tokens) is estimated
+    (:mod:`engine.backends.memory`: KV cache for B × (τin + τout) tokens, activations and
+    the weights, with a margin) against what the device has free now (available RAM on the
+    CPU, NVML on a GPU). Where the sizes or the free memory cannot be read (unusual files,
+    another host's device) nothing is refused here: the worker checks each batch again
+    before it runs it (``generate_batch``). ``memory_rule`` replaces the rule read from the
+    model's files (tests).
+
+    Raises:
+        InputError: one problem per batch size that does not fit, naming the memory needed
+            and free, and the largest batch of that shape that would fit.
+    """
+    from engine.backends.memory import estimate_batch_memory, format_bytes, largest_fitting_batch
+    from engine.planning.batches import batch_memory_rule
+
+    if memory_rule is None:
+        if is_qualified(device):
+            return  # a node's device: its free memory is the node's, checked there before each batch
+        memory_rule, _why = batch_memory_rule(entry.backend, catalog.resolve_model_path(entry.path), device)
+    if memory_rule is None:
+        return
+    problems = []
+    for size in design.batch_sizes:
+        if size == 1:
+            continue
+        largest = max((p for p in design.points if p.batch_size == size),
+                      key=lambda p: (p.input_tokens + p.output_tokens, p.input_tokens))
+        options = {"max_tokens_per_pass": memory_rule.max_tokens_per_pass}
+        need = estimate_batch_memory(memory_rule.model, size, largest.input_tokens, largest.output_tokens, **options)
+        if need.total_bytes <= memory_rule.free_bytes:
+            continue
+        fits = largest_fitting_batch(memory_rule.model, largest.input_tokens, largest.output_tokens,
+                                     memory_rule.free_bytes, size - 1, **options)
+        problems.append(Problem("batch sizes", f"{size}: a {need.describe()}; {device} has "
+                                f"{format_bytes(memory_rule.free_bytes)} free", None,
+                                f"batch sizes up to {fits} for points of this size on {device}" if fits else
+                                f"shorter requests, or a device with more free memory than {device}"))
+    if problems:
+        raise InputError(problems)
 
 
 def create_job(store: Store, model: str, device: str, design_kind: str = "quick", **options) -> Job:
@@ -336,17 +412,18 @@ def job_progress(store: Store, job_id: int) -> Progress:
     job = get_job(store, job_id)
     started = None if job.started_at is None or pd.isna(job.started_at) else pd.Timestamp(job.started_at)
     points = store.query_df(
-        """SELECT input_tokens, output_tokens, count(*) AS trials, avg(runtime_s) AS runtime_s,
+        """SELECT input_tokens, output_tokens, coalesce(batch_size, 1) AS batch_size, count(*) AS trials,
+                  avg(runtime_s) AS runtime_s,
                   avg(energy_j) AS energy_j, any_value(energy_source) AS energy_source, sum(runtime_s) AS total_runtime_s,
                   count(*) FILTER (WHERE ? IS NULL OR started_at < ?) AS earlier_trials,
                   coalesce(sum(runtime_s) FILTER (WHERE ? IS NULL OR started_at < ?), 0) AS earlier_runtime_s,
                   min(started_at) AS first_at, max(finished_at) AS last_at
-           FROM measurements WHERE job_id = ? GROUP BY input_tokens, output_tokens ORDER BY input_tokens, output_tokens""",
+           FROM measurements WHERE job_id = ? GROUP BY ALL ORDER BY input_tokens, output_tokens, batch_size""",
         [started, started, started, started, job.id])
     outcomes = point_outcomes(store, [job.id])
     outcomes["ci_rel"] = outcomes[["runtime_ci_rel", "energy_ci_rel"]].max(axis=1)
-    points = points.merge(outcomes[["input_tokens", "output_tokens", "converged", "unconverged", "stopped", "ci_rel"]],
-                          how="left", on=["input_tokens", "output_tokens"])
+    points = points.merge(outcomes[["input_tokens", "output_tokens", "batch_size", "converged", "unconverged", "stopped",
+                                    "ci_rel"]], how="left", on=["input_tokens", "output_tokens", "batch_size"])
     trials = int(points.trials.sum()) if len(points) else 0
     cooldown_s = job.settings.cooldown_s
     earlier_s = float(points.earlier_runtime_s.sum() + cooldown_s * points.earlier_trials.sum()) if len(points) else 0.0
@@ -372,8 +449,9 @@ def _remaining_s(job: Job, points: pd.DataFrame) -> float | None:
     if left <= 0 or points.empty:
         return None
     # The worker completes points in its run order: the first points_done of it are complete.
-    complete = {(p.input_tokens, p.output_tokens) for p in run_order(job.design.points, job.settings.seed)[:job.points_done]}
-    is_complete = [(i, o) in complete for i, o in zip(points.input_tokens, points.output_tokens)]
+    complete = {(p.input_tokens, p.output_tokens, job.settings.trial_batch_size(p))
+                for p in run_order(job.design.points, job.settings.seed)[:job.points_done]}
+    is_complete = [key in complete for key in zip(points.input_tokens, points.output_tokens, points.batch_size)]
     cost_s = (points.total_runtime_s * (1 + TRIAL_OVERHEAD) + job.settings.cooldown_s * points.trials)
     trial_s = float(cost_s.sum() / points.trials.sum())
     done, in_progress = cost_s[is_complete], cost_s[[not c for c in is_complete]]
@@ -386,19 +464,22 @@ def _remaining_s(job: Job, points: pd.DataFrame) -> float | None:
 
 def estimate_duration_s(store: Store, model: str, device: str, design: Design,
                         settings: ProfileSettings) -> tuple[float, float] | None:
-    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device.
+    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device
+    (of single requests; a batch of B counted as B of them).
 
     None when there are no earlier measurements to go by, except for an adaptive job,
     which takes its budget at most (and at most that, at least, without history).
     """
     history = store.query_df(
         "SELECT input_tokens, output_tokens, avg(runtime_s) AS runtime_s FROM measurements "
-        "WHERE model = ? AND device = ? GROUP BY ALL", [model, device])
+        "WHERE model = ? AND device = ? AND coalesce(batch_size, 1) = 1 GROUP BY ALL", [model, device])
     if len(history) < 3:
         return None if settings.budget_s is None else (settings.budget_s, settings.budget_s)
     features = np.column_stack([np.ones(len(history)), history.input_tokens, history.output_tokens])
     coef, *_ = np.linalg.lstsq(features, history.runtime_s.to_numpy(), rcond=None)
-    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) for p in design.points]
+    # A batch of B is counted as B requests' time: an upper bound (batching is there to take less).
+    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) * settings.trial_batch_size(p)
+                 for p in design.points]
     fixed = settings.idle_s + 5.0  # idle baseline plus loading the model
     per_point_extra = settings.cooldown_s
     low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)

@@ -115,6 +115,7 @@ class PointOutcome:
     stopped: str
     runtime_ci_rel: float | None
     energy_ci_rel: float | None
+    batch_size: int = 1  # requests run together in each trial of the point
 
     @property
     def worst_ci_rel(self) -> float | None:
@@ -128,7 +129,8 @@ class PointOutcome:
         return self.stopped == "max-trials"
 
     def to_row(self) -> dict:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "trials": self.trials,
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "batch_size": self.batch_size,
+                "trials": self.trials,
                 "converged": self.converged, "stopped": self.stopped, "runtime_ci_rel": self.runtime_ci_rel,
                 "energy_ci_rel": self.energy_ci_rel}
 
@@ -138,7 +140,8 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def point_outcome(input_tokens: int, output_tokens: int, runtimes_s: Sequence[float],
-                  energies_j: Sequence[float | None], rule: StopRule, stopped_early: str = "budget") -> PointOutcome:
+                  energies_j: Sequence[float | None], rule: StopRule, stopped_early: str = "budget", *,
+                  batch_size: int = 1) -> PointOutcome:
     """The outcome of a point whose trials are over: converged, or why not.
 
     ``stopped_early`` names why trials ended below ``max_trials`` without a tight interval
@@ -152,7 +155,8 @@ def point_outcome(input_tokens: int, output_tokens: int, runtimes_s: Sequence[fl
     else:
         stopped = stopped_early
     return PointOutcome(int(input_tokens), int(output_tokens), assessment.trials, assessment.tight, stopped,
-                        _finite_or_none(assessment.runtime_ci_rel), _finite_or_none(assessment.energy_ci_rel))
+                        _finite_or_none(assessment.runtime_ci_rel), _finite_or_none(assessment.energy_ci_rel),
+                        int(batch_size))
 
 
 def unconverged_summary(outcomes: Iterable[PointOutcome]) -> str | None:

@@ -40,6 +40,7 @@ import pandas as pd
 from engine import __version__, catalog, runs
 from engine.backends import open_backend
 from engine.backends.base import Backend
+from engine.backends.batch import ExactRequest
 from engine.energy import EnergyMeter, IdleBaseline, measure_idle_power, open_meter
 from engine.energy.load_cost import LoadCost, measure_window, warm_up
 from engine.energy.waiting import WAIT_POLICY_ENV, apply_passive_waiting
@@ -139,8 +140,8 @@ class StoreTrialSink(TrialSink):
 
 def stored_trials(store: Store, job_id: int) -> pd.DataFrame:
     """The trials this job has stored so far (for resume)."""
-    return store.query_df("SELECT input_tokens, output_tokens, trial, runtime_s, energy_j FROM measurements "
-                          "WHERE job_id = ? ORDER BY id", [int(job_id)])
+    return store.query_df("SELECT input_tokens, output_tokens, coalesce(batch_size, 1) AS batch_size, trial, runtime_s, "
+                          "energy_j FROM measurements WHERE job_id = ? ORDER BY id", [int(job_id)])
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -215,6 +216,8 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
         try:
             for point in order:  # fail before measuring anything when a point cannot run
                 backend.check_request(point.input_tokens, point.output_tokens)
+                if point.batch_size > 1:  # its batch must fit in the memory left beside the loaded weights
+                    backend.check_batch_memory(point.batch_size, point.input_tokens, point.output_tokens)
             progress(f"measuring idle power for {settings.idle_s:g} s")
             idle = measure_idle_power(meter, settings.idle_s)
             cancel.check()
@@ -228,17 +231,21 @@ def measure_job(job: Job, backend_name: str, model_path: Path, stored: pd.DataFr
                 timing = _Timing(clock, started_s, job.settings.budget_s or DEFAULT_BUDGET_S,
                                  _spent_before_s(stored, earlier_rounds))
                 return _measure_adaptive(bench, order, stored, earlier_rounds, sink, cancel, sleep, progress, timing)
-            by_point = {key: group for key, group in stored.groupby(["input_tokens", "output_tokens"])}
+            if "batch_size" not in stored.columns:  # trials handed in by a caller that predates the batch axis
+                stored = stored.assign(batch_size=settings.batch_size)
+            by_point = {key: group for key, group in stored.groupby(["input_tokens", "output_tokens", "batch_size"])}
             outcomes = []
             for number, point in enumerate(order, start=1):
-                previous = by_point.get((point.input_tokens, point.output_tokens))
+                size = settings.trial_batch_size(point)
+                previous = by_point.get((point.input_tokens, point.output_tokens, size))
                 runtimes, energies = _measure_point(bench, point, previous, sink, cancel, sleep)
                 outcomes.append(point_outcome(point.input_tokens, point.output_tokens, runtimes, energies,
-                                              settings.stop_rule))
+                                              settings.stop_rule, batch_size=size))
                 with cancel.writing():
                     sink.point_finished(outcomes[-1])
                     sink.point_done(number)
-                progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out): "
+                batch = f", batches of {size}" if size > 1 else ""
+                progress(f"point {number}/{len(order)} ({point.input_tokens} in, {point.output_tokens} out{batch}): "
                          f"{len(runtimes)} trials" + ("" if outcomes[-1].converged else ", did not converge"))
             return JobOutcome(outcomes)
         finally:
@@ -265,16 +272,32 @@ def _measure_point(bench: _Bench, point: DesignPoint, previous: pd.DataFrame | N
 
 def _measure_trial(bench: _Bench, point: DesignPoint, trial: int, sink: TrialSink, cancel: _CancelFlag,
                    sleep: Callable[[float], None]) -> tuple[float, float | None]:
-    """Run and keep one trial (number ``trial`` of its point); returns its runtime and energy."""
+    """Run and keep one trial (number ``trial`` of its point); returns its runtime and energy.
+
+    A point of batch size B > 1 is one batch of B identical requests of its shape, run
+    together by the backend's ``generate_batch``: the row's runtime and energy are the
+    whole batch's (energy per request is a B-th of it), its token counts per request, as
+    the library ran them. At batch size 1 a trial is one ``generate`` call, as ever.
+    """
     settings = bench.job.settings
     cancel.check()
-    with bench.meter.window() as window:
-        result = bench.backend.generate(point.input_tokens, point.output_tokens)
+    if point.batch_size > 1:
+        with bench.meter.window() as window:
+            batch = bench.backend.generate_batch([ExactRequest(point.input_tokens, point.output_tokens)]
+                                                 * point.batch_size)
+        # Exact requests are held to their counts by the backend (it raises otherwise): one shape for all.
+        tokens_in, tokens_out = batch.requests[0].input_tokens, batch.requests[0].output_tokens
+        runtime_s, size = batch.runtime_s, batch.batch_size
+    else:
+        with bench.meter.window() as window:
+            result = bench.backend.generate(point.input_tokens, point.output_tokens)
+        tokens_in, tokens_out, runtime_s, size = (result.input_tokens, result.output_tokens, result.runtime_s,
+                                                  settings.batch_size)
     columns = window.result.measurement_columns(bench.idle)
     row = {
         "job_id": bench.job.id, "origin": "profiled", "model": bench.job.model, "device": bench.job.device,
-        "host": runs.host_name(), "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-        "batch_size": settings.batch_size, "trial": trial, "runtime_s": result.runtime_s,
+        "host": runs.host_name(), "input_tokens": tokens_in, "output_tokens": tokens_out,
+        "batch_size": size, "trial": trial, "runtime_s": runtime_s,
         "library_versions": bench.versions, "started_at": window.result.started_at,
         "finished_at": window.result.finished_at, **columns,
     }
@@ -282,7 +305,7 @@ def _measure_trial(bench: _Bench, point: DesignPoint, trial: int, sink: TrialSin
         sink.add_trial(row)
     if settings.cooldown_s:
         sleep(settings.cooldown_s)
-    return result.runtime_s, columns["energy_j"]
+    return runtime_s, columns["energy_j"]
 
 
 # -- the adaptive design ----------------------------------------------------------------------------

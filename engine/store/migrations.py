@@ -399,6 +399,38 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    # The batch axis of profiling (issue 13).
+    Migration(
+        9,
+        "profiling points: a point is (input_tokens, output_tokens, batch_size); earlier points are at batch size 1",
+        (
+            # A job with a batch axis measures the same (τin, τout) at several batch sizes, each a point of its own
+            # with its own outcome. DuckDB cannot change a primary key in place: the table is rebuilt.
+            """
+            CREATE TABLE profiling_points_b (
+                job_id         BIGINT NOT NULL,
+                input_tokens   INTEGER NOT NULL,
+                output_tokens  INTEGER NOT NULL,
+                batch_size     INTEGER NOT NULL DEFAULT 1,  -- requests run together in each trial of the point
+                trials         INTEGER NOT NULL,
+                converged      BOOLEAN NOT NULL,
+                stopped        VARCHAR NOT NULL,
+                runtime_ci_rel DOUBLE,
+                energy_ci_rel  DOUBLE,
+                updated_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (job_id, input_tokens, output_tokens, batch_size)
+            )
+            """,
+            """
+            INSERT INTO profiling_points_b (job_id, input_tokens, output_tokens, batch_size, trials, converged, stopped,
+                                            runtime_ci_rel, energy_ci_rel, updated_at)
+            SELECT job_id, input_tokens, output_tokens, 1, trials, converged, stopped, runtime_ci_rel, energy_ci_rel,
+                   updated_at FROM profiling_points
+            """,
+            "DROP TABLE profiling_points",
+            "ALTER TABLE profiling_points_b RENAME TO profiling_points",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
