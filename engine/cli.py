@@ -720,6 +720,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
     progress = execution.execution_progress(store, run.id)
     scope = store.query_one("SELECT energy_scope FROM plans WHERE id = ?", [run.plan_id])[0]
     comparison = execution.compare(execution.execution_results(store, run.id), scope)
+    band_check = execution.execution_band_check(store, run.id, comparison)
     state = progress.execution
     document = {"execution_id": run.id, "plan_id": run.plan_id, "status": state.status, "reason": state.reason,
                 "queries_done": progress.done, "queries_total": progress.total, "queries_failed": comparison.n_failed,
@@ -734,7 +735,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
                 "per_batch_energy_error_median": comparison.per_batch_energy_error_median,
                 "per_batch_energy_error_mean_abs": comparison.per_batch_energy_error_mean_abs,
                 "per_batch_energy_error_p10_p90": comparison.per_batch_energy_error_p10_p90,
-                "per_option": comparison.per_option.to_dict("records")}
+                "per_option": comparison.per_option.to_dict("records"), "energy_band": band_check.to_json()}
     if args.json:
         _print_json(document)
     else:
@@ -747,6 +748,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
                   f"{format_energy(comparison.predicted_energy_j)} predicted" + (f" ({error})" if error else ""))
         else:
             print("energy: not measured")
+        print(f"band: {band_check.sentence()}")
         print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
         print(_batch_errors_line(comparison))
     return EXIT_OK if state.status == "done" else EXIT_FAILURE
