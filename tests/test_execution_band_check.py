@@ -115,3 +115,30 @@ def test_the_share_rule_reads_as_one_sentence_for_the_rule_the_worker_uses():
     assert "tokens it processed" in sentence and sentence.count(".") == 1  # one sentence
     assert share_rule_sentence(pd.Series([], dtype=object)) is None  # no batch of more than one request
     assert share_rule_sentence(["runtime"]) == 'Each request\'s share of its batch\'s energy was taken by the rule "runtime".'
+
+
+def test_cli_execute_prints_the_band_sentence(store, demo_models, capsys):
+    """A real run of three tiny queries (a few joules, estimated) against a plan that predicted 100 J
+    each with a band of ±1 J: below the band, and the sentence says so."""
+    import json
+    import re
+
+    from engine import catalog, cli
+    from engine.store import append_frame
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    plan_band = EnergyBand(energy_j=300.0, half_width_j=1.0, heldout_j=1.0, coefficient_j=0.0, noise_j=0.0,
+                           schedule_energy_j=300.0, n_queries=3, batch_half_widths_j={1: 0.5, 2: 0.5})
+    with store.transaction() as con:
+        plan_id = int(con.execute("INSERT INTO plans (objective, energy_scope, status, energy_j, params) VALUES "
+                                  "('energy', 'total', 'optimal', 300.0, ?) RETURNING id",
+                                  [json.dumps({"energy_band": plan_band.to_dict()})]).fetchone()[0])
+        append_frame(con, "plan_assignments", pd.DataFrame({
+            "plan_id": plan_id, "query_id": ["s1", "s2", "s3"], "model": "demo-small", "device": "cpu",
+            "input_tokens": [16, 16, 8], "output_tokens": [4, 4, 2], "predicted_energy_j": 100.0,
+            "predicted_runtime_s": 0.1, "accuracy": 0.5, "device_start_s": [0.0, 0.0, 1.0], "batch_id": [1, 1, 2],
+            "batch_size": [2, 2, 1]}))
+    assert cli.main(["execute", "--plan", str(plan_id)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("band: "))
+    assert re.fullmatch(r"band: Measured \d+\.\d+ J( \(estimated\))?, predicted 300\.0 J ± 1\.0 J \(±0\.3%\): outside "
+                        r"the band \(299\.0 J to 301\.0 J\), \d+\.\d+ J below it\.", line), line
