@@ -75,7 +75,8 @@ def test_a_run_of_part_of_the_plan_is_judged_by_the_bands_of_its_batches():
     comparison = compare(results(six_queries(failed=True)))
     check = check_band(comparison, band(6.0, {1: 5.0, 2: 1.0}))
     assert (check.inside, check.scope, check.n_compared) == (True, BATCH_BANDS, 4)
-    assert (check.measured_energy_j, check.predicted_energy_j, check.half_width_j) == pytest.approx((44.0, 40.0, 5.0))
+    totals = (check.measured_energy_j, check.predicted_energy_j, check.half_width_j)
+    assert totals == pytest.approx((44.0, 40.0, 5.0))
     assert check.sentence() == ("Measured 44.0 J, predicted 40.0 J ± 5.0 J (±12.5%): inside the band "
                                 "(35.0 J to 45.0 J). Only 4 of 6 queries were measured, so the band is that of "
                                 "the batches that ran (each batch's own band, added).")
@@ -114,7 +115,8 @@ def test_the_share_rule_reads_as_one_sentence_for_the_rule_the_worker_uses():
     assert sentence == SHARE_RULE_SENTENCES[SHARE_RULE]
     assert "tokens it processed" in sentence and sentence.count(".") == 1  # one sentence
     assert share_rule_sentence(pd.Series([], dtype=object)) is None  # no batch of more than one request
-    assert share_rule_sentence(["runtime"]) == 'Each request\'s share of its batch\'s energy was taken by the rule "runtime".'
+    assert share_rule_sentence(["runtime"]) == ("Each request's share of its batch's energy was taken by the rule "
+                                                '"runtime".')
 
 
 def test_cli_execute_prints_the_band_sentence(store, demo_models, capsys):
@@ -140,5 +142,5 @@ def test_cli_execute_prints_the_band_sentence(store, demo_models, capsys):
             "batch_size": [2, 2, 1]}))
     assert cli.main(["execute", "--plan", str(plan_id)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("band: "))
-    assert re.fullmatch(r"band: Measured \d+\.\d+ J( \(estimated\))?, predicted 300\.0 J ± 1\.0 J \(±0\.3%\): outside "
-                        r"the band \(299\.0 J to 301\.0 J\), \d+\.\d+ J below it\.", line), line
+    assert re.fullmatch(r"band: Measured \d+\.\d+ J( \(estimated\))?, predicted 300\.0 J ± 1\.0 J \(±0\.3%\): "
+                        r"outside the band \(299\.0 J to 301\.0 J\), \d+\.\d+ J below it\.", line), line

@@ -176,9 +176,9 @@ def share_rule_sentence(rules) -> str | None:
     known = sorted({r for r in rules if isinstance(r, str) and r})
     if not known:
         return None
-    return " ".join(SHARE_RULE_SENTENCES.get(r, f"Each request's share of its batch's energy was taken by the rule \"{r}\".")
-                    for r in known)
+    other = "Each request's share of its batch's energy was taken by the rule \"{}\"."
+    return " ".join(SHARE_RULE_SENTENCES.get(rule, other.format(rule)) for rule in known)
 
 
-__all__ = ["BATCH_BANDS", "PLAN_BAND", "SHARE_RULE_SENTENCES", "BandCheck", "check_band", "execution_band_check",
-           "execution_energy_band", "share_rule_sentence", "with_batch_bands"]
+__all__ = ["BATCH_BANDS", "PLAN_BAND", "SHARE_RULE_SENTENCES", "BandCheck", "check_band",
+           "execution_band_check", "execution_energy_band", "share_rule_sentence", "with_batch_bands"]
