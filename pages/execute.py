@@ -15,7 +15,7 @@ from engine.cluster.inventory import ClusterInventory
 from engine.cluster.runstate import apply_moves, move_candidates, part_states, parts_table, planned_devices
 from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import flash, get_store, show_error, show_flash
-from ui.execution_view import show_band_check, show_batches
+from ui.execution_view import lengths_table, show_band_check, show_batches
 from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
@@ -233,8 +233,9 @@ top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_
               delta=f"{format_percent(comparison.runtime_error, signed=True)} vs predicted"
               if comparison.runtime_error is not None else None,
               delta_color="off")
-top[3].metric("Outside the fit's 90% band", f"{comparison.outside_band} of {comparison.with_band}",
-              help="Queries whose measured energy lies outside the prediction interval of their fit.")
+top[3].metric("Queries outside their 90% interval", f"{comparison.outside_band} of {comparison.with_band}",
+              help="Queries whose measured energy lies outside their fit's 90% prediction interval for one request "
+                   "(the plan's energy band, below, is for the total).")
 if comparison.n_failed:
     st.warning(f"{format_count(comparison.n_failed, 'query')} failed and "
                f"{'is' if comparison.n_failed == 1 else 'are'} left out of the comparison (see the table).")
@@ -278,6 +279,6 @@ if len(lengths):
     st.subheader("Output lengths learned from executed prompts")
     st.caption("What the models really produced for prompts (capped at the planned length). Use them as the output "
                "length of queries without one on the Plan page.")
-    st.dataframe(lengths, hide_index=True, width="stretch")
+    st.dataframe(lengths_table(lengths), hide_index=True, width="stretch")
 st.caption("Executed queries are stored as measurements; refit with them on the Models page "
            "(*Include the queries measured while executing plans*).")

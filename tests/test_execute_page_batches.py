@@ -98,3 +98,13 @@ def test_outside_the_band_is_a_warning_with_how_far(store: Store):
         "**Against the plan's energy band:** Measured 62.0 J (estimated), predicted 60.0 J ± 1.0 J (±1.7%): "
         "outside the band (59.0 J to 61.0 J), 1.0 J above it.")
     assert not [m for m in at.success if "Against the plan's energy band" in m.value]
+
+
+def test_learned_output_lengths_are_written_in_tokens_and_percent():
+    from ui.execution_view import lengths_table
+
+    lengths = pd.DataFrame([{"model": "m", "category": "(all)", "queries": 4, "median_output_tokens": 14.0,
+                             "mean_output_tokens": 20.25, "p90_output_tokens": 60.8, "ended_early": 0.25}])
+    assert lengths_table(lengths).to_dict("records") == [
+        {"model": "m", "category": "(all)", "queries": 4, "median answer": "14 tokens", "mean answer": "20 tokens",
+         "90th percentile": "61 tokens", "ended early": "25%"}]

@@ -86,4 +86,16 @@ def show_batches(comparison: Comparison, band: EnergyBand | None, share_rules, e
     st.plotly_chart(batches_chart(comparison, band, estimated), width="stretch", key="execute_batches_chart")
 
 
-__all__ = ["batches_chart", "batches_table", "show_band_check", "show_batches"]
+def lengths_table(lengths: pd.DataFrame) -> pd.DataFrame:
+    """:func:`engine.execution.learned_output_lengths` written out: answer lengths in tokens, the share
+    that ended before the cap as a percentage."""
+    return pd.DataFrame({
+        "model": lengths["model"], "category": lengths["category"], "queries": lengths["queries"],
+        "median answer": lengths["median_output_tokens"].map(format_tokens),
+        "mean answer": lengths["mean_output_tokens"].map(format_tokens),
+        "90th percentile": lengths["p90_output_tokens"].map(format_tokens),
+        "ended early": lengths["ended_early"].map(lambda share: format_percent(share, 0)),
+    })
+
+
+__all__ = ["batches_chart", "batches_table", "lengths_table", "show_band_check", "show_batches"]
