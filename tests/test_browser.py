@@ -318,7 +318,7 @@ def test_execute_page_after_the_plan_page_in_the_browser(served_app: str, browse
     if batched:
         expect(page.get_by_text("Per batch", exact=True)).to_be_visible()
         expect(page.get_by_text("in proportion to the tokens it processed")).to_be_visible()
-        expect(page.locator(".js-plotly-plot").filter(has_text="Energy error per batch")).to_be_visible()
+        expect(page.locator(".js-plotly-plot").filter(has_text="Energy error per batch")).to_be_visible(timeout=60_000)
     else:  # every batch holds one query: the per-query comparison says it all
         expect(page.get_by_text("Per batch", exact=True)).to_have_count(0)
     page.mouse.wheel(0, -20_000)

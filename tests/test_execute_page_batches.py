@@ -108,3 +108,20 @@ def test_learned_output_lengths_are_written_in_tokens_and_percent():
     assert lengths_table(lengths).to_dict("records") == [
         {"model": "m", "category": "(all)", "queries": 4, "median answer": "14 tokens", "mean answer": "20 tokens",
          "90th percentile": "61 tokens", "ended early": "25%"}]
+
+
+def test_the_batch_table_puts_batches_of_several_requests_before_single_ones():
+    import numpy as np
+
+    from engine.execution import compare
+    from ui.execution_view import batches_table
+
+    # Run order: batch 1 (one query), batch 2 (two), batch 3 (one): shown 2, 1, 3.
+    results = pd.DataFrame({
+        "id": ["a", "b", "c", "d"], "model": "m", "device": "cpu", "batch_id": [1, 2, 2, 3],
+        "batch_size": [1, 2, 2, 1], "energy_j": 1.0, "predicted_energy_j": 1.0, "runtime_s": 0.1,
+        "predicted_runtime_s": 0.1, "wasted_decode_tokens": 0, "padding_tokens": 0, "error": None,
+        "predicted_energy_uncertainty_j": np.nan, "energy_source": "measured", "idle_power_w": np.nan})
+    table = batches_table(compare(results), None)
+    assert table["batch"].tolist() == ["#2", "#1", "#3"] and table["members"].tolist() == [2, 1, 1]
+    assert set(table["band"]) == {"—"} and set(table["in its band"]) == {"—"}  # no band: unknown, not zero

@@ -26,8 +26,10 @@ def show_band_check(check: BandCheck) -> None:
 
 
 def batches_table(comparison: Comparison, band: EnergyBand | None) -> pd.DataFrame:
-    """One row per batch that ran, every number written out (the table the page shows)."""
+    """One row per batch that ran, every number written out (the table the page shows): the batches
+    of several requests first (a plan's single-query batches would hide them), then in run order."""
     frame = with_batch_bands(comparison.per_batch, band)
+    frame = frame.iloc[(-frame["queries"].to_numpy()).argsort(kind="stable")]
     inside = {True: "inside", False: "outside"}
     return pd.DataFrame({
         "batch": [f"#{int(b)}" if pd.notna(b) else "—" for b in frame["batch_id"]],
