@@ -247,7 +247,8 @@ if comparison.per_query_energy_error_median is not None:
 per_option = comparison.per_option.assign(
     measured=lambda f: f.measured_energy_j.map(format_energy), predicted=lambda f: f.predicted_energy_j.map(format_energy),
     error=lambda f: f.energy_error.map(lambda e: format_percent(e, signed=True, unknown="")))
-st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]], hide_index=True, width="stretch")
+st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]].rename(
+    columns={"measured": "measured (estimated)"} if estimated else {}), hide_index=True, width="stretch")
 if (comparison.per_batch["queries"] > 1).any() or (comparison.per_batch["batch_size"] > 1).any():
     show_batches(comparison, band, batches.loc[batches.members > 1, "share_rule"], estimated)
 

@@ -78,6 +78,9 @@ def test_inside_the_band_with_the_share_rule_and_a_row_per_batch(store: Store):
         "**Against the plan's energy band:** Measured 62.0 J (estimated), predicted 60.0 J ± 6.0 J (±10.0%): "
         "inside the band (54.0 J to 66.0 J).")
     assert SHARE_RULE_SENTENCES[SHARE_RULE] in [c.value for c in at.caption]
+    per_option = next(d.value for d in at.dataframe if "option" in d.value.columns)
+    assert per_option.to_dict("records") == [{"option": "m@cpu", "queries": 6, "measured (estimated)": "62.0 J",
+                                              "predicted": "60.0 J", "error": "+3.3%"}]
     table = next(d.value for d in at.dataframe if "model@device" in d.value.columns)
     assert table.to_dict("records") == [
         {"batch": "#1", "model@device": "m@cpu", "size": 4, "members": 4, "predicted": "40.0 J",

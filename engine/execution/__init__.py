@@ -42,9 +42,10 @@ from engine.execution.band_check import (
 from engine.execution.report import Comparison, compare, execution_batches, learned_output_lengths
 
 __all__ = [
-    "ACTIVE", "BandCheck", "Comparison", "check_band", "execution_band_check", "execution_energy_band",
-    "share_rule_sentence", "with_batch_bands", "Execution", "ExecutionProgress", "FINISHED", "cancel_execution", "compare",
-    "create_execution", "execution_batches", "execution_energy_scope", "execution_progress", "execution_results",
-    "get_execution", "import_schedule", "learned_output_lengths", "list_executions", "plan_queries",
-    "reconcile_executions", "resume_execution", "start_worker", "why_plan_cannot_run_here", "worker_log_path",
+    "ACTIVE", "BandCheck", "Comparison", "Execution", "ExecutionProgress", "FINISHED", "cancel_execution",
+    "check_band", "compare", "create_execution", "execution_band_check", "execution_batches",
+    "execution_energy_band", "execution_energy_scope", "execution_progress", "execution_results", "get_execution",
+    "import_schedule", "learned_output_lengths", "list_executions", "plan_queries", "reconcile_executions",
+    "resume_execution", "share_rule_sentence", "start_worker", "why_plan_cannot_run_here", "with_batch_bands",
+    "worker_log_path",
 ]
