@@ -15,6 +15,7 @@ from engine.cluster.inventory import ClusterInventory
 from engine.cluster.runstate import apply_moves, move_candidates, part_states, parts_table, planned_devices
 from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import flash, get_store, show_error, show_flash
+from ui.execution_view import lengths_table, show_band_check, show_batches
 from ui.navigation import ensure_app_navigation
 
 ensure_app_navigation()
@@ -211,6 +212,12 @@ if results.empty:
     st.stop()
 comparison = execution.compare(results, scope)
 estimated = comparison.energy_estimated
+try:
+    band = execution.execution_energy_band(store, execution_id)
+    batches = execution.execution_batches(store, execution_id)
+except PlannerError as exc:
+    show_error(exc)
+    st.stop()
 st.subheader("Predicted against measured" + (" (dynamic energy)" if scope == "dynamic" else ""))
 if estimated:
     st.info("There is no energy sensor for this device here, so the measured energy is **estimated** "
@@ -226,11 +233,13 @@ top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_
               delta=f"{format_percent(comparison.runtime_error, signed=True)} vs predicted"
               if comparison.runtime_error is not None else None,
               delta_color="off")
-top[3].metric("Outside the fit's 90% band", f"{comparison.outside_band} of {comparison.with_band}",
-              help="Queries whose measured energy lies outside the prediction interval of their fit.")
+top[3].metric("Queries outside their 90% interval", f"{comparison.outside_band} of {comparison.with_band}",
+              help="Queries whose measured energy lies outside their fit's 90% prediction interval for one request "
+                   "(the plan's energy band, below, is for the total).")
 if comparison.n_failed:
     st.warning(f"{format_count(comparison.n_failed, 'query')} failed and "
                f"{'is' if comparison.n_failed == 1 else 'are'} left out of the comparison (see the table).")
+show_band_check(execution.check_band(comparison, band))
 if comparison.per_query_energy_error_median is not None:
     st.caption(f"Per query, energy error: median {format_percent(comparison.per_query_energy_error_median, signed=True)}, "
                f"mean absolute {format_percent(comparison.per_query_energy_error_mean_abs)}.")
@@ -238,7 +247,10 @@ if comparison.per_query_energy_error_median is not None:
 per_option = comparison.per_option.assign(
     measured=lambda f: f.measured_energy_j.map(format_energy), predicted=lambda f: f.predicted_energy_j.map(format_energy),
     error=lambda f: f.energy_error.map(lambda e: format_percent(e, signed=True, unknown="")))
-st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]], hide_index=True, width="stretch")
+st.dataframe(per_option[["option", "queries", "measured", "predicted", "error"]].rename(
+    columns={"measured": "measured (estimated)"} if estimated else {}), hide_index=True, width="stretch")
+if (comparison.per_batch["queries"] > 1).any() or (comparison.per_batch["batch_size"] > 1).any():
+    show_batches(comparison, band, batches.loc[batches.members > 1, "share_rule"], estimated)
 
 per_query = comparison.per_query
 left, right = st.columns(2)
@@ -268,6 +280,6 @@ if len(lengths):
     st.subheader("Output lengths learned from executed prompts")
     st.caption("What the models really produced for prompts (capped at the planned length). Use them as the output "
                "length of queries without one on the Plan page.")
-    st.dataframe(lengths, hide_index=True, width="stretch")
+    st.dataframe(lengths_table(lengths), hide_index=True, width="stretch")
 st.caption("Executed queries are stored as measurements; refit with them on the Models page "
            "(*Include the queries measured while executing plans*).")

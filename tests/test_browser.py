@@ -99,12 +99,12 @@ def browser():
         chromium.close()
 
 
-def profile_now(model: str, inputs: list[int], outputs: list[int], max_trials: int) -> Store:
+def profile_now(model: str, inputs: list[int], outputs: list[int], max_trials: int, batch_size: int = 1) -> Store:
     """Profile a model on the served database, in a worker process, and wait for it to finish."""
     from engine.profiling import jobs
 
     store = Store(served_db["path"])
-    settings = jobs.ProfileSettings(max_trials=max_trials, idle_s=0.5, warmup_runs=1)
+    settings = jobs.ProfileSettings(max_trials=max_trials, idle_s=0.5, warmup_runs=1, batch_size=batch_size)
     job = jobs.create_job(store, model, "cpu", "custom", inputs=inputs, outputs=outputs, settings=settings)
     assert jobs.start_worker(store, job.id, watch=False).wait(timeout=300) == 0
     return store
@@ -223,6 +223,10 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     for model in ("demo-small", "demo-large"):
         if not store.query_one("SELECT count(*) FROM measurements WHERE model = ?", [model])[0]:
             profile_now(model, [8, 32, 96], [4, 16, 48], max_trials=3)
+    # demo-small (transformers) at a second batch size too, so that its fits have a batch axis and the plan
+    # may batch it (llama.cpp's demo-large runs one request at a time).
+    if not store.query_one("SELECT count(*) FROM measurements WHERE model = 'demo-small' AND batch_size > 1")[0]:
+        profile_now("demo-small", [8, 32, 96], [4, 16, 48], max_trials=3, batch_size=4)
     assert save_fits(store, fit_all(store))
     page = browser.new_page(viewport={"width": 1400, "height": 4200})
     page.goto(served_app + "/plan")
@@ -237,6 +241,13 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     expect(page.get_by_text("Compared with the obvious alternatives")).to_be_visible()
     expect(page.get_by_text("What each constraint costs")).to_be_visible()
     assert float(store.query_one("SELECT accuracy_target FROM plans ORDER BY id DESC LIMIT 1")[0]) == mean_score
+    # The lever and the band: batch sizes per option, what batching saves (or why plans are at batch 1), and
+    # the range the measurement is expected in.
+    expect(page.get_by_text("Queries per option")).to_be_visible()
+    expect(page.get_by_text("Expected to measure between").first).to_be_visible()
+    batched = store.query_one("SELECT max(batch_size) > 1 FROM plan_assignments WHERE plan_id = "
+                              "(SELECT max(id) FROM plans)")[0]
+    expect(page.get_by_text("Batching saves" if batched else "Plans here are at batch size 1").first).to_be_visible()
     with page.expect_download() as download_info:
         page.get_by_role("button", name="Download the schedule (CSV)").click()
     schedule = download_info.value.path().read_text()
@@ -283,6 +294,39 @@ def test_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     page.close()
 
 
+def test_execute_page_after_the_plan_page_in_the_browser(served_app: str, browser, tmp_path: Path):
+    """Execute the sample workload's plan (made by the Plan page test before this one) from the Execute
+    page: the measured total against the plan's band in a sentence, and predicted against measured per
+    option and, where the plan batches, per batch with the share rule."""
+    store = Store(served_db["path"])
+    plans = list_plans(store)
+    runnable = plans[plans.status.isin(["optimal", "feasible"]) & (plans.workload == "sample_50")]
+    assert not runnable.empty, "the Plan page test plans the sample workload first (run both: -k plan_page)"
+    plan_id = int(runnable.id.iloc[0])
+    batched = bool(store.query_one("SELECT max(batch_size) > 1 FROM plan_assignments WHERE plan_id = ?",
+                                   [plan_id])[0])
+    page = browser.new_page(viewport={"width": 1400, "height": 3000})
+    page.goto(served_app + "/execute")
+    expect(page.get_by_role("heading", name="Execute", exact=True)).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Execute this plan").click()
+    expect(page.get_by_text("done: 50 of 50 queries")).to_be_visible(timeout=600_000)
+    assert store.query_one("SELECT plan_id FROM executions ORDER BY id DESC LIMIT 1")[0] == plan_id
+    expect(page.get_by_text("Predicted against measured")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Against the plan's energy band:")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Measured \d[\d,]*\.\d+ k?J( \(estimated\))?, predicted \d[\d,]*\.\d+ k?J ± "
+                                       r"\d[\d,]*\.\d+ k?J \(±\d+\.\d%\): (inside|outside) the band")).first).to_be_visible()
+    if batched:
+        expect(page.get_by_text("Per batch", exact=True)).to_be_visible()
+        expect(page.get_by_text("in proportion to the tokens it processed")).to_be_visible()
+        expect(page.locator(".js-plotly-plot").filter(has_text="Energy error per batch")).to_be_visible(timeout=60_000)
+    else:  # every batch holds one query: the per-query comparison says it all
+        expect(page.get_by_text("Per batch", exact=True)).to_have_count(0)
+    page.mouse.wheel(0, -20_000)
+    page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
+    page.screenshot(path=str(screenshot_path("execute.png", tmp_path)), full_page=True)
+    page.close()
+
+
 def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser, tmp_path: Path):
     """A fresh database: the first-run button profiles and fits the demo models and opens the
     Plan page with the sample workload; plan it, download the schedule, execute it, and read
@@ -316,8 +360,10 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         expect(page.get_by_text("done: 50 of 50 queries")).to_be_visible(timeout=600_000)
         expect(page.get_by_text("Predicted against measured")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("vs predicted").first).to_be_visible()
+        expect(page.get_by_text("Against the plan's energy band:")).to_be_visible()
         page.wait_for_timeout(2500)  # plotly finishes drawing after it appears
-        page.screenshot(path=str(screenshot_path("execute.png", tmp_path)), full_page=True)
+        # (execute.png, in the README, is the Execute page test's: a plan that may batch.)
+        page.screenshot(path=str(screenshot_path("execute_first_run.png", tmp_path)), full_page=True)
 
         # Home after the first run: the start box stays, and the latest work reads in units.
         page.get_by_role("link", name="Home", exact=True).click()

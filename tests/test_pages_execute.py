@@ -56,7 +56,7 @@ def test_predicted_against_measured(store: Store):
     # 2 queries of 12 J measured (estimated) against 10 J predicted each: +20%.
     assert metrics["Energy (estimated)"].value == "24.0 J"
     assert metrics["Energy (estimated)"].delta == "+20.0% vs predicted"
-    assert metrics["Outside the fit's 90% band"].value == "2 of 2"
+    assert metrics["Queries outside their 90% interval"].value == "2 of 2"
 
 
 def store_plan_of(store: Store, model: str, device: str = "cpu") -> int:

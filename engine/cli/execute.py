@@ -47,10 +47,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
     progress = execution.execution_progress(db, run.id)
     scope = db.query_one("SELECT energy_scope FROM plans WHERE id = ?", [run.plan_id])[0]
     comparison = execution.compare(execution.execution_results(db, run.id), scope)
+    band_check = execution.execution_band_check(db, run.id, comparison)
     if args.json:
-        print_json(_execution_document(run, progress, comparison))
+        print_json(_execution_document(run, progress, comparison, band_check))
     else:
-        _print_execution(run, progress, comparison)
+        _print_execution(run, progress, comparison, band_check)
     return EXIT_OK if progress.execution.status == "done" else EXIT_FAILURE
 
 
@@ -86,7 +87,7 @@ def _follow_execution(db, execution_id: int, process) -> None:
         raise
 
 
-def _execution_document(run, progress, comparison) -> dict:
+def _execution_document(run, progress, comparison, band_check) -> dict:
     """``execute --json``: the execution's outcome, measured against predicted."""
     state = progress.execution
     return {"execution_id": run.id, "plan_id": run.plan_id, "status": state.status, "reason": state.reason,
@@ -102,10 +103,10 @@ def _execution_document(run, progress, comparison) -> dict:
             "per_batch_energy_error_median": comparison.per_batch_energy_error_median,
             "per_batch_energy_error_mean_abs": comparison.per_batch_energy_error_mean_abs,
             "per_batch_energy_error_p10_p90": comparison.per_batch_energy_error_p10_p90,
-            "per_option": comparison.per_option.to_dict("records")}
+            "per_option": comparison.per_option.to_dict("records"), "energy_band": band_check.to_json()}
 
 
-def _print_execution(run, progress, comparison) -> None:
+def _print_execution(run, progress, comparison, band_check) -> None:
     """The execution's outcome for people: status, queries, energy and runtime against predicted, batches."""
     state = progress.execution
     label = " (estimated)" if comparison.energy_estimated else ""
@@ -117,6 +118,7 @@ def _print_execution(run, progress, comparison) -> None:
               f"{format_energy(comparison.predicted_energy_j)} predicted" + (f" ({error})" if error else ""))
     else:
         print("energy: not measured")
+    print(f"band: {band_check.sentence()}")
     print(f"runtime: {format_duration(comparison.measured_runtime_s)} vs {format_duration(comparison.predicted_runtime_s)} predicted")
     print(_batch_errors_line(comparison))
 
