@@ -235,7 +235,8 @@ top[2].metric("Runtime (sum over queries)", format_duration(comparison.measured_
               delta_color="off")
 top[3].metric("Queries outside their 90% interval", f"{comparison.outside_band} of {comparison.with_band}",
               help="Queries whose measured energy lies outside their fit's 90% prediction interval for one request "
-                   "(the plan's energy band, below, is for the total).")
+                   "(the plan's energy band, below, is for the total). A query run in a batch of several has no "
+                   "interval of its own: its batch is judged against the batch's band, in the per-batch table.")
 if comparison.n_failed:
     st.warning(f"{format_count(comparison.n_failed, 'query')} failed and "
                f"{'is' if comparison.n_failed == 1 else 'are'} left out of the comparison (see the table).")

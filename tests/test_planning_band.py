@@ -115,7 +115,7 @@ def test_the_band_is_worded_beside_the_gap():
                       schedule_energy_j=100.0, n_queries=3)
     assert band_sentence(band) == ("Expected to measure between 88.0 J and 112.0 J (±12.0%), from the fits' "
                                    "held-out error and their 90% bands.")
-    assert "(estimated energy)" in band_sentence(band, estimated=True)
+    assert ", estimated energy)" in band_sentence(band, estimated=True) and ") (" not in band_sentence(band, estimated=True)
     assert "unknown" in band_sentence(None)
     assert uncertainty_against_gap(band, 1e-5).startswith(
         "The prediction's uncertainty (±12.0%) is far larger than the proof's gap (0.0010%)")

@@ -192,9 +192,9 @@ def band_sentence(band: EnergyBand | None, estimated: bool = False) -> str:
     if band is None:
         return ("How far the measurement may fall from this prediction is unknown: the published profiles carry no "
                 "held-out error.")
-    label = " (estimated energy)" if estimated else ""
-    return (f"Expected to measure between {format_energy(band.low_j)} and {format_energy(band.high_j)}{label} "
-            f"(±{format_percent(band.relative)}), from the fits' held-out error and their 90% bands.")
+    label = ", estimated energy" if estimated else ""
+    return (f"Expected to measure between {format_energy(band.low_j)} and {format_energy(band.high_j)} "
+            f"(±{format_percent(band.relative)}{label}), from the fits' held-out error and their 90% bands.")
 
 
 def gap_text(gap: float) -> str:

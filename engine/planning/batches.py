@@ -87,7 +87,7 @@ class BatchMemoryRule:
         return (needs <= self.free_bytes)[np.asarray(inverse).reshape(-1)]
 
     def describe(self) -> str:
-        return f"{format_bytes(self.free_bytes)} free ({self.source})"
+        return f"{format_bytes(self.free_bytes)} free; {self.source}"
 
 
 def batch_memory_rule(backend: str, path, device: str) -> tuple[BatchMemoryRule | None, str]:

@@ -282,8 +282,9 @@ def batching_sentences(result: PlanResult) -> list[str]:
                   f"; this plan saves {format_percent(best.saving)} against it" if best.saving >= 0 else
                   f"; this plan uses {format_percent(-best.saving)} more (its objective is not energy alone)")
         where = best.model if len(result.per_device_runtime_s) <= 1 else f"{best.model} on {best.device}"
-        lines.append(f"The best a user could do by hand: batch everything on {where} at B={best.batch_size}: "
-                     f"{format_energy(best.energy_j)}{saving}.")
+        how = (f"batch everything on {where} at B={best.batch_size}" if best.batch_size > 1
+               else f"run everything on {where}, one request at a time")
+        lines.append(f"The best a user could do by hand: {how}: {format_energy(best.energy_j)}{saving}.")
     else:
         lines.append("No single model, at any batch size, meets the targets on its own.")
     return lines
