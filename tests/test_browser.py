@@ -327,6 +327,28 @@ def test_execute_page_after_the_plan_page_in_the_browser(served_app: str, browse
     page.close()
 
 
+def test_models_page_draws_the_batch_axis_in_the_browser(served_app: str, browser, tmp_path: Path):
+    """demo-small, profiled at batch sizes 1 and 4 by the Plan page test, has fits with a batch axis: the
+    Models page draws its surface at a chosen batch size and energy per request against batch size."""
+    store = Store(served_db["path"])
+    sizes = store.query_one("SELECT count(DISTINCT batch_size) FROM measurements WHERE model = 'demo-small'")[0]
+    assert sizes >= 2, "the Plan page test profiles demo-small at two batch sizes first (run both: -k page)"
+    page = browser.new_page(viewport={"width": 1400, "height": 2600})
+    page.goto(served_app + "/models")
+    expect(page.get_by_role("heading", name="Fitted surfaces")).to_be_visible(timeout=60_000)
+    chooser = page.locator('[data-testid="stSelectbox"]').filter(has_text="Model and device").locator("input")
+    chooser.click()
+    chooser.fill("demo-small")
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("Energy per request against batch size")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Batch size", exact=True).first).to_be_visible()
+    curve = page.locator(".js-plotly-plot").filter(has_text="batch size").last
+    expect(curve).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(3000)  # the WebGL surface and the curve finish drawing after they appear
+    page.screenshot(path=str(screenshot_path("models_batch.png", tmp_path)), full_page=True)
+    page.close()
+
+
 def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser, tmp_path: Path):
     """A fresh database: the first-run button profiles and fits the demo models and opens the
     Plan page with the sample workload; plan it, download the schedule, execute it, and read
