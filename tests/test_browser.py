@@ -340,7 +340,7 @@ def test_models_page_draws_the_batch_axis_in_the_browser(served_app: str, browse
     chooser.click()
     chooser.fill("demo-small")
     page.keyboard.press("Enter")
-    expect(page.get_by_text("Energy per request against batch size")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Energy per request against batch size", exact=True)).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Batch size", exact=True).first).to_be_visible()
     curve = page.locator(".js-plotly-plot").filter(has_text="batch size").last
     expect(curve).to_be_visible(timeout=60_000)

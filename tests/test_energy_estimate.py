@@ -147,11 +147,12 @@ for line in sys.stdin:
 
 
 @pytest.mark.slow
-def test_the_estimate_of_a_real_inference_holds_within_10_percent_beside_a_busy_neighbour(demo_models):
+def test_the_estimate_of_a_real_inference_holds_within_15_percent_beside_a_busy_neighbour(demo_models):
     """A worker's inference (passive waiting) costs the same CPU-seconds with a CPU-heavy process beside it.
 
-    Requests alternate between quiet and loaded (one busy-loop process per logical CPU), so that
-    drifts of this shared host hit both alike; the median of the pairs' ratios must be within ±10%.
+    Requests alternate between quiet and loaded (one busy-loop process per logical CPU), two requests
+    a side, so that drifts of this shared host hit both alike; the median of 7 pairs' ratios must be
+    within ±15% (on the quiet 2-CPU VM: medians ×1.07 and ×1.09, single pairs ×0.84 to ×1.17).
     (With OpenMP's default waiting, bench/fidelity_causes.py measured many times more CPU-seconds
     under the same load.)
     """
@@ -169,7 +170,7 @@ def test_the_estimate_of_a_real_inference_holds_within_10_percent_beside_a_busy_
     ratios = []
     try:
         assert json.loads(worker.stdout.readline())["method"].endswith(PASSIVE_NOTE)
-        for pair in range(5):
+        for pair in range(7):
             quiet_first = pair % 2 == 0
             costs = {}
             for loaded in ((False, True) if quiet_first else (True, False)):
@@ -178,7 +179,7 @@ def test_the_estimate_of_a_real_inference_holds_within_10_percent_beside_a_busy_
                 try:
                     if loaded:
                         time.sleep(0.3)  # the neighbours are running
-                    costs[loaded] = request()
+                    costs[loaded] = request() + request()
                 finally:
                     for neighbour in neighbours:
                         neighbour.kill()
@@ -187,4 +188,4 @@ def test_the_estimate_of_a_real_inference_holds_within_10_percent_beside_a_busy_
     finally:
         worker.stdin.close()
         worker.wait(timeout=60)
-    assert statistics.median(ratios) == pytest.approx(1.0, abs=0.10), ratios
+    assert statistics.median(ratios) == pytest.approx(1.0, abs=0.15), ratios

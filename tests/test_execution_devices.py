@@ -136,12 +136,18 @@ def test_devices_in_their_own_processes_are_charged_their_own_work_and_add_up_to
 
 
 def test_devices_as_threads_of_one_process_were_charged_each_others_work():
-    # The cause this layout had: each device's window reads the whole process.
-    frame = queries()
-    sink, _ = run(False, frame)
+    # The cause this layout had: each device's window reads the whole process. How much the two
+    # windows overlap is up to the thread scheduler (and the GIL): when one thread ran its queries
+    # before the other got going, neither is charged the other's work. Up to three tries.
     work_s = 3 * 3 * BURN_PER_TOKEN_S
-    assert overlapped(sink)
-    assert sum(per_device_cpu_s(sink).values()) > 1.3 * 2 * work_s
+    charged = []
+    for _ in range(3):
+        sink, _ = run(False, queries())
+        assert overlapped(sink)
+        charged.append(sum(per_device_cpu_s(sink).values()))
+        if charged[-1] > 1.3 * 2 * work_s:
+            break
+    assert max(charged) > 1.3 * 2 * work_s, charged
 
 
 def test_a_device_process_failing_stops_the_other_and_its_error_comes_through():
