@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import numbers
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -373,3 +374,16 @@ def prompt_ids(filler_ids: list[int], bos_id: int | None, input_tokens: int) -> 
     need = input_tokens - len(head)
     repeats = -(-need // len(filler_ids)) if need > 0 else 0
     return (head + filler_ids * repeats)[:input_tokens]
+
+
+def thread_counts(options: dict[str, Any], allowed: int | None = None) -> tuple[int, int]:
+    """``(n_threads, n_threads_batch)``: the options' (``n_threads`` stands for both when it is
+    the only one given), else half the logical CPUs this process may use (at least 1) and all
+    of them. ``allowed`` defaults to this process's CPU affinity."""
+    if allowed is None:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allowed = max(1, int(allowed))
+    given, given_batch = options.get("n_threads"), options.get("n_threads_batch")
+    n_threads = int(given) if given else max(allowed // 2, 1)
+    n_threads_batch = int(given_batch) if given_batch else (int(given) if given else allowed)
+    return n_threads, n_threads_batch

@@ -28,6 +28,7 @@ from engine.backends.base import (  # noqa: I001
     GenerationResult,
     parse_device,
     prompt_ids,
+    thread_counts,
 )
 from engine.backends.batch import (
     MAX_BATCH_SIZE,
@@ -591,15 +592,3 @@ def _gpu_device_count(llama_cpp: Any) -> int | None:
     except AttributeError:
         return None
 
-
-def thread_counts(options: dict[str, Any], allowed: int | None = None) -> tuple[int, int]:
-    """``(n_threads, n_threads_batch)``: the options' (``n_threads`` stands for both when it is
-    the only one given), else half the logical CPUs this process may use (at least 1) and all
-    of them. ``allowed`` defaults to this process's CPU affinity."""
-    if allowed is None:
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    allowed = max(1, int(allowed))
-    given, given_batch = options.get("n_threads"), options.get("n_threads_batch")
-    n_threads = int(given) if given else max(allowed // 2, 1)
-    n_threads_batch = int(given_batch) if given_batch else (int(given) if given else allowed)
-    return n_threads, n_threads_batch
