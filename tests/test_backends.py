@@ -340,11 +340,11 @@ def test_settings_are_recorded(small, large):
         {}, len(os.sched_getaffinity(0)))
 
 
-def test_threads_default_to_half_the_cpus_for_one_token_and_all_for_batches():
+def test_threads_default_to_half_the_cpus():
     from engine.backends.base import thread_counts
 
-    assert thread_counts({}, allowed=2) == (1, 2)
-    assert thread_counts({}, allowed=16) == (8, 16)
+    assert thread_counts({}, allowed=2) == (1, 1)
+    assert thread_counts({}, allowed=16) == (8, 8)
     assert thread_counts({}, allowed=1) == (1, 1)
     assert thread_counts({"n_threads": 3}, allowed=16) == (3, 3)  # one option given: both
     assert thread_counts({"n_threads": 3, "n_threads_batch": 6}, allowed=16) == (3, 6)

@@ -79,9 +79,7 @@ class TransformersBackend(Backend):
         trust_remote_code: run code shipped with the model; default ``False``.
         n_threads: torch's CPU threads (process-wide, set at load on the CPU); default
             half the logical CPUs this process may use, at least 1, as llama.cpp's
-            one-token steps (:func:`engine.backends.base.thread_counts`). On this
-            project's 2-CPU VM one thread used ~25% less CPU time than torch's default
-            of two on demo-small, in less wall time (README).
+            (:func:`engine.backends.base.thread_counts`).
     """
 
     name = "transformers"

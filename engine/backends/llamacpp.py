@@ -65,12 +65,11 @@ class LlamaCppBackend(Backend):
     Options:
         n_ctx: context (KV cache) size in tokens; default the smaller of the model's
             trained context and 4096.
-        n_threads: CPU threads for decoding one token at a time (a single request's
-            answer); default half the logical CPUs this process may use, at least 1
-            (llama-cpp-python's own rule, affinity-aware).
-        n_threads_batch: CPU threads for steps of more than one token (prompts, and
-            the decode steps of a batch); default every logical CPU this process may use
-            (llama-cpp-python's own rule); ``n_threads`` when only that is given.
+        n_threads: CPU threads for steps of one token (a single request's answer);
+            default half the logical CPUs this process may use, at least 1
+            (:func:`engine.backends.base.thread_counts`).
+        n_threads_batch: CPU threads for steps of more than one token (prompts, and the
+            decode steps of a batch); default as ``n_threads``.
         n_batch: prompt tokens per decode call; default 512 (llama-cpp-python's). Also
             bounds the batch size (one decode step holds one token per request).
         seed: sampler seed; default 1234.
@@ -141,10 +140,7 @@ class LlamaCppBackend(Backend):
             "verbose": False,
             **gpu,
         }
-        # llama-cpp-python's own defaults: a one-token decode step is bound by memory and by
-        # the threads' barriers, so it gets half the CPUs; prompts and batches get them all.
-        # On this project's 2-CPU VM (1 and 2 threads) that used 40% less CPU time than 2 and 2
-        # on a single request's answer, in less wall time, with batches unchanged (README).
+        # Half the logical CPUs for every step (thread_counts says why, bench/threads.py measures it).
         kwargs["n_threads"], kwargs["n_threads_batch"] = thread_counts(self.options)
         try:
             llm = llama_cpp.Llama(**kwargs)
