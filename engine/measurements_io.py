@@ -4,7 +4,7 @@
 The format (header row, UTF-8, comma)::
 
     model, device, input_tokens, output_tokens, runtime_s, energy_j
-    [, trial, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, started_at]
+    [, trial, batch_size, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, started_at]
 
 Decisions, so that a person can predict what an import does:
 
@@ -31,9 +31,12 @@ Decisions, so that a person can predict what an import does:
   **device** is any name up to 64 characters without commas or line breaks: imported data
   comes from other hosts (``a100:0``), so it is not checked against this host's devices.
 - Stored rows have ``origin = 'imported'``, no job, no host (the format has no host
-  column), ``energy_method = 'imported from FILE'`` and batch size 1.
+  column) and ``energy_method = 'imported from FILE'``.
+- **batch_size** is a whole number from 1 to :data:`engine.backends.batch.MAX_BATCH_SIZE`,
+  or empty (1: one request at a time). With B > 1 the row's energy_j and runtime_s are
+  those of the whole batch of B requests of that shape, as profiling stores them.
 - **Duplicates.** Importing the same file twice must not double the data: a row identical
-  to one already stored (model, device, tokens, runtime_s, energy_j, trial, started_at;
+  to one already stored (model, device, tokens, batch size, runtime_s, energy_j, trial, started_at;
   whatever its origin, so an export re-imported into its own database is caught too)
   refuses the import unless ``allow_duplicates=True``. Rows repeated inside one file are
   imported, with a warning.
@@ -41,10 +44,9 @@ Decisions, so that a person can predict what an import does:
   trip (export, then import) gives the same rows and no warning. Empty energy is an
   empty cell, never 0; floats are written with full precision (``repr``); started_at as
   ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``; rows sorted by model, device, input_tokens,
-  output_tokens, trial, started_at, then the values. What the format cannot carry (the
-  sensor behind ``energy_method``, host, job) is not exported. The format has no
-  batch_size column, so rows measured at batch size > 1 are refused rather than
-  exported as if they were batch size 1.
+  output_tokens, batch_size, trial, started_at, then the values. What the format cannot carry (the
+  sensor behind ``energy_method``, host, job) is not exported. Every row's batch size is
+  written (1 for one request at a time).
 - A file with many bad rows lists the first :data:`MAX_PROBLEMS_PER_COLUMN` problems of
   each column and then one line counting the rest, rather than 100,000 lines.
 """
@@ -60,13 +62,14 @@ import numpy as np
 import pandas as pd
 
 from engine import bounds, safe_write
+from engine.backends.batch import MAX_BATCH_SIZE
 from engine.catalog import validate_name
 from engine.csvio import DEFAULT_MAX_BYTES, csv_text, decode_upload, parse_csv_text, read_csv_rows
 from engine.errors import InputError, Problem
 from engine.store import Store, append_frame
 
 MEASUREMENTS_REQUIRED = ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j")
-MEASUREMENTS_OPTIONAL = ("trial", "energy_source", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w",
+MEASUREMENTS_OPTIONAL = ("trial", "batch_size", "energy_source", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w",
                          "started_at")
 #: Every column of the format, in the documented order (also the export's order).
 MEASUREMENTS_COLUMNS = MEASUREMENTS_REQUIRED + MEASUREMENTS_OPTIONAL
@@ -76,7 +79,8 @@ MAX_MEASUREMENTS_BYTES = DEFAULT_MAX_BYTES
 MAX_PROBLEMS_PER_COLUMN = 20
 MAX_DEVICE_NAME_CHARS = 64
 #: What makes two rows the same measurement, for duplicate detection.
-DUPLICATE_KEY = ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j", "trial", "started_at")
+DUPLICATE_KEY = ("model", "device", "input_tokens", "output_tokens", "batch_size", "runtime_s", "energy_j", "trial",
+                 "started_at")
 
 _INT32_MAX = 2**31 - 1
 _NON_FINITE_WORDS = {"nan", "inf", "infinity"}
@@ -145,7 +149,6 @@ def _import_rows(store: Store, rows: list[tuple[int, dict[str, str]]], warnings:
 
     frame["origin"] = "imported"
     frame["energy_method"] = f"imported from {Path(label).name}"
-    frame["batch_size"] = 1
     with store.transaction() as con:
         # The frame's started_at is naive UTC; make the cast to TIMESTAMPTZ read it as UTC
         # whatever this host's time zone (a tz-aware frame would need pytz, which we lack).
@@ -187,7 +190,7 @@ class _Duplicates:
         return Problem(
             label,
             f"{self.n_rows:,} of its {n_file_rows:,} rows are already in the database (lines {lines}: same model, "
-            f"device, tokens, runtime_s, energy_j, trial and started_at; stored from: {sources}); importing them "
+            f"device, tokens, batch size, runtime_s, energy_j, trial and started_at; stored from: {sources}); importing them "
             "again would count each of those measurements twice, so nothing was imported",
             None,
             "a file of new measurements only, or --allow-duplicates if they really are new measurements",
@@ -210,6 +213,7 @@ def _stored_duplicates(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, line
             FROM _measurements_import_check i JOIN measurements m
               ON m.model = i.model AND m.device = i.device
              AND m.input_tokens = i.input_tokens AND m.output_tokens = i.output_tokens
+             AND m.batch_size = i.batch_size
              AND m.runtime_s = i.runtime_s
              AND m.energy_j IS NOT DISTINCT FROM i.energy_j
              AND m.trial IS NOT DISTINCT FROM i.trial
@@ -396,6 +400,10 @@ def validate_rows(raw: pd.DataFrame, lines: np.ndarray, label: str) -> pd.DataFr
                                                f"{bounds.TOKENS.too_large}")
     out["trial"] = _whole_numbers(findings, "trial", "the trial number (counted from 0 or from 1), or empty",
                                   required=False, minimum=0)
+    out["batch_size"] = _whole_numbers(findings, "batch_size", "requests run together (1: one at a time), or empty",
+                                       required=False, maximum=MAX_BATCH_SIZE,
+                                       too_large=f"is too large: more than {MAX_BATCH_SIZE} requests in one batch"
+                                       ).fillna(1)
     out["runtime_s"] = _non_negative(findings, "runtime_s", f"seconds: a number from {bounds.RUNTIME_S.describe()}",
                                      required=True)
     out["energy_j"] = _energies(findings)
@@ -417,17 +425,18 @@ def count_trials_from_one(frame: pd.DataFrame) -> int:
     """Renumber, in place, the trials of each design point counted from 0 so they count from 1.
 
     Tools number trials from 0 or from 1 (the paper's published CSVs from 0); the database
-    counts from 1. A point (model, device, input_tokens, output_tokens) whose smallest
-    trial is 0 has all its trials moved up by one; other points are left as they are.
-    Returns how many points were renumbered.
+    counts from 1. A point (model, device, input_tokens, output_tokens, batch_size) whose
+    smallest trial is 0 has all its trials moved up by one; other points are left as they
+    are. Returns how many points were renumbered.
     """
-    key = [frame["model"], frame["device"], frame["input_tokens"], frame["output_tokens"]]
+    key = [frame["model"], frame["device"], frame["input_tokens"], frame["output_tokens"], frame["batch_size"]]
     first = frame["trial"].groupby(key, dropna=False).transform("min")
     from_zero = (first == 0).fillna(False).to_numpy(dtype=bool)
     if not from_zero.any():
         return 0
     frame.loc[from_zero, "trial"] = frame.loc[from_zero, "trial"] + 1
-    return int(frame.loc[from_zero, ["model", "device", "input_tokens", "output_tokens"]].drop_duplicates().shape[0])
+    return int(frame.loc[from_zero, ["model", "device", "input_tokens", "output_tokens", "batch_size"]]
+               .drop_duplicates().shape[0])
 
 
 def _model_names(findings: _Findings) -> pd.Series:
@@ -496,32 +505,23 @@ def measurements_frame(store: Store, model: str | None = None, device: str | Non
 
     Columns are :data:`MEASUREMENTS_COLUMNS`; missing values are NA (written as empty
     cells, never 0); ``started_at`` is ISO 8601 text in UTC. Rows are in a stable order.
-    Raises :class:`InputError` when the selection holds rows at batch size > 1, which the
-    format cannot describe.
     """
     params = [model, model, device, device]
     selection = "(? IS NULL OR model = ?) AND (? IS NULL OR device = ?)"
     with store.connect() as con:
-        batched = con.execute(f"SELECT count(*) FROM measurements WHERE {selection} AND batch_size <> 1",
-                              params).fetchone()[0]
-        if batched:
-            raise InputError(Problem(
-                "export", f"{batched:,} of the selected measurements were taken at batch size > 1, which the "
-                "measurements CSV format has no column for", None,
-                "a selection (model, device) measured at batch size 1"))
         frame = con.execute(
             f"""
-            SELECT model, device, input_tokens, output_tokens, runtime_s, energy_j, trial, energy_source,
+            SELECT model, device, input_tokens, output_tokens, runtime_s, energy_j, trial, batch_size, energy_source,
                    gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w,
                    strftime(timezone('UTC', started_at), '{_ISO_FORMAT_SQL}') || '+00:00' AS started_at
             FROM measurements WHERE {selection}
-            ORDER BY model, device, input_tokens, output_tokens, trial NULLS LAST, started_at NULLS LAST,
+            ORDER BY model, device, input_tokens, output_tokens, batch_size, trial NULLS LAST, started_at NULLS LAST,
                      runtime_s, energy_j NULLS LAST, energy_source, gpu_energy_j NULLS LAST,
                      cpu_energy_j NULLS LAST, dram_energy_j NULLS LAST, idle_power_w NULLS LAST, id
             """,
             params,
         ).df()
-    for column in ("input_tokens", "output_tokens", "trial"):
+    for column in ("input_tokens", "output_tokens", "trial", "batch_size"):
         frame[column] = frame[column].astype("Int64")
     for column in ("runtime_s", "energy_j", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w"):
         frame[column] = frame[column].astype("float64")

@@ -239,6 +239,10 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
     ("energy_j", "12 J", "is not a number"),
     ("trial", "-1", "is not >= 0"),
     ("trial", "first", "is not a number"),
+    ("batch_size", "0", "is not > 0"),
+    ("batch_size", "-4", "is not > 0"),
+    ("batch_size", "2.5", "is not a whole number"),
+    ("batch_size", "300", "more than 256 requests in one batch"),
     ("energy_source", "sensor", "is not an energy source"),
     ("gpu_energy_j", "-1", "is negative"),
     ("dram_energy_j", "x", "is not a number"),
@@ -264,7 +268,7 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
 def test_each_bad_field_is_reported_with_line_and_column(store: Store, tmp_path: Path, column: str, cell: str,
                                                          fragment: str):
     good = {"model": "m", "device": "cpu", "input_tokens": "8", "output_tokens": "8", "runtime_s": "1",
-            "energy_j": "2", "trial": "1", "energy_source": "measured", "gpu_energy_j": "", "dram_energy_j": "",
+            "energy_j": "2", "trial": "1", "batch_size": "1", "energy_source": "measured", "gpu_energy_j": "", "dram_energy_j": "",
             "idle_power_w": "", "started_at": "2024-05-01T12:00:00Z"}
     bad = {**good, column: cell}
     buffer = io.StringIO()
@@ -448,13 +452,30 @@ def test_export_of_an_empty_database_writes_nothing(store: Store, tmp_path: Path
     assert list(mio.measurements_frame(store).columns) == list(mio.MEASUREMENTS_COLUMNS)
 
 
-def test_rows_at_batch_size_above_one_are_not_exported_as_batch_one(store: Store, tmp_path: Path):
+def test_rows_at_batch_size_above_one_are_exported_with_their_batch_size_and_come_back_as_they_were(
+        store: Store, tmp_path: Path):
     store.append("measurements", pd.DataFrame({
         "origin": "profiled", "model": "m", "device": "cpu", "input_tokens": [8, 8], "output_tokens": [8, 8],
-        "batch_size": [1, 4], "runtime_s": [1.0, 2.0], "energy_j": [2.0, 5.0]}))
-    with pytest.raises(InputError, match="batch size > 1"):
-        mio.export_measurements(store, tmp_path / "out.csv")
-    assert not (tmp_path / "out.csv").exists()
+        "batch_size": [1, 4], "trial": [1, 1], "runtime_s": [1.0, 2.0], "energy_j": [2.0, 5.0]}))
+    mio.export_measurements(store, tmp_path / "out.csv")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out.csv").read_text())))
+    assert [(r["batch_size"], r["energy_j"]) for r in rows] == [("1", "2.0"), ("4", "5.0")]
+
+    other = Store(tmp_path / "other.duckdb")
+    report = mio.import_measurements(other, tmp_path / "out.csv")
+    assert report.n_rows == 2 and not [w for w in report.warnings if "catalog" not in w and "models add" not in w]
+    back = other.query_df("SELECT batch_size, energy_j FROM measurements ORDER BY batch_size")
+    assert back.batch_size.tolist() == [1, 4] and back.energy_j.tolist() == [2.0, 5.0]
+    # A batch of 4 and one request of the same shape and figures are different measurements, not duplicates.
+    with pytest.raises(InputError, match="already in the database"):
+        mio.import_measurements(other, tmp_path / "out.csv")
+
+
+def test_an_empty_batch_size_is_one_request_at_a_time(store: Store, tmp_path: Path):
+    path = write(tmp_path / "m.csv", "model,device,input_tokens,output_tokens,runtime_s,energy_j,batch_size\n"
+                                     "m,cpu,8,8,1,2,\nm,cpu,8,8,2,5,16\n")
+    mio.import_measurements(store, path)
+    assert store.query_df("SELECT batch_size FROM measurements ORDER BY runtime_s").batch_size.tolist() == [1, 16]
 
 
 # -- size --------------------------------------------------------------------------------
