@@ -10,7 +10,8 @@ inventory). Choices, each from a measured reason (the spike report):
   resumes by id instead;
 - ``num_cpus=0``: the device resource is what the actor holds; Ray then sets
   ``OMP_NUM_THREADS=1`` in the actor, so the actor sets the threads the local worker
-  gets (the node's physical cores) and passive waiting before any library loads;
+  gets (half the node's logical CPUs, :func:`engine.backends.base.thread_counts`) and
+  passive waiting before any library loads;
 - cancel kills the actor (a generate call in flight would run to its end otherwise).
 """
 
@@ -23,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
@@ -39,8 +39,10 @@ PROBE_TIMEOUT_S = 20.0
 
 
 def worker_threads() -> int:
-    """The inference threads a local worker gets by default: this host's physical cores."""
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """The inference threads a local worker gets by default: half this host's logical CPUs (at least 1)."""
+    from engine.backends.base import thread_counts
+
+    return thread_counts({})[0]
 
 
 def prepare_process() -> None:
