@@ -10,8 +10,9 @@ between processes shows as well as the level. The settings:
 * llama.cpp (`demo-large`): ``n_threads`` (one-token decode steps) / ``n_threads_batch``
   (prompts and batch steps): every logical CPU for both (what the backend used before),
   half for one-token steps and all for the others (llama-cpp-python's own default), and the
-  default (:func:`engine.backends.base.thread_counts`: half the logical CPUs for both). Shapes: a short answer (10 in, 8 out), a long answer (8 in, 64 out), a
-  long prompt (96 in, 32 out), and a batch of 16 of (96 in, 32 out) reported per request.
+  default (:func:`engine.backends.base.thread_counts`: half the logical CPUs for both).
+  Shapes: a short answer (10 in, 8 out), a long answer (8 in, 64 out), a long prompt
+  (96 in, 32 out), and a batch of 16 of (96 in, 32 out) reported per request.
 * transformers (`demo-small`): torch threads 2 (every logical CPU) and the default (half).
 
 On a host without energy sensors CPU time is what the estimate multiplies by watts per CPU,
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     report.say(f"uptime: {uptime()}")
     report.say(f"{machine()}; {allowed} logical CPUs this process may use; default threads {default[0]}/{default[1]}")
     report.say("per request: median CPU-seconds / median wall seconds of each process (passive waiting)")
-    settings = [("demo-large", (allowed, allowed)), ("demo-large", (max(allowed // 2, 1), allowed)), ("demo-large", None),
+    half = max(allowed // 2, 1)
+    settings = [("demo-large", (allowed, allowed)), ("demo-large", (half, allowed)), ("demo-large", None),
                 ("demo-small", (allowed, allowed)), ("demo-small", None)]
     for round_number in range(args.processes):  # settings interleaved, so that drifts hit them alike
         for model, threads in settings:

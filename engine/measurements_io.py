@@ -69,8 +69,8 @@ from engine.errors import InputError, Problem
 from engine.store import Store, append_frame
 
 MEASUREMENTS_REQUIRED = ("model", "device", "input_tokens", "output_tokens", "runtime_s", "energy_j")
-MEASUREMENTS_OPTIONAL = ("trial", "batch_size", "energy_source", "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "idle_power_w",
-                         "started_at")
+MEASUREMENTS_OPTIONAL = ("trial", "batch_size", "energy_source", "gpu_energy_j", "cpu_energy_j", "dram_energy_j",
+                         "idle_power_w", "started_at")
 #: Every column of the format, in the documented order (also the export's order).
 MEASUREMENTS_COLUMNS = MEASUREMENTS_REQUIRED + MEASUREMENTS_OPTIONAL
 ENERGY_SOURCES = ("measured", "estimated")
@@ -190,8 +190,8 @@ class _Duplicates:
         return Problem(
             label,
             f"{self.n_rows:,} of its {n_file_rows:,} rows are already in the database (lines {lines}: same model, "
-            f"device, tokens, batch size, runtime_s, energy_j, trial and started_at; stored from: {sources}); importing them "
-            "again would count each of those measurements twice, so nothing was imported",
+            f"device, tokens, batch size, runtime_s, energy_j, trial and started_at; stored from: {sources}); "
+            "importing them again would count each of those measurements twice, so nothing was imported",
             None,
             "a file of new measurements only, or --allow-duplicates if they really are new measurements",
         )

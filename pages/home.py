@@ -94,8 +94,10 @@ with st.container(border=True):
     st.subheader("Start here")
     first_time = not view.has_measured_fits or running
     if first_time:
-        st.markdown("One click profiles the two demo models on this CPU with a quick design (a few minutes), fits "
-                    "their energy and runtime, and opens the Plan page with the sample workload loaded.")
+        budget_min = firstrun.FIRST_RUN_BUDGET_S / 60
+        st.markdown("One click profiles the two demo models on this CPU with an adaptive design that stops when "
+                    f"its fits stop improving (at most {budget_min:.0f} minutes), fits their energy and runtime, "
+                    "and opens the Plan page with the sample workload loaded.")
     else:
         st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
                     "Profile page, or compare with the published A100 profiles.")

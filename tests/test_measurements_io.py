@@ -268,8 +268,8 @@ def test_zero_energy_is_refused_with_advice(store: Store, tmp_path: Path):
 def test_each_bad_field_is_reported_with_line_and_column(store: Store, tmp_path: Path, column: str, cell: str,
                                                          fragment: str):
     good = {"model": "m", "device": "cpu", "input_tokens": "8", "output_tokens": "8", "runtime_s": "1",
-            "energy_j": "2", "trial": "1", "batch_size": "1", "energy_source": "measured", "gpu_energy_j": "", "dram_energy_j": "",
-            "idle_power_w": "", "started_at": "2024-05-01T12:00:00Z"}
+            "energy_j": "2", "trial": "1", "batch_size": "1", "energy_source": "measured", "gpu_energy_j": "",
+            "dram_energy_j": "", "idle_power_w": "", "started_at": "2024-05-01T12:00:00Z"}
     bad = {**good, column: cell}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(good), lineterminator="\n")
