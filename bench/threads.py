@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from _common import RESULTS, ROOT, Report, machine, uptime
 sys.path.insert(0, str(ROOT))
 
 from engine.backends.base import thread_counts  # noqa: E402
+from engine.energy.estimate import logical_cpu_count  # noqa: E402
 from engine.energy.waiting import worker_environment  # noqa: E402
 
 SHAPES = ((10, 8, 1), (8, 64, 1), (96, 32, 1), (96, 32, 16))
@@ -92,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     report = Report()
-    allowed = len(os.sched_getaffinity(0))
+    allowed = logical_cpu_count()
     default = thread_counts({}, allowed)
     report.say(f"uptime: {uptime()}")
     report.say(f"{machine()}; {allowed} logical CPUs this process may use; default threads {default[0]}/{default[1]}")
     report.say("per request: median CPU-seconds / median wall seconds of each process (passive waiting)")
-    half = max(allowed // 2, 1)
-    settings = [("demo-large", (allowed, allowed)), ("demo-large", (half, allowed)), ("demo-large", None),
+    settings = [("demo-large", (allowed, allowed)), ("demo-large", (default[0], allowed)), ("demo-large", None),
                 ("demo-small", (allowed, allowed)), ("demo-small", None)]
     for round_number in range(args.processes):  # settings interleaved, so that drifts hit them alike
         for model, threads in settings:

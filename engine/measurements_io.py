@@ -429,14 +429,13 @@ def count_trials_from_one(frame: pd.DataFrame) -> int:
     smallest trial is 0 has all its trials moved up by one; other points are left as they
     are. Returns how many points were renumbered.
     """
-    key = [frame["model"], frame["device"], frame["input_tokens"], frame["output_tokens"], frame["batch_size"]]
-    first = frame["trial"].groupby(key, dropna=False).transform("min")
+    point = ["model", "device", "input_tokens", "output_tokens", "batch_size"]
+    first = frame["trial"].groupby([frame[column] for column in point], dropna=False).transform("min")
     from_zero = (first == 0).fillna(False).to_numpy(dtype=bool)
     if not from_zero.any():
         return 0
     frame.loc[from_zero, "trial"] = frame.loc[from_zero, "trial"] + 1
-    return int(frame.loc[from_zero, ["model", "device", "input_tokens", "output_tokens", "batch_size"]]
-               .drop_duplicates().shape[0])
+    return int(frame.loc[from_zero, point].drop_duplicates().shape[0])
 
 
 def _model_names(findings: _Findings) -> pd.Series:

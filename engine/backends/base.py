@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import abc
 import numbers
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -388,7 +387,9 @@ def thread_counts(options: dict[str, Any], allowed: int | None = None) -> tuple[
     CPU affinity.
     """
     if allowed is None:
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from engine.energy.estimate import logical_cpu_count
+
+        allowed = logical_cpu_count()
     half = max(int(allowed) // 2, 1)
     given, given_batch = options.get("n_threads"), options.get("n_threads_batch")
     n_threads = int(given) if given else half
