@@ -12,7 +12,7 @@ from engine import catalog
 from engine.energy import discover_sensors
 from engine.errors import PlannerError
 from engine.profiling import jobs
-from engine.profiling.design import DESIGN_KINDS, parse_token_list
+from engine.profiling.design import DEFAULT_BATCH_SIZES, DESIGN_KINDS, parse_batch_sizes, parse_token_list
 from engine.formatting import format_count, format_duration, format_percent, format_timestamp
 from ui.cluster import cluster_in_use, live_devices, node_list, show_reading
 from ui.common import get_store, show_error
@@ -36,6 +36,7 @@ if local.empty:
     st.page_link("pages/models.py", label="Models", icon=":material/model_training:")
     st.stop()
 
+DEFAULT_BATCH_TEXT = ",".join(map(str, DEFAULT_BATCH_SIZES))
 DESIGN_LABELS = {
     "quick": "Quick: {8, 32, 128} × {8, 32, 128}",
     "paper-sweeps": "Paper's sweeps: inputs 8..2048 at 32 out, outputs 8..4096 at 32 in",
@@ -61,6 +62,12 @@ with st.form("new_job"):
                                 help="Custom: the list. Space-filling: its smallest and largest values are the range.")
     outputs_text = c2.text_input("Output tokens", "8,32", key="profile_outputs")
     n_points = c3.number_input("Points (space-filling)", 2, 400, 16, key="profile_points")
+    batch_text = st.text_input(
+        "Batch sizes", DEFAULT_BATCH_TEXT, key="profile_batch_sizes",
+        help="Every point is measured at each batch size: one trial is one batch of B requests of that shape, run "
+             "together, and its energy is shared among them. Two or more sizes let the fits and the plans batch, the "
+             "largest energy lever; 1 alone measures one request at a time. Sizes whose largest batch would not fit "
+             "in the device's free memory are left out of the default (and refused when you name them).")
     with st.expander("Repetitions and timing"):
         a, b, c = st.columns(3)
         rel_bound = a.number_input("Stop when the 95% CI is within ± (fraction of the mean)", 0.005, 1.0, 0.05,
@@ -71,8 +78,6 @@ with st.form("new_job"):
         cooldown = b.number_input("Cool-down after each trial (s)", 0.0, 600.0, 0.0, key="profile_cooldown")
         idle_s = c.number_input("Idle baseline (s)", 0.5, 600.0, 5.0, key="profile_idle")
         seed = a.number_input("Seed of the run order", 0, 2**31 - 1, 0, key="profile_seed")
-        batch_size = b.number_input("Batch size (transformers only)", 1, 256, 1, key="profile_batch",
-                                    help="Identical requests run together; a trial's runtime and energy cover the batch.")
     preview = st.form_submit_button("Check the design")
     start = st.form_submit_button("Start profiling", type="primary")
 if isinstance(found, BaseException):
@@ -85,10 +90,13 @@ def job_request():
     needs_lists = kind in ("custom", "space-filling")
     inputs = parse_token_list(inputs_text, "Input tokens") if needs_lists else None
     outputs = parse_token_list(outputs_text, "Output tokens") if needs_lists else None
+    batch_sizes = parse_batch_sizes(batch_text, "Batch sizes")
     settings = jobs.ProfileSettings(rel_bound=float(rel_bound), min_trials=int(min_trials), max_trials=int(max_trials),
                                     warmup_runs=int(warmup), cooldown_s=float(cooldown), idle_s=float(idle_s),
-                                    seed=int(seed), batch_size=int(batch_size))
-    return dict(design_kind=kind, inputs=inputs, outputs=outputs, n_points=int(n_points), settings=settings)
+                                    seed=int(seed), batch_sizes=batch_sizes)
+    # The default list left as it is: sizes that do not fit are left out (and named), not refused.
+    return dict(design_kind=kind, inputs=inputs, outputs=outputs, n_points=int(n_points), settings=settings,
+                default_batch_axis=batch_sizes == DEFAULT_BATCH_SIZES)
 
 
 if preview or start:
@@ -100,7 +108,10 @@ if preview or start:
                 "runtimes here" if estimate else
                 f"unknown until the first points are measured: {settings.min_trials * len(design.points)} to "
                 f"{settings.max_trials * len(design.points)} trials")
-        st.info(f"{len(design.points)} points; estimated duration {note}.")
+        sizes = design.batch_sizes
+        axis = (f" ({len(design.points) // len(sizes)} shapes × batch sizes {', '.join(map(str, sizes))})"
+                if len(sizes) > 1 else f" at batch size {sizes[0]}")
+        st.info(f"{len(design.points)} points{axis}; estimated duration {note}.")
         for dropped in design.dropped:
             st.warning(f"Dropped {dropped}.")
         if start:
@@ -114,7 +125,8 @@ if preview or start:
 
 with st.expander("Import or export measurements (CSV)"):
     st.markdown("Columns: `model, device, input_tokens, output_tokens, runtime_s, energy_j` and optionally "
-                "`trial, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, started_at`. "
+                "`trial, batch_size, energy_source, gpu_energy_j, cpu_energy_j, dram_energy_j, idle_power_w, "
+                "started_at`. A row of `batch_size` B is one batch of B requests of that shape (empty: 1). "
                 "Leave `energy_j` empty when it was not measured; `energy_source` is `measured` or `estimated`. "
                 "A file is imported whole, or not at all when any row is wrong.")
     upload = st.file_uploader("Measurements measured elsewhere", type=["csv"], key="measurements_upload")
@@ -176,16 +188,21 @@ def point_state(points: pd.DataFrame) -> list[str]:
 
 def show_points(job, points: pd.DataFrame) -> None:
     """What a job measured so far, per point: a chart and a table; points whose trials reached the
-    cap without meeting the confidence rule are marked (and weigh less in the fits)."""
+    cap without meeting the confidence rule are marked (and weigh less in the fits). A trial of
+    batch size B is one batch: its energy per request is a B-th of the batch's."""
     estimated = (points.energy_source == "estimated").any()
     label = "mean energy per request (J, estimated)" if estimated else "mean energy per request (J)"
     state = point_state(points)
-    chart = points.assign(input=points.input_tokens.astype(str),
+    batched = points.batch_size.nunique() > 1 or (points.batch_size > 1).any()
+    chart = points.assign(input=points.input_tokens.astype(str), per_request=points.energy_j / points.batch_size,
+                          batch=points.batch_size.map(lambda b: f"batch {int(b)}"),
                           state=["not converged" if s.startswith("not") else "ok" for s in state])
-    figure = px.scatter(chart, x="output_tokens", y="energy_j", color="input", size="trials", log_x=True,
+    facets = dict(facet_col="batch", facet_col_wrap=3,
+                  category_orders={"batch": [f"batch {b}" for b in sorted(points.batch_size.unique())]}) if batched else {}
+    figure = px.scatter(chart, x="output_tokens", y="per_request", color="input", size="trials", log_x=True,
                         symbol="state", symbol_map={"ok": "circle", "not converged": "x"},
-                        title=f"Measured so far: {job.model} on {job.device}",
-                        labels={"output_tokens": "output tokens", "energy_j": label, "input": "input tokens",
+                        title=f"Measured so far: {job.model} on {job.device}", **facets,
+                        labels={"output_tokens": "output tokens", "per_request": label, "input": "input tokens",
                                 "state": "point"})
     st.plotly_chart(figure, width="stretch", key=f"chart_{job.id}_{int(points.trials.sum())}")
     if estimated:
@@ -195,11 +212,14 @@ def show_points(job, points: pd.DataFrame) -> None:
         st.warning(f"{format_count(len(loose), 'point')} of {len(points)} did not converge: their trials reached "
                    "the most allowed without a tight 95% interval (a busy machine, usually). They are marked ✕ "
                    "here, and the fits weigh them less and flag them.")
-    shown = points[["input_tokens", "output_tokens", "trials", "runtime_s", "energy_j", "energy_source"]].assign(
-        point=state)
+    columns = ["input_tokens", "output_tokens"] + (["batch_size"] if batched else []) + [
+        "trials", "runtime_s", "energy_j", "energy_source"]
+    shown = points[columns].assign(point=state)
+    per = "batch" if batched else "trial"
     st.dataframe(shown, hide_index=True, width="stretch",
-                 column_config={"runtime_s": st.column_config.NumberColumn("mean runtime (s)", format="%.4f"),
-                                "energy_j": st.column_config.NumberColumn("mean energy (J)", format="%.4f")})
+                 column_config={"batch_size": st.column_config.NumberColumn("batch size"),
+                                "runtime_s": st.column_config.NumberColumn(f"mean runtime per {per} (s)", format="%.4f"),
+                                "energy_j": st.column_config.NumberColumn(f"mean energy per {per} (J)", format="%.4f")})
 
 
 def job_monitor(job_id: int) -> None:

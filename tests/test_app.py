@@ -160,6 +160,8 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
     at.radio(key="profile_design").set_value("custom")
     at.text_input(key="profile_inputs").set_value("8")
     at.text_input(key="profile_outputs").set_value("4,8")
+    assert at.text_input(key="profile_batch_sizes").value == "1,2,4,8,16,32"  # the batch axis by default
+    at.text_input(key="profile_batch_sizes").set_value("4,1")
     at.number_input(key="profile_max").set_value(3)
     at.number_input(key="profile_idle").set_value(0.5)
     next(b for b in at.button if b.label == "Start profiling").click().run()
@@ -176,14 +178,24 @@ def test_profile_page_starts_a_job_and_shows_its_progress(store: Store, demo_mod
         time.sleep(0.5)
     assert jobs.get_job(store, job_id).status == "done"
     at.run()
-    assert any("Done: 6 trials over 2 points" in s.value for s in at.success)
-    assert any(m.label == "Trials" and m.value == "6" for m in at.metric)  # 2 points x 3 trials
+    assert any("Done: 12 trials over 4 points" in s.value for s in at.success)
+    assert any(m.label == "Trials" and m.value == "12" for m in at.metric)  # 2 shapes x 2 batch sizes x 3 trials
+    # Per batch in the table; per request in the chart, one panel per batch size.
+    points = next(d.value for d in at.dataframe if "batch_size" in d.value.columns)
+    assert sorted(points.batch_size.tolist()) == [1, 1, 4, 4]
+    (chart,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert {a["text"] for a in chart["layout"]["annotations"]} == {"batch=batch 1", "batch=batch 4"}
+    from tests.test_pages_models_batches import values
+
+    per_request = sorted(float(y) for trace in chart["data"] for y in values(trace["y"]))
+    by_hand = sorted((points.energy_j / points.batch_size).tolist())
+    assert per_request == pytest.approx(by_hand)
     assert any(m.label == "Remaining" and m.value == "—" for m in at.metric)
     assert any("estimated" in c.value for c in at.caption)
     # The selector names the job without a status that could go stale; the list agrees with the panel.
     assert at.selectbox(key="profile_watch").options[0] == f"#{job_id} demo-small on cpu"
     listed = next(d.value for d in at.dataframe if "job" in d.value.columns).set_index("job")
-    assert listed.loc[f"#{job_id}", "status"] == "done" and listed.loc[f"#{job_id}", "points"] == "2 / 2"
+    assert listed.loc[f"#{job_id}", "status"] == "done" and listed.loc[f"#{job_id}", "points"] == "4 / 4"
 
 
 def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_models):
@@ -195,6 +207,22 @@ def test_profile_page_reports_bad_input_and_starts_nothing(store: Store, demo_mo
     next(b for b in at.button if b.label == "Start profiling").click().run()
     assert not at.exception
     assert "'abc' is not a number" in "\n".join(e.value for e in at.error)
+    assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def test_profile_page_checks_the_default_batch_axis_and_refuses_bad_batch_sizes(store: Store, demo_models):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    at = app().run()
+    at.switch_page("pages/profile.py").run()
+    at.selectbox(key="profile_model").set_value("demo-small")
+    next(b for b in at.button if b.label == "Check the design").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(i.value.startswith("54 points (9 shapes × batch sizes 1, 2, 4, 8, 16, 32)") for i in at.info)
+    at.text_input(key="profile_batch_sizes").set_value("1,0,abc,2.5")
+    next(b for b in at.button if b.label == "Start profiling").click().run()
+    assert not at.exception
+    errors = "\n".join(e.value for e in at.error)
+    assert "Batch sizes" in errors and "'abc'" in errors and "'2.5'" in errors and "0" in errors
     assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
 
 

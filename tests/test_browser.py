@@ -182,6 +182,9 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     page.get_by_text("Custom lists").click()
     page.get_by_role("textbox", name="Input tokens", exact=True).fill("8")
     page.get_by_role("textbox", name="Output tokens", exact=True).fill("4,8")
+    batch_sizes = page.get_by_role("textbox", name="Batch sizes", exact=True)
+    expect(batch_sizes).to_have_value("1,2,4,8,16,32")  # the batch axis by default
+    batch_sizes.fill("1")  # one request at a time: this job is only started to be cancelled
     page.get_by_role("button", name="Start profiling").click()
     expect(page.get_by_role("button", name="Cancel job")).to_be_visible(timeout=15_000)
     store = Store(served_db["path"])

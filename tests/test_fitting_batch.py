@@ -112,3 +112,27 @@ def test_a_profile_at_one_batch_size_gives_no_batch_axis_and_the_plan_says_so():
     assert any("batch size 1 only" in note and "--batch-sizes" in note for note in notes)
     batched, _ = options_from_fits(fit_frame(batch_frame(), n_bootstrap=0), {"m": entry}, batch_sizes=[1, 4, 16])
     assert [o.batch_size for o in batched] == [1, 4, 16]
+
+
+def test_measure_next_on_a_batch_axis_suggests_unmeasured_batch_points_where_the_batch_fit_is_least_sure():
+    from engine.fitting import suggest_points
+
+    # Measured at batch sizes 1, 4 and 16 only: the sizes between are candidates, as are new shapes.
+    fits = fit_frame(batch_frame(sizes=(1, 4, 16)), n_bootstrap=30)
+    suggestions = suggest_points(fits, n=4)
+    measured = {tuple(p) for p in fits[0].details["points"]}
+    chosen = set(zip(suggestions.input_tokens, suggestions.output_tokens, suggestions.batch_size))
+    assert len(chosen) == 4 and not chosen & measured
+    assert set(suggestions.batch_size) <= {1, 2, 4, 8, 16} and suggestions.in_domain.all()
+    assert suggestions.relative_standard_error.is_monotonic_decreasing
+    # Each is scored as the batch it names: its score is the batch prediction's relative SE.
+    first = suggestions.iloc[0]
+    tin, tout, size = (np.array([float(first[c])]) for c in ("input_tokens", "output_tokens", "batch_size"))
+    expected = max(float(f.standard_error(tin, tout, size)[0] / f.predict_raw(tin, tout, size)[0]) for f in fits)
+    assert first.relative_standard_error == pytest.approx(expected)
+    # A batch size the fits were never measured at is among the candidates scored.
+    everything = suggest_points(fits, n=200)
+    assert {2, 8} <= set(everything.batch_size)
+    # Fits at batch size 1 only suggest batch size 1.
+    single = suggest_points(fit_frame(batch_frame(sizes=(1,)), n_bootstrap=30), n=3)
+    assert set(single.batch_size) == {1}

@@ -214,3 +214,86 @@ def test_cli_profile_with_batch_sizes_stores_each_batch(demo_store: Store):
     stored = demo_store.query_df("SELECT batch_size, input_tokens, output_tokens FROM measurements ORDER BY batch_size")
     assert stored.values.tolist() == [[1, 8, 4], [2, 8, 4]]
     assert jobs.get_job(demo_store, 1).settings.batch_sizes == (1, 2)
+
+
+def test_without_named_batch_sizes_a_fixed_design_takes_the_default_axis_and_the_adaptive_one_batch_size_one(
+        demo_store: Store):
+    from engine.profiling.design import DEFAULT_BATCH_SIZES
+
+    assert DEFAULT_BATCH_SIZES == (1, 2, 4, 8, 16, 32)
+    _, _, design, settings = jobs.prepare_job(demo_store, "demo-small", "cpu", "quick", default_batch_axis=True)
+    assert design.batch_sizes == DEFAULT_BATCH_SIZES and settings.batch_sizes == DEFAULT_BATCH_SIZES
+    assert len(design.points) == 9 * 6 and not design.dropped
+    _, _, adaptive, settings = jobs.prepare_job(demo_store, "demo-small", "cpu", "adaptive", default_batch_axis=True)
+    assert adaptive.batch_sizes == (1,) and settings.batch_sizes == (1,)
+    # The older option (identical requests through generate) keeps its one batch size.
+    _, _, older, settings = jobs.prepare_job(demo_store, "demo-small", "cpu", "quick", default_batch_axis=True,
+                                             settings=jobs.ProfileSettings(batch_size=4))
+    assert older.batch_sizes == (1,) and settings.batch_size == 4
+    # Named sizes are kept as named; without default_batch_axis the library default stays batch size 1.
+    named = jobs.ProfileSettings(batch_sizes=(1, 3))
+    assert jobs.prepare_job(demo_store, "demo-small", "cpu", "quick", settings=named)[2].batch_sizes == (1, 3)
+    assert jobs.prepare_job(demo_store, "demo-small", "cpu", "quick")[2].batch_sizes == (1,)
+
+
+def test_the_default_axis_leaves_out_the_sizes_that_do_not_fit_and_names_them_while_named_sizes_are_refused(
+        demo_store: Store, monkeypatch):
+    from engine.profiling.design import DEFAULT_BATCH_SIZES
+
+    entry = catalog.get_model(demo_store, "demo-small")
+    design = build_design("custom", inputs=[64, 512], outputs=[64], batch_sizes=DEFAULT_BATCH_SIZES)
+    # 576 tokens × 100 kB of KV cache a request, with the weights and a margin, 0.5 GB free: up to 4 fit.
+    kept = jobs.drop_unfitting_batch_sizes(entry, "cpu", design, memory_rule=tiny_memory(500_000_000))
+    assert kept.batch_sizes == (1, 2, 4) and len(kept.points) == 2 * 3
+    assert len(kept.dropped) == 3 and kept.dropped[0].startswith("batch size 8: a batch of 8 × (512 + 64) tokens")
+    assert all("left out of the default batch axis" in note and "free" in note for note in kept.dropped)
+    # Through prepare_job, with the device's free memory read as tiny: the default is cut, not refused ...
+    import engine.planning.batches as batches
+
+    monkeypatch.setattr(batches, "batch_memory_rule", lambda *args, **kwargs: (tiny_memory(500_000_000), "test"))
+    _, _, cut, settings = jobs.prepare_job(demo_store, "demo-small", "cpu", "custom", inputs=[64, 512], outputs=[64],
+                                           default_batch_axis=True)
+    assert cut.batch_sizes == (1, 2, 4) and settings.batch_sizes == (1, 2, 4) and len(cut.dropped) == 3
+    # ... and the same sizes named are refused, with nothing stored.
+    with pytest.raises(InputError, match="batch sizes up to"):
+        jobs.create_job(demo_store, "demo-small", "cpu", "custom", inputs=[64, 512], outputs=[64],
+                        settings=jobs.ProfileSettings(batch_sizes=DEFAULT_BATCH_SIZES))
+    assert demo_store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def test_cli_profile_without_batch_sizes_measures_the_default_batch_axis(demo_store: Store):
+    result = subprocess.run([sys.executable, "-m", "engine", "profile", "--model", "demo-small", "--inputs", "8",
+                             "--outputs", "4", "--min-trials", "1", "--max-trials", "1", "--warmup", "0",
+                             "--idle-s", "0.5", "--json", "--db", str(demo_store.path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stored = demo_store.query_df("SELECT DISTINCT batch_size FROM measurements ORDER BY batch_size")
+    assert stored.batch_size.tolist() == [1, 2, 4, 8, 16, 32]
+    assert jobs.get_job(demo_store, 1).settings.batch_sizes == (1, 2, 4, 8, 16, 32)
+
+
+def test_the_duration_estimate_uses_measured_batches_when_there_are_some(demo_store: Store):
+    import pandas as pd
+
+    from tests.test_fitting import insert
+
+    def runtime(tin, tout, size):  # a batch: fixed cost, prefill per B·τin, decode steps, per-request decode
+        return 0.1 + 0.001 * size * tin + 0.01 * tout + 0.002 * size * tout
+
+    shapes = [(i, o, b) for i in (8, 64) for o in (8, 64) for b in (1, 4, 16)]
+    frame = pd.DataFrame([{"origin": "imported", "model": "demo-small", "device": "cpu", "input_tokens": i,
+                           "output_tokens": o, "batch_size": b, "runtime_s": runtime(i, o, b), "energy_j": 1.0,
+                           "trial": 1} for i, o, b in shapes])
+    design = build_design("custom", inputs=[32], outputs=[32], batch_sizes=(1, 16))
+    settings = jobs.ProfileSettings(min_trials=2, max_trials=5, idle_s=1.0, batch_sizes=(1, 16))
+    # Single requests only: a batch of 16 is counted as 16 requests (an upper bound).
+    insert(demo_store, frame[frame.batch_size == 1])
+    low, _ = jobs.estimate_duration_s(demo_store, "demo-small", "cpu", design, settings)
+    single = runtime(32, 32, 1)
+    assert low == pytest.approx(1.0 + 5.0 + 2 * (single + 16 * single), rel=1e-6)
+    # With batches measured, a batch's own time.
+    insert(demo_store, frame[frame.batch_size > 1])
+    low, high = jobs.estimate_duration_s(demo_store, "demo-small", "cpu", design, settings)
+    batches = runtime(32, 32, 1) + runtime(32, 32, 16)
+    assert low == pytest.approx(1.0 + 5.0 + 2 * batches, rel=1e-6)
+    assert high == pytest.approx(1.0 + 5.0 + 5 * batches, rel=1e-6)

@@ -299,8 +299,14 @@ def _show_residuals(pair: list[FitResult], trials: pd.DataFrame, version: tuple)
                         key=f"residual_{fit.target}")
     suggestions = _suggestions(tuple(f.fit_id for f in pair), pair)
     if suggestions is not None:
-        st.markdown("**Measure next** (largest uncertainty): " + ", ".join(
-            f"({int(r.input_tokens)} in, {int(r.output_tokens)} out)" for r in suggestions.itertuples()))
+        st.markdown("**Measure next** (largest uncertainty): " + ", ".join(map(suggestion_text,
+                                                                              suggestions.itertuples())))
+
+
+def suggestion_text(row) -> str:
+    """One suggested point in words: ``(64 in, 16 out)``, or ``(64 in, 16 out, batch of 8)`` on a batch axis."""
+    batch = f", batch of {int(row.batch_size)}" if int(getattr(row, "batch_size", 1)) > 1 else ""
+    return f"({int(row.input_tokens)} in, {int(row.output_tokens)} out{batch})"
 
 
 def _scope_note(pair: list[FitResult]) -> bool:

@@ -36,7 +36,10 @@ def add_profile(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                          help="identical requests run together (transformers only; default 1); stored with the data")
     profile.add_argument("--batch-sizes", metavar="B[,B...]",
                          help="a batch axis: measure every point at each batch size, one trial being one batch of B "
-                              "requests, e.g. 1,2,4,8,16,32 (default 1); two or more sizes give the fits a batch axis")
+                              "requests (default for a fixed design: 1,2,4,8,16,32, less the sizes whose largest batch "
+                              "does not fit in the device's free memory; 1 for the adaptive design or with "
+                              "--batch-size). Two or more sizes give the fits a batch axis; 1 measures one request at "
+                              "a time")
     profile.add_argument("--resume", type=int, metavar="JOB", help="continue a failed or cancelled job")
     profile.add_argument("--json", action="store_true", help="print JSON")
     profile.set_defaults(handler=cmd_profile)
@@ -85,13 +88,14 @@ def _create_job(db, args: argparse.Namespace):
                              else "quick")
     inputs = parse_token_list(args.inputs, "--inputs") if args.inputs else None
     outputs = parse_token_list(args.outputs, "--outputs") if args.outputs else None
-    batch_sizes = parse_batch_sizes(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else (1,)
+    named = args.batch_sizes is not None
+    batch_sizes = parse_batch_sizes(args.batch_sizes, "--batch-sizes") if named else (1,)
     settings = jobs.ProfileSettings(rel_bound=args.rel_ci, min_trials=args.min_trials, max_trials=args.max_trials,
                                     warmup_runs=args.warmup, cooldown_s=args.cooldown_s, idle_s=args.idle_s,
                                     seed=args.seed, batch_size=args.batch_size, budget_s=args.budget_s,
                                     batch_sizes=batch_sizes)
     job = jobs.create_job(db, args.model, args.device, design, inputs=inputs, outputs=outputs,
-                          n_points=args.points, settings=settings)
+                          n_points=args.points, settings=settings, default_batch_axis=not named)
     for note in job.design.dropped:
         print(f"note: dropped {note}", file=sys.stderr)
     return job

@@ -206,19 +206,22 @@ def _candidate_levels(lo: int, hi: int, measured: Sequence[int], midpoints: bool
     return levels
 
 
-def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates: Sequence[tuple[int, int]] | None = None,
+def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates: Sequence[tuple[int, ...]] | None = None,
                    beyond_domain: bool = False) -> pd.DataFrame:
-    """The next (input_tokens, output_tokens) points to measure: where the surface is least sure.
+    """The next points to measure: where the surface is least sure.
 
     ``fits`` are the energy and/or runtime fits of one (model, device). Each candidate
     is scored by the largest relative standard error of the mean surface among the
     fits (bootstrap SE / prediction); the top ``n`` are taken greedily, skipping
-    candidates next to one already taken (within a factor of 2 on both axes), so the
+    candidates next to one already taken (within a factor of 2 on every axis), so the
     suggestions spread out. Default candidates: the grid of measured levels and powers
     of two within the domain, minus measured points (geometric midpoints too when that
-    grid is measured in full); ``beyond_domain``
-    adds one doubling (and halving) past each edge. Returns columns input_tokens,
-    output_tokens, relative_standard_error, in_domain.
+    grid is measured in full); ``beyond_domain`` adds one doubling (and halving) past
+    each token edge. For fits with a batch axis a candidate is a (τin, τout, B) point, B
+    from the measured batch sizes and the powers of two between them, and the score is
+    that of the whole batch's prediction; without one, B is 1. Candidates given as
+    (τin, τout) pairs are at batch size 1. Returns columns input_tokens, output_tokens,
+    batch_size, relative_standard_error, in_domain.
     """
     fits = [fits] if isinstance(fits, FitResult) else list(fits)
     if not fits:
@@ -228,32 +231,28 @@ def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates
                                  None, "fits made from measurements"))
     if len({(f.model, f.device) for f in fits}) > 1:
         raise InputError(Problem("fits", "belong to more than one (model, device)", None, "the fits of one pair"))
-    measured = {tuple(p) for f in fits for p in f.details.get("points", [])}
+    batch_axis = all(f.has_batch_axis for f in fits)
+    # Measured points as (τin, τout, B): a fit without a batch axis stored pairs, at batch size 1.
+    measured = {(int(p[0]), int(p[1]), int(p[2]) if len(p) > 2 else 1) for f in fits for p in f.details.get("points", [])}
     if candidates is None:
-        (in_lo, in_hi), (out_lo, out_hi) = fits[0].domain["input_tokens"], fits[0].domain["output_tokens"]
-        if beyond_domain:
-            in_lo, in_hi, out_lo, out_hi = max(in_lo // 2, 1), in_hi * 2, max(out_lo // 2, 1), out_hi * 2
-        for midpoints in (False, True):
-            levels_in = _candidate_levels(in_lo, in_hi, [p[0] for p in measured], midpoints)
-            levels_out = _candidate_levels(out_lo, out_hi, [p[1] for p in measured], midpoints)
-            candidates = [(i, o) for i in levels_in for o in levels_out if (i, o) not in measured]
-            if candidates:
-                break
-    candidates = [(int(i), int(o)) for i, o in candidates]
+        candidates = _default_candidates(fits[0], measured, beyond_domain, batch_axis)
+    candidates = [(int(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 1) for c in candidates]
+    columns = ["input_tokens", "output_tokens", "batch_size", "relative_standard_error", "in_domain"]
     if not candidates:
-        return pd.DataFrame(columns=["input_tokens", "output_tokens", "relative_standard_error", "in_domain"])
-    tin = np.array([c[0] for c in candidates], dtype=float)
-    tout = np.array([c[1] for c in candidates], dtype=float)
+        return pd.DataFrame(columns=columns)
+    tin, tout, size = (np.array([c[k] for c in candidates], dtype=float) for k in range(3))
+    sizes = size if batch_axis else None
     score = np.zeros(len(candidates))
     for fit in fits:
-        value = np.maximum(fit.predict_raw(tin, tout), 1e-300)
-        score = np.maximum(score, fit.standard_error(tin, tout) / value)
+        value = np.maximum(fit.predict_raw(tin, tout, sizes), 1e-300)
+        score = np.maximum(score, fit.standard_error(tin, tout, sizes) / value)
     order = np.argsort(-score, kind="stable")
     taken: list[int] = []
     for i in order:
         if len(taken) == n:
             break
-        near = any(abs(np.log2(tin[i] / tin[j])) <= 1 and abs(np.log2(tout[i] / tout[j])) <= 1 for j in taken)
+        near = any(abs(np.log2(tin[i] / tin[j])) <= 1 and abs(np.log2(tout[i] / tout[j])) <= 1
+                   and abs(np.log2(size[i] / size[j])) <= 1 for j in taken)
         if not near:
             taken.append(int(i))
     for i in order:  # fewer spread-out candidates than asked: fill with the next best
@@ -261,6 +260,29 @@ def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates
             break
         if int(i) not in taken:
             taken.append(int(i))
-    in_domain = np.all([f.in_domain(tin, tout) for f in fits], axis=0)
+    in_domain = np.all([f.in_domain(tin, tout, size) for f in fits], axis=0)
     return pd.DataFrame({"input_tokens": tin[taken].astype(int), "output_tokens": tout[taken].astype(int),
-                         "relative_standard_error": score[taken], "in_domain": in_domain[taken]})
+                         "batch_size": size[taken].astype(int), "relative_standard_error": score[taken],
+                         "in_domain": in_domain[taken]}, columns=columns)
+
+
+def _default_candidates(fit: FitResult, measured: set[tuple[int, int, int]], beyond_domain: bool,
+                        batch_axis: bool) -> list[tuple[int, int, int]]:
+    """The grid :func:`suggest_points` scores by default: token levels (with midpoints when the
+    plain grid is measured in full) crossed with the batch levels, minus the measured points."""
+    (in_lo, in_hi), (out_lo, out_hi) = fit.domain["input_tokens"], fit.domain["output_tokens"]
+    if beyond_domain:
+        in_lo, in_hi, out_lo, out_hi = max(in_lo // 2, 1), in_hi * 2, max(out_lo // 2, 1), out_hi * 2
+    batch_levels = [1]
+    if batch_axis:
+        batch_lo, batch_hi = fit.batch_domain
+        batch_levels = _candidate_levels(batch_lo, batch_hi, [p[2] for p in measured], midpoints=False)
+    candidates: list[tuple[int, int, int]] = []
+    for midpoints in (False, True):
+        levels_in = _candidate_levels(in_lo, in_hi, [p[0] for p in measured], midpoints)
+        levels_out = _candidate_levels(out_lo, out_hi, [p[1] for p in measured], midpoints)
+        candidates = [(i, o, b) for i in levels_in for o in levels_out for b in batch_levels
+                      if (i, o, b) not in measured]
+        if candidates:
+            break
+    return candidates

@@ -17,10 +17,13 @@ Points past the model's context are dropped with a note (the paper's output swee
 reaches 4096 tokens, more than many models hold), never silently run short.
 
 **The batch axis.** Every fixed design can be crossed with a list of batch sizes
-(``batch_sizes``, default ``(1,)``: one request at a time, as before): each (τin, τout)
-becomes one point per batch size B, and one trial of a point is one batch of B requests
-of that shape, run together (its energy and runtime are the batch's; per request they are
-a B-th of it). The adaptive design stays at batch size 1.
+(``batch_sizes``): each (τin, τout) becomes one point per batch size B, and one trial of a
+point is one batch of B requests of that shape, run together (its energy and runtime are
+the batch's; per request they are a B-th of it). Here the default is ``(1,)``, one request
+at a time; the CLI and the Profile page default to :data:`DEFAULT_BATCH_SIZES` for a fixed
+design, less the sizes that do not fit in the device's memory
+(:func:`engine.profiling.jobs.prepare_job` with ``default_batch_axis``). The adaptive
+design stays at batch size 1.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ ADAPTIVE_INPUTS = (8, 256)   # default ranges of the adaptive design: the sample
 ADAPTIVE_OUTPUTS = (8, 64)
 PAPER_POWERS = tuple(2 ** k for k in range(3, 12))  # 8 .. 2048
 MAX_TOKENS = 1_000_000
-#: The batch sizes ``profile --batch-sizes`` suggests for a batch axis (issue 13); the default is 1 alone.
-SUGGESTED_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+#: The batch axis a fixed design gets when the user names none (``profile`` and the Profile
+#: page): the sizes whose largest batch fits in the device's free memory.
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True, order=True)

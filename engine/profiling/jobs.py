@@ -21,7 +21,7 @@ from engine.catalog import model_context_length  # moved to engine.catalog; stil
 from engine.backends.base import MAX_BATCH_SIZE
 from engine.cluster.naming import is_qualified
 from engine.errors import DeviceUnavailableError, InputError, PlannerError, Problem
-from engine.profiling.design import Design, build_design, parse_batch_sizes, run_order
+from engine.profiling.design import DEFAULT_BATCH_SIZES, Design, build_design, parse_batch_sizes, run_order
 from engine.profiling.stopping import StopRule, point_complete, point_outcome
 from engine.runs import ACTIVE, FINISHED, PROFILING
 from engine.store import Store
@@ -239,10 +239,20 @@ def adaptive_rounds(store: Store, job_id: int) -> pd.DataFrame:
 
 
 def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick", *, inputs=None, outputs=None,
-                n_points: int = 16, settings: ProfileSettings | None = None
+                n_points: int = 16, settings: ProfileSettings | None = None, default_batch_axis: bool = False
                 ) -> tuple[catalog.CatalogEntry, str, Design, ProfileSettings]:
-    """Validate a job before anything is stored; returns the model, the device as stored, the design, the settings."""
+    """Validate a job before anything is stored; returns the model, the device as stored, the design, the settings.
+
+    ``default_batch_axis``: the user named no batch sizes (``profile`` without
+    ``--batch-sizes``, the Profile page's default). A fixed design then takes
+    :data:`~engine.profiling.design.DEFAULT_BATCH_SIZES`, less the sizes whose largest batch
+    does not fit in the device's free memory (each named in ``design.dropped``, not
+    refused); the adaptive design, and a job with the older ``batch_size`` option, keep
+    ``settings.batch_sizes``. Sizes the user named are refused when they do not fit.
+    """
     settings = (settings or ProfileSettings()).validate()
+    if default_batch_axis and design_kind != "adaptive" and settings.batch_size == 1:
+        settings = replace(settings, batch_sizes=DEFAULT_BATCH_SIZES)
     entry = catalog.get_model(store, model)
     if entry is None:
         raise InputError(Problem("model", f"no model named {model!r} in the catalog", None, "a name from `models list`"))
@@ -278,7 +288,11 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
                           context_length=model_context_length(entry) if files_here else None, seed=settings.seed,
                           batch_sizes=settings.batch_sizes)
     if files_here and max(design.batch_sizes) > 1:
-        check_design_memory(entry, device, design)
+        if settings.batch_sizes == DEFAULT_BATCH_SIZES and default_batch_axis:
+            design = drop_unfitting_batch_sizes(entry, device, design)
+            settings = replace(settings, batch_sizes=design.batch_sizes)
+        else:
+            check_design_memory(entry, device, design)
     return entry, device, design, settings
 
 
@@ -298,16 +312,38 @@ def check_design_memory(entry: catalog.CatalogEntry, device: str, design: Design
         InputError: one problem per batch size that does not fit, naming the memory needed
             and free, and the largest batch of that shape that would fit.
     """
+    problems = [problem for _size, problem in unfitting_batch_sizes(entry, device, design, memory_rule=memory_rule)]
+    if problems:
+        raise InputError(problems)
+
+
+def drop_unfitting_batch_sizes(entry: catalog.CatalogEntry, device: str, design: Design, *,
+                               memory_rule=None) -> Design:
+    """The design without the batch sizes that do not fit (see :func:`check_design_memory`),
+    each named in ``dropped`` with the memory it needs; batch size 1 is always kept."""
+    unfit = unfitting_batch_sizes(entry, device, design, memory_rule=memory_rule)
+    if not unfit:
+        return design
+    sizes = {size for size, _problem in unfit}
+    return Design(kind=design.kind, points=tuple(p for p in design.points if p.batch_size not in sizes),
+                  dropped=design.dropped + tuple(f"batch size {problem.message} (left out of the default batch axis)"
+                                                 for _size, problem in unfit))
+
+
+def unfitting_batch_sizes(entry: catalog.CatalogEntry, device: str, design: Design, *,
+                          memory_rule=None) -> list[tuple[int, Problem]]:
+    """(batch size, problem) for each size above 1 whose largest point does not fit; [] when
+    the memory cannot be judged here (see :func:`check_design_memory`)."""
     from engine.backends.memory import estimate_batch_memory, format_bytes, largest_fitting_batch
     from engine.planning.batches import batch_memory_rule
 
     if memory_rule is None:
         if is_qualified(device):
-            return  # a node's device: its free memory is the node's, checked there before each batch
+            return []  # a node's device: its free memory is the node's, checked there before each batch
         memory_rule, _why = batch_memory_rule(entry.backend, catalog.resolve_model_path(entry.path), device)
     if memory_rule is None:
-        return
-    problems = []
+        return []
+    unfit = []
     for size in design.batch_sizes:
         if size == 1:
             continue
@@ -319,12 +355,11 @@ def check_design_memory(entry: catalog.CatalogEntry, device: str, design: Design
             continue
         fits = largest_fitting_batch(memory_rule.model, largest.input_tokens, largest.output_tokens,
                                      memory_rule.free_bytes, size - 1, **options)
-        problems.append(Problem("batch sizes", f"{size}: a {need.describe()}; {device} has "
-                                f"{format_bytes(memory_rule.free_bytes)} free", None,
-                                f"batch sizes up to {fits} for points of this size on {device}" if fits else
-                                f"shorter requests, or a device with more free memory than {device}"))
-    if problems:
-        raise InputError(problems)
+        unfit.append((size, Problem("batch sizes", f"{size}: a {need.describe()}; {device} has "
+                                    f"{format_bytes(memory_rule.free_bytes)} free", None,
+                                    f"batch sizes up to {fits} for points of this size on {device}" if fits else
+                                    f"shorter requests, or a device with more free memory than {device}")))
+    return unfit
 
 
 def create_job(store: Store, model: str, device: str, design_kind: str = "quick", **options) -> Job:
@@ -464,22 +499,35 @@ def _remaining_s(job: Job, points: pd.DataFrame) -> float | None:
 
 def estimate_duration_s(store: Store, model: str, device: str, design: Design,
                         settings: ProfileSettings) -> tuple[float, float] | None:
-    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device
-    (of single requests; a batch of B counted as B of them).
+    """(fewest, most) seconds a job should take, from this model's earlier runtimes on this device.
 
-    None when there are no earlier measurements to go by, except for an adaptive job,
-    which takes its budget at most (and at most that, at least, without history).
+    Where batches of two or more sizes were measured before, a trial's runtime is fitted
+    per batch (a fixed cost, prefill growing with B·τin, decode steps with τout and
+    B·τout); otherwise from single requests, a batch of B counted as B of them (an upper
+    bound: batching is there to take less). None when there are no earlier measurements to
+    go by, except for an adaptive job, which takes its budget at most (and at most that, at
+    least, without history).
     """
     history = store.query_df(
-        "SELECT input_tokens, output_tokens, avg(runtime_s) AS runtime_s FROM measurements "
-        "WHERE model = ? AND device = ? AND coalesce(batch_size, 1) = 1 GROUP BY ALL", [model, device])
+        "SELECT input_tokens, output_tokens, coalesce(batch_size, 1) AS batch_size, avg(runtime_s) AS runtime_s "
+        "FROM measurements WHERE model = ? AND device = ? GROUP BY ALL", [model, device])
+    batched = history.batch_size.nunique() >= 2 and len(history) >= 5
+    if not batched:
+        history = history[history.batch_size == 1]
     if len(history) < 3:
         return None if settings.budget_s is None else (settings.budget_s, settings.budget_s)
-    features = np.column_stack([np.ones(len(history)), history.input_tokens, history.output_tokens])
-    coef, *_ = np.linalg.lstsq(features, history.runtime_s.to_numpy(), rcond=None)
-    # A batch of B is counted as B requests' time: an upper bound (batching is there to take less).
-    per_trial = [max(float(coef @ [1, p.input_tokens, p.output_tokens]), 0.001) * settings.trial_batch_size(p)
-                 for p in design.points]
+
+    def features(tin, tout, size):
+        tin, tout, size = (np.asarray(v, dtype=float) for v in (tin, tout, size))
+        columns = [np.ones_like(tin), size * tin, tout, size * tout] if batched else [np.ones_like(tin), tin, tout]
+        return np.column_stack(columns)
+
+    coef, *_ = np.linalg.lstsq(features(history.input_tokens, history.output_tokens, history.batch_size),
+                               history.runtime_s.to_numpy(), rcond=None)
+    sizes = [settings.trial_batch_size(p) for p in design.points]
+    predicted = features([p.input_tokens for p in design.points], [p.output_tokens for p in design.points],
+                         sizes if batched else np.ones(len(sizes))) @ coef
+    per_trial = [max(float(t), 0.001) * (1 if batched else size) for t, size in zip(predicted, sizes)]
     fixed = settings.idle_s + 5.0  # idle baseline plus loading the model
     per_point_extra = settings.cooldown_s
     low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)
