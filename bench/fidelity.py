@@ -40,6 +40,7 @@ for that reason): quote them with the date, the machine and the load.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +71,8 @@ TOTAL_ERROR_MAX = 0.10
 PER_QUERY_MAE_MAX = 0.20
 ENERGY_CV_MAX = 0.15
 FIRST_PLAN_MAX_S = 120.0
+#: Issue 13's target for an executed batched plan (--batching).
+BATCHED_ERROR_MAX = 0.15
 
 #: The Plan page's defaults (pages/plan.py), as a new user finds them after the first run.
 PAGE_DEADLINE_S = 60 * 60.0
@@ -165,6 +168,7 @@ class Outcome:
     queries_failed: int = 0
     execution_s: float | None = None
     failure: str | None = None
+    batching: "Batching | None" = None
 
     @property
     def worst_energy_cv(self) -> float | None:
@@ -186,7 +190,95 @@ def _met(value: bool | None) -> str:
     return "not reached" if value is None else "met" if value else "MISSED"
 
 
-def one_run(number: int, folder: Path, budget_s: float, queries: int | None, timeout_s: float, say) -> Outcome:
+@dataclass
+class Measured:
+    """A plan executed and compared with its prediction."""
+
+    wall_s: float
+    predicted_j: float | None
+    measured_j: float | None
+    error: float | None
+    per_query_mae: float | None
+    per_query_median: float | None
+    in_band: bool | None
+    queries_run: int
+    queries_failed: int
+    failure: str | None
+
+
+def execute_and_compare(store: Store, plan, timeout_s: float, say) -> Measured:
+    """Execute a plan (:func:`execute`) and print predicted against measured, as the Execute page compares them."""
+    execution_id, wall_s = execute(store, plan.plan_id, timeout_s)
+    state = execution.get_execution(store, execution_id)
+    comparison = execution.compare(execution.execution_results(store, execution_id),
+                                   execution.execution_energy_scope(store, execution_id))
+    label = energy_label(store, execution_id)
+    band = plan.energy_band
+    predicted, measured = comparison.predicted_energy_j, comparison.measured_energy_j
+    in_band = band.contains(measured, predicted) if band is not None and None not in (measured, predicted) else None
+    say(f"  execution #{execution_id}: {state.status}" + (f" ({state.reason})" if state.reason else "")
+        + f" in {wall_s:.0f} s; {comparison.n_run} queries ran, {comparison.n_failed} failed")
+    say(f"  energy, {label}: predicted {format_energy(predicted)}, measured {format_energy(measured)}: error "
+        f"{percent(comparison.energy_error, signed=True)}; per query median "
+        f"{percent(comparison.per_query_energy_error_median, signed=True)}, mean absolute "
+        f"{percent(comparison.per_query_energy_error_mean_abs)}; {comparison.outside_band} of {comparison.with_band} "
+        "queries outside their 90% band; total "
+        + ("inside" if in_band else "outside" if in_band is not None else "without") + " the plan's band")
+    say(f"  runtime: predicted {comparison.predicted_runtime_s or float('nan'):.1f} s, measured "
+        f"{comparison.measured_runtime_s:.1f} s: error {percent(comparison.runtime_error, signed=True)}")
+    for row in comparison.per_option.itertuples():
+        say(f"    {row.option}: {row.queries} queries, predicted {format_energy(row.predicted_energy_j)}, measured "
+            f"{format_energy(row.measured_energy_j)} ({percent(row.energy_error, signed=True)}); per query "
+            f"median {percent(row.median_energy_error, signed=True)}")
+    return Measured(wall_s, predicted, measured, comparison.energy_error, comparison.per_query_energy_error_mean_abs,
+                    comparison.per_query_energy_error_median, in_band, comparison.n_run, comparison.n_failed,
+                    None if state.status == "done" else f"execution {state.status}: {state.reason}")
+
+
+@dataclass
+class Batching:
+    """The Home page's second step, after the first plan: measure batching, plan again, execute."""
+
+    step_s: float | None = None
+    energy_cv: dict[str, float | None] = field(default_factory=dict)
+    batched: bool | None = None
+    measured: Measured | None = None
+    ratio: float | None = None  # measured J per query, the first (batch 1) plan over the batched one
+    failure: str | None = None
+
+
+def batching_step(store: Store, workload, outcome: Outcome, timeout_s: float, say) -> Batching:
+    """Run the batching step as the Home page's button does (:func:`engine.firstrun.run_batching_step`, in this
+    process), plan the same workload again as the page would, execute it, and compare it with its prediction and
+    with the first plan's measured energy per query."""
+    result = Batching()
+    started = time.monotonic()
+    state = firstrun.run_batching_step(store, os.getpid())
+    result.step_s = time.monotonic() - started
+    report = firstrun.batching_report(store)
+    result.energy_cv = dict(zip(report.model, report.energy_cv_mape))
+    say(f"  batching step {state.status} in {result.step_s:.0f} s (batch sizes "
+        f"{', '.join(map(str, firstrun.BATCHING_SIZES))}); fits: " + "; ".join(
+            f"{r.model} energy CV {percent(r.energy_cv_mape)}, runtime CV {percent(r.runtime_cv_mape)}, batch axis "
+            f"{r.batch_sizes}" for r in report.itertuples()))
+    plan = plan_like_the_page(store, workload)
+    if not plan.has_schedule:
+        result.failure = f"the batched plan: {plan.status}"
+        return result
+    result.batched = any(size > 1 for sizes in plan.batch_sizes.values() for size in sizes)
+    say(f"  batched plan #{plan.plan_id}: {format_energy(plan.energy_j)} predicted, mean accuracy "
+        f"{plan.accuracy:.3f}, per option {plan.assignments}")
+    result.measured = execute_and_compare(store, plan, timeout_s, say)
+    result.failure = result.measured.failure
+    first, again = outcome.measured_j, result.measured.measured_j
+    if first and again and outcome.queries_run and result.measured.queries_run:
+        result.ratio = (first / outcome.queries_run) / (again / result.measured.queries_run)
+        say(f"  measured energy per query, first plan / batched plan: {result.ratio:.2f}x")
+    return result
+
+
+def one_run(number: int, folder: Path, budget_s: float, queries: int | None, timeout_s: float, say,
+            batching: bool = False) -> Outcome:
     outcome = Outcome(number, uptime())
     say(f"run {number}: before it, {outcome.load_before}")
     try:
@@ -214,38 +306,26 @@ def one_run(number: int, folder: Path, budget_s: float, queries: int | None, tim
         if not plan.has_schedule:
             raise PlannerError(f"the sample workload has no plan ({plan.status})")
 
-        execution_id, outcome.execution_s = execute(store, plan.plan_id, timeout_s)
-        state = execution.get_execution(store, execution_id)
-        comparison = execution.compare(execution.execution_results(store, execution_id),
-                                       execution.execution_energy_scope(store, execution_id))
-        label = energy_label(store, execution_id)
-        outcome.predicted_j, outcome.measured_j = comparison.predicted_energy_j, comparison.measured_energy_j
-        outcome.error = comparison.energy_error
-        outcome.per_query_mae = comparison.per_query_energy_error_mean_abs
-        outcome.per_query_median = comparison.per_query_energy_error_median
-        outcome.queries_run, outcome.queries_failed = comparison.n_run, comparison.n_failed
-        if band is not None and outcome.measured_j is not None and outcome.predicted_j is not None:
-            outcome.in_band = band.contains(outcome.measured_j, outcome.predicted_j)
-        say(f"  execution #{execution_id}: {state.status}" + (f" ({state.reason})" if state.reason else "")
-            + f" in {outcome.execution_s:.0f} s; {comparison.n_run} queries ran, {comparison.n_failed} failed")
-        say(f"  energy, {label}: predicted {format_energy(outcome.predicted_j)}, measured "
-            f"{format_energy(outcome.measured_j)}: error {percent(outcome.error, signed=True)}; per query median "
-            f"{percent(outcome.per_query_median, signed=True)}, mean absolute {percent(outcome.per_query_mae)}; "
-            f"{comparison.outside_band} of {comparison.with_band} queries outside their 90% band; total "
-            + ("inside" if outcome.in_band else "outside" if outcome.in_band is not None else "without")
-            + " the plan's band")
-        say(f"  runtime: predicted {comparison.predicted_runtime_s or float('nan'):.1f} s, measured "
-            f"{comparison.measured_runtime_s:.1f} s: error {percent(comparison.runtime_error, signed=True)}")
-        for row in comparison.per_option.itertuples():
-            say(f"    {row.option}: {row.queries} queries, predicted {format_energy(row.predicted_energy_j)}, measured "
-                f"{format_energy(row.measured_energy_j)} ({percent(row.energy_error, signed=True)}); per query "
-                f"median {percent(row.median_energy_error, signed=True)}")
-        if state.status != "done":
-            outcome.failure = f"execution {state.status}: {state.reason}"
+        measured = execute_and_compare(store, plan, timeout_s, say)
+        outcome.execution_s = measured.wall_s
+        outcome.predicted_j, outcome.measured_j = measured.predicted_j, measured.measured_j
+        outcome.error, outcome.per_query_mae = measured.error, measured.per_query_mae
+        outcome.per_query_median, outcome.in_band = measured.per_query_median, measured.in_band
+        outcome.queries_run, outcome.queries_failed = measured.queries_run, measured.queries_failed
+        if measured.failure:
+            outcome.failure = measured.failure
+        elif batching:
+            outcome.batching = batching_step(store, workload, outcome, timeout_s, say)
+            if outcome.batching.failure:
+                outcome.failure = outcome.batching.failure
     except PlannerError as exc:  # a step that failed ends this run, not the benchmark
         outcome.failure = str(exc)
         say(f"  FAILED: {exc}")
     say("  targets: " + "; ".join(f"{name} {_met(met)}" for name, met in outcome.targets().items()))
+    if outcome.batching is not None and outcome.batching.measured is not None:
+        error = outcome.batching.measured.error
+        say(f"  batched plan within ±{BATCHED_ERROR_MAX:.0%} (issue 13's target): "
+            f"{_met(None if error is None else abs(error) <= BATCHED_ERROR_MAX)}")
     return outcome
 
 
@@ -261,11 +341,14 @@ def table(outcomes: list[Outcome]) -> pd.DataFrame:
             "predicted J": o.predicted_j, "measured J": o.measured_j, "error": o.error,
             "per-query MAE": o.per_query_mae, "in band": o.in_band, "queries": o.queries_run,
             "failed": o.queries_failed,
+            **({"batching step s": o.batching.step_s,
+                "batched error": o.batching.measured.error if o.batching.measured else None,
+                "J/query first ÷ batched": o.batching.ratio} if o.batching is not None else {}),
         })
     frame = pd.DataFrame(rows)
     for column in frame.columns:
-        if column.startswith("CV ") or column in ("error", "per-query MAE"):
-            frame[column] = [percent(v, signed=column == "error") for v in frame[column]]
+        if column.startswith("CV ") or column in ("error", "per-query MAE", "batched error"):
+            frame[column] = [percent(v, signed=column.endswith("error")) for v in frame[column]]
     return frame
 
 
@@ -281,6 +364,13 @@ def summarise(outcomes: list[Outcome], say) -> None:
     for name in outcomes[0].targets() if outcomes else ():
         met = [o.targets()[name] for o in outcomes]
         say(f"  {name}: met in {sum(bool(m) for m in met)} of {len(met)} runs")
+    steps = [o.batching for o in outcomes if o.batching is not None]
+    if steps:
+        errors = [b.measured.error if b.measured else None for b in steps]
+        say(f"  batching (--batching): step {spread([b.step_s for b in steps], lambda v: f'{v:.0f} s')}; batched "
+            f"plan error {spread(errors, pct)}; measured J/query first plan ÷ batched "
+            f"{spread([b.ratio for b in steps], lambda v: f'{v:.2f}x')}; within ±{BATCHED_ERROR_MAX:.0%} in "
+            f"{sum(e is not None and abs(e) <= BATCHED_ERROR_MAX for e in errors)} of {len(steps)} runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: {QUICK['runs']} run, a {QUICK['budget_s']:g} s first run, the first "
                              f"{QUICK['queries']} queries (its figures prove the loop works, not its fidelity)")
+    parser.add_argument("--batching", action="store_true",
+                        help="after the first plan, the Home page's second step too: measure batching "
+                             "(engine.firstrun.run_batching_step), plan the same workload again, execute it")
     parser.add_argument("--timeout-s", type=float, default=1200.0, help="an execution is cancelled after this long")
     parser.add_argument("--folder", type=Path, help="where the runs' databases go (default: a temporary folder)")
     parser.add_argument("--note", help="a line for the report's header (what else ran on the machine, say)")
@@ -307,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     say = report.say
     title = (f"bench/fidelity.py --runs {runs} --budget-s {budget_s:g}"
-             + (f" --queries {queries}" if queries is not None else "") + (" (--quick)" if args.quick else ""))
+             + (f" --queries {queries}" if queries is not None else "") + (" --batching" if args.batching else "")
+             + (" (--quick)" if args.quick else ""))
     say(f"{title}; {machine()}; databases in {folder}")
     label = energy_label()
     if label.startswith("estimated"):
@@ -326,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     for number in range(1, runs + 1):
         say("")
-        outcomes.append(one_run(number, folder / f"run{number}", budget_s, queries, args.timeout_s, say))
+        outcomes.append(one_run(number, folder / f"run{number}", budget_s, queries, args.timeout_s, say,
+                                batching=args.batching))
     say("")
     say(table(outcomes).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     summarise(outcomes, say)

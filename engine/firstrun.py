@@ -15,10 +15,14 @@ are least sure, until the time is spent or the cross-validated error stops impro
 The fixed design with at most 5 trials a point it replaces left fits with a CV error of
 27-36% (energy) here; :func:`first_run_report` gives the error each model reached.
 
-**Batch size 1.** The first run measures one request at a time (the adaptive design has no
-batch axis), so its fits plan batch size 1 only, and the plan says so. A batch axis comes
-from a fixed design profiled at several batch sizes (``profile --batch-sizes 1,4,16``,
-:mod:`engine.profiling.design`); ``bench/batching.py`` does that for both demo models.
+**Batch size 1, then batching.** The first run measures one request at a time (the
+adaptive design has no batch axis), so its fits plan batch size 1 only, and the plan says
+so. Its second step, **measuring batching** (``python -m engine.firstrun --db PATH
+--batching``, the Home page's button once the first run is done), profiles each demo model
+over :data:`BATCHING_INPUTS` × :data:`BATCHING_OUTPUTS` × :data:`BATCHING_SIZES` (the design
+``bench/batching.py`` measures its figures with), a fixed :data:`BATCHING_SETTINGS` trials a
+point, and fits every demo model again: with the first run's points, the fits get a batch
+axis and plans can batch. Its state lives under :data:`BATCHING_KEY`, as the first run's does.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ WORKER_START_S = 8.0
 #: Kept back for the final fits of every model.
 FIT_RESERVE_S = 6.0
 FIRST_RUN_SETTINGS = {"min_trials": 2, "max_trials": 12, "idle_s": 2.0, "warmup_runs": 1}
+#: The batching step: where its state lives, and its design (a 2 x 2 grid over the sample
+#: workloads' range at three batch sizes) and settings.
+BATCHING_KEY = "first_run_batching"
+BATCHING_INPUTS, BATCHING_OUTPUTS, BATCHING_SIZES = [16, 256], [8, 64], (1, 4, 16)
+BATCHING_SETTINGS = {"min_trials": 2, "max_trials": 2, "idle_s": 2.0, "warmup_runs": 1}
+BATCHING_FLAG = "--batching"
 
 
 @dataclass
@@ -67,29 +77,34 @@ class FirstRunState:
     finished: float | None = None
     load_at_start: float | None = None
     load_at_end: float | None = None
+    #: model -> {target: fit id} of the fits this step saved (its report shows those, not later ones).
+    fits: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def read_state(store: Store) -> FirstRunState | None:
-    """The first run's state (None before any); a running one whose process is gone is stored as failed."""
-    row = store.query_one("SELECT value FROM settings WHERE key = ?", [STATE_KEY])
+def read_state(store: Store, key: str = STATE_KEY) -> FirstRunState | None:
+    """The first run's state, or with ``key=BATCHING_KEY`` its batching step's (None before any);
+    a running one whose process is gone is stored as failed."""
+    row = store.query_one("SELECT value FROM settings WHERE key = ?", [key])
     if row is None:
         return None
     state = FirstRunState(**json.loads(row[0]))
-    if state.status == "running" and not is_process_of(state.pid, MODULE, _arguments(store)):
-        state.status, state.reason = "failed", "the first-run process ended unexpectedly; start it again"
-        write_state(store, state)
+    if state.status == "running" and not is_process_of(state.pid, MODULE, _arguments(store, key)):
+        step = "measuring batching" if key == BATCHING_KEY else "the first run"
+        state.status, state.reason = "failed", f"the process of {step} ended unexpectedly; start it again"
+        write_state(store, state, key)
     return state
 
 
-def write_state(store: Store, state: FirstRunState) -> None:
-    """Store the first run's state, replacing the one before."""
+def write_state(store: Store, state: FirstRunState, key: str = STATE_KEY) -> None:
+    """Store the state under ``key`` (the first run's, or its batching step's), replacing the one before."""
     store.execute("INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, ?, current_timestamp)",
-                  [STATE_KEY, json.dumps(asdict(state))])
+                  [key, json.dumps(asdict(state))])
 
 
-def _arguments(store: Store) -> list[str]:
-    """The first run's arguments; the last ones tell its process apart from another database's."""
-    return ["--db", str(store.path.resolve())]
+def _arguments(store: Store, key: str = STATE_KEY) -> list[str]:
+    """The process's arguments; the last ones tell it apart from another database's, and the batching
+    step from the first run."""
+    return ["--db", str(store.path.resolve())] + ([BATCHING_FLAG] if key == BATCHING_KEY else [])
 
 
 def demo_model_names(store: Store) -> list[str]:
@@ -97,18 +112,40 @@ def demo_model_names(store: Store) -> list[str]:
     return list(store.query_df("SELECT name FROM models WHERE is_demo ORDER BY params_b NULLS LAST, name")["name"])
 
 
-def start_first_run(store: Store) -> FirstRunState:
-    """Start the first run in its own process; refuses while one runs or without demo models."""
-    state = read_state(store)
-    if state is not None and state.status == "running":
-        raise PlannerError("The first run is already going; its progress is on the Home page.")
+def start_first_run(store: Store, *, batching: bool = False) -> FirstRunState:
+    """Start the first run (or, with ``batching``, its batching step) in its own process; refuses
+    while either runs or without demo models."""
+    for key in (STATE_KEY, BATCHING_KEY):
+        state = read_state(store, key)
+        if state is not None and state.status == "running":
+            what = "Measuring batching" if key == BATCHING_KEY else "The first run"
+            raise PlannerError(f"{what} is already going; its progress is on the Home page.")
     if not demo_model_names(store):
         raise PlannerError("There are no demo models in the catalog; run `make run` (it generates them) or add a "
                            "model on the Models page.")
-    process = spawn(MODULE, _arguments(store), log_path(store, "first-run"))
+    key = BATCHING_KEY if batching else STATE_KEY
+    process = spawn(MODULE, _arguments(store, key), log_path(store, "first-run-batching" if batching else "first-run"))
     state = FirstRunState("running", "starting", pid=process.pid, started=time.time())
-    write_state(store, state)
+    write_state(store, state, key)
     return state
+
+
+def batching_estimate_s(store: Store) -> float | None:
+    """About how long the batching step takes at most, from the demo models' runtimes so far (a
+    batch counted as its requests one after another, unless batches were measured); None
+    without them."""
+    from engine.profiling import jobs
+    from engine.profiling.design import build_design
+
+    total = 0.0
+    for model in demo_model_names(store):
+        settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
+        design = build_design("custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS, batch_sizes=BATCHING_SIZES)
+        estimate = jobs.estimate_duration_s(store, model, DEVICE, design, settings)
+        if estimate is None:
+            return None
+        total += estimate[1] + WORKER_START_S
+    return total + FIT_RESERVE_S
 
 
 def job_budget_s(left_s: float, models_left: int) -> float:
@@ -145,9 +182,40 @@ def run_first_run(store: Store, pid: int, *, budget_s: float = FIRST_RUN_BUDGET_
     state.step = "fitting " + ", ".join(models)
     write_state(store, state)
     for model in models:
-        save_fits(store, fit_all(store, model=model, device=DEVICE))
+        state.fits[model] = {f.target: f.fit_id for f in save_fits(store, fit_all(store, model=model, device=DEVICE))}
     state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
     write_state(store, state)
+    return state
+
+
+def run_batching_step(store: Store, pid: int) -> FirstRunState:
+    """Profile every demo model on the CPU over the batching design, then fit them all again."""
+    from engine.fitting import fit_all, save_fits
+    from engine.profiling import jobs
+
+    state = FirstRunState("running", "starting", pid=pid, started=time.time(), load_at_start=_load())
+    write_state(store, state, BATCHING_KEY)
+    models = demo_model_names(store)
+    for model in models:
+        busy = runs.run_on_device(store, DEVICE)
+        if busy is not None:
+            raise PlannerError(f"{busy} is running on {DEVICE}; try again when it is done")
+        settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
+        job = jobs.create_job(store, model, DEVICE, "custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS,
+                              settings=settings)
+        state.jobs[model] = job.id
+        state.step = f"profiling {model} at batch sizes {', '.join(map(str, BATCHING_SIZES))} (job {job.id})"
+        write_state(store, state, BATCHING_KEY)
+        code = jobs.start_worker(store, job.id, watch=False).wait()
+        if code != 0:
+            reason = jobs.get_job(store, job.id).reason
+            raise PlannerError(f"profiling {model} failed: {reason or f'exit code {code}'}")
+    state.step = "fitting " + ", ".join(models)
+    write_state(store, state, BATCHING_KEY)
+    for model in models:
+        state.fits[model] = {f.target: f.fit_id for f in save_fits(store, fit_all(store, model=model, device=DEVICE))}
+    state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
+    write_state(store, state, BATCHING_KEY)
     return state
 
 
@@ -168,20 +236,35 @@ def first_run_report(store: Store) -> pd.DataFrame:
     energy_cv_mape and runtime_cv_mape (the stored fits' cross-validated error, fractions;
     None before the fits), energy_noise_mape and runtime_noise_mape (the floor that
     trial-to-trial noise puts under that error), unconverged_points (how many points the
-    energy fit flags).
+    energy fit flags), batch_sizes (the energy fit's batch axis, (lo, hi); None without
+    one). The fits are those the run saved (the latest, for a run from before they were
+    recorded).
     """
-    from engine.fitting import load_latest_fits
+    return _report(store, read_state(store))
+
+
+def batching_report(store: Store) -> pd.DataFrame:
+    """What the batching step reached, per demo model, in the columns of :func:`first_run_report`:
+    its own jobs, and the fits it made after them from every measurement of the model."""
+    return _report(store, read_state(store, BATCHING_KEY))
+
+
+def _report(store: Store, state: FirstRunState | None) -> pd.DataFrame:
+    from engine.fitting import load_fit, load_latest_fits
     from engine.profiling import jobs
 
-    state = read_state(store)
     rows = []
     for model, job_id in (state.jobs if state is not None else {}).items():
         try:
             progress = jobs.job_progress(store, job_id)
         except PlannerError:
             continue  # the job was removed since
-        fits = {f.target: f for f in load_latest_fits(store, model=model, device=DEVICE, energy_scope="total",
-                                                      source="measured")}
+        saved = state.fits.get(model)
+        if saved:
+            fits = {target: load_fit(store, fit_id) for target, fit_id in saved.items()}
+        else:
+            fits = {f.target: f for f in load_latest_fits(store, model=model, device=DEVICE, energy_scope="total",
+                                                          source="measured")}
         energy, runtime = fits.get("energy"), fits.get("runtime")
         rows.append({
             "model": model, "job_id": job_id, "job_status": progress.job.status, "job_reason": progress.job.reason,
@@ -191,24 +274,27 @@ def first_run_report(store: Store) -> pd.DataFrame:
             "energy_noise_mape": energy.details.get("noise_mape") if energy else None,
             "runtime_noise_mape": runtime.details.get("noise_mape") if runtime else None,
             "unconverged_points": len(energy.unconverged_points) if energy else None,
+            "batch_sizes": energy.batch_domain if energy and energy.has_batch_axis else None,
         })
     return pd.DataFrame(rows, columns=["model", "job_id", "job_status", "job_reason", "elapsed_s", "trials", "points",
                                        "energy_cv_mape", "runtime_cv_mape", "energy_noise_mape",
-                                       "runtime_noise_mape", "unconverged_points"])
+                                       "runtime_noise_mape", "unconverged_points", "batch_sizes"])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the first run's process; the outcome is in its stored state."""
     parser = argparse.ArgumentParser(description="Profile and fit the demo models (the app's first run).")
     parser.add_argument("--db", required=True)
+    parser.add_argument(BATCHING_FLAG, action="store_true", help="the second step: measure batching, fit again")
     args = parser.parse_args(argv)
     store = Store(args.db, busy_timeout_s=30)
+    key = BATCHING_KEY if args.batching else STATE_KEY
     try:
-        run_first_run(store, os.getpid())
+        (run_batching_step if args.batching else run_first_run)(store, os.getpid())
     except Exception as exc:  # noqa: BLE001 (recorded in words for the Home page)
-        state = read_state(store) or FirstRunState("failed", "")
+        state = read_state(store, key) or FirstRunState("failed", "")
         state.status, state.reason, state.finished = "failed", str(exc), time.time()
-        write_state(store, state)
+        write_state(store, state, key)
         return 1
     return 0
 

@@ -41,6 +41,7 @@ try:
     runs.reconcile(store)  # a run whose worker was killed reads as failed, not running
     view = read_overview(store)
     first = firstrun.read_state(store)
+    batching = firstrun.read_state(store, firstrun.BATCHING_KEY)
 except PlannerError as exc:
     show_error(exc)
     st.stop()
@@ -61,38 +62,43 @@ def explore_published_profiles() -> None:
 
 @st.fragment(run_every=2.0)
 def first_run_progress() -> None:
-    """Follows the first run; opens the Plan page when it is done (for the session that started it)."""
-    try:
-        state = firstrun.read_state(store)
-    except PlannerError as exc:  # the database busy for a moment
-        show_error(exc)
-        return
-    if state is None:
-        return
-    if state.status == "running":
-        for model, job_id in state.jobs.items():
-            try:
-                progress = jobs.job_progress(store, job_id)
-                total = progress.job.points_total or 1
-                st.progress(min(progress.job.points_done / total, 1.0),
-                            text=f"{model}: {progress.job.points_done} of {format_count(total, 'point')}, "
-                                 f"{format_count(progress.trials, 'trial')}")
-            except PlannerError:
-                pass
-        st.info(f"First run: {state.step}… ({format_duration(time.time() - state.started)} so far). "
-                "You can leave this page; it goes on.")
-    elif state.status == "failed":
-        st.error(f"The first run stopped: {state.reason}")
-    elif state.status == "done" and st.session_state.pop("first_run_started", False):
-        open_plan_with_sample()
+    """Follows the first run and its batching step; opens the Plan page when one is done (for the
+    session that started it)."""
+    for key, name, started_flag in ((firstrun.STATE_KEY, "First run", "first_run_started"),
+                                    (firstrun.BATCHING_KEY, "Measuring batching", "batching_started")):
+        try:
+            state = firstrun.read_state(store, key)
+        except PlannerError as exc:  # the database busy for a moment
+            show_error(exc)
+            return
+        if state is None:
+            continue
+        if state.status == "running":
+            for model, job_id in state.jobs.items():
+                try:
+                    progress = jobs.job_progress(store, job_id)
+                    total = progress.job.points_total or 1
+                    st.progress(min(progress.job.points_done / total, 1.0),
+                                text=f"{model}: {progress.job.points_done} of {format_count(total, 'point')}, "
+                                     f"{format_count(progress.trials, 'trial')}")
+                except PlannerError:
+                    pass
+            st.info(f"{name}: {state.step}… ({format_duration(time.time() - state.started)} so far). "
+                    "You can leave this page; it goes on.")
+        elif state.status == "failed":
+            st.error(f"{name} stopped: {state.reason}")
+        elif state.status == "done" and st.session_state.pop(started_flag, False):
+            open_plan_with_sample()
 
 
 # -- start here: before the first run it starts one; after it, the next steps ---------------------
 
-running = first is not None and first.status == "running"
+running = any(s is not None and s.status == "running" for s in (first, batching))
+first_done = first is not None and first.status == "done"
+batching_done = batching is not None and batching.status == "done"
 with st.container(border=True):
     st.subheader("Start here")
-    first_time = not view.has_measured_fits or running
+    first_time = not view.has_measured_fits or (first is not None and first.status == "running")
     if first_time:
         budget_min = firstrun.FIRST_RUN_BUDGET_S / 60
         st.markdown("One click profiles the two demo models on this CPU with an adaptive design that stops when "
@@ -101,7 +107,18 @@ with st.container(border=True):
     else:
         st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
                     "Profile page, or compare with the published A100 profiles.")
-    left, right = st.columns(2)
+    offer_batching = first_done and not batching_done and not first_time
+    if offer_batching:
+        estimate = firstrun.batching_estimate_s(store)
+        sizes = ", ".join(map(str, firstrun.BATCHING_SIZES))
+        st.markdown(f"The first run measured one request at a time, so its plans run one request at a time. "
+                    f"**Measure batching** profiles both demo models at batch sizes {sizes} (requests run together "
+                    "share each step's reading of the weights, the largest energy lever), fits them again, and "
+                    "opens the Plan page, where plans can then batch"
+                    + (f" (at most about {format_duration(estimate)}, from their runtimes so far)." if estimate
+                       else "."))
+    columns = st.columns(3 if offer_batching else 2)
+    left, right = columns[0], columns[-1]
     if first_time:
         if left.button("Profile the demo models and plan", type="primary", disabled=running, key="first_run"):
             try:
@@ -112,6 +129,13 @@ with st.container(border=True):
                 show_error(exc)
     elif left.button("Plan the sample workload", type="primary", key="plan_sample"):
         open_plan_with_sample()
+    if offer_batching and columns[1].button("Measure batching, then plan", disabled=running, key="batching"):
+        try:
+            firstrun.start_first_run(store, batching=True)
+            st.session_state["batching_started"] = True
+            st.rerun()
+        except PlannerError as exc:
+            show_error(exc)
     if right.button("Explore the paper's published A100 profiles", key="home_reference",
                     help="Seven LLMs on an A100 server, from Wilkins et al. (published coefficients, no "
                          "measurements): data-centre-scale what-ifs without a GPU."):
@@ -121,34 +145,41 @@ with st.container(border=True):
 
 
 def first_run_reached() -> None:
-    """What the last first run reached, per demo model: its time, trials, and the fits' cross-validated
-    error beside the floor trial-to-trial noise sets; and a word when a busy machine spoiled it."""
+    """What the last first run (and its batching step) reached, per demo model: its time, trials, and
+    the fits' cross-validated error beside the floor trial-to-trial noise sets, and their batch axis;
+    and a word when a busy machine spoiled it."""
     try:
-        report = firstrun.first_run_report(store)
+        reports = [(firstrun.first_run_report(store), first, "What the first run reached"),
+                   (firstrun.batching_report(store), batching, "What measuring batching reached")]
     except PlannerError as exc:
         show_error(exc)
         return
-    if report.empty or first is None or first.status != "done":
-        return
-    with st.expander("What the first run reached", expanded=not view.has_measured_fits):
-        st.table(pd.DataFrame({
-            "Model": report.model,
-            "Time": report.elapsed_s.map(format_duration),
-            "Trials": [f"{int(t)} over {format_count(int(p), 'point')}" for t, p in zip(report.trials, report.points)],
-            "Energy error (CV)": [_error_with_floor(e, n) for e, n in zip(report.energy_cv_mape,
-                                                                          report.energy_noise_mape)],
-            "Runtime error (CV)": [_error_with_floor(e, n) for e, n in zip(report.runtime_cv_mape,
-                                                                            report.runtime_noise_mape)],
-            "Points not converged": report.unconverged_points.map(lambda n: "—" if pd.isna(n) else f"{int(n)}"),
-            "Why it stopped": report.job_reason.fillna(""),
-        }), hide_index=True)
-        st.caption("Error (CV): the fit's mean relative error on design points it did not see; the floor is what "
-                   "trial-to-trial noise alone gives. Energy here is **estimated** unless a sensor is listed below.")
-        loads = [x for x in (first.load_at_start, first.load_at_end) if x is not None]
-        cores = os.cpu_count() or 1
-        if loads and max(loads) > 0.75 * cores:
-            st.warning(f"The machine was busy during the first run (load {max(loads):.1f} on {cores} cores): its "
-                       "figures are noisier than a quiet run's. Profile again on the Profile page when it is quiet.")
+    for report, state, title in reports:
+        if report.empty or state is None or state.status != "done":
+            continue
+        with st.expander(title, expanded=not view.has_measured_fits):
+            st.table(pd.DataFrame({
+                "Model": report.model,
+                "Time": report.elapsed_s.map(format_duration),
+                "Trials": [f"{int(t)} over {format_count(int(p), 'point')}" for t, p in zip(report.trials,
+                                                                                           report.points)],
+                "Energy error (CV)": [_error_with_floor(e, n) for e, n in zip(report.energy_cv_mape,
+                                                                              report.energy_noise_mape)],
+                "Runtime error (CV)": [_error_with_floor(e, n) for e, n in zip(report.runtime_cv_mape,
+                                                                                report.runtime_noise_mape)],
+                "Batch sizes fitted": report.batch_sizes.map(lambda b: "1 only" if b is None else f"{b[0]} to {b[1]}"),
+                "Points not converged": report.unconverged_points.map(lambda n: "—" if pd.isna(n) else f"{int(n)}"),
+                "Why it stopped": report.job_reason.fillna(""),
+            }), hide_index=True)
+            st.caption("Error (CV): the fit's mean relative error on design points it did not see; the floor is "
+                       "what trial-to-trial noise alone gives. Energy here is **estimated** unless a sensor is "
+                       "listed below.")
+            loads = [x for x in (state.load_at_start, state.load_at_end) if x is not None]
+            cores = os.cpu_count() or 1
+            if loads and max(loads) > 0.75 * cores:
+                st.warning(f"The machine was busy during this run (load {max(loads):.1f} on {cores} cores): its "
+                           "figures are noisier than a quiet run's. Profile again on the Profile page when it is "
+                           "quiet.")
 
 
 def _error_with_floor(error, floor) -> str:

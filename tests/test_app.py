@@ -281,17 +281,53 @@ def test_home_says_what_the_first_run_reached(store: Store, monkeypatch):
     report = pd.DataFrame([{"model": "demo-small", "job_id": 1, "job_status": "done",
                             "job_reason": "the error stopped improving", "elapsed_s": 61.0, "trials": 40, "points": 9,
                             "energy_cv_mape": 0.0812, "runtime_cv_mape": 0.05, "energy_noise_mape": 0.041,
-                            "runtime_noise_mape": None, "unconverged_points": 2}])
+                            "runtime_noise_mape": None, "unconverged_points": 2, "batch_sizes": None}])
     state = firstrun.FirstRunState("done", "done", started=0.0, finished=61.0, load_at_start=0.1,
                                    load_at_end=50.0)
     monkeypatch.setattr(firstrun, "first_run_report", lambda _store: report)
-    monkeypatch.setattr(firstrun, "read_state", lambda _store: state)
+    monkeypatch.setattr(firstrun, "read_state", lambda _store, key=firstrun.STATE_KEY:
+                        state if key == firstrun.STATE_KEY else None)
     at = app().run()
     assert not at.exception, at.exception
     reached = next(t.value for t in at.table if "Energy error (CV)" in t.value.columns).iloc[0]
     assert reached["Energy error (CV)"] == "8.1% (noise floor 4.1%)" and reached["Runtime error (CV)"] == "5.0%"
     assert reached["Time"] == "1 min 01 s" and reached["Points not converged"] == "2"
-    assert any("The machine was busy during the first run (load 50.0" in w.value for w in at.warning)
+    assert reached["Batch sizes fitted"] == "1 only"
+    assert any("The machine was busy during this run (load 50.0" in w.value for w in at.warning)
+
+
+def test_home_offers_to_measure_batching_after_the_first_run_and_reports_what_it_reached(store: Store, demo_models,
+                                                                                           tmp_path: Path):
+    from engine import firstrun
+    from engine.fitting import fit_all, save_fits
+    from engine.measurements_io import import_measurements
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+    import_measurements(store, write_grid_csv(tmp_path / "grid.csv", "estimated"))
+    save_fits(store, fit_all(store))
+    firstrun.write_state(store, firstrun.FirstRunState("done", "done", started=0.0, finished=60.0))
+    at = app().run()
+    assert not at.exception, at.exception
+    assert any("**Measure batching** profiles both demo models at batch sizes 1, 4, 16" in m.value
+               for m in at.markdown)
+    (button,) = [b for b in at.button if b.label == "Measure batching, then plan"]
+    assert not button.disabled
+    # Once it is done: no offer, and what it reached, with the batch axis of its fits.
+    report = pd.DataFrame([{"model": "demo-small", "job_id": 3, "job_status": "done", "job_reason": None,
+                            "elapsed_s": 15.0, "trials": 24, "points": 12, "energy_cv_mape": 0.09,
+                            "runtime_cv_mape": 0.08, "energy_noise_mape": None, "runtime_noise_mape": None,
+                            "unconverged_points": 0, "batch_sizes": (1, 16)}])
+    firstrun.write_state(store, firstrun.FirstRunState("done", "done", jobs={"demo-small": 3}, started=0.0,
+                                                       finished=15.0), firstrun.BATCHING_KEY)
+    from unittest import mock
+
+    with mock.patch.object(firstrun, "batching_report", lambda _store: report):
+        at = app().run()
+    assert not at.exception, at.exception
+    assert not [b for b in at.button if b.label == "Measure batching, then plan"]
+    tables = [t.value for t in at.table if "Batch sizes fitted" in t.value.columns]
+    assert any((t["Batch sizes fitted"] == "1 to 16").any() for t in tables)
+    assert any(e.label == "What measuring batching reached" for e in at.expander)
 
 
 def test_models_page_flags_points_that_did_not_converge(store: Store, demo_models):

@@ -418,6 +418,14 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         page.get_by_text("Latest work").scroll_into_view_if_needed()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(screenshot_path("home_after_run.png", tmp_path)))
+
+        # The next step the Home page offers: measure batching; it ends on the Plan page, whose plan now batches.
+        page.get_by_role("button", name="Measure batching, then plan").click()
+        expect(page.get_by_text("Measuring batching:")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=900_000)
+        page.get_by_role("button", name="Plan", exact=True).click()
+        expect(page.get_by_text("Proven gap")).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Batching saves").first).to_be_visible()
         page.close()
     store = Store(db)
     assert store.query_one("SELECT count(*) FROM execution_results WHERE error IS NULL")[0] == 50

@@ -163,3 +163,70 @@ def test_the_first_run_profiles_adaptively_within_its_budget_and_reports_the_err
     assert (report.energy_noise_mape > 0).all() and report.job_reason.str.contains("adaptive design").all()
     assert (report.trials >= 9).all() and (report.points >= 9).all()
     assert state.load_at_start is not None and state.load_at_end is not None
+
+
+# -- the batching step -------------------------------------------------------------------------------
+
+def test_the_batching_step_is_told_apart_from_the_first_run_and_neither_starts_while_the_other_goes(
+        store: Store, demo_models, processes):
+    catalog.register_demo_models(store, list(demo_models.values()))
+    first_run_of(store, processes)
+    time.sleep(0.2)
+    with pytest.raises(PlannerError, match="The first run is already going"):
+        start_first_run(store, batching=True)
+    # The first run's process is not the batching step's: a batching state naming it reads as failed.
+    write_state(store, FirstRunState("running", "fitting", pid=processes[0].pid, started=time.time()),
+                firstrun.BATCHING_KEY)
+    assert read_state(store, firstrun.BATCHING_KEY).status == "failed"
+    assert "measuring batching ended unexpectedly" in read_state(store, firstrun.BATCHING_KEY).reason
+    assert read_state(store).status == "running"  # the first run's own state is untouched
+    # A batching step's look-alike (its flag last) counts as running, and stops a first run from starting.
+    batching = look_alike([firstrun.MODULE, "--db", str(store.path.resolve()), firstrun.BATCHING_FLAG])
+    processes.append(batching)
+    processes[0].kill()
+    write_state(store, FirstRunState("running", "profiling", pid=batching.pid, started=time.time()),
+                firstrun.BATCHING_KEY)
+    time.sleep(0.2)
+    assert read_state(store, firstrun.BATCHING_KEY).status == "running" and read_state(store).status == "failed"
+    with pytest.raises(PlannerError, match="Measuring batching is already going"):
+        start_first_run(store)
+    assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
+
+
+def test_the_batching_step_profiles_the_batch_design_and_fits_a_batch_axis(store: Store, demo_models, monkeypatch):
+    from engine.profiling import jobs, worker
+    from tests.test_profiling import replay_meter
+    from tests.test_profiling_batch import FakeBatchBackend
+
+    catalog.register_demo_models(store, list(demo_models.values()))
+
+    class InProcess:
+        """Runs the job here, against a fake batching backend, instead of starting its worker."""
+
+        def __init__(self, store, job_id, watch=True):
+            worker.run_job(store, jobs.get_job(store, job_id), backend_factory=FakeBatchBackend,
+                           meter_factory=replay_meter)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(jobs, "start_worker", InProcess)
+    assert firstrun.batching_estimate_s(store) is None  # nothing measured yet to go by
+    state = firstrun.run_batching_step(store, pid=0)
+    assert state.status == "done" and set(state.jobs) == {"demo-small", "demo-large"}
+    assert read_state(store, firstrun.BATCHING_KEY) == state and read_state(store) is None
+    for job_id in state.jobs.values():
+        job = jobs.get_job(store, job_id)
+        assert job.status == "done" and job.design.batch_sizes == firstrun.BATCHING_SIZES
+        assert {(p.input_tokens, p.output_tokens) for p in job.design.points} == {
+            (i, o) for i in firstrun.BATCHING_INPUTS for o in firstrun.BATCHING_OUTPUTS}
+        assert job.settings.min_trials == job.settings.max_trials == firstrun.BATCHING_SETTINGS["max_trials"]
+    stored = store.query_df("SELECT model, batch_size, count(*) AS n FROM measurements GROUP BY ALL")
+    assert set(stored.batch_size) == set(firstrun.BATCHING_SIZES) and (stored.n == 4 * 2).all()
+    report = firstrun.batching_report(store).set_index("model")
+    assert set(report.index) == {"demo-small", "demo-large"}
+    assert all(sizes == (1, 16) for sizes in report.batch_sizes) and report.energy_cv_mape.notna().all()
+    assert {model: set(fits) for model, fits in state.fits.items()} == {
+        "demo-small": {"energy", "runtime"}, "demo-large": {"energy", "runtime"}}
+    # Now there are batches to go by: the estimate is a figure.
+    assert firstrun.batching_estimate_s(store) > 0
