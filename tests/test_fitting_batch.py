@@ -136,3 +136,12 @@ def test_measure_next_on_a_batch_axis_suggests_unmeasured_batch_points_where_the
     # Fits at batch size 1 only suggest batch size 1.
     single = suggest_points(fit_frame(batch_frame(sizes=(1,)), n_bootstrap=30), n=3)
     assert set(single.batch_size) == {1}
+
+
+def test_a_batch_fit_names_its_unconverged_points_with_their_batch_size():
+    frame = batch_frame()
+    frame["unconverged"] = (frame.input_tokens == 512) & (frame.output_tokens == 128) & (frame.batch_size == 16)
+    energy = fit_frame(frame, n_bootstrap=0)[0]
+    assert energy.has_batch_axis and energy.unconverged_points == [[512, 128, 16]]
+    assert FitResult.from_row({**energy.to_row(), "id": 1}).unconverged_points == [[512, 128, 16]]
+    assert energy.to_json_dict()["unconverged_points"] == [[512, 128, 16]]

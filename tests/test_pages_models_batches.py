@@ -281,3 +281,19 @@ def test_stored_trials_get_their_batch_size(store: Store, tmp_path: Path):
     trials = load_trials_by_batch_size(store, "sim", "gpu0")
     assert len(trials) == 36 and trials.batch_size.tolist() == [1] * 36
     assert {"id", "input_tokens", "output_tokens", "energy_j", "runtime_s"} <= set(trials.columns)
+
+
+def test_an_unconverged_point_of_a_batched_fit_is_named_with_its_batch_size_and_drawn_x_at_that_size_only(
+        store: Store, monkeypatch: pytest.MonkeyPatch):
+    fits = serve(monkeypatch)
+    for target in fits:  # the point (64, 32) at batch size 16 did not converge
+        fits[target] = replace(fits[target], details={**fits[target].details, "unconverged_points": [[*SHAPE, 16]]})
+    at = models_page()
+    assert any(f"{SHAPE[0]}×{SHAPE[1]} at batch size 16" in w.value and "did not converge" in w.value
+               for w in at.warning)
+    at.select_slider(key="fit_batch_a@cpu").set_value(16).run()
+    symbols = trace(surface_spec(at), "measured trials at batch size 16")["marker"]["symbol"]
+    assert set(symbols) == {"x"}  # every trial at batch size 16 is of that shape
+    at.select_slider(key="fit_batch_a@cpu").set_value(4).run()
+    symbols = trace(surface_spec(at), "measured trials at batch size 4")["marker"]["symbol"]
+    assert set(symbols) == {"circle"}  # the same shape at batch size 4 converged

@@ -143,8 +143,10 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
         values = shown[column] if view == BATCH_VIEW or not batched else shown[column] / batch_size
         if view == "per token":
             values = values / (shown.input_tokens + shown.output_tokens)
-        loose = {tuple(point) for point in fit.unconverged_points}  # trials at points that did not converge: ✕
-        symbols = ["x" if (i, o) in loose else "circle" for i, o in zip(shown.input_tokens, shown.output_tokens)]
+        # Trials at points that did not converge: ✕ (a point of a fit with a batch axis names its batch size).
+        loose = {(*point, 1)[:3] for point in fit.unconverged_points}
+        size = batch_size if batched else 1
+        symbols = ["x" if (i, o, size) in loose else "circle" for i, o in zip(shown.input_tokens, shown.output_tokens)]
         figure.add_trace(go.Scatter3d(
             x=place(shown.input_tokens.to_numpy(dtype=float)), y=place(shown.output_tokens.to_numpy(dtype=float)),
             z=values, mode="markers", marker={"size": 3, "color": "crimson", "symbol": symbols},
@@ -428,7 +430,8 @@ def surfaces_panel(store: Store) -> None:
     chart.plotly_chart(_surface_figure(fit.fit_id, version, view, log_axes, band, size_shown, fit, trials),
                        width="stretch", key="surface")
     if fit.unconverged_points:
-        listed = ", ".join(f"{i}×{o}" for i, o in fit.unconverged_points[:8])
+        listed = ", ".join(f"{p[0]}×{p[1]}" + (f" at batch size {p[2]}" if len(p) > 2 else "")
+                           for p in fit.unconverged_points[:8])
         more = "" if len(fit.unconverged_points) <= 8 else f" and {len(fit.unconverged_points) - 8} more"
         st.warning(f"{format_count(len(fit.unconverged_points), 'measured point')} (input×output tokens: {listed}{more}) "
                    "did not converge: their trials reached the most allowed without a tight 95% interval. They are "

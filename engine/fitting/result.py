@@ -153,10 +153,11 @@ class FitResult:
 
     @property
     def unconverged_points(self) -> list[list[int]]:
-        """The measured points ([τin, τout]) whose trials ended without meeting the profiling
-        job's confidence rule (most of their trials did); empty when every point converged,
-        or for fits made before points were judged. See :mod:`engine.fitting.selection`."""
-        return [[int(i), int(o)] for i, o in self.details.get("unconverged_points", [])]
+        """The measured points ([τin, τout]; [τin, τout, B] for a fit with a batch axis) whose
+        trials ended without meeting the profiling job's confidence rule (most of their trials
+        did); empty when every point converged, or for fits made before points were judged.
+        See :mod:`engine.fitting.selection`."""
+        return [[int(v) for v in point] for point in self.details.get("unconverged_points", [])]
 
     def estimator(self) -> ModelForm:
         """The form as a fitted estimator (``predict(X)`` with X = [[τin, τout], ...])."""
@@ -247,7 +248,7 @@ class FitResult:
         Contract keys: model, device, target, form, coefficients, r2, cv_mape, n_points,
         domain. Extras: id, energy_scope, source, energy_source, energy_estimated, label,
         units, n_trials, uncertainty {meaning, noise_rel_sd}, candidates [{form, cv_mape,
-        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout], ...]),
+        r2, cv_r2, chosen, offered}], warnings, unconverged_points ([[τin, τout(, B)], ...]),
         cv_mape_by_batch_size ({"B": fraction} for a fit with a batch axis: the held-out MAPE of
         its trials at each batch size, CV grouped by (τin, τout, B); None without one).
         """
