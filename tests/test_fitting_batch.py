@@ -145,3 +145,22 @@ def test_a_batch_fit_names_its_unconverged_points_with_their_batch_size():
     assert energy.has_batch_axis and energy.unconverged_points == [[512, 128, 16]]
     assert FitResult.from_row({**energy.to_row(), "id": 1}).unconverged_points == [[512, 128, 16]]
     assert energy.to_json_dict()["unconverged_points"] == [[512, 128, 16]]
+
+
+def test_a_decode_step_cost_that_grows_with_the_square_root_of_the_batch_gets_the_sublinear_form():
+    # The shape measured on this VM's CPU (llama.cpp): a step's cost 1 : 2 : 4 at B = 1 : 4 : 16, not linear in B.
+    sublinear = {"intercept": 3.0, "batch_x_input": 0.01, "output_x_sqrt_batch": 1.2, "batch_x_output": 0.01}
+    frame = batch_frame(noise=0.01)  # its grid; the values are replaced below
+    grid = frame[["input_tokens", "output_tokens", "batch_size"]].to_numpy(dtype=float)
+    terms = {"intercept": 1.0, "batch_x_input": grid[:, 2] * grid[:, 0], "batch_x_output": grid[:, 2] * grid[:, 1],
+             "output_x_sqrt_batch": grid[:, 1] * np.sqrt(grid[:, 2])}
+    exact = sum(sublinear[name] * value for name, value in terms.items())
+    rng = np.random.default_rng(3)
+    frame["energy_j"] = exact * np.exp(rng.normal(0, 0.01, len(frame)))
+    frame["runtime_s"] = exact / 50 * np.exp(rng.normal(0, 0.01, len(frame)))
+    energy = fit_frame(frame, n_bootstrap=0)[0]
+    assert energy.form == "batch:kv+sublinear" and energy.cv_mape < 0.03
+    assert energy.coefficients["output_x_sqrt_batch"] == pytest.approx(1.2, rel=0.1)
+    # The linear forms alone cannot draw it: their best held-out error is several times larger.
+    linear = fit_frame(frame, n_bootstrap=0, batch_forms=[f for f in BATCH_FORMS if f.name != "batch:kv+sublinear"])[0]
+    assert linear.cv_mape > 2 * energy.cv_mape
