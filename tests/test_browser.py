@@ -205,6 +205,8 @@ def test_profile_page_in_the_browser(served_app: str, browser, tmp_path: Path):
     # cancel; a choice made during that redraw is dropped, so choose again until the selector holds it.)
     choose(page, selector, f"#{job_id - 1} demo-large on cpu")
     expect(page.get_by_text("Done:")).to_be_visible(timeout=30_000)
+    batch_sizes.fill("1,2,4,8,16,32")  # the default again, for the picture (a form field: nothing is submitted)
+    batch_sizes.blur()
     expect(page.get_by_text("Energy is estimated")).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
     page.wait_for_timeout(2000)  # plotly and the data grid finish drawing after they appear
@@ -420,6 +422,12 @@ def test_the_whole_journey_of_a_new_user(tmp_path_factory, demo_models, browser,
         page.screenshot(path=str(screenshot_path("home_after_run.png", tmp_path)))
 
         # The next step the Home page offers: measure batching; it ends on the Plan page, whose plan now batches.
+        page.mouse.wheel(0, -20_000)
+        # The bordered "Start here" box: the innermost block that holds its heading.
+        offer = page.get_by_test_id("stVerticalBlock").filter(has_text="Start here").last
+        expect(offer.get_by_role("button", name="Measure batching, then plan")).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)
+        offer.screenshot(path=str(screenshot_path("home_batching.png", tmp_path)))
         page.get_by_role("button", name="Measure batching, then plan").click()
         expect(page.get_by_text("Measuring batching:")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("50 queries read from sample_50")).to_be_visible(timeout=900_000)
