@@ -241,7 +241,6 @@ class Batching:
 
     step_s: float | None = None
     energy_cv: dict[str, float | None] = field(default_factory=dict)
-    batched: bool | None = None
     measured: Measured | None = None
     ratio: float | None = None  # measured J per query, the first (batch 1) plan over the batched one
     failure: str | None = None
@@ -265,7 +264,6 @@ def batching_step(store: Store, workload, outcome: Outcome, timeout_s: float, sa
     if not plan.has_schedule:
         result.failure = f"the batched plan: {plan.status}"
         return result
-    result.batched = any(size > 1 for sizes in plan.batch_sizes.values() for size in sizes)
     say(f"  batched plan #{plan.plan_id}: {format_energy(plan.energy_j)} predicted, mean accuracy "
         f"{plan.accuracy:.3f}, per option {plan.assignments}")
     result.measured = execute_and_compare(store, plan, timeout_s, say)

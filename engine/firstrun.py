@@ -130,6 +130,17 @@ def start_first_run(store: Store, *, batching: bool = False) -> FirstRunState:
     return state
 
 
+def demo_fits_batched(store: Store) -> bool:
+    """True when every demo model's latest measured energy fit on the CPU has a batch axis (its
+    plans can batch already: nothing for the batching step to add)."""
+    from engine.fitting import load_latest_fits
+
+    models = demo_model_names(store)
+    fits = {f.model: f for f in load_latest_fits(store, device=DEVICE, energy_scope="total", source="measured")
+            if f.target == "energy"}
+    return bool(models) and all(model in fits and fits[model].has_batch_axis for model in models)
+
+
 def batching_estimate_s(store: Store) -> float | None:
     """About how long the batching step takes at most, from the demo models' runtimes so far (a
     batch counted as its requests one after another, unless batches were measured); None

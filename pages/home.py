@@ -107,9 +107,14 @@ with st.container(border=True):
     else:
         st.markdown("Models here are profiled and fitted. Plan the sample workload with them, profile more on the "
                     "Profile page, or compare with the published A100 profiles.")
-    offer_batching = first_done and not batching_done and not first_time
+    try:  # the database busy for a moment: no offer this time, the next redraw makes it
+        offer_batching = (first_done and not batching_done and not first_time
+                          and not firstrun.demo_fits_batched(store))
+        estimate = firstrun.batching_estimate_s(store) if offer_batching else None
+    except PlannerError as exc:
+        show_error(exc)
+        offer_batching = False
     if offer_batching:
-        estimate = firstrun.batching_estimate_s(store)
         sizes = ", ".join(map(str, firstrun.BATCHING_SIZES))
         st.markdown(f"The first run measured one request at a time, so its plans run one request at a time. "
                     f"**Measure batching** profiles both demo models at batch sizes {sizes} (requests run together "
@@ -167,7 +172,8 @@ def first_run_reached() -> None:
                                                                               report.energy_noise_mape)],
                 "Runtime error (CV)": [_error_with_floor(e, n) for e, n in zip(report.runtime_cv_mape,
                                                                                 report.runtime_noise_mape)],
-                "Batch sizes fitted": report.batch_sizes.map(lambda b: "1 only" if b is None else f"{b[0]} to {b[1]}"),
+                "Batch sizes fitted": [("—" if pd.isna(cv) else "1 only") if b is None else f"{b[0]} to {b[1]}"
+                                       for b, cv in zip(report.batch_sizes, report.energy_cv_mape)],
                 "Points not converged": report.unconverged_points.map(lambda n: "—" if pd.isna(n) else f"{int(n)}"),
                 "Why it stopped": report.job_reason.fillna(""),
             }), hide_index=True)

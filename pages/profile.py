@@ -61,7 +61,9 @@ with st.form("new_job"):
     inputs_text = c1.text_input("Input tokens", "8,32,128", key="profile_inputs",
                                 help="Custom: the list. Space-filling: its smallest and largest values are the range.")
     outputs_text = c2.text_input("Output tokens", "8,32", key="profile_outputs")
-    n_points = c3.number_input("Points (space-filling)", 2, 400, 16, key="profile_points")
+    n_points = c3.number_input("Shapes (space-filling)", 2, 400, 16, key="profile_points",
+                               help="(input, output) shapes of a space-filling design; each is measured at every "
+                                    "batch size below.")
     batch_text = st.text_input(
         "Batch sizes", DEFAULT_BATCH_TEXT, key="profile_batch_sizes",
         help="Every point is measured at each batch size: one trial is one batch of B requests of that shape, run "

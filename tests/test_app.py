@@ -222,7 +222,8 @@ def test_profile_page_checks_the_default_batch_axis_and_refuses_bad_batch_sizes(
     next(b for b in at.button if b.label == "Start profiling").click().run()
     assert not at.exception
     errors = "\n".join(e.value for e in at.error)
-    assert "Batch sizes" in errors and "'abc'" in errors and "'2.5'" in errors and "0" in errors
+    assert "Batch sizes" in errors and "'abc'" in errors and "'2.5'" in errors
+    assert "0 is not allowed: a batch holds at least one request" in errors
     assert store.query_one("SELECT count(*) FROM profiling_jobs")[0] == 0
 
 
@@ -312,6 +313,12 @@ def test_home_offers_to_measure_batching_after_the_first_run_and_reports_what_it
                for m in at.markdown)
     (button,) = [b for b in at.button if b.label == "Measure batching, then plan"]
     assert not button.disabled
+    # Demo fits that batch already (profiled with a batch axis on the Profile page, say): nothing to offer.
+    from unittest import mock
+
+    with mock.patch.object(firstrun, "demo_fits_batched", lambda _store: True):
+        at = app().run()
+    assert not at.exception and not [b for b in at.button if b.label == "Measure batching, then plan"]
     # Once it is done: no offer, and what it reached, with the batch axis of its fits.
     report = pd.DataFrame([{"model": "demo-small", "job_id": 3, "job_status": "done", "job_reason": None,
                             "elapsed_s": 15.0, "trials": 24, "points": 12, "energy_cv_mape": 0.09,
@@ -319,8 +326,6 @@ def test_home_offers_to_measure_batching_after_the_first_run_and_reports_what_it
                             "unconverged_points": 0, "batch_sizes": (1, 16)}])
     firstrun.write_state(store, firstrun.FirstRunState("done", "done", jobs={"demo-small": 3}, started=0.0,
                                                        finished=15.0), firstrun.BATCHING_KEY)
-    from unittest import mock
-
     with mock.patch.object(firstrun, "batching_report", lambda _store: report):
         at = app().run()
     assert not at.exception, at.exception

@@ -1014,3 +1014,18 @@ def test_the_cluster_commands_list_nodes_start_one_and_move_a_device_before_resu
     assert "nodeB/cpu: what is left runs on nodeC/cpu" in err
     assert placement(demo_store, execution.id) == {"nodeB/cpu": "nodeC/cpu"}
     assert code == 1 and "needs token authentication" in get_execution(demo_store, execution.id).reason
+
+
+def test_a_node_devices_default_batch_axis_stays_one_request_at_a_time_and_says_why(demo_store: Store):
+    # Its free memory is read on the node, before each point, where a batch that does not fit fails the job.
+    _, device, design, settings = jobs.prepare_job(demo_store, "demo-large", "nodeB/cpu", "custom", inputs=[8],
+                                                   outputs=[4], default_batch_axis=True)
+    assert device == "nodeB/cpu" and design.batch_sizes == (1,) and settings.batch_sizes == (1,)
+    assert any("batch sizes 2, 4, 8, 16, 32 (left out of the default batch axis: nodeB/cpu's memory is judged on "
+               "its node" in note for note in design.dropped)
+    named = jobs.prepare_job(demo_store, "demo-large", "nodeB/cpu", "custom", inputs=[8], outputs=[4],
+                             settings=jobs.ProfileSettings(batch_sizes=(1, 4)), default_batch_axis=False)[2]
+    assert named.batch_sizes == (1, 4)  # sizes the user names are measured (the node checks them)
+    here = jobs.prepare_job(demo_store, "demo-large", "cpu", "custom", inputs=[8], outputs=[4],
+                            default_batch_axis=True)[2]
+    assert here.batch_sizes == (1, 2, 4, 8, 16, 32)  # this host's device: its memory is read here

@@ -212,6 +212,7 @@ def test_the_batching_step_profiles_the_batch_design_and_fits_a_batch_axis(store
 
     monkeypatch.setattr(jobs, "start_worker", InProcess)
     assert firstrun.batching_estimate_s(store) is None  # nothing measured yet to go by
+    assert not firstrun.demo_fits_batched(store)
     state = firstrun.run_batching_step(store, pid=0)
     assert state.status == "done" and set(state.jobs) == {"demo-small", "demo-large"}
     assert read_state(store, firstrun.BATCHING_KEY) == state and read_state(store) is None
@@ -228,5 +229,6 @@ def test_the_batching_step_profiles_the_batch_design_and_fits_a_batch_axis(store
     assert all(sizes == (1, 16) for sizes in report.batch_sizes) and report.energy_cv_mape.notna().all()
     assert {model: set(fits) for model, fits in state.fits.items()} == {
         "demo-small": {"energy", "runtime"}, "demo-large": {"energy", "runtime"}}
-    # Now there are batches to go by: the estimate is a figure.
+    # Now there are batches to go by: the estimate is a figure; and the demo fits batch already.
     assert firstrun.batching_estimate_s(store) > 0
+    assert firstrun.demo_fits_batched(store)

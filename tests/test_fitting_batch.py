@@ -124,7 +124,6 @@ def test_measure_next_on_a_batch_axis_suggests_unmeasured_batch_points_where_the
     chosen = set(zip(suggestions.input_tokens, suggestions.output_tokens, suggestions.batch_size))
     assert len(chosen) == 4 and not chosen & measured
     assert set(suggestions.batch_size) <= {1, 2, 4, 8, 16} and suggestions.in_domain.all()
-    assert suggestions.relative_standard_error.is_monotonic_decreasing
     # Each is scored as the batch it names: its score is the batch prediction's relative SE.
     first = suggestions.iloc[0]
     tin, tout, size = (np.array([float(first[c])]) for c in ("input_tokens", "output_tokens", "batch_size"))
@@ -148,7 +147,8 @@ def test_a_batch_fit_names_its_unconverged_points_with_their_batch_size():
 
 
 def test_a_decode_step_cost_that_grows_with_the_square_root_of_the_batch_gets_the_sublinear_form():
-    # The shape measured on this VM's CPU (llama.cpp): a step's cost 1 : 2 : 4 at B = 1 : 4 : 16, not linear in B.
+    # A decode step whose cost is concave in B (1 : 2 : 4 at B = 1 : 4 : 16 for this term), as measured on this VM's
+    # CPU (llama.cpp, 1 : 3.2 : 7.3): not a straight line in B.
     sublinear = {"intercept": 3.0, "batch_x_input": 0.01, "output_x_sqrt_batch": 1.2, "batch_x_output": 0.01}
     frame = batch_frame(noise=0.01)  # its grid; the values are replaced below
     grid = frame[["input_tokens", "output_tokens", "batch_size"]].to_numpy(dtype=float)

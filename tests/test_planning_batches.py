@@ -156,8 +156,8 @@ def test_options_are_expanded_by_batch_size_and_keyed_with_it():
 def test_a_fit_with_one_batch_size_only_is_planned_at_batch_one_with_the_note():
     options, notes = two_models(batches=None, batch_sizes=(1, 8))
     assert [o.key for o in options] == ["a@cpu", "b@cpu"]
-    assert "a on cpu, b on cpu were profiled at batch size 1 only: profile with --batch-sizes 1,2,4,8 to plan " \
-           "batches (planned one request at a time)" in notes
+    assert "a on cpu, b on cpu were profiled at batch size 1 only: profile with several batch sizes (the Profile " \
+           "page's default, or --batch-sizes 1,2,4,8) to plan batches (planned one request at a time)" in notes
     tin, tout = queries(12)
     result = make_plan(predict(options, tin, tout), PlanSettings(accuracy_target=0.6), explain=False)
     assert result.status == "optimal"

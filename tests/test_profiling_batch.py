@@ -286,11 +286,12 @@ def test_the_duration_estimate_uses_measured_batches_when_there_are_some(demo_st
                            "trial": 1} for i, o, b in shapes])
     design = build_design("custom", inputs=[32], outputs=[32], batch_sizes=(1, 16))
     settings = jobs.ProfileSettings(min_trials=2, max_trials=5, idle_s=1.0, batch_sizes=(1, 16))
-    # Single requests only: a batch of 16 is counted as 16 requests (an upper bound).
+    # Single requests only: a batch of 16 takes at least one request's time and at most 16 requests'.
     insert(demo_store, frame[frame.batch_size == 1])
-    low, _ = jobs.estimate_duration_s(demo_store, "demo-small", "cpu", design, settings)
+    low, high = jobs.estimate_duration_s(demo_store, "demo-small", "cpu", design, settings)
     single = runtime(32, 32, 1)
-    assert low == pytest.approx(1.0 + 5.0 + 2 * (single + 16 * single), rel=1e-6)
+    assert low == pytest.approx(1.0 + 5.0 + 2 * (single + single), rel=1e-6)
+    assert high == pytest.approx(1.0 + 5.0 + 5 * (single + 16 * single), rel=1e-6)
     # With batches measured, a batch's own time.
     insert(demo_store, frame[frame.batch_size > 1])
     low, high = jobs.estimate_duration_s(demo_store, "demo-small", "cpu", design, settings)

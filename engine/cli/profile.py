@@ -21,7 +21,7 @@ def add_profile(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                          "given, or adaptive with --budget-s")
     profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
     profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")
-    profile.add_argument("--points", type=int, default=16, help="points of a space-filling design (default 16)")
+    profile.add_argument("--points", type=int, default=16, help="(input, output) shapes of a space-filling design, each measured at every batch size (default 16)")
     profile.add_argument("--budget-s", type=float, help="adaptive design: seconds from loading the model to the last "
                          "trial (default 120); it stops sooner when the fits stop improving")
     profile.add_argument("--max-trials", type=int, default=25, help="most trials per point (default 25)")
@@ -37,9 +37,9 @@ def add_profile(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     profile.add_argument("--batch-sizes", metavar="B[,B...]",
                          help="a batch axis: measure every point at each batch size, one trial being one batch of B "
                               "requests (default for a fixed design: 1,2,4,8,16,32, less the sizes whose largest batch "
-                              "does not fit in the device's free memory; 1 for the adaptive design or with "
-                              "--batch-size). Two or more sizes give the fits a batch axis; 1 measures one request at "
-                              "a time")
+                              "does not fit in the device's free memory; 1 for the adaptive design, on a cluster "
+                              "node's device, or with --batch-size 2 or more). Two or more sizes give the fits a batch "
+                              "axis; 1 measures one request at a time")
     profile.add_argument("--resume", type=int, metavar="JOB", help="continue a failed or cancelled job")
     profile.add_argument("--json", action="store_true", help="print JSON")
     profile.set_defaults(handler=cmd_profile)

@@ -56,8 +56,9 @@ of shape (τin, τout). The batch forms follow how a batch is run:
   attention over the context ∝ B·τin·τout (and ∝ B·τout² over the generated tokens);
 - on a CPU a decode step's matrix kernels reuse each weight read across the batch's rows,
   and how well grows with B: measured here (llama.cpp, 120 M parameters, one thread), a
-  step cost 1 : 3.2 : 7.3 at B = 1 : 4 : 16, more than linear in B from 1 to 4 and less
-  from 4 to 16, which no sum of the terms above draws. ``batch:kv+sublinear`` adds a step
+  step cost 1 : 3.2 : 7.3 at B = 1 : 4 : 16: it grew faster from 1 to 4 (+0.73 a request)
+  than from 4 to 16 (+0.34), a concave curve no sum of the terms above draws (they are
+  straight lines in B). ``batch:kv+sublinear`` adds a step
   cost ∝ τout·√B for that; like every form, it is chosen only where it predicts held-out
   design points better.
 

@@ -267,8 +267,9 @@ def batching_sentences(result: PlanResult) -> list[str]:
     no option batches, that plans are at batch size 1 and how to profile batch sizes."""
     if not offers_batches(result):
         return ["Plans here are at batch size 1: no model was profiled at several batch sizes. To plan batches, "
-                "profile at several (`python -m engine profile --model M --device D --batch-sizes 1,2,4,8`, or the "
-                "Profile page) and fit again."]
+                "profile at several (the Profile page and `python -m engine profile --model M --device D` measure "
+                "batch sizes 1 to 32 by default; for the demo models, the Home page's *Measure batching*) and fit "
+                "again."]
     lines = []
     same = result.baselines.get(SAME_PLAN_AT_BATCH_ONE)
     if result.batching_saving is not None and same is not None:

@@ -248,7 +248,9 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     :data:`~engine.profiling.design.DEFAULT_BATCH_SIZES`, less the sizes whose largest batch
     does not fit in the device's free memory (each named in ``design.dropped``, not
     refused); the adaptive design, and a job with the older ``batch_size`` option, keep
-    ``settings.batch_sizes``. Sizes the user named are refused when they do not fit.
+    ``settings.batch_sizes``. On a cluster node's device, whose free memory is read on the
+    node, the default stays batch size 1 (said in ``design.dropped``). Sizes the user named
+    are refused when they do not fit.
     """
     settings = (settings or ProfileSettings()).validate()
     if default_batch_axis and design_kind != "adaptive" and settings.batch_size == 1:
@@ -287,6 +289,15 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
                           context_length=model_context_length(entry) if files_here else None, seed=settings.seed,
                           batch_sizes=settings.batch_sizes)
+    if default_batch_axis and settings.batch_sizes == DEFAULT_BATCH_SIZES and is_qualified(device):
+        # A node's free memory is read on the node, before each point, where a batch that does not fit
+        # fails the job: the default stays one request at a time there; named sizes are the user's call.
+        design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points, seed=settings.seed,
+                              context_length=model_context_length(entry) if files_here else None)
+        design = Design(kind=design.kind, points=design.points, dropped=design.dropped + (
+            f"batch sizes {', '.join(map(str, DEFAULT_BATCH_SIZES[1:]))} (left out of the default batch axis: "
+            f"{device}'s memory is judged on its node; name them with --batch-sizes to measure them)",))
+        settings = replace(settings, batch_sizes=(1,))
     if files_here and max(design.batch_sizes) > 1:
         if settings.batch_sizes == DEFAULT_BATCH_SIZES and default_batch_axis:
             design = drop_unfitting_batch_sizes(entry, device, design)
@@ -503,8 +514,8 @@ def estimate_duration_s(store: Store, model: str, device: str, design: Design,
 
     Where batches of two or more sizes were measured before, a trial's runtime is fitted
     per batch (a fixed cost, prefill growing with B·τin, decode steps with τout and
-    B·τout); otherwise from single requests, a batch of B counted as B of them (an upper
-    bound: batching is there to take less). None when there are no earlier measurements to
+    B·τout); otherwise from single requests, a batch of B taking between one of them (the
+    fewest) and B of them (the most). None when there are no earlier measurements to
     go by, except for an adaptive job, which takes its budget at most (and at most that, at
     least, without history).
     """
@@ -527,11 +538,12 @@ def estimate_duration_s(store: Store, model: str, device: str, design: Design,
     sizes = [settings.trial_batch_size(p) for p in design.points]
     predicted = features([p.input_tokens for p in design.points], [p.output_tokens for p in design.points],
                          sizes if batched else np.ones(len(sizes))) @ coef
-    per_trial = [max(float(t), 0.001) * (1 if batched else size) for t, size in zip(predicted, sizes)]
+    fewest = [max(float(t), 0.001) for t in predicted]
+    most = [t * (1 if batched else size) for t, size in zip(fewest, sizes)]
     fixed = settings.idle_s + 5.0  # idle baseline plus loading the model
     per_point_extra = settings.cooldown_s
-    low = fixed + sum((t + per_point_extra) * settings.min_trials for t in per_trial)
-    high = fixed + sum((t + per_point_extra) * settings.max_trials for t in per_trial)
+    low = fixed + sum((t + per_point_extra) * settings.min_trials for t in fewest)
+    high = fixed + sum((t + per_point_extra) * settings.max_trials for t in most)
     if settings.budget_s is not None:  # adaptive: at least its first points, at most its budget
         return min(low, settings.budget_s), settings.budget_s
     return low, high
