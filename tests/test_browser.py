@@ -36,6 +36,12 @@ if not CHROMIUM.exists():
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
+#: Headless Chromium (software WebGL for the 3-D surfaces) crashed once in a full suite run here
+#: (2026-11-30 00:24 UTC, "Target page, context or browser has been closed" mid-click; the same tests passed
+#: when run again). A test that meets a browser crash, and only that error, runs once more in a fresh browser,
+#: with every assertion as it was; any other failure fails at once.
+pytestmark = pytest.mark.flaky(reruns=1, only_rerun=["TargetClosedError"])
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -92,10 +98,17 @@ def served_app(tmp_path_factory, demo_models):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright_driver():
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield chromium
+        yield playwright
+
+
+@pytest.fixture
+def browser(playwright_driver):
+    """A Chromium of its own for each test: a browser that crashes takes one test with it, not the rest."""
+    chromium = playwright_driver.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    yield chromium
+    with contextlib.suppress(Exception):  # closing a browser that crashed has nothing to close
         chromium.close()
 
 
