@@ -240,7 +240,6 @@ class Batching:
     """The Home page's second step, after the first plan: measure batching, plan again, execute."""
 
     step_s: float | None = None
-    energy_cv: dict[str, float | None] = field(default_factory=dict)
     measured: Measured | None = None
     ratio: float | None = None  # measured J per query, the first (batch 1) plan over the batched one
     failure: str | None = None
@@ -255,7 +254,6 @@ def batching_step(store: Store, workload, outcome: Outcome, timeout_s: float, sa
     state = firstrun.run_batching_step(store, os.getpid())
     result.step_s = time.monotonic() - started
     report = firstrun.batching_report(store)
-    result.energy_cv = dict(zip(report.model, report.energy_cv_mape))
     say(f"  batching step {state.status} in {result.step_s:.0f} s (batch sizes "
         f"{', '.join(map(str, firstrun.BATCHING_SIZES))}); fits: " + "; ".join(
             f"{r.model} energy CV {percent(r.energy_cv_mape)}, runtime CV {percent(r.runtime_cv_mape)}, batch axis "

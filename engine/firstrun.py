@@ -148,10 +148,10 @@ def batching_estimate_s(store: Store) -> float | None:
     from engine.profiling import jobs
     from engine.profiling.design import build_design
 
+    settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
+    design = build_design("custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS, batch_sizes=BATCHING_SIZES)
     total = 0.0
     for model in demo_model_names(store):
-        settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
-        design = build_design("custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS, batch_sizes=BATCHING_SIZES)
         estimate = jobs.estimate_duration_s(store, model, DEVICE, design, settings)
         if estimate is None:
             return None
@@ -169,64 +169,61 @@ def job_budget_s(left_s: float, models_left: int) -> float:
 
 def run_first_run(store: Store, pid: int, *, budget_s: float = FIRST_RUN_BUDGET_S) -> FirstRunState:
     """Profile every demo model on the CPU with the adaptive design within ``budget_s`` in all, then fit them."""
-    from engine.fitting import fit_all, save_fits
     from engine.profiling import jobs
 
-    state = FirstRunState("running", "starting", pid=pid, started=time.time(), load_at_start=_load())
-    write_state(store, state)
-    models = demo_model_names(store)
     deadline = time.monotonic() + budget_s
-    for number, model in enumerate(models):
-        busy = runs.run_on_device(store, DEVICE)
-        if busy is not None:
-            raise PlannerError(f"{busy} is running on {DEVICE}; try again when it is done")
+
+    def adaptive_job(model: str, number: int, count: int):
         settings = jobs.ProfileSettings(**FIRST_RUN_SETTINGS,
-                                        budget_s=job_budget_s(deadline - time.monotonic(), len(models) - number))
-        job = jobs.create_job(store, model, DEVICE, "adaptive", settings=settings)
-        state.jobs[model] = job.id
-        state.step = f"profiling {model} (job {job.id})"
-        write_state(store, state)
-        code = jobs.start_worker(store, job.id, watch=False).wait()
-        if code != 0:
-            reason = jobs.get_job(store, job.id).reason
-            raise PlannerError(f"profiling {model} failed: {reason or f'exit code {code}'}")
-    state.step = "fitting " + ", ".join(models)
-    write_state(store, state)
-    for model in models:
-        state.fits[model] = {f.target: f.fit_id for f in save_fits(store, fit_all(store, model=model, device=DEVICE))}
-    state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
-    write_state(store, state)
-    return state
+                                        budget_s=job_budget_s(deadline - time.monotonic(), count - number))
+        return jobs.create_job(store, model, DEVICE, "adaptive", settings=settings), f"profiling {model}"
+
+    return _profile_then_fit(store, pid, STATE_KEY, adaptive_job)
 
 
 def run_batching_step(store: Store, pid: int) -> FirstRunState:
     """Profile every demo model on the CPU over the batching design, then fit them all again."""
+    from engine.profiling import jobs
+
+    settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
+    sizes = ", ".join(map(str, BATCHING_SIZES))
+
+    def batching_job(model: str, number: int, count: int):
+        job = jobs.create_job(store, model, DEVICE, "custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS,
+                              settings=settings)
+        return job, f"profiling {model} at batch sizes {sizes}"
+
+    return _profile_then_fit(store, pid, BATCHING_KEY, batching_job)
+
+
+def _profile_then_fit(store: Store, pid: int, key: str, make_job) -> FirstRunState:
+    """The steps of the first run and of its batching step, their state stored under ``key``: one
+    profiling job per demo model, one after another (``make_job(model, number, count)`` makes it
+    and says what it does), each in its worker process; then the fits of every demo model."""
     from engine.fitting import fit_all, save_fits
     from engine.profiling import jobs
 
     state = FirstRunState("running", "starting", pid=pid, started=time.time(), load_at_start=_load())
-    write_state(store, state, BATCHING_KEY)
+    write_state(store, state, key)
     models = demo_model_names(store)
-    for model in models:
+    for number, model in enumerate(models):
         busy = runs.run_on_device(store, DEVICE)
         if busy is not None:
             raise PlannerError(f"{busy} is running on {DEVICE}; try again when it is done")
-        settings = jobs.ProfileSettings(**BATCHING_SETTINGS, batch_sizes=BATCHING_SIZES)
-        job = jobs.create_job(store, model, DEVICE, "custom", inputs=BATCHING_INPUTS, outputs=BATCHING_OUTPUTS,
-                              settings=settings)
+        job, doing = make_job(model, number, len(models))
         state.jobs[model] = job.id
-        state.step = f"profiling {model} at batch sizes {', '.join(map(str, BATCHING_SIZES))} (job {job.id})"
-        write_state(store, state, BATCHING_KEY)
+        state.step = f"{doing} (job {job.id})"
+        write_state(store, state, key)
         code = jobs.start_worker(store, job.id, watch=False).wait()
         if code != 0:
             reason = jobs.get_job(store, job.id).reason
             raise PlannerError(f"profiling {model} failed: {reason or f'exit code {code}'}")
     state.step = "fitting " + ", ".join(models)
-    write_state(store, state, BATCHING_KEY)
+    write_state(store, state, key)
     for model in models:
         state.fits[model] = {f.target: f.fit_id for f in save_fits(store, fit_all(store, model=model, device=DEVICE))}
     state.status, state.step, state.finished, state.load_at_end = "done", "done", time.time(), _load()
-    write_state(store, state, BATCHING_KEY)
+    write_state(store, state, key)
     return state
 
 

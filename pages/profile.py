@@ -199,8 +199,8 @@ def show_points(job, points: pd.DataFrame) -> None:
     chart = points.assign(input=points.input_tokens.astype(str), per_request=points.energy_j / points.batch_size,
                           batch=points.batch_size.map(lambda b: f"batch {int(b)}"),
                           state=["not converged" if s.startswith("not") else "ok" for s in state])
-    facets = dict(facet_col="batch", facet_col_wrap=3,
-                  category_orders={"batch": [f"batch {b}" for b in sorted(points.batch_size.unique())]}) if batched else {}
+    order = [f"batch {b}" for b in sorted(points.batch_size.unique())]
+    facets = dict(facet_col="batch", facet_col_wrap=3, category_orders={"batch": order}) if batched else {}
     figure = px.scatter(chart, x="output_tokens", y="per_request", color="input", size="trials", log_x=True,
                         symbol="state", symbol_map={"ok": "circle", "not converged": "x"},
                         title=f"Measured so far: {job.model} on {job.device}", **facets,
@@ -220,7 +220,8 @@ def show_points(job, points: pd.DataFrame) -> None:
     per = "batch" if batched else "trial"
     st.dataframe(shown, hide_index=True, width="stretch",
                  column_config={"batch_size": st.column_config.NumberColumn("batch size"),
-                                "runtime_s": st.column_config.NumberColumn(f"mean runtime per {per} (s)", format="%.4f"),
+                                "runtime_s": st.column_config.NumberColumn(f"mean runtime per {per} (s)",
+                                                                           format="%.4f"),
                                 "energy_j": st.column_config.NumberColumn(f"mean energy per {per} (J)", format="%.4f")})
 
 

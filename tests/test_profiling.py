@@ -410,7 +410,8 @@ def test_cli_profiles_both_demo_models_with_exact_counts(demo_store: Store):
     for model in ("demo-small", "demo-large"):
         result = subprocess.run(
             [sys.executable, "-m", "engine", "profile", "--model", model, "--inputs", "8,32", "--outputs", "4,8",
-             "--batch-sizes", "1", "--max-trials", "3", "--idle-s", "0.5", "--warmup", "1", "--json", "--db", str(demo_store.path)],
+             "--batch-sizes", "1", "--max-trials", "3", "--idle-s", "0.5", "--warmup", "1", "--json", "--db",
+             str(demo_store.path)],
             capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 0, result.stderr
         document = json.loads(result.stdout)

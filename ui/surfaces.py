@@ -26,6 +26,7 @@ from engine.batch_curves import (batch_size_choices, best_measured_shape, load_t
 from engine.errors import PlannerError
 from engine.fitting import (FitResult, energy_model_card, fit_all, load_latest_fits, load_reference_profiles,
                             save_fits, suggest_points)
+from engine.fitting.predict import with_batch_size
 from engine.formatting import format_count, format_energy, format_percent
 from engine.overview import count_executed_measurements, data_version
 from engine.store import Store
@@ -144,7 +145,7 @@ def surface_figure(fit: FitResult, trials: pd.DataFrame | None, view: str, log_a
         if view == "per token":
             values = values / (shown.input_tokens + shown.output_tokens)
         # Trials at points that did not converge: ✕ (a point of a fit with a batch axis names its batch size).
-        loose = {(*point, 1)[:3] for point in fit.unconverged_points}
+        loose = {with_batch_size(point) for point in fit.unconverged_points}
         size = batch_size if batched else 1
         symbols = ["x" if (i, o, size) in loose else "circle" for i, o in zip(shown.input_tokens, shown.output_tokens)]
         figure.add_trace(go.Scatter3d(

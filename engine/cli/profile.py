@@ -21,7 +21,8 @@ def add_profile(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                          "given, or adaptive with --budget-s")
     profile.add_argument("--inputs", help="input token counts, e.g. 8,32,128 (custom design; range for space-filling)")
     profile.add_argument("--outputs", help="output token counts, e.g. 8,32 (custom design; range for space-filling)")
-    profile.add_argument("--points", type=int, default=16, help="(input, output) shapes of a space-filling design, each measured at every batch size (default 16)")
+    profile.add_argument("--points", type=int, default=16, help="(input, output) shapes of a space-filling design, "
+                         "each measured at every batch size (default 16)")
     profile.add_argument("--budget-s", type=float, help="adaptive design: seconds from loading the model to the last "
                          "trial (default 120); it stops sooner when the fits stop improving")
     profile.add_argument("--max-trials", type=int, default=25, help="most trials per point (default 25)")

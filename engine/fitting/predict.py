@@ -206,8 +206,13 @@ def _candidate_levels(lo: int, hi: int, measured: Sequence[int], midpoints: bool
     return levels
 
 
-def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates: Sequence[tuple[int, ...]] | None = None,
-                   beyond_domain: bool = False) -> pd.DataFrame:
+def with_batch_size(point: Sequence) -> tuple[int, int, int]:
+    """A point as (τin, τout, B): given as a pair (stored by a fit without a batch axis) it is at batch size 1."""
+    return int(point[0]), int(point[1]), int(point[2]) if len(point) > 2 else 1
+
+
+def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3,
+                   candidates: Sequence[tuple[int, ...]] | None = None, beyond_domain: bool = False) -> pd.DataFrame:
     """The next points to measure: where the surface is least sure.
 
     ``fits`` are the energy and/or runtime fits of one (model, device). Each candidate
@@ -232,11 +237,10 @@ def suggest_points(fits: FitResult | Sequence[FitResult], n: int = 3, candidates
     if len({(f.model, f.device) for f in fits}) > 1:
         raise InputError(Problem("fits", "belong to more than one (model, device)", None, "the fits of one pair"))
     batch_axis = all(f.has_batch_axis for f in fits)
-    # Measured points as (τin, τout, B): a fit without a batch axis stored pairs, at batch size 1.
-    measured = {(int(p[0]), int(p[1]), int(p[2]) if len(p) > 2 else 1) for f in fits for p in f.details.get("points", [])}
+    measured = {with_batch_size(p) for f in fits for p in f.details.get("points", [])}
     if candidates is None:
         candidates = _default_candidates(fits[0], measured, beyond_domain, batch_axis)
-    candidates = [(int(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 1) for c in candidates]
+    candidates = [with_batch_size(c) for c in candidates]
     columns = ["input_tokens", "output_tokens", "batch_size", "relative_standard_error", "in_domain"]
     if not candidates:
         return pd.DataFrame(columns=columns)

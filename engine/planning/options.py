@@ -185,8 +185,8 @@ def _batch_notes(single_measured: list[str], single_published: list[str], limits
     if single_measured:
         one = len(single_measured) == 1
         notes.append(f"{_names(single_measured)} {'was' if one else 'were'} profiled at batch size 1 only: profile with "
-                     "several batch sizes (the Profile page's default, or --batch-sizes 1,2,4,8) to plan batches (planned "
-                     "one request at a time)")
+                     "several batch sizes (the Profile page's default, or --batch-sizes 1,2,4,8) to plan batches "
+                     "(planned one request at a time)")
     if single_published:
         notes.append(f"The published profiles ({_names(single_published)}) are of single requests: planned at batch "
                      "size 1")

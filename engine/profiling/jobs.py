@@ -253,8 +253,7 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     are refused when they do not fit.
     """
     settings = (settings or ProfileSettings()).validate()
-    if default_batch_axis and design_kind != "adaptive" and settings.batch_size == 1:
-        settings = replace(settings, batch_sizes=DEFAULT_BATCH_SIZES)
+    default_axis = default_batch_axis and design_kind != "adaptive" and settings.batch_size == 1
     entry = catalog.get_model(store, model)
     if entry is None:
         raise InputError(Problem("model", f"no model named {model!r} in the catalog", None, "a name from `models list`"))
@@ -286,25 +285,33 @@ def prepare_job(store: Store, model: str, device: str, design_kind: str = "quick
     elif design_kind != "adaptive" and settings.budget_s is not None:
         raise InputError(Problem("budget", f"a time budget ({settings.budget_s:g} s) applies to the adaptive design "
                                  f"only, not to {design_kind!r}", None, "the adaptive design, or no budget"))
+    settings, default_axis, node_note = _default_batch_axis(settings, device, default_axis)
     design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points,
                           context_length=model_context_length(entry) if files_here else None, seed=settings.seed,
                           batch_sizes=settings.batch_sizes)
-    if default_batch_axis and settings.batch_sizes == DEFAULT_BATCH_SIZES and is_qualified(device):
-        # A node's free memory is read on the node, before each point, where a batch that does not fit
-        # fails the job: the default stays one request at a time there; named sizes are the user's call.
-        design = build_design(design_kind, inputs=inputs, outputs=outputs, n_points=n_points, seed=settings.seed,
-                              context_length=model_context_length(entry) if files_here else None)
-        design = Design(kind=design.kind, points=design.points, dropped=design.dropped + (
-            f"batch sizes {', '.join(map(str, DEFAULT_BATCH_SIZES[1:]))} (left out of the default batch axis: "
-            f"{device}'s memory is judged on its node; name them with --batch-sizes to measure them)",))
-        settings = replace(settings, batch_sizes=(1,))
+    design = replace(design, dropped=design.dropped + node_note)
     if files_here and max(design.batch_sizes) > 1:
-        if settings.batch_sizes == DEFAULT_BATCH_SIZES and default_batch_axis:
+        if default_axis:  # the default: the sizes that do not fit are left out, and named
             design = drop_unfitting_batch_sizes(entry, device, design)
             settings = replace(settings, batch_sizes=design.batch_sizes)
         else:
             check_design_memory(entry, device, design)
     return entry, device, design, settings
+
+
+def _default_batch_axis(settings: ProfileSettings, device: str, default_axis: bool
+                        ) -> tuple[ProfileSettings, bool, tuple[str, ...]]:
+    """The settings with the default batch axis where it applies (see :func:`prepare_job`), whether the
+    memory check may then trim it, and the note a node's device gets instead."""
+    if not default_axis:
+        return settings, False, ()
+    if is_qualified(device):
+        # A node's free memory is read on the node, before each point, where a batch that does not fit
+        # fails the job: the default stays one request at a time there; named sizes are the user's call.
+        return replace(settings, batch_sizes=(1,)), False, (
+            f"batch sizes {', '.join(map(str, DEFAULT_BATCH_SIZES[1:]))} (left out of the default batch axis: "
+            f"{device}'s memory is judged on its node; name them with --batch-sizes to measure them)",)
+    return replace(settings, batch_sizes=DEFAULT_BATCH_SIZES), True, ()
 
 
 def check_design_memory(entry: catalog.CatalogEntry, device: str, design: Design, *,
